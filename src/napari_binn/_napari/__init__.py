@@ -1,0 +1,1 @@
+"""napari integration: reader, widgets, sample data and layer conversion (the only place napari/Qt are used)."""

@@ -1,0 +1,106 @@
+"""DensityField: a cell density u(x, y, t) on a regular coarse grid inside an ROI, with its units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DensityField"]
+
+
+@dataclass
+class DensityField:
+    """Cell density on a regular grid of square boxes, restricted to a mask, over time.
+
+    Attributes
+    ----------
+    u : (T, Ny, Nx) float64
+        Density in ``units``; NaN where nothing was observed (outside the mask, or masked bad pixels).
+    mask : (Ny, Nx) bool
+        Grid boxes inside the region of interest (the PDE domain).
+    x_um, y_um : (Nx,), (Ny,) float64
+        Box centres in micrometres, in the image's physical frame (pixel (0, 0) centre at 0 µm).
+    t_h : (T,) float64
+        Frame times in hours, strictly increasing.
+    units : str
+        Density units: ``"cells/mm²"`` for counting methods, ``"fraction"`` (confluence in [0, 1]),
+        or ``"u/K"`` when normalised by a carrying capacity.
+    K : float or None
+        Carrying capacity in ``units`` (given, or estimated from a high percentile), if known.
+    metadata : dict
+        Provenance: method, parameters, warnings (e.g. an assumed pixel size), source name.
+    """
+
+    u: np.ndarray
+    mask: np.ndarray
+    x_um: np.ndarray
+    y_um: np.ndarray
+    t_h: np.ndarray
+    units: str = "cells/mm²"
+    K: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.u = np.asarray(self.u, dtype=np.float64)
+        self.mask = np.asarray(self.mask, dtype=bool)
+        self.x_um = np.asarray(self.x_um, dtype=np.float64)
+        self.y_um = np.asarray(self.y_um, dtype=np.float64)
+        self.t_h = np.asarray(self.t_h, dtype=np.float64)
+        if self.u.ndim != 3:
+            raise ValueError(f"DensityField.u must be (T, Ny, Nx); got shape {self.u.shape}")
+        T, ny, nx = self.u.shape
+        if self.mask.shape != (ny, nx):
+            raise ValueError(f"mask shape {self.mask.shape} does not match the grid {(ny, nx)}")
+        if self.x_um.shape != (nx,) or self.y_um.shape != (ny,):
+            raise ValueError(
+                f"x_um/y_um lengths {self.x_um.shape}/{self.y_um.shape} do not match the grid {(ny, nx)}"
+            )
+        if self.t_h.shape != (T,):
+            raise ValueError(f"t_h has {self.t_h.size} times for {T} frames")
+        if T > 1 and not np.all(np.diff(self.t_h) > 0):
+            raise ValueError("frame times t_h must be strictly increasing")
+        for name, c in (("x_um", self.x_um), ("y_um", self.y_um)):
+            if c.size > 1 and not np.allclose(np.diff(c), np.diff(c)[0], rtol=1e-6):
+                raise ValueError(f"{name} must be evenly spaced (a regular grid)")
+
+    @property
+    def dx_um(self) -> float:
+        """Grid spacing (box size) in µm."""
+        if self.x_um.size > 1:
+            return float(self.x_um[1] - self.x_um[0])
+        if self.y_um.size > 1:
+            return float(self.y_um[1] - self.y_um[0])
+        return float(self.metadata.get("box_um", 1.0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.u.shape)  # type: ignore[return-value]
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.u.shape[0])
+
+    @property
+    def observed(self) -> np.ndarray:
+        """(T, Ny, Nx) bool: inside the mask and a finite value."""
+        return self.mask[None] & np.isfinite(self.u)
+
+    @property
+    def origin_um(self) -> tuple[float, float]:
+        """(y, x) of the first box's centre in µm: the napari ``translate`` of a layer with scale ``dx_um``."""
+        return float(self.y_um[0]), float(self.x_um[0])
+
+    def with_mask(self, mask: np.ndarray) -> "DensityField":
+        """A copy restricted to ``mask`` (values outside become NaN)."""
+        mask = np.asarray(mask, bool) & self.mask
+        u = np.where(mask[None], self.u, np.nan)
+        return DensityField(u, mask, self.x_um.copy(), self.y_um.copy(), self.t_h.copy(),
+                            self.units, self.K, dict(self.metadata))
+
+    def __repr__(self) -> str:
+        T, ny, nx = self.u.shape
+        return (f"DensityField({T} frames x {ny}x{nx} boxes of {self.dx_um:g} µm, "
+                f"t {self.t_h[0]:g}-{self.t_h[-1]:g} h, {int(self.mask.sum())} boxes in ROI, "
+                f"units {self.units!r}, K={self.K})")

@@ -1,0 +1,1 @@
+"""Synthetic data: ground-truth density fields from known PDEs and microscopy-like renderings of them."""
