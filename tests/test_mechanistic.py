@@ -1,0 +1,217 @@
+"""Mechanistic fitting: recovery of known parameters, intervals, sympy models, fixed values and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+
+from napari_binn.field import DensityField
+from napari_binn.jobs import CancelToken, run_job
+from napari_binn.pde import simulate
+from napari_binn.pde.mechanistic import MechanisticFit, fit_mechanistic, fit_mechanistic_job
+
+TRUTH = {"D": 1000.0, "r": 0.1, "K": 1700.0}
+DX_UM = 50.0
+
+
+def _scratch_field(noise_sd=0.0, seed=0, params=TRUTH, n=24, frames=8, clean_first=False):
+    """A 24x24 scratch (empty central band) simulated with Fisher-KPP, optionally with Gaussian noise."""
+    x = np.arange(n) * DX_UM
+    y = np.arange(n) * DX_UM
+    t = np.linspace(0.0, 24.0, frames)
+    u0 = np.where(np.abs(x - x.mean()) > 250.0, 0.6 * params["K"], 0.0)[None, :].repeat(n, axis=0)
+    mask = np.ones((n, n), bool)
+    u = simulate(params["D"], lambda v: params["r"] * (1 - v / params["K"]), u0, mask, DX_UM, t, rtol=1e-8)
+    if noise_sd:
+        rng = np.random.default_rng(seed)
+        noisy = u + rng.normal(0.0, noise_sd, u.shape)
+        if clean_first:
+            noisy[0] = u[0]
+        u = noisy
+    return DensityField(u, mask, x, y, t, units="cells/mm²")
+
+
+@pytest.fixture(scope="module")
+def clean_field():
+    return _scratch_field()
+
+
+@pytest.fixture(scope="module")
+def clean_fit(clean_field):
+    return fit_mechanistic(clean_field, "fisher_kpp")
+
+
+def test_recovers_fisher_kpp_from_noise_free_data(clean_fit):
+    fit = clean_fit
+    assert isinstance(fit, MechanisticFit)
+    assert fit.converged, fit.message
+    for name in ("D", "r", "K"):
+        assert fit.params[name] == pytest.approx(TRUTH[name], rel=0.02), name
+    assert fit.units == {"D": "µm²/h", "r": "1/h", "K": "cells/mm²"}
+    assert fit.n_params == 3
+    assert fit.n_obs == 7 * 24 * 24
+    assert fit.residuals.shape == (7, 24, 24) and fit.predicted.shape == (8, 24, 24)
+    assert np.nanmax(np.abs(fit.residuals)) < 0.01 * TRUTH["K"]
+
+
+def test_statistics_and_callables(clean_fit):
+    fit = clean_fit
+    k = fit.n_params + 1
+    assert fit.aic == pytest.approx(2 * k - 2 * fit.loglik)
+    assert fit.bic == pytest.approx(k * math.log(fit.n_obs) - 2 * fit.loglik)
+    assert fit.sigma == pytest.approx(np.sqrt(np.nanmean(fit.residuals ** 2)), rel=1e-6)
+    np.testing.assert_allclose(fit.D([0.0, 900.0]), fit.params["D"])
+    np.testing.assert_allclose(fit.G(np.array([0.0, fit.params["K"]])), [fit.params["r"], 0.0], atol=1e-12)
+    np.testing.assert_allclose(fit.T([0.0, 5.0]), 1.0)
+    text = fit.summary()
+    for needle in ("fisher_kpp", "µm²/h", "1/h", "AIC", "95% interval"):
+        assert needle in text
+
+
+def test_wald_and_profile_intervals_contain_truth_on_noisy_data():
+    field = _scratch_field(noise_sd=0.03 * TRUTH["K"], seed=3, clean_first=True)
+    wald = fit_mechanistic(field, "fisher_kpp", fixed={"K": TRUTH["K"]})
+    assert wald.converged, wald.message
+    prof = fit_mechanistic(field, "fisher_kpp", fixed={"K": TRUTH["K"]}, intervals="profile")
+    for fit in (wald, prof):
+        for name in ("D", "r"):
+            lo, hi = fit.ci95[name]
+            assert lo < TRUTH[name] < hi, (fit.intervals, name, lo, hi)
+            assert lo < fit.params[name] < hi
+            assert (hi - lo) < 0.2 * TRUTH[name]  # informative, not trivially wide
+    # near-Gaussian likelihood: profile and Wald intervals agree closely
+    for name in ("D", "r"):
+        np.testing.assert_allclose(prof.ci95[name], wald.ci95[name], rtol=0.02)
+    assert prof.n_evals > wald.n_evals
+
+
+def test_sympy_model_matches_builtin_fisher_kpp(clean_field, clean_fit):
+    sympy = pytest.importorskip("sympy")
+    u, D, r, K = sympy.symbols("u D r K")
+    fit = fit_mechanistic(clean_field, {"D": D, "G": r * (1 - u / K)})
+    assert fit.model == "sympy" and fit.converged, fit.message
+    assert set(fit.params) == {"D", "r", "K"}
+    for name in ("D", "r", "K"):
+        assert fit.params[name] == pytest.approx(clean_fit.params[name], rel=1e-3)
+    assert fit.aic == pytest.approx(clean_fit.aic, rel=1e-3, abs=1.0)
+
+
+def test_sympy_strings_constants_stay_fixed_and_time_factor(clean_field):
+    # numeric constants (the 1700) are not parameters; T(t) = 1 + 0*c is a free-symbol-free delay factor
+    fit = fit_mechanistic(clean_field, {"D": "D", "G": "r*(1 - u/1700)", "T": "1 + 0*t"})
+    assert set(fit.params) == {"D", "r"} and fit.n_params == 2
+    assert fit.params["D"] == pytest.approx(TRUTH["D"], rel=0.02)
+    assert fit.params["r"] == pytest.approx(TRUTH["r"], rel=0.02)
+
+
+def test_fixed_parameters_are_held(clean_field):
+    fit = fit_mechanistic(clean_field, "fisher_kpp", fixed={"K": 1700.0}, weighting="gls")
+    assert fit.params["K"] == 1700.0 and fit.ci95["K"] == (1700.0, 1700.0)
+    assert fit.n_params == 2 and fit.fixed == ("K",)
+    assert fit.params["D"] == pytest.approx(TRUTH["D"], rel=0.02)
+    assert fit.params["r"] == pytest.approx(TRUTH["r"], rel=0.02)
+    assert "(fixed)" in fit.summary()
+
+
+def test_wrong_fixed_value_biases_the_fit(clean_field):
+    # guards against 'fixed' being silently ignored
+    fit = fit_mechanistic(clean_field, "fisher_kpp", fixed={"K": 2500.0}, intervals=None)
+    assert fit.params["K"] == 2500.0
+    assert abs(fit.params["r"] / TRUTH["r"] - 1) > 0.02 or abs(fit.params["D"] / TRUTH["D"] - 1) > 0.02
+
+
+def test_unknown_model_and_parameter_names(clean_field):
+    with pytest.raises(ValueError, match="unknown mechanistic model"):
+        fit_mechanistic(clean_field, "fisher")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        fit_mechanistic(clean_field, "fisher_kpp", fixed={"gamma": 1.0})
+    with pytest.raises(ValueError, match="unknown parameter"):
+        fit_mechanistic(clean_field, "fisher_kpp", init={"D0": 1.0})
+    with pytest.raises(ValueError, match="weighting"):
+        fit_mechanistic(clean_field, "fisher_kpp", weighting="wls")
+    with pytest.raises(ValueError, match="keys"):
+        fit_mechanistic(clean_field, {"D": "D"})
+
+
+def test_sympy_parameters_without_start_value(clean_field):
+    with pytest.raises(ValueError, match=r"no starting value.*'a'"):
+        fit_mechanistic(clean_field, {"D": "D", "G": "a*(1 - u/K)"})
+    with pytest.raises(ValueError, match="depends on t"):
+        fit_mechanistic(clean_field, {"D": "D*t", "G": "r*(1 - u/K)"})
+
+
+def test_nan_data_start_at_zero_with_warning_and_are_skipped_later(clean_field):
+    u = clean_field.u.copy()
+    u[0, 0, 0] = np.nan  # an empty corner at t = 0 (the corner is in the populated band: 0 there is wrong)
+    u[3:, 5, 5] = np.nan  # unobserved later
+    field = DensityField(u, clean_field.mask, clean_field.x_um, clean_field.y_um, clean_field.t_h)
+    with pytest.warns(RuntimeWarning, match="start at 0"):
+        fit = fit_mechanistic(field, "fisher_kpp", fixed={"K": 1700.0}, intervals=None)
+    assert fit.converged, fit.message
+    assert fit.n_obs == 7 * 24 * 24 - 5
+    assert np.isnan(fit.residuals[2:, 5, 5]).all() and np.isfinite(fit.residuals[1, 5, 5])
+    assert fit.params["D"] == pytest.approx(TRUTH["D"], rel=0.1)
+
+
+def test_budget_exhausted_is_reported_not_raised(clean_field):
+    fit = fit_mechanistic(clean_field, "fisher_kpp", init={"D": 100.0, "r": 0.5}, max_evals=3)
+    assert not fit.converged
+    assert "max_evals=3" in fit.message and "D=" in fit.message
+    assert fit.n_evals == 3
+    assert np.isfinite(fit.params["D"]) and math.isnan(fit.ci95["D"][0])
+
+
+def test_failing_simulation_is_reported_with_last_state(clean_field):
+    # D(u) < 0 for every parameter value: each simulation fails, and the fit says so instead of raising
+    fit = fit_mechanistic(clean_field, {"D": "-D", "G": "r*(1 - u/K)"}, max_evals=20)
+    assert not fit.converged
+    assert "failed" in fit.message and "D=" in fit.message
+    assert np.isnan(fit.predicted).all()
+
+
+def test_cancel_returns_best_so_far(clean_field):
+    token = CancelToken()
+    job = fit_mechanistic_job(clean_field, "fisher_kpp", cancel=token, init={"D": 500.0})
+    seen = []
+
+    def on_event(event):
+        seen.append(event)
+        if len(seen) == 4:
+            token.cancel()
+
+    fit = run_job(job, on_event)
+    assert not fit.converged and fit.message.startswith("cancelled")
+    assert 4 <= fit.n_evals <= 5 and len(seen) == fit.n_evals
+    assert seen[0].stage == "mechanistic" and "cost" in seen[0].data
+    assert np.isfinite(fit.params["D"]) and np.isfinite(fit.predicted[:, clean_field.mask]).all()
+
+
+def test_porous_fisher_recovers_exponent():
+    x = np.arange(24) * DX_UM
+    t = np.linspace(0.0, 24.0, 8)
+    u0 = np.where(np.abs(x - x.mean()) > 250.0, 1200.0, 0.0)[None, :].repeat(24, axis=0)
+    mask = np.ones((24, 24), bool)
+    true = {"D0": 3000.0, "m": 1.0, "r": 0.1, "K": 1700.0}
+    u = simulate(lambda v: true["D0"] * np.maximum(v, 0) / true["K"], lambda v: true["r"] * (1 - v / true["K"]),
+                 u0, mask, DX_UM, t, rtol=1e-8)
+    field = DensityField(u, mask, x, x, t)
+    fit = fit_mechanistic(field, "porous_fisher", fixed={"K": 1700.0}, init={"m": 0.5}, intervals=None)
+    assert fit.converged, fit.message
+    for name in ("D0", "m", "r"):
+        assert fit.params[name] == pytest.approx(true[name], rel=0.03), name
+
+
+def test_denoised_initial_condition_removes_growing_noise_specks():
+    # noise in the empty scratch grows like real cells when used as the initial condition as observed;
+    # initial='denoised' zeroes it and recovers D and r far better
+    field = _scratch_field(noise_sd=0.05 * TRUTH["K"], seed=1)
+    with pytest.warns(RuntimeWarning, match="negative"):
+        raw = fit_mechanistic(field, "fisher_kpp", fixed={"K": TRUTH["K"]}, intervals=None)
+    den = fit_mechanistic(field, "fisher_kpp", fixed={"K": TRUTH["K"]}, intervals=None, initial="denoised")
+    assert den.converged, den.message
+    err_raw = abs(raw.params["D"] / TRUTH["D"] - 1)
+    err_den = abs(den.params["D"] / TRUTH["D"] - 1)
+    assert err_den < 0.06 and err_den < err_raw
+    assert den.metadata["initial"] == "denoised"
+    with pytest.raises(ValueError, match="initial"):
+        fit_mechanistic(field, "fisher_kpp", initial="smooth")
