@@ -1,0 +1,436 @@
+"""discover_equations: closed forms for a BinnFit's D(u) and G(u) (or any sampled function of density)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import sympy as sp
+
+from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
+from .backends import BACKENDS, check_operators, propose
+from .expression import (
+    Constant,
+    Expression,
+    FitResult,
+    U,
+    _integerize,
+    canonicalize,
+    complexity,
+    constant_units,
+    free_floats,
+    refit_constants,
+    round_significant,
+    snap_constants,
+    supported_digits,
+)
+from .samples import FunctionSamples, samples_from_fit
+from .selection import SELECTION_RULES, front_scores, pareto_indices, select_index, significant_indices
+
+__all__ = ["FrontRow", "DiscoveredFunction", "Equations", "discover_equations", "discover_equations_job"]
+
+DEFAULT_MAX_COMPLEXITY = 25
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    """One member of a Pareto front: complexity, weighted MSE loss ((value units)²), PySR score, expression."""
+
+    complexity: int
+    loss: float
+    score: float
+    expression: Expression
+
+
+@dataclass(frozen=True)
+class DiscoveredFunction:
+    """The discovery result for one function (D or G): its Pareto front and the selected closed form."""
+
+    name: str
+    front: tuple[FrontRow, ...]
+    selected_index: int
+    selection: str
+    backend: str
+    u_range: tuple[float, float]
+    units: str = ""
+    u_units: str = "u"
+    notes: tuple[str, ...] = ()
+    loss_floor: float = 0.0
+    significant: tuple[int, ...] | None = None
+
+    @property
+    def selected(self) -> Expression:
+        """The selected closed form."""
+        return self.front[self.selected_index].expression
+
+    @property
+    def sympy(self) -> sp.Expr:
+        return self.selected.sympy
+
+    @property
+    def text(self) -> str:
+        return self.selected.text
+
+    @property
+    def latex(self) -> str:
+        return self.selected.latex
+
+    @property
+    def constants(self) -> tuple[Constant, ...]:
+        return self.selected.constants
+
+    def __call__(self, u) -> np.ndarray:
+        """Evaluate the selected closed form (units of ``units``); warns when extrapolating beyond ``u_range``."""
+        return self.selected(u)
+
+    def select(self, rule: str) -> DiscoveredFunction:
+        """Copy that picks from the same front with another rule ('best', 'accuracy', 'score')."""
+        comps, losses = [r.complexity for r in self.front], [r.loss for r in self.front]
+        return replace(self, selected_index=_pick(comps, losses, rule, self.loss_floor, self.significant),
+                       selection=rule)
+
+    def table(self) -> str:
+        """The Pareto front as a text table; the selected row is starred."""
+        lines = [
+            f"{self.name}(u) [{self.units}] on u in [{self.u_range[0]:.4g}, {self.u_range[1]:.4g}] {self.u_units}"
+            f" ({self.backend}, selection {self.selection!r})",
+            f"   {'complexity':>10}  {'loss':>10}  {'score':>7}  expression",
+        ]
+        for i, row in enumerate(self.front):
+            mark = "*" if i == self.selected_index else " "
+            lines.append(
+                f" {mark} {row.complexity:>10d}  {row.loss:>10.3g}  {row.score:>7.3f}  {row.expression.text}"
+            )
+        lines += [f"   {c}" for c in self.constants]
+        lines += [f"   note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"{self.name}(u) = {self.text}   [{self.units}; {len(self.front)} on front, {self.backend}]"
+
+
+@dataclass(frozen=True)
+class Equations:
+    """Discovered closed forms for D(u) (µm²/h) and G(u) (1/h); either may be None if it was not requested."""
+
+    D: DiscoveredFunction | None
+    G: DiscoveredFunction | None
+    backend: str
+    metadata: dict = field(default_factory=dict)
+
+    def _functions(self):
+        return [(k, f) for k, f in (("D", self.D), ("G", self.G)) if f is not None]
+
+    def summary(self) -> str:
+        """Both Pareto fronts and selected forms as text."""
+        return "\n\n".join(f.table() for _, f in self._functions())
+
+    def __repr__(self) -> str:
+        body = "; ".join(f"{k}(u) = {f.text}" for k, f in self._functions())
+        return f"Equations({body}; backend={self.backend!r})"
+
+    def select(self, rule: str) -> Equations:
+        """Copy whose D and G are picked from their fronts by ``rule``."""
+        return replace(
+            self,
+            D=None if self.D is None else self.D.select(rule),
+            G=None if self.G is None else self.G.select(rule),
+        )
+
+    def parameters(self) -> tuple[dict[str, sp.Expr], dict[str, float]]:
+        """({'D': expr, 'G': expr} with constants as symbols D_0.., G_0..; {symbol name: current value})."""
+        model, init = {}, {}
+        for key, f in self._functions():
+            expr, values = f.selected.parametrized(key)
+            model[key] = expr
+            init.update(values)
+        return model, init
+
+    def with_params(self, params=None, **values: float) -> Equations:
+        """Copy with constants replaced by name (``D_0=..``, ``G_1=..``), from a mapping or an object with a
+        ``params`` mapping (e.g. a MechanisticFit); names not given keep their values."""
+        given: dict[str, float] = {}
+        if params is not None:
+            source = params if isinstance(params, Mapping) else getattr(params, "params", None)
+            if not isinstance(source, Mapping):
+                raise ValueError("with_params needs a mapping of parameter names to values (or a fit with .params).")
+            given.update({str(k): float(np.asarray(v, dtype=float).ravel()[0]) for k, v in source.items()})
+        given.update({k: float(v) for k, v in values.items()})
+        model, init = self.parameters()
+        unknown = sorted(set(given) - set(init))
+        if unknown:
+            raise ValueError(f"Unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(init)) or 'none'}.")
+        out = {}
+        for key, f in self._functions():
+            _, values_now = f.selected.parametrized(key)
+            new_values = [given.get(name, v) for name, v in values_now.items()]
+            expr = f.selected.with_constants(new_values)
+            front = list(f.front)
+            front[f.selected_index] = replace(front[f.selected_index], expression=expr)
+            out[key] = replace(f, front=tuple(front))
+        return replace(self, D=out.get("D", self.D), G=out.get("G", self.G))
+
+    def refit(self, field, **kwargs):
+        """Re-estimate the selected forms' constants against the density data itself.
+
+        Calls ``napari_binn.pde.mechanistic.fit_mechanistic(field, {'D': expr, 'G': expr}, init=..., **kwargs)``
+        with the constants as free parameters (D_0, D_1, ..., G_0, ...) and returns its MechanisticFit
+        (intervals, AIC); ``with_params(fit)`` puts the refitted values back into the closed forms.
+        """
+        try:
+            from ..pde.mechanistic import fit_mechanistic
+        except ImportError as exc:
+            raise ImportError("Equations.refit needs napari_binn.pde.mechanistic.fit_mechanistic.") from exc
+        if self.D is None or self.G is None:
+            raise ValueError("refit needs both D and G closed forms; discover both first.")
+        model, init = self.parameters()
+        return fit_mechanistic(field, model, init=init, **kwargs)
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (expressions as sympy strings) for results bundles."""
+        out = {"backend": self.backend, "metadata": {k: v for k, v in self.metadata.items() if _jsonable(v)}}
+        for key, f in self._functions():
+            out[key] = {
+                "selected": f.selected_index,
+                "selection": f.selection,
+                "u_range": list(f.u_range),
+                "units": f.units,
+                "u_units": f.u_units,
+                "notes": list(f.notes),
+                "front": [
+                    {"complexity": r.complexity, "loss": r.loss, "score": r.score, "expression": sp.srepr(r.expression.sympy)}
+                    for r in f.front
+                ],
+                "constants": [c.__dict__ for c in f.constants],
+                "text": f.text,
+                "latex": f.latex,
+            }
+        return out
+
+
+def _pick(complexities, losses, rule, loss_floor, significant) -> int:
+    """Index into a front chosen by ``rule``; 'best' and 'score' look only at the significant members."""
+    idx = list(range(len(losses))) if significant is None or rule == "accuracy" else list(significant)
+    sub = select_index([complexities[i] for i in idx], [losses[i] for i in idx], rule, loss_floor=loss_floor)
+    return idx[sub]
+
+
+def _jsonable(v) -> bool:
+    return isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))
+
+
+# -- the engine --------------------------------------------------------------------------------------------------
+
+
+def _as_samples(fit_or_samples, n_samples, quantiles) -> dict[str, FunctionSamples]:
+    if isinstance(fit_or_samples, FunctionSamples):
+        name = fit_or_samples.name if fit_or_samples.name in ("D", "G") else "G"
+        return {name: fit_or_samples}
+    if isinstance(fit_or_samples, Mapping):
+        out = {}
+        for key, s in fit_or_samples.items():
+            if key not in ("D", "G"):
+                raise ValueError(f"Sample keys must be 'D' and/or 'G', got {key!r}.")
+            if not isinstance(s, FunctionSamples):
+                raise ValueError(f"{key}: expected a FunctionSamples, got {type(s).__name__}.")
+            out[key] = s if s.name == key else replace(s, name=key, units=s.units or "")
+        if not out:
+            raise ValueError("No samples given: pass {'D': FunctionSamples, 'G': FunctionSamples} or a BinnFit.")
+        return out
+    if all(hasattr(fit_or_samples, a) for a in ("D", "G")) and callable(getattr(fit_or_samples, "D")):
+        return samples_from_fit(fit_or_samples, n_samples=n_samples, quantiles=quantiles)
+    raise ValueError(
+        f"discover_equations needs a BinnFit, a FunctionSamples or a dict of them, got {type(fit_or_samples).__name__}."
+    )
+
+
+@dataclass
+class _Candidate:
+    fit: FitResult
+    complexity: int
+
+
+def _prepare(expr: sp.Expr, u, y, w) -> _Candidate | None:
+    try:
+        expr = _integerize(sp.expand_log(sp.sympify(expr), force=True))
+        if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo, sp.I) or expr.free_symbols - {U}:
+            return None
+        fit = refit_constants(expr, u, y, w, max_nfev=10)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return None
+    if not math.isfinite(fit.loss):
+        return None
+    return _Candidate(fit, complexity(fit.expr))
+
+
+def _polish(cand: _Candidate, u, y, w) -> _Candidate:
+    if len(cand.fit.values) > 6:
+        return cand
+    try:
+        fit = refit_constants(canonicalize(cand.fit.expr), u, y, w)
+        if fit.loss > cand.fit.loss * 1.001 + 1e-300:
+            fit = cand.fit
+        fit = snap_constants(fit, u, y, w)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return cand
+    if not math.isfinite(fit.loss):
+        return cand
+    return _Candidate(fit, complexity(fit.expr))
+
+
+def _front(cands: list[_Candidate], loss_floor: float) -> list[_Candidate]:
+    """Pareto members; losses under the round-off floor count as equal (no gains from round-off)."""
+    idx = pareto_indices([c.complexity for c in cands], [max(c.fit.loss, loss_floor) for c in cands])
+    return [cands[i] for i in idx]
+
+
+def _constant_spread(fit: FitResult, s: FunctionSamples, u, y, w) -> np.ndarray:
+    """Uncertainty of each constant: the largest of the Jacobian standard error, the spread of refits to the
+    ensemble members, and (without an ensemble) half the change when the target shifts by +-sigma."""
+    spread = np.where(np.isfinite(fit.stderr), fit.stderr, 0.0)
+    if fit.values.size == 0:
+        return spread
+    refits = []
+    if s.ensemble is not None and s.ensemble.shape[0] > 1:
+        for member in s.ensemble:
+            refits.append(refit_constants(fit.expr, u, member, w, max_nfev=50).values)
+        spread = np.maximum(spread, np.std(refits, axis=0, ddof=1))
+    elif s.sigma is not None and np.any(s.sigma > 0):
+        hi = refit_constants(fit.expr, u, y + s.sigma, w, max_nfev=50).values
+        lo = refit_constants(fit.expr, u, y - s.sigma, w, max_nfev=50).values
+        spread = np.maximum(spread, 0.5 * np.abs(hi - lo))
+    return spread
+
+
+def _expression(fit: FitResult, spread, s: FunctionSamples, u_range, comp, *, name) -> Expression:
+    floats = free_floats(fit.expr)
+    reps, digits = {}, {}
+    for f, sd in zip(floats, spread):
+        d = supported_digits(float(f), float(sd))
+        reps[f] = sp.Float(round_significant(float(f), d), max(d, 1))
+        digits[reps[f]] = (d, float(sd))
+    rounded = fit.expr.xreplace(reps)
+    units = constant_units(rounded, s.units, s.u_units)
+    consts = []
+    for i, f in enumerate(free_floats(rounded)):
+        d, sd = digits.get(f, (6, math.nan))
+        consts.append(Constant(f"{name}_{i}", float(f), sd, d, units.get(f, "")))
+    return Expression(rounded, u_range, fit.loss, comp, tuple(consts), s.units, name)
+
+
+def _discover_one(s: FunctionSamples, *, backend, operators, max_complexity, seeds, selection, options, cancel,
+                  clock, step, prune):
+    s = s.cleaned()
+    u, y, w = s.u, s.value, s.fit_weights()
+    notes = list(s.notes)
+    scale = float(np.sqrt(np.average(y**2, weights=w)))
+    loss_floor = (1e-7 * scale) ** 2
+    raw: list[sp.Expr] = [sp.Float(float(np.average(y, weights=w)), 15)]
+    if np.ptp(y) <= 1e-12 * max(np.max(np.abs(y)), 1e-300):
+        notes.append(f"{s.name} is constant on the sampled range; the closed form is that constant.")
+    else:
+        for seed in seeds:
+            if is_cancelled(cancel):
+                notes.append("cancelled: the front uses the seeds finished before the cancel.")
+                break
+            raw.extend(
+                propose(backend, u, y, w, seed=seed, operators=operators, max_complexity=max_complexity,
+                        options=options)
+            )
+            step[0] += 1
+            yield clock.event("symbolic", step[0], f"{s.name}: {backend} seed {seed} done", function=s.name)
+    seen, cands = set(), []
+    for expr in raw:
+        key = sp.srepr(expr)
+        if key in seen:
+            continue
+        seen.add(key)
+        cand = _prepare(expr, u, y, w)
+        if cand is not None:
+            cands.append(cand)
+    polished = [_polish(c, u, y, w) for c in _front(cands, loss_floor)]
+    front = _front(polished + _front(cands, loss_floor), loss_floor)
+    comps = [c.complexity for c in front]
+    losses = [c.fit.loss for c in front]
+    significant = None
+    if prune:
+        n_eff = float(w.sum() ** 2 / np.sum(w**2))
+        significant = tuple(significant_indices(losses, [len(c.fit.values) for c in front], n_eff,
+                                                loss_floor=loss_floor))
+    scores = front_scores(comps, np.maximum(losses, loss_floor))
+    idx = _pick(comps, losses, selection, loss_floor, significant)
+    u_range = s.u_range
+    rows = []
+    for i, c in enumerate(front):
+        spread = _constant_spread(c.fit, s, u, y, w) if i == idx else c.fit.stderr
+        rows.append(FrontRow(c.complexity, c.fit.loss, float(scores[i]),
+                             _expression(c.fit, spread, s, u_range, c.complexity, name=s.name)))
+    return DiscoveredFunction(
+        name=s.name, front=tuple(rows), selected_index=idx, selection=selection, backend=backend,
+        u_range=u_range, units=s.units, u_units=s.u_units, notes=tuple(notes), loss_floor=loss_floor,
+        significant=significant,
+    )
+
+
+def discover_equations_job(
+    fit_or_samples,
+    *,
+    backend: str = "operon",
+    operators: Sequence[str] | None = None,
+    max_complexity: int = DEFAULT_MAX_COMPLEXITY,
+    seeds: Sequence[int] = (0,),
+    selection: str = "best",
+    n_samples: int = 200,
+    quantiles: tuple[float, float] = (0.05, 0.95),
+    backend_options: dict | None = None,
+    prune: bool = True,
+    cancel: CancelToken | None = None,
+) -> Generator[Progress, None, Equations]:
+    """Generator form of :func:`discover_equations`: yields a Progress per backend run, returns Equations."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if selection not in SELECTION_RULES:
+        raise ValueError(f"Unknown selection rule {selection!r}; choose one of {', '.join(SELECTION_RULES)}.")
+    ops = check_operators(backend, operators)
+    if int(max_complexity) < 3:
+        raise ValueError(f"max_complexity={max_complexity} is too small; use at least 3 (e.g. 25).")
+    seeds = tuple(int(x) for x in seeds) or (0,)
+    if backend == "library":
+        seeds = seeds[:1]  # deterministic: one run is enough
+    samples = _as_samples(fit_or_samples, n_samples, quantiles)
+    clock = ProgressClock(len(samples) * len(seeds))
+    step = [0]
+    t0 = time.perf_counter()
+    found = {}
+    for key, s in samples.items():
+        found[key] = yield from _discover_one(
+            s, backend=backend, operators=ops, max_complexity=int(max_complexity), seeds=seeds,
+            selection=selection, options=backend_options or {}, cancel=cancel, clock=clock, step=step,
+            prune=prune,
+        )
+    metadata = {
+        "backend": backend, "operators": list(ops), "max_complexity": int(max_complexity), "seeds": list(seeds),
+        "selection": selection, "seconds": time.perf_counter() - t0, "cancelled": bool(is_cancelled(cancel)),
+    }
+    return Equations(D=found.get("D"), G=found.get("G"), backend=backend, metadata=metadata)
+
+
+def discover_equations(fit_or_samples, **kwargs) -> Equations:
+    """Closed forms for D(u) (µm²/h) and G(u) (1/h) by symbolic regression.
+
+    fit_or_samples: a BinnFit (its ensemble-mean D, G are sampled at ``n_samples`` densities between the
+    ``quantiles`` of the observed density, weighted by the density histogram, the ensemble spread as sigma),
+    a FunctionSamples, or a dict {'D': FunctionSamples, 'G': FunctionSamples}.
+    backend: 'operon' (default, pyoperon), 'pysr' (optional extra, needs Julia) or 'library' (sparse regression
+    over a biology-aware term library). operators: subset of + - * / exp log sqrt pow square. seeds: one backend
+    run per seed, fronts merged. selection: 'best' (PySR's rule), 'accuracy' or 'score'; with ``prune`` (default)
+    'best' and 'score' only consider front members whose loss gain passes a BIC test (no noise-fitting
+    look-alikes). backend_options: extra backend settings (operon: population_size, generations,
+    optimizer_iterations, n_threads, library_candidates=True merges the term library's candidates into the
+    GP front).
+    Same keywords as :func:`discover_equations_job`; returns :class:`Equations`.
+    """
+    return run_job(discover_equations_job(fit_or_samples, **kwargs))

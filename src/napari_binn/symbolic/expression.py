@@ -1,0 +1,400 @@
+"""Closed-form expressions of one density variable u: sympy handling, constant refits, snapping, rounding, units.
+
+An :class:`Expression` is what a biologist reads (text, LaTeX), what ``napari_binn.pde.simulate`` calls (a
+vectorised numpy function of u, µm²/h for D and 1/h for G) and what ``fit_mechanistic`` re-estimates (its
+constants turned into free symbols).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import sympy as sp
+from scipy.optimize import least_squares
+
+__all__ = [
+    "U",
+    "Constant",
+    "Expression",
+    "ExtrapolationWarning",
+    "complexity",
+    "canonicalize",
+    "refit_constants",
+    "snap_constants",
+    "constant_units",
+    "round_significant",
+]
+
+#: The density symbol every expression is written in (densities are non-negative; positive lets sympy split logs).
+U = sp.Symbol("u", positive=True)
+
+
+class ExtrapolationWarning(UserWarning):
+    """A discovered closed form was evaluated outside the density range it was fitted on."""
+
+
+def complexity(expr: sp.Expr) -> int:
+    """Size of the expression tree, binary-operator style (PySR-like: a + b + c counts 5), where a fitted (Float)
+    constant counts 2 (PySR's complexity_of_constants=2), so an extra free constant is never free."""
+    if not expr.args:
+        return 2 if isinstance(expr, sp.Float) else 1
+    own = len(expr.args) - 1 if isinstance(expr, (sp.Add, sp.Mul)) else 1
+    if isinstance(expr, sp.Mul) and expr.args[0] == -1:  # unary minus
+        return complexity(sp.Mul(*expr.args[1:])) + 1
+    return own + sum(complexity(a) for a in expr.args)
+
+
+def free_floats(expr: sp.Expr) -> list[sp.Float]:
+    """Numeric (Float) constants of ``expr`` in a deterministic order (the fitted constants)."""
+    seen: list[sp.Float] = []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Float) and node not in seen:
+            seen.append(node)
+    return seen
+
+
+def _shape_constants(expr: sp.Expr) -> set:
+    """Floats that set a shape (exponents, arguments of exp/log) rather than a scale or an offset."""
+    out = set()
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Pow):
+            out |= node.exp.atoms(sp.Float)
+        elif isinstance(node, (sp.exp, sp.log)):
+            out |= node.args[0].atoms(sp.Float)
+    return out
+
+
+def _integerize(expr: sp.Expr) -> sp.Expr:
+    """Turn Floats that are exactly 0 or +-1 (anywhere) or small integers in shape positions (exponents, exp/log
+    arguments) into Integers, so that they stop counting as fitted constants (operon writes 1.0*x, x^2.0)."""
+    shape = _shape_constants(expr)
+    reps = {
+        f: sp.Integer(int(f))
+        for f in expr.atoms(sp.Float)
+        if float(f) == int(f) and (abs(float(f)) <= 1 or (f in shape and abs(float(f)) <= 4))
+    }
+    return expr.xreplace(reps) if reps else expr
+
+
+def canonicalize(expr: sp.Expr, *, simplify: bool = True) -> sp.Expr:
+    """A tidy, equivalent form: exact-integer Floats become integers, logs are split, small trees simplified."""
+    expr = _integerize(sp.sympify(expr))
+    expr = sp.expand_log(expr, force=True)
+    if simplify and sp.count_ops(expr) <= 40:
+        try:
+            expr = sp.simplify(expr)
+        except Exception:  # sympy occasionally fails on exotic trees; the unsimplified form is still valid
+            pass
+        expr = _integerize(expr)
+    if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        raise ValueError(f"expression {expr} is not finite")
+    return expr
+
+
+def _lambdify(expr: sp.Expr, symbols: list[sp.Symbol]):
+    return sp.lambdify([U, *symbols], expr, modules="numpy")
+
+
+def _evaluate(fn, u: np.ndarray, *params) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        out = np.asarray(fn(u, *params), dtype=float)
+    return np.broadcast_to(out, u.shape)
+
+
+def weighted_mse(pred: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """Weighted mean squared error; inf when the prediction is not finite."""
+    r = pred - y
+    if not np.all(np.isfinite(r)):
+        return math.inf
+    return float(np.sum(w * r * r) / np.sum(w))
+
+
+@dataclass
+class FitResult:
+    expr: sp.Expr
+    loss: float
+    values: np.ndarray  # fitted constant values, in free_floats(expr) order
+    stderr: np.ndarray  # their standard errors from the Jacobian (nan if unidentifiable)
+
+
+def refit_constants(expr: sp.Expr, u: np.ndarray, y: np.ndarray, w: np.ndarray, *, max_nfev: int = 50) -> FitResult:
+    """Re-estimate all Float constants of ``expr`` by weighted least squares (scipy), starting from their values.
+
+    ``max_nfev`` bounds the Levenberg-Marquardt iterations (each costs one evaluation per constant).
+    """
+    floats = free_floats(expr)
+    if not floats:
+        fn = _lambdify(expr, [])
+        loss = weighted_mse(_evaluate(fn, u), y, w)
+        return FitResult(expr, loss, np.zeros(0), np.zeros(0))
+    syms = sp.symbols(f"_c0:{len(floats)}")
+    templ = expr.xreplace(dict(zip(floats, syms)))
+    fn = _lambdify(templ, list(syms))
+    sw = np.sqrt(w / np.sum(w))
+    x0 = np.array([float(f) for f in floats])
+
+    def resid(p):
+        r = sw * (_evaluate(fn, u, *p) - y)
+        return np.where(np.isfinite(r), r, 1e6)
+
+    r0 = resid(x0)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            method = "lm" if u.size > len(x0) else "trf"
+            sol = least_squares(resid, x0, method=method, max_nfev=max_nfev * (len(x0) + 1), x_scale="jac")
+            p = sol.x if np.sum(sol.fun**2) <= np.sum(r0**2) else x0
+        jac = sol.jac
+    except Exception:  # a diverging refit keeps the starting constants
+        p, jac = x0, None
+    pred = _evaluate(fn, u, *p)
+    loss = weighted_mse(pred, y, w)
+    stderr = np.full(len(p), np.nan)
+    if jac is not None and np.isfinite(loss):
+        # residuals are sqrt(w/sum w)-scaled, so sum(r**2) is the weighted MSE L and Cov = L/(n-p) (J^T J)^-1
+        dof = max(u.size - len(p), 1)
+        with np.errstate(all="ignore"):
+            try:
+                cov = np.linalg.pinv(jac.T @ jac) * loss / dof
+                stderr = np.sqrt(np.clip(np.diag(cov), 0, None))
+            except (np.linalg.LinAlgError, ValueError):
+                pass
+    new = templ.xreplace({s: sp.Float(float(v), 15) for s, v in zip(syms, p)})
+    return FitResult(new, loss, np.asarray(p, dtype=float), stderr)
+
+
+def _snap_targets(value: float, shape: bool) -> list[float]:
+    targets = [0.0]
+    for step in (1.0, 0.5) if shape else ():
+        n = round(value / step) * step
+        if n != 0 and abs(n) <= 4 and abs(value - n) <= 0.1 and n not in targets:
+            targets.append(n)
+    return [t for t in targets if t != value]
+
+
+def _as_number(v: float) -> sp.Expr:
+    return sp.Integer(int(v)) if v == int(v) else sp.Rational(int(round(2 * v)), 2)
+
+
+def snap_constants(
+    fit: FitResult, u: np.ndarray, y: np.ndarray, w: np.ndarray, *, rel_tol: float = 0.02, max_constants: int = 6
+) -> FitResult:
+    """Drop constants (1e-6 + f -> f) and snap shape constants (exponents, exp/log arguments) to small integers
+    or halves (u**2.003 -> u**2, exp(0.998*u) -> exp(u)) while the loss allows.
+
+    A snap is kept when the refitted weighted MSE grows by less than ``rel_tol`` (relative) plus 1e-10 of the
+    target's variance, so that exact data still snap and noisy data do not lose real terms.
+    """
+    floor = 1e-10 * float(np.average((y - np.average(y, weights=w)) ** 2, weights=w)) + 1e-300
+    best = fit
+    if len(fit.values) > max_constants:
+        return fit
+    changed = True
+    while changed:
+        changed = False
+        shape = _shape_constants(best.expr)
+        for f in free_floats(best.expr):
+            for target in _snap_targets(float(f), f in shape):
+                try:
+                    trial_expr = canonicalize(best.expr.xreplace({f: _as_number(target)}), simplify=False)
+                except (ValueError, TypeError):
+                    continue
+                trial = refit_constants(trial_expr, u, y, w)
+                if trial.loss <= best.loss * (1 + rel_tol) + floor:
+                    best = trial
+                    changed = True
+                    break
+            if changed:
+                break
+    if best is not fit:
+        simplified = canonicalize(best.expr)
+        if simplified != best.expr:
+            best = refit_constants(simplified, u, y, w)
+    return best
+
+
+def round_significant(value: float, digits: int) -> float:
+    """``value`` rounded to ``digits`` significant digits."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
+
+
+def supported_digits(value: float, spread: float, *, max_digits: int = 6) -> int:
+    """Significant digits of ``value`` that an uncertainty ``spread`` supports (1 .. max_digits)."""
+    if not math.isfinite(spread) or spread <= 0 or value == 0:
+        return max_digits if spread == 0 or value == 0 else 2
+    return int(np.clip(math.ceil(math.log10(abs(value) / spread)) + 1, 1, max_digits))
+
+
+# -- units -------------------------------------------------------------------------------------------------------
+# A unit is a pair (power of the output unit, power of the density unit).
+
+
+def _unit_of(expr, required, assign):
+    """Infer the unit of ``expr`` (or impose ``required``), recording units of Float constants in ``assign``."""
+    zero = (sp.Integer(0), sp.Integer(0))
+    if isinstance(expr, sp.Float):
+        if expr not in assign:
+            assign[expr] = required if required is not None else zero
+        return assign[expr]
+    if expr == U:
+        return (sp.Integer(0), sp.Integer(1))
+    if expr.is_Number or not expr.has(U) and not expr.atoms(sp.Float):
+        return zero
+    if isinstance(expr, sp.Add):
+        fixed = [a for a in expr.args if a.has(U)]
+        unit = required
+        if unit is None and fixed:
+            unit = _unit_of(fixed[0], None, assign)
+        for a in expr.args:
+            _unit_of(a, unit, assign)
+        return unit if unit is not None else zero
+    if isinstance(expr, sp.Mul):
+        consts = [a for a in expr.args if isinstance(a, sp.Float)]
+        others = [a for a in expr.args if not isinstance(a, sp.Float)]
+        total = zero
+        for a in others:
+            ua = _unit_of(a, None, assign)
+            total = (total[0] + ua[0], total[1] + ua[1])
+        for i, c in enumerate(consts):
+            if i == 0 and required is not None:
+                _unit_of(c, (required[0] - total[0], required[1] - total[1]), assign)
+            else:
+                _unit_of(c, zero, assign)
+        return required if (required is not None and consts) else total
+    if isinstance(expr, sp.Pow):
+        base, ex = expr.args
+        if ex.is_Number and not isinstance(ex, sp.Float):
+            if required is not None and isinstance(base, (sp.Add, sp.Float)):
+                ub = _unit_of(base, (required[0] / ex, required[1] / ex), assign)
+            else:
+                ub = _unit_of(base, None, assign)
+            return (ub[0] * ex, ub[1] * ex)
+        _unit_of(ex, zero, assign)
+        if isinstance(ex, sp.Float) and base.has(U) and not base.free_symbols - {U}:
+            ub = _unit_of(base, None, assign)
+            return (ub[0] * sp.Rational(str(float(ex))), ub[1] * sp.Rational(str(float(ex))))
+        _unit_of(base, zero, assign)
+        return zero
+    for a in expr.args:  # exp, log, sqrt-like functions: dimensionless argument and value
+        _unit_of(a, zero, assign)
+    return zero
+
+
+def _format_unit(unit, y_units: str, u_units: str) -> str:
+    parts = []
+    for power, name in zip(unit, (y_units, u_units)):
+        power = sp.nsimplify(power)
+        if power == 0 or not name:
+            continue
+        label = name if "/" not in name and "·" not in name and " " not in name else f"({name})"
+        if power == 1:
+            parts.append(name)
+        else:
+            p = float(power)
+            parts.append(f"{label}^{int(p) if p == int(p) else round(p, 3)}")
+    return "·".join(parts) if parts else "1"
+
+
+def constant_units(expr: sp.Expr, y_units: str, u_units: str) -> dict[sp.Float, str]:
+    """Unit string of every Float constant of ``expr``, given the units of the value and of u.
+
+    Sums share one unit, arguments of exp/log and exponents are dimensionless, a constant factor takes what its
+    product needs to reach the output unit (D0 in D0·u^2 is µm²/h·u^-2).
+    """
+    assign: dict = {}
+    _unit_of(expr, (sp.Integer(1), sp.Integer(0)), assign)
+    return {f: _format_unit(assign.get(f, (0, 0)), y_units, u_units) for f in free_floats(expr)}
+
+
+# -- the expression object ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Constant:
+    """One fitted constant of a closed form: value (rounded), its uncertainty, the digits kept, its unit."""
+
+    name: str
+    value: float
+    stderr: float
+    digits: int
+    units: str
+
+    def __str__(self) -> str:
+        err = "" if not math.isfinite(self.stderr) else f" ± {self.stderr:.2g}"
+        return f"{self.name} = {self.value:.{self.digits}g}{err} {self.units}".rstrip()
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A closed form f(u) with its fit statistics, evaluable as a vectorised numpy function.
+
+    sympy: the expression in the symbol ``u`` (constants rounded to what the data support).
+    u_range: (min, max) density it was fitted on (units of u); calls outside it emit one ExtrapolationWarning.
+    loss: weighted mean squared error on the samples ((value units)²); complexity: tree size.
+    constants: the fitted constants with uncertainties and units; units: the value's units.
+    """
+
+    sympy: sp.Expr
+    u_range: tuple[float, float]
+    loss: float
+    complexity: int
+    constants: tuple[Constant, ...] = ()
+    units: str = ""
+    name: str = "f"
+    _fn: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fn", sp.lambdify([U], self.sympy, modules="numpy"))
+
+    @property
+    def text(self) -> str:
+        """Plain-text form, e.g. ``0.5 - 0.55*u``."""
+        return sp.sstr(self.sympy)
+
+    @property
+    def latex(self) -> str:
+        """LaTeX form (without $ delimiters)."""
+        return sp.latex(self.sympy)
+
+    def __call__(self, u) -> np.ndarray:
+        """Evaluate at densities ``u`` (any shape; units of u); warns once if any u is outside ``u_range``."""
+        u = np.asarray(u, dtype=float)
+        lo, hi = self.u_range
+        tol = 1e-9 * max(abs(lo), abs(hi), 1.0)
+        with np.errstate(invalid="ignore"):
+            outside = np.any((u < lo - tol) | (u > hi + tol))
+        if outside:
+            warnings.warn(
+                f"{self.name}(u) = {self.text} was fitted on u in [{lo:.4g}, {hi:.4g}]; evaluating it at "
+                f"u in [{np.nanmin(u):.4g}, {np.nanmax(u):.4g}] extrapolates.",
+                ExtrapolationWarning,
+                stacklevel=2,
+            )
+        with np.errstate(all="ignore"):
+            out = np.asarray(self._fn(u), dtype=float)
+        return np.broadcast_to(out, u.shape).copy()
+
+    def parametrized(self, prefix: str) -> tuple[sp.Expr, dict[str, float]]:
+        """The expression with its constants replaced by symbols ``{prefix}_0, ...`` and their values by name."""
+        floats = free_floats(self.sympy)
+        syms = [sp.Symbol(f"{prefix}_{i}", real=True) for i in range(len(floats))]
+        return self.sympy.xreplace(dict(zip(floats, syms))), {s.name: float(f) for s, f in zip(syms, floats)}
+
+    def with_constants(self, values) -> Expression:
+        """Copy with constants (in ``constants`` order) replaced by ``values`` (kept to 6 significant digits)."""
+        floats = free_floats(self.sympy)
+        if len(values) != len(floats):
+            raise ValueError(f"{self.name}: expected {len(floats)} constant values, got {len(values)}.")
+        new = self.sympy.xreplace({f: sp.Float(round_significant(float(v), 6), 6) for f, v in zip(floats, values)})
+        consts = tuple(
+            replace(c, value=float(v), digits=6, stderr=math.nan) for c, v in zip(self.constants, values)
+        )
+        return replace(self, sympy=new, constants=consts)
+
+    def __repr__(self) -> str:
+        return f"{self.name}(u) = {self.text}  [{self.units}; complexity {self.complexity}, loss {self.loss:.3g}]"
