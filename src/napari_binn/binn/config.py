@@ -1,0 +1,148 @@
+"""BinnConfig: every choice of a BINN fit, with defaults that work on typical data without tuning."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .nets import ACTIVATIONS
+from .residual import RESIDUALS
+
+__all__ = ["BinnConfig", "DEVICES"]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class BinnConfig:
+    """Settings of :func:`~napari_binn.binn.train_binn`. Physical units: µm, hours, density units of the field.
+
+    Networks
+        hidden: surrogate u-network hidden widths (default 3 x 64). activation: ``"silu"`` (default) or
+        ``"tanh"`` (compare with ``benchmarks/binn_accuracy.py --set activation=tanh``). rate_hidden: hidden widths of the D-, G- and T-networks. use_delay: learn T(t) in (0, 1].
+    Bounds (None = from the data, see :func:`napari_binn.binn.scaling.default_bounds`)
+        D_min, D_max in µm²/h (auto: 0 and (domain size)² / (time span));
+        G_min, G_max in 1/h (auto: ±20 / (time span)); K in density units (auto: field.K, else the
+        99th percentile of the observed density).
+    Loss
+        data_weight, pde_weight, noflux_weight (no-flux on the mask edge; 0 = off), gls_gamma (GLS weight
+        |u/K|^-gamma on the data term; 0 = plain MSE), monotone_D / monotone_G with constraint_weight,
+        n_collocation points per step drawn ``"uniform"`` or ``"adaptive"`` (half of them from a pool, weighted
+        by |residual|, refreshed every adaptive_every steps), batch_size observed points per step.
+    Optimisation
+        steps (Adam), lr, lr_final (exponential decay from lr to lr_final), warmup_steps (data term only, to
+        fit the surrogate first), lbfgs_steps (optional L-BFGS polish; 0 = off), validation ``"random"`` (a
+        val_fraction of observed points) or ``"frames"`` (every 5th interior frame held out), val_every,
+        patience (steps without a better validation loss before stopping early; 0 = never).
+    Job
+        n_models (ensemble size; members differ in split and initialisation seed), seed, device
+        (``"auto"|"cpu"|"cuda"|"mps"``), residual (``"fast"`` forward-Laplacian or ``"autograd"``),
+        log_every (loss history and progress events), snapshot_every (D/G snapshot in events),
+        max_restarts (divergence guard), dtype (``"float32"`` or ``"float64"``).
+    """
+
+    hidden: tuple[int, ...] = (64, 64, 64)
+    activation: str = "silu"
+    rate_hidden: tuple[int, ...] = (32, 32)
+    use_delay: bool = False
+    D_min: float | None = None
+    D_max: float | None = None
+    G_min: float | None = None
+    G_max: float | None = None
+    K: float | None = None
+    data_weight: float = 1.0
+    pde_weight: float = 1.0
+    noflux_weight: float = 0.0
+    gls_gamma: float = 0.0
+    monotone_D: bool = False
+    monotone_G: bool = False
+    constraint_weight: float = 10.0
+    n_collocation: int = 4096
+    collocation: str = "adaptive"
+    adaptive_every: int = 250
+    batch_size: int = 4096
+    steps: int = 6000
+    lr: float = 2e-3
+    lr_final: float = 1e-4
+    warmup_steps: int = 500
+    lbfgs_steps: int = 0
+    validation: str = "random"
+    val_fraction: float = 0.2
+    val_every: int = 50
+    patience: int = 2000
+    n_models: int = 1
+    seed: int = 0
+    device: str = "auto"
+    residual: str = "fast"
+    log_every: int = 50
+    snapshot_every: int = 500
+    max_restarts: int = 5
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.rate_hidden = tuple(int(h) for h in self.rate_hidden)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent setting and what to do about it."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"BinnConfig: {msg}")
+
+        need(len(self.hidden) >= 1 and all(h > 0 for h in self.hidden),
+             f"hidden must be one or more positive widths; got {self.hidden}")
+        need(len(self.rate_hidden) >= 1 and all(h > 0 for h in self.rate_hidden),
+             f"rate_hidden must be one or more positive widths; got {self.rate_hidden}")
+        need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
+        need(self.residual in RESIDUALS, f"residual must be one of {RESIDUALS}; got {self.residual!r}")
+        need(self.device in DEVICES, f"device must be one of {DEVICES}; got {self.device!r}")
+        need(self.collocation in ("uniform", "adaptive"),
+             f"collocation must be 'uniform' or 'adaptive'; got {self.collocation!r}")
+        need(self.validation in ("random", "frames"),
+             f"validation must be 'random' or 'frames'; got {self.validation!r}")
+        need(self.dtype in ("float32", "float64"), f"dtype must be 'float32' or 'float64'; got {self.dtype!r}")
+        need(self.steps >= 1, f"steps must be >= 1 (got {self.steps}); a fit needs at least one step")
+        for name in ("n_collocation", "batch_size", "n_models", "val_every", "log_every", "snapshot_every",
+                     "adaptive_every"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("warmup_steps", "lbfgs_steps", "patience", "max_restarts"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("data_weight", "pde_weight", "noflux_weight", "gls_gamma", "constraint_weight"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        need(self.data_weight > 0, "data_weight must be > 0 (the data term anchors the fit)")
+        need(self.lr > 0 and self.lr_final > 0, f"lr and lr_final must be > 0; got {self.lr}, {self.lr_final}")
+        need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1); got {self.val_fraction}")
+        need(self.K is None or self.K > 0, f"K must be > 0 (carrying capacity); got {self.K}")
+        if self.D_min is not None:
+            need(self.D_min >= 0, f"D_min must be >= 0 µm²/h; got {self.D_min}")
+        if self.D_max is not None:
+            need(self.D_max > 0, f"D_max must be > 0 µm²/h; got {self.D_max}")
+        if self.D_min is not None and self.D_max is not None:
+            need(self.D_min < self.D_max, f"D_min ({self.D_min}) must be < D_max ({self.D_max}) µm²/h")
+        if self.G_min is not None and self.G_max is not None:
+            need(self.G_min < self.G_max, f"G_min ({self.G_min}) must be < G_max ({self.G_max}) 1/h")
+
+    def replace(self, **changes: Any) -> "BinnConfig":
+        """A validated copy with ``changes`` applied (unknown names raise ValueError)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"BinnConfig has no setting(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of JSON/TOML types (tuples become lists; None stays None)."""
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["rate_hidden"] = list(self.rate_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BinnConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown BinnConfig key(s) {unknown}; valid keys: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**d)

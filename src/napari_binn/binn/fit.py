@@ -1,0 +1,233 @@
+"""BinnFit: the result of a BINN fit, in physical units, with a safe save/load (safetensors + JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import BinnConfig
+from .nets import BinnModel
+from .scaling import Scales
+
+__all__ = ["BinnFit", "PhysicalRate", "build_model"]
+
+_WEIGHTS = "binn_weights.safetensors"
+_META = "binn_fit.json"
+_FORMAT = "napari-binn.binn_fit/1"
+
+
+def build_model(config: BinnConfig, scales: Scales, bounds: dict[str, float]) -> BinnModel:
+    """A fresh :class:`BinnModel` whose D/G bounds are ``bounds`` (physical) converted to scaled units."""
+    d_lo, d_hi = bounds["D_min"] / scales.D_unit, bounds["D_max"] / scales.D_unit
+    g_lo, g_hi = bounds["G_min"] / scales.G_unit, bounds["G_max"] / scales.G_unit
+    # start D at a small fraction of its range: a moderate diffusivity rather than an extreme one
+    d_init = 0.02
+    return BinnModel(config.hidden, config.activation, config.rate_hidden, (d_lo, d_hi), (g_lo, g_hi),
+                     config.use_delay, d_init_fraction=d_init)
+
+
+class PhysicalRate(nn.Module):
+    """Torch module u (density units) -> ensemble-mean D (µm²/h) or G (1/h), for ``pde.simulate``."""
+
+    def __init__(self, nets: list[nn.Module], K: float, unit: float, kind: str) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.K = float(K)
+        self.unit = float(unit)
+        self.kind = kind
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        p = next(self.nets[0].parameters())
+        uh = (u.to(p.dtype) / self.K).reshape(-1)
+        out = torch.stack([net(uh) for net in self.nets]).mean(0) * self.unit
+        return out.reshape(u.shape).to(u.dtype)
+
+    def extra_repr(self) -> str:
+        unit = "µm²/h" if self.kind == "D" else "1/h"
+        return f"kind={self.kind}, n_models={len(self.nets)}, K={self.K:g}, output in {unit}"
+
+
+@dataclass
+class BinnFit:
+    """A trained BINN (or ensemble): numpy-in, numpy-out callables in physical units.
+
+    u(x_um, y_um, t_h) -> density in ``units['u']``; D(u) -> µm²/h; G(u) -> 1/h; T(t_h) -> (0, 1].
+    With ``n_models > 1`` these are ensemble means; ``D_ensemble``/``G_ensemble`` give every member and
+    ``D_std``/``G_std`` the spread. ``u_range`` holds the observed density's quantiles (``q05``, ``q95``) and
+    ``min``/``max``; ``u_hist`` its histogram (counts, bin edges): later stages restrict D and G to it.
+    """
+
+    members: list[BinnModel]
+    scales: Scales
+    config: BinnConfig
+    bounds: dict[str, float]
+    units: dict[str, str]
+    u_range: dict[str, float]
+    u_hist: tuple[np.ndarray, np.ndarray]
+    history: list[list[dict[str, Any]]] = field(default_factory=list)
+    device: str = "cpu"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for m in self.members:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.members)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.members[0].parameters()).dtype
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64)).to(self._dtype)
+
+    def u(self, x_um, y_um, t_h) -> np.ndarray:
+        """Surrogate density at broadcast (x µm, y µm, t h), in ``units['u']`` (ensemble mean)."""
+        shape = np.broadcast_shapes(np.shape(x_um), np.shape(y_um), np.shape(t_h))
+        xyt = self._tensor(self.scales.xyt(x_um, y_um, t_h))
+        with torch.no_grad():
+            out = torch.stack([m.unet(xyt) for m in self.members]).mean(0)
+        return (out.double().numpy() * self.scales.K).reshape(shape)
+
+    def _rates(self, u, kind: str) -> np.ndarray:
+        u = np.asarray(u, dtype=np.float64)
+        uh = self._tensor(u.ravel() / self.scales.K)
+        unit = self.scales.D_unit if kind == "D" else self.scales.G_unit
+        with torch.no_grad():
+            out = torch.stack([(m.dnet if kind == "D" else m.gnet)(uh) for m in self.members])
+        return out.double().numpy().reshape((self.n_models, *u.shape)) * unit
+
+    def D_ensemble(self, u) -> np.ndarray:
+        """(n_models, *u.shape) diffusivity of every member, µm²/h."""
+        return self._rates(u, "D")
+
+    def G_ensemble(self, u) -> np.ndarray:
+        """(n_models, *u.shape) per-capita growth rate of every member, 1/h."""
+        return self._rates(u, "G")
+
+    def D(self, u) -> np.ndarray:
+        """Ensemble-mean diffusivity D(u) in µm²/h at densities ``u`` (``units['u']``)."""
+        return self.D_ensemble(u).mean(0)
+
+    def G(self, u) -> np.ndarray:
+        """Ensemble-mean growth rate G(u) in 1/h at densities ``u`` (``units['u']``)."""
+        return self.G_ensemble(u).mean(0)
+
+    def D_std(self, u) -> np.ndarray:
+        """Ensemble standard deviation of D(u), µm²/h (zeros for a single model)."""
+        return self.D_ensemble(u).std(0)
+
+    def G_std(self, u) -> np.ndarray:
+        """Ensemble standard deviation of G(u), 1/h (zeros for a single model)."""
+        return self.G_ensemble(u).std(0)
+
+    def T(self, t_h) -> np.ndarray:
+        """Delay factor T(t) in (0, 1] at times ``t_h`` (ones when the fit has no delay network)."""
+        t = np.asarray(t_h, dtype=np.float64)
+        th = self._tensor((t.ravel() - self.scales.t_c_h) / self.scales.time_h)
+        with torch.no_grad():
+            out = torch.stack([m.delay(th) for m in self.members]).mean(0)
+        return out.double().numpy().reshape(t.shape)
+
+    @property
+    def D_module(self) -> PhysicalRate:
+        """Torch module u -> ensemble-mean D(u) in µm²/h (accepted by ``pde.simulate``)."""
+        return PhysicalRate([m.dnet for m in self.members], self.scales.K, self.scales.D_unit, "D")
+
+    @property
+    def G_module(self) -> PhysicalRate:
+        """Torch module u -> ensemble-mean G(u) in 1/h (accepted by ``pde.simulate``)."""
+        return PhysicalRate([m.gnet for m in self.members], self.scales.K, self.scales.G_unit, "G")
+
+    def u_grid(self, n: int = 101, central: bool = True) -> np.ndarray:
+        """Evenly spaced densities over the observed range (central 90% if ``central``, else min..max)."""
+        lo, hi = (("q05", "q95") if central else ("min", "max"))
+        return np.linspace(self.u_range[lo], self.u_range[hi], n)
+
+    def __repr__(self) -> str:
+        flags = " (cancelled: best model so far)" if self.metadata.get("cancelled") else ""
+        return (f"BinnFit({self.n_models} model(s), device {self.device!r}, u in {self.units['u']}, "
+                f"D in [{self.bounds['D_min']:.3g}, {self.bounds['D_max']:.3g}] µm²/h, "
+                f"G in [{self.bounds['G_min']:.3g}, {self.bounds['G_max']:.3g}] 1/h{flags})")
+
+    # --- persistence -------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``binn_weights.safetensors`` and ``binn_fit.json`` into ``directory`` (created if needed)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"m{i}.{k}": v.detach().cpu().contiguous()
+                   for i, m in enumerate(self.members) for k, v in m.state_dict().items()}
+        meta = {
+            "format": _FORMAT,
+            "n_models": self.n_models,
+            "dtype": str(self._dtype).replace("torch.", ""),
+            "config": self.config.to_dict(),
+            "scales": self.scales.to_dict(),
+            "bounds": self.bounds,
+            "units": self.units,
+            "u_range": self.u_range,
+            "u_hist": {"counts": np.asarray(self.u_hist[0]).tolist(), "edges": np.asarray(self.u_hist[1]).tolist()},
+            "history": self.history,
+            "device": self.device,
+            "metadata": _jsonable(self.metadata),
+        }
+        tmp_w, tmp_m = directory / (_WEIGHTS + ".tmp"), directory / (_META + ".tmp")
+        save_file(tensors, str(tmp_w))
+        tmp_m.write_text(json.dumps(meta, indent=1, allow_nan=True), encoding="utf-8")
+        tmp_w.replace(directory / _WEIGHTS)
+        tmp_m.replace(directory / _META)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BinnFit":
+        """Read a fit written by :meth:`save`. Only tensors and JSON are read; nothing is unpickled."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / _META).is_file() or not (directory / _WEIGHTS).is_file():
+            raise ValueError(f"{directory} holds no BINN fit (expected {_META} and {_WEIGHTS})")
+        meta = json.loads((directory / _META).read_text(encoding="utf-8"))
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{directory / _META} is not a napari-binn BINN fit (format {meta.get('format')!r})")
+        config = BinnConfig.from_dict(meta["config"])
+        scales = Scales(**meta["scales"])
+        tensors = load_file(str(directory / _WEIGHTS))
+        members = []
+        for i in range(int(meta["n_models"])):
+            m = build_model(config, scales, meta["bounds"]).to(getattr(torch, meta["dtype"]))
+            prefix = f"m{i}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            members.append(m)
+        hist = (np.asarray(meta["u_hist"]["counts"]), np.asarray(meta["u_hist"]["edges"], dtype=float))
+        return cls(members, scales, config, meta["bounds"], meta["units"], meta["u_range"], hist,
+                   meta["history"], meta["device"], meta["metadata"])
+
+
+def _jsonable(obj: Any) -> Any:
+    """Metadata reduced to JSON types (unknown objects become their str)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    return str(obj)

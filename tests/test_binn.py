@@ -1,0 +1,194 @@
+"""Tests of the BINN engine (tiny networks, few steps, ~10x10 grids)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_binn.binn import BinnConfig, BinnFit, fit_binn, residual_autograd, residual_fast
+from napari_binn.binn.nets import BinnModel
+from napari_binn.field import DensityField
+from napari_binn.jobs import CancelToken
+
+TINY = dict(hidden=(16, 16), rate_hidden=(8,), n_collocation=128, batch_size=128, warmup_steps=5,
+            val_every=5, log_every=5, snapshot_every=10, device="cpu")
+
+
+def make_field(n=10, frames=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.arange(n) * 50.0
+    t = np.arange(frames) * 2.0
+    X = x[None, None, :]
+    front = 150.0 + 20.0 * t[:, None, None]
+    u = 1.0 / (1.0 + np.exp((X - front) / 60.0)) * (0.5 + 0.05 * t[:, None, None])
+    u = np.broadcast_to(u, (frames, n, n)) + 0.01 * rng.standard_normal((frames, n, n))
+    return DensityField(u, np.ones((n, n), bool), x, x.copy(), t, units="fraction", K=None)
+
+
+def test_shapes_bounds_and_snapshots():
+    f = make_field()
+    cfg = BinnConfig(steps=20, D_min=10.0, D_max=500.0, G_min=-0.1, G_max=0.2, n_models=2, **TINY)
+    events = []
+    fit = fit_binn(f, cfg, callback=events.append)
+    u = np.linspace(0, 1, 7)
+    assert fit.D(u).shape == (7,) and fit.G(u).shape == (7,)
+    assert fit.D_ensemble(u).shape == (2, 7) and fit.G_ensemble(u).shape == (2, 7)
+    assert np.all(fit.D(u) >= 10.0) and np.all(fit.D(u) <= 500.0)
+    assert np.all(fit.G(u) >= -0.1) and np.all(fit.G(u) <= 0.2)
+    assert np.all(fit.D_std(u) >= 0) and fit.D_std(u).max() > 0
+    assert fit.u(f.x_um[None, :], f.y_um[:, None], 2.0).shape == (10, 10)
+    assert np.all(fit.u(f.x_um, f.y_um, 0.0) >= 0)
+    assert np.allclose(fit.T([0.0, 4.0]), 1.0)
+    assert fit.u_range["min"] <= fit.u_range["q05"] < fit.u_range["q95"] <= fit.u_range["max"]
+    assert fit.units["D"] == "µm²/h" and fit.units["G"] == "1/h"
+    assert len(fit.history) == 2 and fit.history[0][-1]["step"] == 20
+    snaps = [e.data["snapshot"] for e in events if "snapshot" in e.data]
+    assert snaps and set(snaps[0]) == {"u_grid", "D", "G"}
+    assert any(e.data.get("losses", {}).get("pde") is not None for e in events)
+    # the torch modules agree with the numpy callables (as pde.simulate would call them)
+    with torch.no_grad():
+        d_t = fit.D_module(torch.as_tensor(u).reshape(-1, 1)).numpy().ravel()
+    assert np.allclose(d_t, fit.D(u), rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "tanh"])
+def test_fast_residual_agrees_with_autograd(activation):
+    torch.manual_seed(0)
+    m = BinnModel((24, 24, 24), activation, (8, 8), (0.0, 2.0), (-5.0, 5.0), True).double()
+    xyt = torch.rand(300, 3, dtype=torch.float64) * 2 - 1
+    r_fast, u_fast = residual_fast(m, xyt)
+    r_auto, u_auto = residual_autograd(m, xyt)
+    assert torch.allclose(u_fast, u_auto)
+    assert float((r_fast - r_auto).norm() / r_auto.norm()) < 1e-5
+    # and their parameter gradients agree too
+    g_fast = torch.autograd.grad((r_fast ** 2).mean(), list(m.parameters()), allow_unused=True)
+    r_auto, _ = residual_autograd(m, xyt)
+    g_auto = torch.autograd.grad((r_auto ** 2).mean(), list(m.parameters()), allow_unused=True)
+    for a, b in zip(g_fast, g_auto):
+        if a is not None and b is not None:
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-10)
+
+
+def test_same_seed_same_result():
+    f = make_field()
+    cfg = BinnConfig(steps=15, seed=3, **TINY)
+    a, b = fit_binn(f, cfg), fit_binn(f, cfg)
+    c = fit_binn(f, cfg.replace(seed=4))
+    u = np.linspace(0, 1, 5)
+    assert np.array_equal(a.D(u), b.D(u)) and np.array_equal(a.G(u), b.G(u))
+    assert not np.array_equal(a.D(u), c.D(u))
+
+
+def test_cancel_mid_run_returns_finite_best_model():
+    f = make_field()
+    token = CancelToken()
+
+    def cb(ev):
+        if ev.step >= 20:
+            token.cancel()
+
+    fit = fit_binn(f, BinnConfig(steps=10_000, **TINY), cancel=token, callback=cb)
+    assert fit.metadata["cancelled"] is True
+    assert fit.metadata["members"][0]["steps_done"] < 100
+    u = np.linspace(0, 1, 5)
+    assert np.all(np.isfinite(fit.D(u))) and np.all(np.isfinite(fit.G(u)))
+
+
+def test_pause_and_resume():
+    f = make_field()
+    token = CancelToken()
+    token.pause()
+    timer = threading.Timer(0.6, token.resume)
+    events = []
+    timer.start()
+    start = time.perf_counter()
+    fit = fit_binn(f, BinnConfig(steps=10, **TINY), cancel=token, callback=events.append)
+    assert time.perf_counter() - start >= 0.5
+    assert any(e.data.get("paused") for e in events)
+    assert not fit.metadata["cancelled"] and fit.metadata["members"][0]["steps_done"] == 10
+
+
+def test_divergence_guard_restores_and_never_returns_nan():
+    f = make_field()
+    events = []
+    fit = fit_binn(f, BinnConfig(steps=30, lr=1e5, lr_final=1e5, max_restarts=3, **TINY),
+                   callback=events.append)
+    div = [e for e in events if "divergence" in e.data]
+    assert div and "diverged" in div[0].message
+    for m in fit.members:
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert np.all(np.isfinite(fit.D(np.linspace(0, 1, 5))))
+
+
+def test_save_load_round_trip(tmp_path):
+    f = make_field()
+    fit = fit_binn(f, BinnConfig(steps=10, n_models=2, use_delay=True, **TINY))
+    fit.save(tmp_path / "fit")
+    blob = (tmp_path / "fit" / "binn_weights.safetensors").read_bytes()
+    assert b"\x80\x04" not in blob[:16]  # not a pickle stream
+    again = BinnFit.load(tmp_path / "fit")
+    u = np.linspace(0, 1, 9)
+    assert np.array_equal(fit.D_ensemble(u), again.D_ensemble(u))
+    assert np.array_equal(fit.G(u), again.G(u))
+    assert np.array_equal(fit.T([0.0, 3.0]), again.T([0.0, 3.0]))
+    assert np.array_equal(fit.u(100.0, 50.0, 1.0), again.u(100.0, 50.0, 1.0))
+    assert again.config == fit.config and again.u_range == fit.u_range
+    with pytest.raises(ValueError, match="no BINN fit"):
+        BinnFit.load(tmp_path)
+
+
+def test_config_round_trip_and_validation():
+    cfg = BinnConfig(steps=5, hidden=(8, 8), D_max=100.0)
+    assert BinnConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        BinnConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="D_min"):
+        BinnConfig(D_min=10.0, D_max=1.0)
+    with pytest.raises(ValueError, match="steps"):
+        BinnConfig(steps=0)
+    with pytest.raises(ValueError, match="device"):
+        BinnConfig(device="tpu")
+
+
+def test_bad_input():
+    f = make_field()
+    with pytest.raises(ValueError, match="at least 3 frames"):
+        fit_binn(DensityField(f.u[:2], f.mask, f.x_um, f.y_um, f.t_h[:2]), BinnConfig(steps=2, **TINY))
+    with pytest.raises(ValueError, match="no observed"):
+        fit_binn(DensityField(np.full_like(f.u, np.nan), f.mask, f.x_um, f.y_um, f.t_h),
+                 BinnConfig(steps=2, **TINY))
+    for const in (0.0, 3.0):
+        with pytest.raises(ValueError, match="nothing to learn"):
+            fit_binn(DensityField(np.full_like(f.u, const), f.mask, f.x_um, f.y_um, f.t_h),
+                     BinnConfig(steps=2, **TINY))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            fit_binn(f, BinnConfig(steps=2, **{**TINY, "device": "cuda"}))
+        events = []
+        fit = fit_binn(f, BinnConfig(steps=2, **{**TINY, "device": "auto"}), callback=events.append)
+        assert fit.device == "cpu" and "no GPU" in fit.metadata["device_note"]
+        assert "no GPU" in events[0].message
+
+
+def test_nan_values_are_masked_out():
+    f = make_field()
+    u = f.u.copy()
+    u[:, 2:4, 2:4] = np.nan
+    g = DensityField(u, f.mask, f.x_um, f.y_um, f.t_h, units="fraction")
+    fit = fit_binn(g, BinnConfig(steps=10, **TINY))
+    assert fit.metadata["n_observed"] == np.isfinite(u).sum()
+    assert np.all(np.isfinite(fit.D(np.linspace(0, 1, 5))))
+
+
+def test_noflux_constraints_and_adaptive_options_run():
+    f = make_field()
+    mask = f.mask.copy()
+    mask[:, :2] = False
+    g = f.with_mask(mask)
+    fit = fit_binn(g, BinnConfig(steps=12, noflux_weight=1.0, monotone_D=True, monotone_G=True,
+                                 collocation="adaptive", adaptive_every=4, validation="frames",
+                                 lbfgs_steps=20, residual="autograd", **TINY))
+    terms = fit.history[0][-2]
+    assert {"noflux", "constraint", "pde"} <= set(terms)
