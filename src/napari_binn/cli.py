@@ -1,0 +1,418 @@
+"""The ``napari-binn`` command line: the demo, each stage on your own files, and batches.
+
+Units everywhere: lengths in µm, times in hours, D(u) in µm²/h, G(u) in 1/h, densities in cells/mm²
+(counting methods), a fraction (confluence) or u/K (normalised).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+_EPILOG = """units: lengths in µm, times in hours, D(u) in µm²/h, G(u) in 1/h; density in cells/mm² (nuclei,
+labels, points), fraction (confluence) or u/K (normalised). Exit codes: 0 done, 1 error, 2 bad usage,
+130 interrupted (Ctrl-C: the best model so far is saved as a partial bundle)."""
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class _ProgressPrinter:
+    """One updating line per stage on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.stage = None
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, ev) -> None:
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        new_stage = ev.stage != self.stage
+        if new_stage and self.stage is not None and self.tty:
+            sys.stderr.write("\n")
+        self.stage = ev.stage
+        if not new_stage and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        frac = ev.fraction
+        bar = ""
+        if frac is not None:
+            n = int(round(24 * frac))
+            bar = f"[{'#' * n}{'.' * (24 - n)}] {100 * frac:5.1f}% "
+        eta = f" ETA {ev.eta_s:.0f} s" if ev.eta_s is not None and frac is not None and frac < 1 else ""
+        line = f"{ev.stage:<9} {bar}{ev.message[:90]}{eta}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:150].ljust(150))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if not self.quiet and self.tty and self.stage is not None:
+            sys.stderr.write("\n")
+
+
+def _say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- ROI
+def read_roi(path: str | Path, image_shape: tuple[int, int] | None = None) -> Any:
+    """An ROI from a file: a mask image (TIFF/PNG; nonzero = inside), polygons in JSON ([[[row, col], ...], ...]
+    in pixels), or a CSV of vertices: napari's Shapes export (columns index, shape-type, vertex-index, axis-0,
+    axis-1[, axis-2]) or two columns row, col (one polygon)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"ROI file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff", ".png"):
+        import tifffile
+        from PIL import Image
+
+        mask = tifffile.imread(path) if suffix.startswith(".tif") else np.asarray(Image.open(path))
+        mask = np.asarray(mask)
+        if mask.ndim == 3:
+            mask = mask.max(axis=0) if mask.shape[0] < mask.shape[-1] else mask.max(axis=-1)
+        return mask != 0
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        polys = data["polygons"] if isinstance(data, dict) else data
+        arrays = [np.asarray(p, dtype=float) for p in polys]
+        if arrays and arrays[0].ndim == 1:
+            arrays = [np.asarray(polys, dtype=float)]
+        return arrays
+    if suffix == ".csv":
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            raise ValueError(f"ROI file {path} is empty")
+        header = [h.strip().lower() for h in rows[0]]
+        if "axis-0" in header:
+            idx = header.index("index")
+            axes = [i for i, h in enumerate(header) if h.startswith("axis-")]
+            ycol, xcol = axes[-2], axes[-1]  # the last two axes are (row, col)
+            shapes: dict[str, list[tuple[float, float]]] = {}
+            for r in rows[1:]:
+                shapes.setdefault(r[idx], []).append((float(r[ycol]), float(r[xcol])))
+            return [np.asarray(v) for v in shapes.values()]
+        start = 1 if not _is_number(rows[0][0]) else 0
+        return [np.asarray([[float(r[0]), float(r[1])] for r in rows[start:] if r], dtype=float)]
+    raise ValueError(f"ROI file {path}: use a mask image (.tif/.png), polygons (.json) or vertices (.csv)")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _config(args):
+    from .pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_toml(args.config) if getattr(args, "config", None) else PipelineConfig()
+    changes = {}
+    if getattr(args, "device", None):
+        changes["device"] = args.device
+    if getattr(args, "seed", None) is not None:
+        changes["seed"] = args.seed
+    if getattr(args, "steps", None):
+        changes["steps"] = args.steps
+    if changes:
+        cfg.binn = cfg.binn.replace(**changes)
+    return cfg
+
+
+def _run(args, data, cfg, stages, roi=None):
+    """Run the pipeline with a progress printer. The first Ctrl-C cancels cooperatively (the running stage
+    returns its best partial result, which is then saved); a second one aborts."""
+    import signal
+
+    from .jobs import CancelToken, run_job
+    from .pipeline import run_pipeline
+
+    token = CancelToken()
+    printer = _ProgressPrinter(args.quiet)
+
+    def on_sigint(signum, frame):
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        sys.stderr.write("\ninterrupted: finishing the current step and keeping the best result so far "
+                         "(Ctrl-C again to abort without saving)\n")
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: no signal handling
+        previous = None
+    try:
+        result = run_job(run_pipeline(data, cfg, roi=roi, stages=stages, cancel=token), printer)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        printer.done()
+    if token.cancelled:
+        result.metadata["cancelled_in"] = result.metadata.get("cancelled_in") or "interrupted"
+    return result
+
+
+def _save(args, result) -> None:
+    from .results import save_results
+
+    out = save_results(result, args.out, overwrite=args.overwrite)
+    _say(args, f"results bundle: {out}  (open {out / 'report.html'} in a browser, or the folder in napari)")
+
+
+def _load_input(args, path: str):
+    """A stack (TIFF, folder, glob) or a results bundle directory."""
+    from .io import read_stack
+    from .results import load_results
+
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").is_file():
+        return load_results(p)
+    stack = read_stack(path, pixel_size_um=args.pixel_size_um, frame_interval_h=args.frame_interval_h,
+                       channel=args.channel)
+    if stack.pixel_size_um is None:
+        raise ValueError(f"{path} does not say its pixel size: give it with --pixel-size-um (µm per pixel)")
+    if stack.metadata.get("time_units") == "frames":
+        raise ValueError(f"{path} does not say its frame interval: give it with --frame-interval-h (hours)")
+    return stack
+
+
+def _stages_from(start: str) -> tuple[str, ...]:
+    from .pipeline import STAGES
+
+    return STAGES[STAGES.index(start):]
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import PipelineConfig
+    from .synthetic.sample import SAMPLE_PARAMS, spreading_sample
+
+    t0 = time.perf_counter()
+    cfg = PipelineConfig.from_toml(args.config) if args.config else demo_config()
+    _say(args, "napari-binn demo: a scratch closing under a known equation, rendered as nuclei images")
+    _say(args, "  truth: u_t = D Δu + r u (1 - u/K), D = {D:g} µm²/h, r = {r:g} /h, K = {K:g} cells/mm²".format(**SAMPLE_PARAMS))
+    sample = spreading_sample(seed=args.seed or 0)
+    stack = sample.rendered.stack
+    _say(args, f"  images: {stack}")
+    if args.device:
+        cfg.binn = cfg.binn.replace(device=args.device)
+    if args.seed is not None:
+        cfg.binn = cfg.binn.replace(seed=args.seed)
+    if args.steps:
+        cfg.binn = cfg.binn.replace(steps=args.steps)
+    result = _run(args, stack, cfg, _stages_from("density"), roi=sample.rendered.pixel_mask)
+    fld = result.field
+    if fld is not None:
+        truth = sample.rendered.true_density
+        ok = fld.observed & np.isfinite(truth)
+        err = np.linalg.norm(fld.u[ok] - truth[ok]) / np.linalg.norm(truth[ok])
+        _say(args, f"\ndensity extraction: relative L2 error against the cells drawn = {100 * err:.1f}%")
+    _print_equations(args, result, truth=sample.truth)
+    if result.qc is not None:
+        _say(args, "\n" + result.qc.table())
+    _save(args, result)
+    _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return EXIT_CANCELLED if result.cancelled else EXIT_OK
+
+
+def demo_config():
+    """The demo's settings: the defaults, with one BINN (no ensemble) to fit in a few minutes on 2 cores."""
+    from .pipeline import PipelineConfig
+
+    return PipelineConfig()
+
+
+def _print_equations(args, result, truth=None) -> None:
+    eq = result.equations
+    if eq is None:
+        return
+    _say(args, "\ndiscovered equations (symbolic regression of the learned D(u), G(u)):")
+    for key in ("D", "G"):
+        f = getattr(eq, key, None)
+        if f is None:
+            continue
+        line = f"  {key}(u) = {f.text}   [{f.units}]"
+        if truth is not None:
+            line += f"      truth: {truth.describe_function(key) if hasattr(truth, 'describe_function') else ''}"
+        _say(args, line)
+    refit = result.metadata.get("closed_form_refitted")
+    mech = result.mechanistic.get("closed form (refitted)")
+    if mech is not None:
+        _say(args, "\nclosed form refitted against the data (95% intervals):")
+        for name, value in refit.items() if refit else []:
+            lo, hi = mech.ci95.get(name, (float("nan"), float("nan")))
+            _say(args, f"  {name} = {value:.4g}  [{lo:.4g}, {hi:.4g}]  {mech.units.get(name, '')}")
+
+
+def cmd_extract(args) -> int:
+    data = _load_input(args, args.input)
+    roi = read_roi(args.roi) if args.roi else None
+    result = _run(args, data, _config(args), ("density",), roi=roi)
+    _say(args, repr(result.field))
+    _save(args, result)
+    return EXIT_CANCELLED if result.cancelled else EXIT_OK
+
+
+def cmd_fit(args) -> int:
+    from .pipeline import PipelineResult
+
+    data = _load_input(args, args.input)
+    roi = read_roi(args.roi) if args.roi else None
+    stages = ("binn",) if isinstance(data, PipelineResult) else ("density", "binn")
+    result = _run(args, data, _config(args), stages, roi=roi)
+    _say(args, repr(result.fit))
+    _save(args, result)
+    return EXIT_CANCELLED if result.cancelled else EXIT_OK
+
+
+def cmd_discover(args) -> int:
+    data = _load_input(args, args.input)
+    cfg = data.config if args.config is None else _config(args)
+    if args.backend:
+        cfg.symbolic.backend = args.backend
+    result = _run(args, data, cfg, ("symbolic",))
+    _print_equations(args, result)
+    _save(args, result)
+    return EXIT_CANCELLED if result.cancelled else EXIT_OK
+
+
+def cmd_simulate(args) -> int:
+    data = _load_input(args, args.input)
+    cfg = data.config if args.config is None else _config(args)
+    result = _run(args, data, cfg, ("simulate", "refit", "qc"))
+    if result.qc is not None:
+        _say(args, result.qc.table())
+    _save(args, result)
+    return EXIT_CANCELLED if result.cancelled else EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from .results import load_results
+
+    result = load_results(args.input)
+    _print_equations(args, result)
+    if result.qc is not None:
+        _say(args, "\n" + result.qc.table())
+    if args.out:
+        _save(args, result)
+    return EXIT_OK
+
+
+def cmd_batch(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
+    cfg = _config(args)
+    roi = read_roi(args.roi) if args.roi else None
+    status = EXIT_OK
+    for path in args.inputs:
+        name = Path(path).stem
+        _say(args, f"=== {path}")
+        try:
+            data = _load_input(args, path)
+            result = _run(args, data, cfg, _stages_from("density"), roi=roi)
+        except ValueError as err:
+            print(f"napari-binn: {path}: {err}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        from .results import save_results
+
+        save_results(result, out / name, overwrite=args.overwrite)
+        _print_equations(args, result)
+        if result.cancelled:
+            return EXIT_CANCELLED
+    return status
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="napari-binn", description=__doc__.split("\n\n")[0], epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"napari-binn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, out_default=None, stack=True):
+        sp.add_argument("--config", help="a PipelineConfig TOML file (see docs/configuration.md)")
+        sp.add_argument("--out", default=out_default, required=out_default is None,
+                        help="results bundle directory to write" + (f" (default {out_default})" if out_default else ""))
+        sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        sp.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train the BINN")
+        sp.add_argument("--seed", type=int, help="random seed (same seed, same device: same result)")
+        sp.add_argument("--steps", type=int, help="BINN training steps (overrides the config)")
+        sp.add_argument("--quiet", action="store_true", help="no progress output")
+        if stack:
+            sp.add_argument("--roi", help="ROI: mask image (.tif/.png), polygons (.json, pixel row/col) or "
+                                          "vertices (.csv, napari Shapes export)")
+            sp.add_argument("--pixel-size-um", type=float, help="pixel size in µm (if the file does not say)")
+            sp.add_argument("--frame-interval-h", type=float, help="time between frames in hours (if the file does not say)")
+            sp.add_argument("--channel", type=int, help="channel index for multichannel / RGB stacks")
+
+    sp = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic sample with a known equation",
+                        epilog=_EPILOG)
+    common(sp, out_default="napari-binn-demo", stack=False)
+    sp.set_defaults(func=cmd_demo)
+    sp = sub.add_parser("extract", help="images -> density field (bundle)", epilog=_EPILOG)
+    sp.add_argument("input", help="a TIFF / OME-TIFF stack, a folder of frames, or a glob")
+    common(sp)
+    sp.set_defaults(func=cmd_extract)
+    sp = sub.add_parser("fit", help="train the BINN on a stack or on a bundle's density", epilog=_EPILOG)
+    sp.add_argument("input", help="a stack, or a results bundle from 'extract'")
+    common(sp)
+    sp.set_defaults(func=cmd_fit)
+    sp = sub.add_parser("discover", help="symbolic regression of a bundle's learned D(u), G(u)", epilog=_EPILOG)
+    sp.add_argument("input", help="a results bundle with a trained BINN")
+    sp.add_argument("--backend", choices=["operon", "library", "pysr"], help="symbolic regression backend")
+    common(sp, stack=False)
+    sp.set_defaults(func=cmd_discover, pixel_size_um=None, frame_interval_h=None, channel=None)
+    sp = sub.add_parser("simulate", help="simulate a bundle's equations, refit, and QC", epilog=_EPILOG)
+    sp.add_argument("input", help="a results bundle with equations (and/or a BINN)")
+    common(sp, stack=False)
+    sp.set_defaults(func=cmd_simulate, pixel_size_um=None, frame_interval_h=None, channel=None)
+    sp = sub.add_parser("report", help="print a bundle's equations and QC table (and re-write it with --out)",
+                        epilog=_EPILOG)
+    sp.add_argument("input", help="a results bundle")
+    sp.add_argument("--out", help="write a fresh copy of the bundle (figures and report.html) here")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_report)
+    sp = sub.add_parser("batch", help="the whole pipeline on several stacks, one bundle each", epilog=_EPILOG)
+    sp.add_argument("inputs", nargs="+", help="stacks (TIFF files, folders or globs)")
+    common(sp)
+    sp.set_defaults(func=cmd_batch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"napari-binn {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("napari-binn: aborted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Figures (PNG) and the one-page HTML report of a results bundle. Matplotlib with the Agg backend only."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_figures", "write_report"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rates_figure(result, path: Path) -> None:
+    plt = _plt()
+    fit, eq = result.fit, result.equations
+    u = fit.u_grid(200, central=False)
+    lo, hi = fit.u_range.get("q05", u[0]), fit.u_range.get("q95", u[-1])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    for ax, key, label in ((axes[0], "D", "D(u)  [µm²/h]"), (axes[1], "G", "G(u)  [1/h]")):
+        ens = fit.D_ensemble(u) if key == "D" else fit.G_ensemble(u)
+        mean = ens.mean(0)
+        ax.plot(u, mean, color="C0", lw=2, label=f"BINN (mean of {ens.shape[0]})")
+        if ens.shape[0] > 1:
+            ax.fill_between(u, ens.min(0), ens.max(0), color="C0", alpha=0.25, label="ensemble range")
+        f = getattr(eq, key, None) if eq is not None else None
+        if f is not None:
+            with np.errstate(all="ignore"):
+                ax.plot(u, np.broadcast_to(_eval(f, u), u.shape),
+                        "--", color="C3", lw=1.5, label=f"closed form: {f.text}")
+        ax.axvspan(lo, hi, color="0.9", zorder=0, label="central 90% of data")
+        ax.set_xlabel(f"density u  [{fit.units.get('u', '')}]")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _eval(f, u):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.asarray(f(u), dtype=float)
+
+
+def _counts_figure(result, path: Path) -> None:
+    from .qc import total_count
+
+    plt = _plt()
+    fld = result.field
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+    obs_ok = fld.observed
+    n_obs = total_count(np.where(obs_ok, fld.u, np.nan), fld.mask, fld.dx_um, fld.units)
+    ax.plot(fld.t_h, n_obs, "ko", label="observed")
+    for i, (name, arr) in enumerate(result.simulations.items()):
+        ok = obs_ok & np.isfinite(arr)
+        ax.plot(fld.t_h, total_count(np.where(ok, arr, np.nan), fld.mask, fld.dx_um, fld.units), "-",
+                color=f"C{i}", label=name)
+    unit = "cells" if fld.units == "cells/mm²" else f"{fld.units} x mm²"
+    ax.set_xlabel("time  [h]")
+    ax.set_ylabel(f"N(t)  [{unit}]")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _snapshots_figure(result, name: str, path: Path) -> None:
+    plt = _plt()
+    fld = result.field
+    sim = result.simulations[name]
+    frames = sorted({0, fld.n_frames // 2, fld.n_frames - 1})
+    extent = (fld.x_um[0] - fld.dx_um / 2, fld.x_um[-1] + fld.dx_um / 2,
+              fld.y_um[-1] + fld.dx_um / 2, fld.y_um[0] - fld.dx_um / 2)
+    vmax = float(np.nanpercentile(fld.u[fld.observed], 99.5)) if fld.observed.any() else 1.0
+    fig, axes = plt.subplots(3, len(frames), figsize=(3.2 * len(frames), 8), constrained_layout=True, squeeze=False)
+    res = fld.u - sim
+    rmax = float(np.nanmax(np.abs(res))) if np.isfinite(res).any() else 1.0
+    for j, t in enumerate(frames):
+        for i, (arr, title, cmap, lim) in enumerate(((fld.u[t], "observed", "magma", (0, vmax)),
+                                                     (sim[t], name, "magma", (0, vmax)),
+                                                     (res[t], "observed - model", "RdBu_r", (-rmax, rmax)))):
+            ax = axes[i, j]
+            im = ax.imshow(np.where(fld.mask, arr, np.nan), extent=extent, cmap=cmap, vmin=lim[0], vmax=lim[1])
+            ax.set_title(f"{title}, t = {fld.t_h[t]:.3g} h", fontsize=8)
+            ax.set_xlabel("x [µm]", fontsize=7)
+            ax.set_ylabel("y [µm]", fontsize=7)
+            ax.tick_params(labelsize=6)
+            fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_figures(result, directory: Path) -> dict[str, str]:
+    """Write the bundle's PNG figures into ``directory``; returns {file name: description}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    if result.fit is not None:
+        _rates_figure(result, directory / "rates.png")
+        out["rates.png"] = "learned D(u) and G(u) with the ensemble range and the closed forms"
+    if result.field is not None and result.simulations:
+        _counts_figure(result, directory / "counts.png")
+        out["counts.png"] = "total cell number N(t), observed vs models"
+        for name in ("closed form (refitted)", "closed form", "learned D, G"):
+            if name in result.simulations:
+                _snapshots_figure(result, name, directory / "snapshots.png")
+                out["snapshots.png"] = f"observed, simulated ({name}) and residual at three frames"
+                break
+    return out
+
+
+def write_report(result, directory: Path, files: dict[str, str]) -> None:
+    """Write ``report.html``: equations, QC table, refits, figures and links to every file."""
+    esc = html.escape
+    parts: list[str] = ["<!doctype html><html><head><meta charset='utf-8'><title>napari-binn report</title>",
+                        "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;}pre{background:#f4f4f4;"
+                        "padding:.6em;overflow-x:auto}img{max-width:100%}td,th{padding:2px 8px}</style></head><body>",
+                        "<h1>napari-binn report</h1>"]
+    fld = result.field
+    if fld is not None:
+        parts.append(f"<p>Density: {fld.n_frames} frames, {fld.u.shape[1]} x {fld.u.shape[2]} boxes of "
+                     f"{fld.dx_um:g} µm, {int(fld.mask.sum())} boxes in the ROI, t = {fld.t_h[0]:g}–{fld.t_h[-1]:g} h, "
+                     f"units {esc(fld.units)}.</p>")
+    warnings: list[Any] = result.metadata.get("warnings", [])
+    if result.metadata.get("cancelled_in"):
+        warnings = [f"the run was cancelled during '{result.metadata['cancelled_in']}': results are partial"] + list(warnings)
+    if warnings:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(str(w))}</li>" for w in warnings) + "</ul>")
+    eq = result.equations
+    if eq is not None:
+        parts.append("<h2>Discovered equations</h2><pre>")
+        for key in ("D", "G"):
+            f = getattr(eq, key, None)
+            if f is not None:
+                parts.append(esc(f"{key}(u) = {f.text}    [{f.units}]") + "\n")
+        parts.append("</pre>")
+        refit = result.metadata.get("closed_form_refitted")
+        if refit:
+            parts.append("<p>Constants refitted against the data: " +
+                         esc(", ".join(f"{k} = {v:.4g}" for k, v in refit.items())) + "</p>")
+    if result.qc is not None:
+        parts.append("<h2>Quality control</h2><pre>" + esc(result.qc.table()) + "</pre>")
+    for name, fit in result.mechanistic.items():
+        summary = fit.summary() if hasattr(fit, "summary") else str(fit.__dict__)
+        parts.append(f"<h2>Mechanistic fit: {esc(name)}</h2><pre>{esc(summary)}</pre>")
+    for png, desc in files.items():
+        if png.endswith(".png"):
+            parts.append(f"<h3>{esc(desc)}</h3><img src='{esc(png)}' alt='{esc(desc)}'>")
+    parts.append("<h2>Files</h2><ul>" + "".join(f"<li><a href='{esc(k)}'>{esc(k)}</a>: {esc(v)}</li>"
+                                                 for k, v in files.items()) + "</ul>")
+    parts.append(f"<p><small>napari-binn {esc(str(result.metadata.get('napari_binn_version', '')))}</small></p>")
+    parts.append("</body></html>")
+    (directory / "report.html").write_text("".join(parts), encoding="utf-8")

@@ -1,0 +1,351 @@
+"""Results bundles: one directory per run, readable by people (TIFF, PNG, HTML, JSON) and by napari-binn.
+
+Layout (schema ``SCHEMA_VERSION``)::
+
+    manifest.json        schema version, napari-binn version, what each file is
+    config.toml          the PipelineConfig that produced it
+    field.npz            density u (T, Ny, Nx; NaN = unobserved), mask, x_um, y_um, t_h (+ field.json: units, K, metadata)
+    density.tif          the density as an ImageJ TIFF calibrated in µm (box size) and hours
+    simulations.npz      every simulated / surrogate array, keyed by model name (+ sim_<name>.tif)
+    binn/                network weights (safetensors) and their JSON description
+    equations.json       discovered D(u), G(u): Pareto fronts, selected forms, constants with units
+    equations.txt/.tex   the selected equations as plain text and LaTeX
+    mechanistic.json     refitted parameters, 95% intervals, AIC/BIC
+    metrics.json         the QC table (per-frame errors, N(t) errors)
+    figures/*.png        D(u), G(u) with bands; N(t); observed / simulated / residual snapshots
+    report.html          one page linking all of it
+
+Writing goes to a temporary sibling directory that is moved into place at the end, so a failure or Ctrl-C
+never leaves a half-written bundle. Loading reads only JSON, TOML, NumPy arrays without pickle, and safetensors:
+nothing in a bundle is executed. Expressions are rebuilt by a restricted parser (numbers, u, + - * / ** and a
+few named functions); anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .field import DensityField
+
+__all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError", "parse_expression"]
+
+SCHEMA_VERSION = 1
+_FORMAT = "napari-binn results bundle"
+
+
+class BundleError(ValueError):
+    """A directory that is not a readable results bundle (the message says exactly why)."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _clean_json(obj: Any) -> Any:
+    """Replace non-finite floats by None so the JSON is standard (readable by any tool)."""
+    if isinstance(obj, dict):
+        return {str(k): _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return _clean_json(obj.tolist())
+    return obj
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_clean_json(data), indent=1, default=_json_default, allow_nan=False),
+                    encoding="utf-8")
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "model"
+
+
+_ALLOWED_NAMES = {"u", "t", "exp", "log", "sqrt", "Abs", "sign", "tanh", "pi", "E"}
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|[-+*/^(),]))")
+
+
+def parse_expression(text: str, parameters: bool = False):
+    """Parse a closed form written by napari-binn into sympy, refusing anything but arithmetic.
+
+    Allowed: numbers, ``u``, ``t``, + - * / ** ^, parentheses and exp, log, sqrt, Abs, sign, tanh, pi, E;
+    with ``parameters`` also names like ``D_0`` / ``r``. Raises BundleError otherwise.
+    """
+    import sympy as sp
+
+    pos, names = 0, set()
+    text = str(text)
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            if text[pos:].strip() == "":
+                break
+            raise BundleError(f"expression {text!r}: unexpected character {text[pos]!r}")
+        if m.group(2):
+            names.add(m.group(2))
+        pos = m.end()
+    bad = {n for n in names if n not in _ALLOWED_NAMES and not (parameters and re.fullmatch(r"[A-Za-z]\w{0,15}", n)
+                                                             and not n.startswith("_"))}
+    if bad:
+        raise BundleError(f"expression {text!r} uses names that are not allowed: {sorted(bad)}")
+    local = {n: sp.Symbol(n, real=True) for n in names if n not in _ALLOWED_NAMES}
+    local.update(u=sp.Symbol("u", real=True), t=sp.Symbol("t", real=True))
+    try:
+        return sp.sympify(text.replace("^", "**"), locals=local, rational=False)
+    except (sp.SympifyError, SyntaxError, TypeError) as exc:
+        raise BundleError(f"expression {text!r} could not be parsed: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------- saving
+def save_results(result, directory: str | os.PathLike, *, overwrite: bool = False, figures: bool = True) -> Path:
+    """Write a PipelineResult (or a BinnFit alone) as a results bundle directory; returns its path.
+
+    Refuses an existing ``directory`` unless ``overwrite``; the bundle is written to a temporary directory
+    beside it and moved into place only when complete.
+    """
+    from .binn import BinnFit
+    from .pipeline import PipelineConfig, PipelineResult
+
+    if isinstance(result, BinnFit):
+        result = PipelineResult(PipelineConfig(binn=result.config), fit=result)
+    if not isinstance(result, PipelineResult):
+        raise TypeError(f"save_results needs a PipelineResult or a BinnFit; got {type(result).__name__}")
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists: choose another directory or pass overwrite=True "
+                              "(--overwrite on the command line)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        files = _write_bundle(result, tmp, figures)
+        _write_json(tmp / "manifest.json", {
+            "format": _FORMAT, "schema_version": SCHEMA_VERSION, "napari_binn_version": __version__,
+            "files": files, "cancelled_in": result.metadata.get("cancelled_in"),
+        })
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(backup)
+            tmp.rename(target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
+    from .io import write_stack_tiff
+
+    files: dict[str, str] = {}
+    result.config.to_toml(out / "config.toml")
+    files["config.toml"] = "the PipelineConfig of this run (TOML)"
+    fld: DensityField | None = result.field
+    if fld is not None:
+        np.savez_compressed(out / "field.npz", u=fld.u, mask=fld.mask, x_um=fld.x_um, y_um=fld.y_um, t_h=fld.t_h)
+        _write_json(out / "field.json", {"units": fld.units, "K": fld.K, "dx_um": fld.dx_um,
+                                         "origin_um": fld.origin_um, "metadata": fld.metadata})
+        write_stack_tiff(out / "density.tif", np.nan_to_num(fld.u, nan=0.0).astype(np.float32), fld.dx_um, fld.t_h)
+        files["field.npz"] = f"density u (T, Ny, Nx) in {fld.units}, NaN = unobserved; mask; box centres (µm); times (h)"
+        files["density.tif"] = f"the density as an ImageJ stack, {fld.dx_um:g} µm boxes (NaN written as 0)"
+    if result.simulations:
+        keys = {_safe_name(k): k for k in result.simulations}
+        np.savez_compressed(out / "simulations.npz", **{s: result.simulations[k] for s, k in keys.items()})
+        _write_json(out / "simulations.json", {"names": keys})
+        files["simulations.npz"] = "simulated / surrogate densities keyed by model (names in simulations.json)"
+        if fld is not None:
+            for s, k in keys.items():
+                write_stack_tiff(out / f"sim_{s}.tif", np.nan_to_num(result.simulations[k], nan=0.0).astype(np.float32),
+                                 fld.dx_um, fld.t_h)
+                files[f"sim_{s}.tif"] = f"'{k}' as an ImageJ stack"
+    if result.fit is not None:
+        result.fit.save(out / "binn")
+        files["binn/"] = "BINN network weights (safetensors) and description (JSON)"
+    if result.equations is not None:
+        eq = result.equations
+        _write_json(out / "equations.json", _equations_json(eq))
+        text = [f"{k}(u) = {f.text}    [{f.units}]" for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
+        (out / "equations.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+        tex = [f"{k}(u) = {f.latex}" for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
+        (out / "equations.tex").write_text("\n".join(tex) + "\n", encoding="utf-8")
+        files["equations.json"] = "discovered closed forms, Pareto fronts, constants with units"
+        files["equations.txt"] = "the selected equations, plain text"
+        files["equations.tex"] = "the selected equations, LaTeX"
+    if result.mechanistic:
+        _write_json(out / "mechanistic.json", {name: _mechanistic_json(f) for name, f in result.mechanistic.items()})
+        files["mechanistic.json"] = "mechanistic refits: estimates, 95% intervals, AIC/BIC"
+    metrics: dict[str, Any] = {"seconds": result.metadata.get("seconds", {}),
+                               "warnings": result.metadata.get("warnings", []),
+                               "cancelled_in": result.metadata.get("cancelled_in")}
+    if result.qc is not None:
+        metrics["qc"] = result.qc.to_dict()
+        (out / "qc.txt").write_text(result.qc.table() + "\n", encoding="utf-8")
+        files["qc.txt"] = "the QC table, plain text"
+    _write_json(out / "metrics.json", metrics)
+    files["metrics.json"] = "QC metrics, stage timings, warnings"
+    _write_json(out / "metadata.json", result.metadata)
+    files["metadata.json"] = "run metadata"
+    if figures:
+        from .report import write_figures, write_report
+
+        for name, desc in write_figures(result, out / "figures").items():
+            files[f"figures/{name}"] = desc
+        write_report(result, out, files)
+        files["report.html"] = "one-page report linking everything"
+    return files
+
+
+def _equations_json(eq) -> dict[str, Any]:
+    out: dict[str, Any] = {"backend": eq.backend, "metadata": {k: v for k, v in eq.metadata.items()
+                                                               if isinstance(v, (str, int, float, list, bool))}}
+    for key, f in (("D", eq.D), ("G", eq.G)):
+        if f is None:
+            continue
+        out[key] = {
+            "text": f.text, "latex": f.latex, "units": f.units, "u_units": f.u_units,
+            "u_range": list(f.u_range), "selection": f.selection, "selected": f.selected_index,
+            "notes": list(f.notes),
+            "constants": [{k: v for k, v in c.__dict__.items()} for c in f.constants],
+            "front": [{"complexity": r.complexity, "loss": r.loss, "score": r.score, "text": r.expression.text,
+                       "latex": r.expression.latex} for r in f.front],
+        }
+    return out
+
+
+def _mechanistic_json(fit) -> dict[str, Any]:
+    return {"model": fit.model, "params": fit.params, "ci95": {k: list(v) for k, v in fit.ci95.items()},
+            "units": fit.units, "sigma": fit.sigma, "loglik": fit.loglik, "aic": fit.aic, "bic": fit.bic,
+            "n_obs": fit.n_obs, "n_params": fit.n_params, "converged": fit.converged, "message": fit.message,
+            "fixed": list(fit.fixed), "weighting": fit.weighting, "intervals": fit.intervals,
+            "expressions": fit.expressions}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+class LoadedEquation:
+    """A closed form read back from a bundle: sympy expression, text, LaTeX, units, the u-range it was fitted on,
+    and its Pareto front (list of dicts). Callable on numpy arrays."""
+
+    def __init__(self, name: str, d: dict[str, Any]):
+        import sympy as sp
+
+        self.name = name
+        self.sympy = parse_expression(d["text"])
+        self.text = str(d["text"])
+        self.latex = str(d.get("latex", ""))
+        self.units = str(d.get("units", ""))
+        self.u_range = tuple(d.get("u_range", (math.nan, math.nan)))
+        self.front = list(d.get("front", []))
+        self.selected_index = int(d.get("selected", 0))
+        self.constants = list(d.get("constants", []))
+        self._fn = sp.lambdify([sp.Symbol("u", real=True)], self.sympy, modules="numpy")
+
+    def __call__(self, u):
+        u = np.asarray(u, dtype=float)
+        with np.errstate(all="ignore"):
+            return np.broadcast_to(np.asarray(self._fn(u), dtype=float), u.shape).copy()
+
+    def __repr__(self) -> str:
+        return f"{self.name}(u) = {self.text}  [{self.units}]"
+
+
+class LoadedEquations:
+    """Equations read back from a bundle (``.D``, ``.G`` are :class:`LoadedEquation` or None)."""
+
+    def __init__(self, d: dict[str, Any]):
+        self.backend = d.get("backend", "")
+        self.metadata = d.get("metadata", {})
+        self.D = LoadedEquation("D", d["D"]) if "D" in d else None
+        self.G = LoadedEquation("G", d["G"]) if "G" in d else None
+
+    def __repr__(self) -> str:
+        return f"LoadedEquations(D: {self.D!r}; G: {self.G!r})"
+
+
+class LoadedFit:
+    """A mechanistic refit read back from a bundle (the numbers; no callables)."""
+
+    def __init__(self, d: dict[str, Any]):
+        self.__dict__.update(d)
+        self.aic = d.get("aic") if d.get("aic") is not None else math.nan
+        self.ci95 = {k: tuple(np.nan if x is None else x for x in v) for k, v in d.get("ci95", {}).items()}
+
+
+def load_results(directory: str | os.PathLike):
+    """Read a results bundle into a PipelineResult (equations and refits as read-only ``Loaded*`` objects).
+
+    Works for this schema version and older ones it knows; refuses newer schemas and non-bundles with a
+    message that says why. Reads no pickle and executes nothing from the bundle.
+    """
+    from .binn import BinnFit
+    from .pipeline import PipelineConfig, PipelineResult
+    from .qc import QCReport
+
+    d = Path(directory)
+    manifest_path = d / "manifest.json"
+    if not d.is_dir():
+        raise BundleError(f"{d} is not a directory: a results bundle is a directory with a manifest.json")
+    if not manifest_path.is_file():
+        raise BundleError(f"{d} has no manifest.json: it is not a napari-binn results bundle")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != _FORMAT:
+        raise BundleError(f"{manifest_path} is not a napari-binn results bundle (format {manifest.get('format')!r})")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"{d}: unknown bundle schema version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"{d} was written with bundle schema {version} by napari-binn "
+                          f"{manifest.get('napari_binn_version')}; this napari-binn ({__version__}) reads schema "
+                          f"<= {SCHEMA_VERSION}: upgrade napari-binn to open it")
+    config = PipelineConfig.from_toml(d / "config.toml") if (d / "config.toml").is_file() else PipelineConfig()
+    result = PipelineResult(config)
+    if (d / "field.npz").is_file():
+        with np.load(d / "field.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("u", "mask", "x_um", "y_um", "t_h")}
+        info = json.loads((d / "field.json").read_text(encoding="utf-8")) if (d / "field.json").is_file() else {}
+        result.field = DensityField(arrays["u"], arrays["mask"], arrays["x_um"], arrays["y_um"], arrays["t_h"],
+                                    info.get("units", "cells/mm²"), info.get("K"), info.get("metadata", {}))
+    if (d / "simulations.npz").is_file():
+        names = json.loads((d / "simulations.json").read_text(encoding="utf-8"))["names"]
+        with np.load(d / "simulations.npz", allow_pickle=False) as z:
+            result.simulations = {names.get(k, k): z[k] for k in z.files}
+    if (d / "binn").is_dir():
+        result.fit = BinnFit.load(d / "binn")
+    if (d / "equations.json").is_file():
+        result.equations = LoadedEquations(json.loads((d / "equations.json").read_text(encoding="utf-8")))
+    if (d / "mechanistic.json").is_file():
+        mech = json.loads((d / "mechanistic.json").read_text(encoding="utf-8"))
+        result.mechanistic = {k: LoadedFit(v) for k, v in mech.items()}
+    if (d / "metrics.json").is_file():
+        metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        if "qc" in metrics:
+            result.qc = QCReport.from_dict(metrics["qc"])
+    if (d / "metadata.json").is_file():
+        result.metadata = json.loads((d / "metadata.json").read_text(encoding="utf-8"))
+    result.metadata["bundle"] = {"schema_version": version, "written_by": manifest.get("napari_binn_version")}
+    return result
+

@@ -1,0 +1,77 @@
+"""The command line on small files: help, each bad-input path, ROI files and a stage run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_binn.cli import EXIT_ERROR, EXIT_OK, main, read_roi
+
+
+def test_help_explains_units(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "µm²/h" in out and "hours" in out
+    for cmd in ("demo", "extract", "fit", "discover", "simulate", "report", "batch"):
+        assert cmd in out
+
+
+def test_missing_pixel_size_asks_for_it(tmp_path, capsys):
+    import tifffile
+
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, np.zeros((6, 64, 64), np.uint16))
+    code = main(["extract", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == EXIT_ERROR
+    assert "--pixel-size-um" in capsys.readouterr().err
+
+
+def test_extract_writes_a_bundle_and_refuses_to_overwrite(tmp_path, capsys):
+    from napari_binn.io import write_stack_tiff
+    from napari_binn.synthetic.models import make_synthetic
+    from napari_binn.synthetic.render import render_microscopy
+
+    fld, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(6, 6),
+                            dx_um=50.0, times_h=np.linspace(0, 12, 3), seed=0)
+    rendered = render_microscopy(fld, pixel_size_um=2.5, seed=0)
+    path = write_stack_tiff(tmp_path / "nuclei.tif", rendered.stack.data, 2.5, rendered.stack.times_h)
+    roi = tmp_path / "roi.json"
+    roi.write_text(json.dumps([[[0, 0], [0, 119], [119, 119], [119, 0]]]))
+    out = tmp_path / "bundle"
+    assert main(["extract", str(path), "--roi", str(roi), "--out", str(out), "--quiet"]) == EXIT_OK
+    assert (out / "field.npz").is_file() and (out / "density.tif").is_file()
+    assert main(["extract", str(path), "--out", str(out), "--quiet"]) == EXIT_ERROR
+    assert "exists" in capsys.readouterr().err
+    assert main(["report", str(out), "--quiet"]) == EXIT_OK
+
+
+def test_roi_files(tmp_path):
+    import tifffile
+
+    csv_path = tmp_path / "shapes.csv"
+    csv_path.write_text("index,shape-type,vertex-index,axis-0,axis-1\n"
+                        "0,polygon,0,1,2\n0,polygon,1,1,20\n0,polygon,2,30,20\n"
+                        "1,rectangle,0,40,40\n1,rectangle,1,40,50\n1,rectangle,2,50,50\n1,rectangle,3,50,40\n")
+    polys = read_roi(csv_path)
+    assert len(polys) == 2 and polys[0].shape == (3, 2) and polys[1][2].tolist() == [50.0, 50.0]
+    plain = tmp_path / "vertices.csv"
+    plain.write_text("row,col\n0,0\n0,10\n10,10\n")
+    assert read_roi(plain)[0].shape == (3, 2)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:10, 5:10] = 255
+    tifffile.imwrite(tmp_path / "m.tif", mask)
+    assert read_roi(tmp_path / "m.tif").sum() == 25
+    with pytest.raises(ValueError, match="does not exist"):
+        read_roi(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="mask image"):
+        read_roi(csv_path.with_suffix(".xyz").write_text("") or csv_path.with_suffix(".xyz"))
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[binn]\nstepz = 3\n")
+    code = main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == EXIT_ERROR
+    assert "stepz" in capsys.readouterr().err
