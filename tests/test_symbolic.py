@@ -212,7 +212,7 @@ def test_samples_from_fit_uses_quantiles_weights_and_spread():
 
 
 def test_discover_from_fit_both_functions_and_parameters():
-    eq = discover_equations(FakeFit(), backend="library", n_samples=40)
+    eq = discover_equations(FakeFit(), backend="library", n_samples=40, tolerance=0.0)
     np.testing.assert_allclose(eq.D(eq.D.u_range[0]), FakeFit().D(eq.D.u_range[0]), rtol=1e-3)
     model, init = eq.parameters()
     assert set(model) == {"D", "G"}
@@ -336,3 +336,32 @@ def test_reselecting_by_accuracy_picks_lowest_loss(logistic_eq):
     assert acc.G.selected_index == int(np.argmin(losses)) and acc.G.selection == "accuracy"
     with pytest.raises(ValueError, match="selection rule"):
         logistic_eq.select("nonsense")
+
+
+def test_binn_curves_get_the_simplest_form_within_tolerance():
+    """A network's curve with sub-percent wiggles must not be fitted by a long formula."""
+
+    class FakeFit:
+        units = {"u": "cells/mm²", "D": "µm²/h", "G": "1/h"}
+        u_range = {"q05": 200.0, "q95": 1900.0, "min": 0.0, "max": 2000.0}
+        u_hist = (np.ones(20), np.linspace(0, 2000, 21))
+
+        def D(self, u):
+            u = np.asarray(u, float)
+            return 800.0 + 0.3 * u + 2.0 * np.sin(u / 90.0)  # 0.2% wiggle on a line
+
+        def G(self, u):
+            u = np.asarray(u, float)
+            return 0.08 * (1 - u / 2000.0) + 2e-5 * np.cos(u / 70.0)
+
+        def D_ensemble(self, u):
+            return self.D(u)[None]
+
+        def G_ensemble(self, u):
+            return self.G(u)[None]
+
+    eq = discover_equations(FakeFit(), backend="library")
+    u = sp.Symbol("u", positive=True)
+    for f in (eq.D, eq.G):  # both are straight lines within 1%: the selected forms must be too
+        assert f.sympy.is_polynomial(u) and sp.degree(f.sympy, u) <= 1, f.table()
+    assert np.allclose(eq.D(np.array([500.0, 1500.0])), [950.0, 1250.0], rtol=0.01)

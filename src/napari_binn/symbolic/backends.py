@@ -222,7 +222,7 @@ def _library(u, y, w, *, seed, operators, max_complexity, options):
     if not keep_positive:
         nonlinear = [n for n in nonlinear if n != "u^m"]
     max_terms = int(options.get("max_terms", 3))
-    per_size = int(options.get("keep_per_size", 4))
+    per_size = int(options.get("keep_per_size", 8))
     results = []
     for size in range(1, max_terms + 1):
         fits = []

@@ -322,12 +322,15 @@ def _expression(fit: FitResult, spread, s: FunctionSamples, u_range, comp, *, na
 
 
 def _discover_one(s: FunctionSamples, *, backend, operators, max_complexity, seeds, selection, options, cancel,
-                  clock, step, prune):
+                  clock, step, prune, tolerance=0.0):
     s = s.cleaned()
     u, y, w = s.u, s.value, s.fit_weights()
     notes = list(s.notes)
     scale = float(np.sqrt(np.average(y**2, weights=w)))
-    loss_floor = (1e-7 * scale) ** 2
+    loss_floor = (max(1e-7, tolerance) * scale) ** 2
+    if tolerance > 0 and s.sigma is not None and np.any(s.sigma > 0):
+        # the ensemble spread says how well the curve is known: finer differences are not evidence
+        loss_floor = max(loss_floor, float(np.average(s.sigma**2, weights=w)))
     raw: list[sp.Expr] = [sp.Float(float(np.average(y, weights=w)), 15)]
     if np.ptp(y) <= 1e-12 * max(np.max(np.abs(y)), 1e-300):
         notes.append(f"{s.name} is constant on the sampled range; the closed form is that constant.")
@@ -387,6 +390,7 @@ def discover_equations_job(
     quantiles: tuple[float, float] = (0.05, 0.95),
     backend_options: dict | None = None,
     prune: bool = True,
+    tolerance: float | None = None,
     cancel: CancelToken | None = None,
 ) -> Generator[Progress, None, Equations]:
     """Generator form of :func:`discover_equations`: yields a Progress per backend run, returns Equations."""
@@ -401,6 +405,12 @@ def discover_equations_job(
     if backend == "library":
         seeds = seeds[:1]  # deterministic: one run is enough
     samples = _as_samples(fit_or_samples, n_samples, quantiles)
+    if tolerance is None:
+        # a trained network's curve is known to about 1% at best: closed forms within that of each other are
+        # equally good, and the simplest wins. Raw samples keep the exact comparison.
+        tolerance = 0.01 if not isinstance(fit_or_samples, (FunctionSamples, Mapping)) else 0.0
+    if not (0.0 <= float(tolerance) < 1.0):
+        raise ValueError(f"tolerance must be in [0, 1) (a relative RMS error); got {tolerance}.")
     clock = ProgressClock(len(samples) * len(seeds))
     step = [0]
     t0 = time.perf_counter()
@@ -409,7 +419,7 @@ def discover_equations_job(
         found[key] = yield from _discover_one(
             s, backend=backend, operators=ops, max_complexity=int(max_complexity), seeds=seeds,
             selection=selection, options=backend_options or {}, cancel=cancel, clock=clock, step=step,
-            prune=prune,
+            prune=prune, tolerance=float(tolerance),
         )
     metadata = {
         "backend": backend, "operators": list(ops), "max_complexity": int(max_complexity), "seeds": list(seeds),
@@ -431,6 +441,9 @@ def discover_equations(fit_or_samples, **kwargs) -> Equations:
     look-alikes). backend_options: extra backend settings (operon: population_size, generations,
     optimizer_iterations, n_threads, library_candidates=True merges the term library's candidates into the
     GP front).
+    tolerance: relative RMS error below which two closed forms count as equally accurate, so the simplest is
+    kept: default 1% for a BinnFit (a network's curve is not known better; its ensemble spread raises the
+    floor further), 0 for raw samples.
     Same keywords as :func:`discover_equations_job`; returns :class:`Equations`.
     """
     return run_job(discover_equations_job(fit_or_samples, **kwargs))
