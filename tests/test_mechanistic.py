@@ -70,7 +70,7 @@ def test_statistics_and_callables(clean_fit):
 
 def test_wald_and_profile_intervals_contain_truth_on_noisy_data():
     field = _scratch_field(noise_sd=0.03 * TRUTH["K"], seed=3, clean_first=True)
-    wald = fit_mechanistic(field, "fisher_kpp", fixed={"K": TRUTH["K"]})
+    wald = fit_mechanistic(field, "fisher_kpp", fixed={"K": TRUTH["K"]}, intervals="wald")
     assert wald.converged, wald.message
     prof = fit_mechanistic(field, "fisher_kpp", fixed={"K": TRUTH["K"]}, intervals="profile")
     for fit in (wald, prof):
@@ -215,3 +215,30 @@ def test_denoised_initial_condition_removes_growing_noise_specks():
     assert den.metadata["initial"] == "denoised"
     with pytest.raises(ValueError, match="initial"):
         fit_mechanistic(field, "fisher_kpp", initial="smooth")
+
+
+def test_wald_plus_ic_intervals_cover_initial_condition_noise():
+    # noise in frame 0 (the initial condition) shifts every prediction: the plain Wald interval of D misses the
+    # truth for this seed; adding the initial-condition bootstrap spread widens it to cover, moderately
+    field = _scratch_field(noise_sd=0.05 * TRUTH["K"], seed=1)
+    kw = dict(fixed={"K": TRUTH["K"]}, initial="denoised")
+    wald = fit_mechanistic(field, "fisher_kpp", intervals="wald", **kw)
+    ic = fit_mechanistic(field, "fisher_kpp", intervals="wald+ic", ic_samples=8, **kw)
+    assert wald.converged and ic.converged, (wald.message, ic.message)
+    assert ic.params == wald.params  # same estimates, only the intervals differ
+    lo, hi = wald.ci95["D"]
+    assert not lo < TRUTH["D"] < hi  # the premise: Wald alone is overconfident here
+    for name in ("D", "r"):
+        lo, hi = ic.ci95[name]
+        assert lo < TRUTH[name] < hi, (name, lo, hi)
+        w_lo, w_hi = wald.ci95[name]
+        assert lo < w_lo and hi > w_hi  # strictly wider than Wald alone
+        assert hi - lo < 0.1 * TRUTH[name]  # still informative
+    # one Gauss-Newton step per sample: 1 + n_params simulations each
+    assert ic.n_evals - wald.n_evals == 8 * (1 + 2)
+    assert ic.metadata["ic_bootstrap"]["samples"] == 8 and ic.metadata["ic_bootstrap"]["failed"] == 0
+    assert ic.intervals == "wald+ic" and "wald+ic" in ic.summary()
+    with pytest.raises(ValueError, match="ic_samples"):
+        fit_mechanistic(field, "fisher_kpp", intervals="wald+ic", ic_samples=1, **kw)
+    with pytest.raises(ValueError, match="intervals"):
+        fit_mechanistic(field, "fisher_kpp", intervals="bootstrap", **kw)

@@ -77,12 +77,13 @@ class SimulationConfig:
 class RefitConfig:
     """Mechanistic refits against the data. closed_form: re-estimate the discovered constants (with 95%
     intervals). reference_model: a classic model fitted for comparison ('fisher_kpp', 'porous_fisher', ...; ''
-    for none). weighting: 'ols' | 'gls'. intervals: 'wald' | 'profile' | 'none'. max_evals: simulations per fit."""
+    for none). weighting: 'ols' | 'gls'. intervals: 'wald+ic' (Wald plus the initial frame's noise, by bootstrap) |
+    'wald' | 'profile' | 'profile+ic' | 'none'. max_evals: simulations per fit."""
 
     closed_form: bool = True
     reference_model: str = "fisher_kpp"
     weighting: str = "ols"
-    intervals: str = "wald"
+    intervals: str = "wald+ic"
     max_evals: int = 200
 
 
