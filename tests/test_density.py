@@ -380,3 +380,18 @@ def test_threshold_methods_and_manual_values():
     assert np.all(conf_lo.u == 1) and np.all(conf_hi.u == 0)
     with pytest.raises(ValueError, match="threshold"):
         extract_density(rendered.stack, threshold="magic")
+
+
+def test_preview_shows_only_detections_inside_the_roi():
+    from napari_binn.density import preview_frame
+
+    rng = np.random.default_rng(3)
+    frame = rng.normal(100, 3, (200, 200))
+    yy, xx = np.mgrid[0:200, 0:200]
+    for r, c in [(20, 20), (20, 150), (150, 30), (160, 160), (100, 100)]:
+        frame += 400 * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * 2.0**2))
+    roi = np.zeros((200, 200), bool)
+    roi[:, :120] = True
+    prev = preview_frame(frame, 0, roi=roi, method="nuclei", box_um=30.0, pixel_size_um=1.0,
+                         nucleus_diameter_um=(3, 8))
+    assert len(prev.points) == 3 and np.all(prev.points[:, 1] < 120)

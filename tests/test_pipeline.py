@@ -70,6 +70,9 @@ def test_bundle_roundtrip_and_resume(result, tmp_path):
     # the bundle stores the constants as printed (rounded to what the data support): equal to display precision
     assert np.allclose(loaded.equations.G(u), original_G(u), rtol=1e-3, atol=1e-9)
     assert loaded.qc["fisher_kpp"].mean_rel_l2 == pytest.approx(result.qc["fisher_kpp"].mean_rel_l2)
+    # a loaded bundle can be written again unchanged
+    again_dir = save_results(loaded, tmp_path / "again", figures=False)
+    assert load_results(again_dir).equations.D.text == loaded.equations.D.text
     # resume: re-run only the symbolic stage on the saved BINN (no retraining)
     again = run_job(run_pipeline(loaded, loaded.config, stages=("symbolic",)))
     assert again.fit is loaded.fit

@@ -726,8 +726,13 @@ def preview_frame(
         pts_t = _split_points(params.get("points"), t + 1)[t]
     threshold = None if isinstance(p.threshold, str) else float(p.threshold)
     res = _measure_frame(frame_arr, t, grid, p, threshold, pts_t)
+    points = np.asarray(res.points, float).reshape(-1, 2)
+    if points.size:  # show only the detections that count: inside the ROI
+        r = np.clip(np.rint(points[:, 0]).astype(int), 0, roi_mask.shape[0] - 1)
+        c = np.clip(np.rint(points[:, 1]).astype(int), 0, roi_mask.shape[1] - 1)
+        points = points[roi_mask[r, c]]
     dx = grid.b * float(px)
-    return FramePreview(res.points, res.value, grid.mask.copy(), (dx, dx),
+    return FramePreview(points, res.value, grid.mask.copy(), (dx, dx),
                         (float(grid.y_um[0]), float(grid.x_um[0])),
                         "fraction" if method == "confluence" else _COUNT_UNITS)
 

@@ -218,6 +218,8 @@ def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
 
 
 def _equations_json(eq) -> dict[str, Any]:
+    if isinstance(eq, LoadedEquations):
+        return eq.raw
     out: dict[str, Any] = {"backend": eq.backend, "metadata": {k: v for k, v in eq.metadata.items()
                                                                if isinstance(v, (str, int, float, list, bool))}}
     for key, f in (("D", eq.D), ("G", eq.G)):
@@ -274,6 +276,7 @@ class LoadedEquations:
     """Equations read back from a bundle (``.D``, ``.G`` are :class:`LoadedEquation` or None)."""
 
     def __init__(self, d: dict[str, Any]):
+        self.raw = d
         self.backend = d.get("backend", "")
         self.metadata = d.get("metadata", {})
         self.D = LoadedEquation("D", d["D"]) if "D" in d else None

@@ -142,7 +142,9 @@ def read_bundle_layers(path: str | os.PathLike | Sequence[str | os.PathLike]) ->
         raise ValueError(f"{target}: the bundle has no density field to show (field.npz is missing)")
     (sy, sx), (ty, tx) = field_layer_transform(fld)
     common = {"scale": (1.0, sy, sx), "translate": (0.0, ty, tx)}
-    meta = {"napari_binn_bundle": str(target), "units": fld.units, "times_h": fld.t_h.tolist()}
+    # the loaded result rides along so that the Results dock does not read the bundle a second time
+    meta = {"napari_binn_bundle": str(target), "napari_binn_result": result, "units": fld.units,
+            "times_h": fld.t_h.tolist()}
     layers.append((fld.u, {"name": LAYER_NAMES["density"], "colormap": "magma", "opacity": 0.5,
                            "metadata": {**meta, "napari_binn_output": "density"}, **common}, "image"))
     return layers

@@ -1,0 +1,155 @@
+"""Real screenshots of each napari-binn step, for the README and docs (run under Xvfb).
+
+    xvfb-run -a -s "-screen 0 1800x1100x24" .venv/bin/python scripts/screenshots.py [--out docs/images]
+        [--steps 800] [--models 2] [--backend library]
+
+Opens the synthetic sample (File > Open Sample > napari-binn), draws an ROI, previews, extracts, trains,
+discovers, simulates, exports and re-opens the bundle, saving ``viewer.screenshot(canvas_only=False)`` of the
+whole window after each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--models", type=int, default=2, help="ensemble size (bands in the D, G plots)")
+    parser.add_argument("--backend", default="library")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from napari.settings import get_settings
+
+    torch.set_num_threads(args.threads)
+
+    settings = get_settings().application
+    level = settings.gui_notification_level
+    settings.gui_notification_level = "warning"  # no info toasts over the pictures (restored at the end)
+    try:
+        run(args, out)
+    finally:
+        settings.gui_notification_level = level
+
+
+def run(args: argparse.Namespace, out: Path) -> None:
+    import napari
+    from PIL import Image
+
+    from napari_binn._napari._state import LAYER_NAMES, get_state
+
+    app = napari.qt.get_qapp()
+
+    def pump(seconds: float = 0.3) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    def wait(cond, timeout: float = 600.0) -> None:
+        end = time.perf_counter() + timeout
+        while not cond():
+            if time.perf_counter() > end:
+                raise TimeoutError("step did not finish in time")
+            pump(0.05)
+
+    def shot(name: str, dock=None) -> None:
+        if dock is not None:
+            dock.raise_()
+        viewer.reset_view()
+        pump(1.0)
+        img = viewer.screenshot(canvas_only=False, flash=False)
+        Image.fromarray(np.asarray(img)).save(out / name)
+        print(f"saved {out / name}", flush=True)
+
+    viewer = napari.Viewer(title="napari-binn")
+    viewer.window.resize(1750, 1050)
+    viewer.open_sample("napari-binn", "synthetic_scratch")
+    image = viewer.layers[0]
+    dd, dens = viewer.window.add_plugin_dock_widget("napari-binn", "Density extraction")
+    td, train = viewer.window.add_plugin_dock_widget("napari-binn", "BINN training", tabify=True)
+    rd, res = viewer.window.add_plugin_dock_widget("napari-binn", "Equations and results", tabify=True)
+    state = get_state(viewer)
+    dens.layer_combo.setCurrentText(image.name)
+    viewer.dims.set_current_step(0, 1)  # 4 h: the scratch is still open
+
+    # 1. ROI + live preview
+    ny, nx = image.data.shape[-2:]
+    roi = dens.new_roi_layer()
+    roi.add_polygons([np.array([[10, 10], [10, nx - 60], [ny - 10, nx - 10], [ny - 10, 10]], float)])
+    roi.mode = "pan_zoom"
+    dens.refresh_preview()
+    wait(lambda: LAYER_NAMES["preview"] in viewer.layers and not dens._preview_job.running)
+    viewer.layers.selection.active = image
+    shot("01_density_preview.png", dd)
+
+    # 2. extract all frames
+    dens.extract()
+    wait(lambda: state.field is not None)
+    viewer.layers[LAYER_NAMES["roi"]].visible = False
+    shot("02_density_extracted.png", dd)
+
+    # 3. training with live plots (mid-run and done)
+    td.raise_()
+    train.steps.setValue(args.steps)
+    train.n_models.setValue(args.models)
+    train.snapshot_every.setValue(100)
+    job = train.train()
+    wait(lambda: job.token is not None and train.progress.value() >= 40)
+    shot("03_training_live.png", td)
+    wait(lambda: state.fit is not None, timeout=3600)
+    pump(2.0)
+    shot("04_training_done.png", td)
+
+    # 4. equations
+    rd.raise_()
+    res.backend.setCurrentText(args.backend)
+    res.discover()
+    wait(lambda: res.job is not None and not res.job.running, timeout=1800)
+    shot("05_equations.png", rd)
+
+    # 5. simulation over the data, residual, N(t), QC
+    res.simulate()
+    wait(lambda: res.job is not None and not res.job.running)
+    viewer.layers[LAYER_NAMES["density"]].visible = False
+    viewer.dims.set_current_step(0, image.data.shape[0] - 1)
+    shot("06_simulation.png", rd)
+    viewer.layers[LAYER_NAMES["simulated"]].visible = False
+    viewer.layers[LAYER_NAMES["residual"]].visible = True
+    shot("07_residual.png", rd)
+
+    # 6. export, then re-open the bundle in a fresh viewer
+    bundle = Path(tempfile.mkdtemp()) / "scratch_results"
+    res.bundle_path.setText(str(bundle))
+    res.export()
+    wait(lambda: not res.job.running)
+    for w in (dens, train, res):
+        w.shutdown()
+    viewer.close()
+    viewer2 = napari.Viewer(title="napari-binn: re-opened bundle")
+    viewer2.window.resize(1750, 1050)
+    _, res2 = viewer2.window.add_plugin_dock_widget("napari-binn", "Equations and results")
+    viewer2.open_sample("napari-binn", "synthetic_scratch")
+    viewer2.layers[1].visible = False
+    viewer2.open(str(bundle), plugin="napari-binn")
+    viewer = viewer2
+    wait(lambda: get_state(viewer2).equations is not None)
+    viewer2.dims.set_current_step(0, 6)
+    shot("08_bundle_reopened.png")
+    res2.shutdown()
+    viewer2.close()
+
+
+if __name__ == "__main__":
+    main()

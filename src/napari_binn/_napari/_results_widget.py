@@ -1,0 +1,653 @@
+"""Dock 3: discover closed-form equations, simulate them, compare with the data, export and re-open bundles."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import napari
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QFont
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import (
+    CloseGuard,
+    JobHandle,
+    fmt_seconds,
+    notify_exception,
+    show_info,
+    show_warning,
+    upsert_image,
+    wrap_label,
+)
+from ._plots import AsyncFigure, legend, style_axes
+from ._state import LAYER_NAMES, get_state, register_state_id
+
+__all__ = ["ResultsWidget", "front_rows", "pick_front_row"]
+
+_SIM_CLOSED = "closed-form equations"
+_SIM_LEARNED = "learned BINN D(u), G(u)"
+
+
+# ------------------------------------------------------------------------------------------------ equations
+def front_rows(f: Any) -> list[tuple[int, float, float, str, str]]:
+    """(complexity, loss, score, text, latex) of a Pareto front: discovered (core) or loaded (bundle) functions."""
+    rows = []
+    for r in f.front:
+        if isinstance(r, dict):
+            rows.append((int(r["complexity"]), float(r["loss"]), float(r.get("score", np.nan)), str(r["text"]),
+                         str(r.get("latex", r["text"]))))
+        else:
+            rows.append((r.complexity, r.loss, r.score, r.expression.text, r.expression.latex))
+    return rows
+
+
+def pick_front_row(f: Any, index: int) -> Any:
+    """A copy of ``f`` whose selected closed form is front row ``index`` (the user's pick)."""
+    if dataclasses.is_dataclass(f):
+        return dataclasses.replace(f, selected_index=int(index), selection="user pick")
+    from ..results import LoadedEquation
+
+    row = f.front[index]
+    return LoadedEquation(f.name, {"text": row["text"], "latex": row.get("latex", ""), "units": f.units,
+                                   "u_range": list(f.u_range), "front": f.front, "selected": int(index)})
+
+
+def _with_function(eq: Any, key: str, f: Any) -> Any:
+    if dataclasses.is_dataclass(eq):
+        return dataclasses.replace(eq, **{key: f})
+    new = copy.copy(eq)
+    setattr(new, key, f)
+    return new
+
+
+def _equation_latex(key: str, f: Any) -> str:
+    units = f.units or ("µm²/h" if key == "D" else "1/h")
+    units_tex = units.replace("µm²", r"\mu m^2")
+    return f"${key}(u) = {f.latex or f.text}$   [${units_tex}$]"
+
+
+class ResultsWidget(QWidget):
+    """Symbolic regression with Pareto tables, forward simulation and QC, the equation on the canvas, bundles."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        register_state_id(self.state)
+        self.job: JobHandle | None = None
+        layout = QVBoxLayout(self)
+        self.input_label = wrap_label()
+        layout.addWidget(self.input_label)
+
+        # --- discovery
+        disc = QGroupBox("1. Discover equations (symbolic regression of the learned D(u), G(u))")
+        dform = QFormLayout(disc)
+        self.backend = QComboBox()
+        self.backend.addItems(["operon", "library", "pysr"])
+        self.backend.setToolTip("operon: genetic programming (default); library: fast sparse regression over "
+                                "biologically common terms; pysr: optional, needs Julia.")
+        self.max_complexity = QSpinBox()
+        self.max_complexity.setRange(3, 60)
+        self.max_complexity.setValue(20)
+        self.selection = QComboBox()
+        self.selection.addItems(["best", "accuracy", "score"])
+        self.discover_btn = QPushButton("Discover equations")
+        self.discover_btn.clicked.connect(self.discover)
+        dform.addRow("Backend", self.backend)
+        dform.addRow("Max. complexity", self.max_complexity)
+        dform.addRow("Selection rule", self.selection)
+        dform.addRow(self.discover_btn)
+        layout.addWidget(disc)
+
+        self.tables: dict[str, QTableWidget] = {}
+        self.latex_labels: dict[str, QLabel] = {}
+        for key, title in (("D", "Diffusivity D(u): Pareto front (click a row to choose)"),
+                           ("G", "Growth rate G(u): Pareto front (click a row to choose)")):
+            layout.addWidget(QLabel(title))
+            table = QTableWidget(0, 4)
+            table.setHorizontalHeaderLabels(["", "complexity", "loss", "expression"])
+            table.verticalHeader().setVisible(False)
+            table.horizontalHeader().setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
+            table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+            table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
+            table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+            table.setMinimumHeight(120)
+            table.setMaximumHeight(150)
+            table.cellClicked.connect(lambda row, _col, k=key: self.choose(k, row))
+            layout.addWidget(table)
+            self.tables[key] = table
+            lab = QLabel()
+            lab.setAlignment(Qt.AlignmentFlag.AlignLeft)
+            layout.addWidget(lab)
+            self.latex_labels[key] = lab
+
+        # --- simulation
+        sim = QGroupBox("2. Simulate and compare with the data")
+        sform = QFormLayout(sim)
+        self.sim_model = QComboBox()
+        self.sim_model.addItems([_SIM_CLOSED, _SIM_LEARNED])
+        self.contour = QCheckBox("Draw the simulated front (line at half the maximum density)")
+        self.contour.setChecked(True)
+        self.simulate_btn = QPushButton("Simulate")
+        self.simulate_btn.clicked.connect(self.simulate)
+        sform.addRow("Model", self.sim_model)
+        sform.addRow(self.contour)
+        sform.addRow(self.simulate_btn)
+        layout.addWidget(sim)
+
+        run = QHBoxLayout()
+        self.progress = QProgressBar()
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        run.addWidget(self.progress)
+        run.addWidget(self.cancel_btn)
+        layout.addLayout(run)
+        self.status = wrap_label("")
+        layout.addWidget(self.status)
+
+        self.figure = AsyncFigure(250, min_interval_ms=200, duty=0.5)
+        layout.addWidget(self.figure)
+        self.qc_table = QTableWidget(0, 4)
+        self.qc_table.setHorizontalHeaderLabels(["model", "rel. error", "N(t) error", "max N(t) err."])
+        self.qc_table.setToolTip("rel. error: mean over frames of ||simulated - observed|| / ||observed|| in the "
+                                 "ROI; N(t) error: mean |%| difference of the total cell number (max: worst frame).")
+        self.qc_table.verticalHeader().setVisible(False)
+        self.qc_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.qc_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.qc_table.setMaximumHeight(100)
+        layout.addWidget(self.qc_table)
+
+        # --- bundles
+        bundle = QGroupBox("3. Results bundle (folder with data, networks, equations, report)")
+        bform = QFormLayout(bundle)
+        self.bundle_path = QLineEdit()
+        self.bundle_path.setPlaceholderText("folder to write / read")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        path_row = QHBoxLayout()
+        path_row.addWidget(self.bundle_path)
+        path_row.addWidget(browse)
+        self.overwrite = QCheckBox("Overwrite an existing folder")
+        self.export_btn = QPushButton("Export bundle")
+        self.open_btn = QPushButton("Open bundle")
+        self.export_btn.clicked.connect(self.export)
+        self.open_btn.clicked.connect(self.open_bundle)
+        btns = QHBoxLayout()
+        btns.addWidget(self.export_btn)
+        btns.addWidget(self.open_btn)
+        bform.addRow(path_row)
+        bform.addRow(self.overwrite)
+        bform.addRow(btns)
+        layout.addWidget(bundle)
+        layout.addStretch(1)
+
+        for name in ("field", "fit", "equations", "simulations", "qc"):
+            getattr(self.state.events, name).connect(self._state_changed)
+        self.viewer.layers.events.inserted.connect(self._layer_inserted)
+        self._guard = CloseGuard(self, self.shutdown)
+        self._state_changed()
+        self.show_equations()
+        for layer in list(self.viewer.layers):  # a bundle opened with File > Open before this dock
+            self._adopt_bundle_layer(layer)
+
+    # ------------------------------------------------------------------------------------------ state
+    def _state_changed(self, *args: Any) -> None:
+        s = self.state
+        parts = [("density", s.field), ("trained BINN", s.fit), ("equations", s.equations)]
+        have = ", ".join(n for n, v in parts if v is not None) or "nothing yet"
+        nxt = ("extract the density (density dock)" if s.field is None else
+               "train a BINN (training dock)" if s.fit is None else
+               "discover equations below" if s.equations is None else
+               "simulate and compare" if not s.simulations else "export the bundle")
+        self.input_label.setText(f"Available: {have}. Next: {nxt}.")
+
+    # ------------------------------------------------------------------------------------------ jobs
+    def _start(self, factory: Any, what: str, on_result: Any) -> JobHandle | None:
+        if self.job is not None and self.job.running:
+            show_info(f"Wait for the running job to finish (or Cancel it) before: {what}.")
+            return None
+        self.progress.setValue(0)
+        self.status.setText(f"{what}…")
+        self.cancel_btn.setEnabled(True)
+        for b in (self.discover_btn, self.simulate_btn, self.export_btn, self.open_btn):
+            b.setEnabled(False)
+        self.job = JobHandle(factory, what=what, on_event=self._event, on_result=on_result,
+                             on_finished=self._finished)
+        return self.job
+
+    def _event(self, ev: Any) -> None:
+        if ev.fraction is not None:
+            self.progress.setValue(int(100 * ev.fraction))
+        self.status.setText(f"{ev.message} — ETA {fmt_seconds(ev.eta_s)}")
+
+    def _finished(self) -> None:
+        self.cancel_btn.setEnabled(False)
+        for b in (self.discover_btn, self.simulate_btn, self.export_btn, self.open_btn):
+            b.setEnabled(True)
+
+    def cancel(self) -> None:
+        if self.job is not None and self.job.running:
+            self.job.token.cancel()
+            self.status.setText("Cancelling…")
+
+    # ------------------------------------------------------------------------------------------ discovery
+    def discover(self) -> JobHandle | None:
+        """Symbolic regression of the current BINN's D(u) and G(u) in a worker."""
+        fit = self.state.fit
+        if fit is None:
+            notify_exception(ValueError("No trained BINN: train one in the training dock first (or open a results "
+                                        "bundle)."), "Equation discovery")
+            return None
+        backend, maxc, rule = self.backend.currentText(), self.max_complexity.value(), self.selection.currentText()
+
+        def job(token):
+            from ..symbolic import discover_equations_job
+
+            return discover_equations_job(fit, backend=backend, max_complexity=maxc, selection=rule, cancel=token)
+
+        return self._start(job, "Equation discovery", self._discovered)
+
+    def _discovered(self, eq: Any) -> None:
+        self.state.equations = eq
+        self.progress.setValue(100)
+        self.status.setText(f"Equations found with {eq.backend}. Click a table row to choose another form; "
+                            "then Simulate.")
+        self.show_equations()
+
+    def choose(self, key: str, row: int) -> None:
+        """The user picked row ``row`` of the ``key`` ('D' or 'G') Pareto front."""
+        eq = self.state.equations
+        f = getattr(eq, key, None) if eq is not None else None
+        if f is None or row == f.selected_index:
+            return
+        self.state.equations = _with_function(eq, key, pick_front_row(f, row))
+        self.show_equations()
+        show_info(f"{key}(u) = {getattr(self.state.equations, key).text}: simulate again to compare it.")
+
+    def show_equations(self) -> None:
+        """Fill the Pareto tables (selected row starred and bold), the LaTeX labels and the canvas text."""
+        eq = self.state.equations
+        backend = getattr(eq, "backend", "")
+        if backend and self.backend.findText(backend) >= 0:
+            self.backend.setCurrentText(backend)
+        lines = []
+        for key in ("D", "G"):
+            table, label = self.tables[key], self.latex_labels[key]
+            f = getattr(eq, key, None) if eq is not None else None
+            table.setRowCount(0)
+            if f is None:
+                label.clear()
+                continue
+            rows = front_rows(f)
+            table.setRowCount(len(rows))
+            for i, (comp, loss, _score, text, _tex) in enumerate(rows):
+                chosen = i == f.selected_index
+                for j, val in enumerate(("★" if chosen else "", str(comp), f"{loss:.3g}", text)):
+                    item = QTableWidgetItem(val)
+                    if chosen:
+                        font = QFont()
+                        font.setBold(True)
+                        item.setFont(font)
+                    table.setItem(i, j, item)
+            table.selectRow(f.selected_index)
+            table.scrollToItem(table.item(f.selected_index, 0))
+            table.resizeColumnsToContents()
+            table.horizontalHeader().setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
+            label.setPixmap(_latex(_equation_latex(key, f)))
+            label.setToolTip(f"{key}(u) = {f.text}   [{f.units}]")
+            lines.append(f"{key}(u) = {_readable(f.text)}   [{f.units or ('µm²/h' if key == 'D' else '1/h')}]")
+        self._canvas_text("\n".join(lines))
+        self._plot()
+
+    def _canvas_text(self, text: str) -> None:
+        overlay = _text_overlay(self.viewer)
+        if overlay is None:
+            return
+        overlay.text = ("∂u/∂t = ∇·(D(u)∇u) + G(u)·u\n" + text) if text else ""
+        overlay.visible = bool(text)
+        overlay.font_size = 10
+        overlay.color = "white"
+        overlay.position = "top_left"
+        overlay.box = True
+
+    # ------------------------------------------------------------------------------------------ simulation
+    def simulate(self) -> JobHandle | None:
+        """Forward simulation from the first observed frame, in a worker; then layers, N(t) and QC."""
+        s = self.state
+        if s.field is None:
+            notify_exception(ValueError("No density field: extract one in the density dock (or open a bundle)."),
+                             "Simulation")
+            return None
+        model = self.sim_model.currentText()
+        if model == _SIM_CLOSED:
+            eq = s.equations
+            if eq is None or eq.D is None or eq.G is None:
+                notify_exception(ValueError("No equations: click 'Discover equations' first, or simulate the "
+                                            "learned BINN."), "Simulation")
+                return None
+            D, G, name = eq.D.sympy, eq.G.sympy, "closed form"
+        else:
+            if s.fit is None:
+                notify_exception(ValueError("No trained BINN: train one in the training dock first."), "Simulation")
+                return None
+            D, G, name = s.fit.D, s.fit.G, "learned D, G"
+        fld = s.field
+
+        def job(token):
+            from ..pde import simulate_job
+            from ..pipeline import initial_condition
+
+            sim = yield from simulate_job(D, G, initial_condition(fld), fld.mask, fld.dx_um, fld.t_h, cancel=token)
+            return name, sim
+
+        return self._start(job, "Simulation", self._simulated)
+
+    def _simulated(self, out: tuple[str, np.ndarray]) -> None:
+        from ..qc import compare
+
+        name, sim = out
+        s = self.state
+        sims = dict(s.simulations)
+        sims[name] = sim
+        s.simulations = sims
+        s.qc = compare(s.field, sims)
+        self.progress.setValue(100)
+        self.show_simulation(name)
+        self.status.setText(f"Simulated '{name}': layers '{LAYER_NAMES['simulated']}' and "
+                            f"'{LAYER_NAMES['residual']}' added. Next: export the bundle.")
+
+    def _layer_frame(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(scale, translate) for (T, Ny, Nx) arrays of the field: those of the density layer, else from the grid."""
+        if LAYER_NAMES["density"] in self.viewer.layers:
+            ly = self.viewer.layers[LAYER_NAMES["density"]]
+            return tuple(ly.scale), tuple(ly.translate)
+        from ..density import field_layer_transform
+
+        (sy, sx), (ty, tx) = field_layer_transform(self.state.field)
+        return (1.0, sy, sx), (0.0, ty, tx)
+
+    def show_simulation(self, name: str | None = None) -> None:
+        """Simulated, residual and contour layers over the data; QC table; plots."""
+        from ..qc import residual_maps
+
+        s = self.state
+        if s.field is None or not s.simulations:
+            return
+        name = name if name in s.simulations else next(iter(s.simulations))
+        sim = s.simulations[name]
+        scale, translate = self._layer_frame()
+        finite = s.field.u[np.isfinite(s.field.u)]
+        hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        meta = {"napari_binn_output": "simulation", "model": name, "units": s.field.units,
+                "napari_binn_state": id(s)}
+        upsert_image(self.viewer, LAYER_NAMES["simulated"], sim, scale=scale, translate=translate,
+                     colormap="viridis", opacity=0.6, contrast_limits=(0.0, hi), metadata=meta)
+        res = residual_maps(s.field, sim)
+        rmax = float(np.nanmax(np.abs(res))) if np.any(np.isfinite(res)) else 1.0
+        resid = upsert_image(
+            self.viewer, LAYER_NAMES["residual"], res, scale=scale, translate=translate, colormap="bwr",
+            contrast_limits=(-rmax or -1.0, rmax or 1.0), opacity=0.7, visible=False,
+            metadata={**meta, "napari_binn_output": "residual",
+                      "meaning": "observed minus simulated; red: model too low, blue: too high"})
+        resid.colorbar.visible = True
+        if LAYER_NAMES["contour"] in self.viewer.layers:
+            self.viewer.layers.remove(LAYER_NAMES["contour"])
+        if self.contour.isChecked():
+            paths = _front_paths(sim, s.field.mask, scale, translate)
+            if paths:
+                self.viewer.add_shapes(paths, shape_type="path", name=LAYER_NAMES["contour"], edge_color="orange",
+                                       edge_width=0.15 * scale[-1], ndim=3,
+                                       metadata={**meta, "napari_binn_output": "contour"})
+        self.show_qc()
+        self._plot()
+
+    def show_qc(self) -> None:
+        qc = self.state.qc
+        models = list(qc.models) if qc is not None else []
+        self.qc_table.setRowCount(len(models))
+        for i, m in enumerate(models):
+            for j, val in enumerate((m.name, f"{100 * m.mean_rel_l2:.1f} %", f"{m.mean_abs_count_error_pct:.2f} %",
+                                     f"{m.max_abs_count_error_pct:.2f} %")):
+                self.qc_table.setItem(i, j, QTableWidgetItem(val))
+
+    def _plot(self) -> None:
+        """D(u), G(u) (learned vs closed form) and N(t) (observed vs simulated), drawn off the GUI thread."""
+        from ..qc import total_count
+
+        s = self.state
+        rates: dict[str, Any] = {}
+        u = None
+        if s.fit is not None:
+            u = s.fit.u_grid(101)
+            rates["learned"] = (u, s.fit.D(u), s.fit.G(u))
+        eq = s.equations
+        if eq is not None and eq.D is not None and eq.G is not None:
+            if u is None:
+                lo, hi = eq.D.u_range
+                u = np.linspace(lo, hi, 101) if np.all(np.isfinite([lo, hi])) else np.linspace(0, 1, 101)
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rates["closed form"] = (u, np.broadcast_to(eq.D(u), u.shape), np.broadcast_to(eq.G(u), u.shape))
+        counts: dict[str, Any] = {}
+        units = ""
+        if s.field is not None:
+            fld = s.field
+            counts["observed"] = (fld.t_h, total_count(fld.u, fld.mask, fld.dx_um, fld.units))
+            for name, sim in s.simulations.items():
+                counts[name] = (fld.t_h, total_count(sim, fld.mask, fld.dx_um, fld.units))
+            units = fld.units
+        if rates or counts:
+            self.figure.render(_plot_results, rates, counts, units)
+
+    # ------------------------------------------------------------------------------------------ bundles
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Results bundle folder")
+        if path:
+            self.bundle_path.setText(path)
+
+    def _bundle_dir(self) -> Path | None:
+        text = self.bundle_path.text().strip()
+        if not text:
+            notify_exception(ValueError("Enter the bundle folder (or use Browse…)."), "Results bundle")
+            return None
+        return Path(text).expanduser()
+
+    def current_result(self) -> Any:
+        """The shared state as a core PipelineResult (what a bundle stores)."""
+        from ..pipeline import PipelineConfig, PipelineResult
+
+        s = self.state
+        config = PipelineConfig(binn=s.fit.config) if s.fit is not None else PipelineConfig()
+        return PipelineResult(config, s.field, s.fit, s.equations, dict(s.simulations), {}, s.qc,
+                              {"source_layer": s.source_layer})
+
+    def export(self) -> JobHandle | None:
+        """Write the results bundle (data, networks, equations, simulations, QC, figures, report) in a worker."""
+        target = self._bundle_dir()
+        if target is None:
+            return None
+        if self.state.field is None and self.state.fit is None:
+            notify_exception(ValueError("Nothing to export yet: extract a density and train a BINN first."),
+                             "Export")
+            return None
+        result, overwrite = self.current_result(), self.overwrite.isChecked()
+
+        def job(token):
+            from ..results import save_results
+
+            return save_results(result, target, overwrite=overwrite)
+
+        return self._start(job, "Export", self._exported)
+
+    def _exported(self, path: Path) -> None:
+        self.state.bundle = str(path)
+        self.progress.setValue(100)
+        self.status.setText(f"Bundle written to {path} (open report.html in a browser).")
+        show_info(f"Results bundle written: {path}")
+
+    def open_bundle(self, path: str | Path | None = None) -> JobHandle | None:
+        """Read a bundle in a worker and restore the layers, equations, tables and plots."""
+        target = Path(path) if path else self._bundle_dir()
+        if target is None:
+            return None
+
+        def job(token):
+            from ..results import load_results
+
+            return load_results(target)
+
+        return self._start(job, "Open bundle", lambda result: self.restore(result, str(target)))
+
+    def restore(self, result: Any, bundle: str = "") -> None:
+        """Put a loaded PipelineResult into the shared state and show it (layers aligned in µm)."""
+        s = self.state
+        s.bundle = bundle
+        s.field, s.fit, s.equations = result.field, result.fit, result.equations
+        s.simulations = dict(result.simulations)
+        s.qc = result.qc
+        if s.qc is None and s.field is not None and s.simulations:
+            from ..qc import compare
+
+            s.qc = compare(s.field, s.simulations)
+        fld = s.field
+        if fld is not None:
+            from ..density import field_layer_transform
+
+            source = fld.metadata.get("source", "")
+            image = self.viewer.layers[source] if source and source in self.viewer.layers else None
+            (sy, sx), (ty, tx) = field_layer_transform(fld)
+            it = tuple(image.translate) if image is not None else (0.0, 0.0, 0.0)
+            finite = fld.u[np.isfinite(fld.u)]
+            hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+            upsert_image(self.viewer, LAYER_NAMES["density"], fld.u,
+                         scale=(float(image.scale[0]) if image is not None else 1.0, sy, sx),
+                         translate=(it[0], ty + it[-2], tx + it[-1]), colormap="magma", opacity=0.5,
+                         contrast_limits=(0.0, hi), metadata={"napari_binn_output": "density", "units": fld.units,
+                                                              "napari_binn_bundle": bundle,
+                                                              "napari_binn_state": id(s),
+                                                              "times_h": fld.t_h.tolist()})
+            if LAYER_NAMES["density"] in self.viewer.layers:
+                self.viewer.layers[LAYER_NAMES["density"]].colorbar.visible = True
+            if image is None:
+                show_warning(f"The image this result was computed from ({source or 'unknown'!r}) is not open: the "
+                             "layers are placed in µm; open that image to see them over it.")
+        self.show_equations()
+        if s.simulations:
+            preferred = "closed form" if "closed form" in s.simulations else None
+            self.show_simulation(preferred)
+        self.status.setText(f"Opened {bundle or 'the result'}: " + ", ".join(
+            n for n, v in (("density", s.field), ("BINN", s.fit), ("equations", s.equations),
+                           ("simulations", s.simulations or None)) if v is not None) + ".")
+
+    def _layer_inserted(self, event: Any) -> None:
+        self._adopt_bundle_layer(event.value)
+
+    def _adopt_bundle_layer(self, layer: Any) -> None:
+        """A layer opened by the bundle reader (File > Open on a bundle folder): load the rest of the bundle."""
+        meta = layer.metadata or {}
+        bundle = meta.get("napari_binn_bundle")
+        if not bundle or bundle == self.state.bundle or (self.job is not None and self.job.running):
+            return
+        self.state.bundle = bundle
+        result = meta.get("napari_binn_result")
+        if result is not None:
+            self.restore(result, bundle)
+        else:
+            self.open_bundle(bundle)
+
+    # ------------------------------------------------------------------------------------------ teardown
+    def shutdown(self) -> None:
+        """Stop the running job and the plot thread: the dock or the viewer is closing."""
+        if self.job is not None:
+            self.job.stop(detach=True)
+        self.figure.shutdown()
+        try:
+            self.viewer.layers.events.inserted.disconnect(self._layer_inserted)
+            for name in ("field", "fit", "equations", "simulations", "qc"):
+                getattr(self.state.events, name).disconnect(self._state_changed)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        self.shutdown()
+        super().closeEvent(event)
+
+
+def _front_paths(sim: np.ndarray, mask: np.ndarray, scale: tuple, translate: tuple) -> list[np.ndarray]:
+    """Iso-lines of each simulated frame at half its 95th-percentile density (the front), as (t, y, x) world
+    paths for a Shapes layer; contours are traced inside the ROI mask only."""
+    from skimage.measure import find_contours
+
+    finite = sim[np.isfinite(sim)]
+    if not finite.size:
+        return []
+    level = 0.5 * float(np.percentile(finite, 95))
+    st, sy, sx = (float(v) for v in scale)
+    tt, ty, tx = (float(v) for v in translate)
+    paths = []
+    for t, frame in enumerate(sim):
+        for c in find_contours(np.nan_to_num(frame), level, mask=mask):
+            if len(c) >= 2:
+                paths.append(np.column_stack([np.full(len(c), tt + st * t), ty + sy * c[:, 0], tx + sx * c[:, 1]]))
+    return paths
+
+
+def _readable(text: str) -> str:
+    """sympy text for people: u**2 -> u^2, 2*u -> 2·u."""
+    return text.replace("**", "^").replace("*", "·")
+
+
+def _latex(text: str):
+    from ._plots import latex_pixmap
+
+    return latex_pixmap(text)
+
+
+def _text_overlay(viewer: Any) -> Any:
+    """napari >= 0.9: ``viewer.canvas.overlays.text``; older napari: ``viewer.text_overlay``."""
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    if overlays is not None and hasattr(overlays, "text"):
+        return overlays.text
+    return getattr(viewer, "text_overlay", None)
+
+
+def _plot_results(fig: Any, rates: dict[str, Any], counts: dict[str, Any], units: str) -> None:
+    """D(u), G(u) and N(t) panels (plot thread)."""
+    ax_d, ax_g, ax_n = fig.subplots(1, 3)
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.2, wspace=0.5)
+    u_label = f"u ({units})" if units else "u"
+    for ax, idx, title, unit in ((ax_d, 1, "D(u)", "µm²/h"), (ax_g, 2, "G(u)", "1/h")):
+        style_axes(ax, title, u_label, unit)
+        for (name, vals), style in zip(rates.items(), ("-", "--")):
+            ax.plot(vals[0], vals[idx], style, lw=1.6, label=name)
+        legend(ax)
+    n_unit = "cells" if units == "cells/mm²" else f"{units}·mm²"
+    style_axes(ax_n, "N(t) in the ROI", "time (h)", n_unit)
+    for name, (t, n) in counts.items():
+        ax_n.plot(t, n, "o" if name == "observed" else "-", ms=3, lw=1.6, label=name)
+    legend(ax_n)

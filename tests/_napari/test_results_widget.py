@@ -1,0 +1,124 @@
+"""Results dock on its own and the whole path: preview -> extract -> train -> discover -> simulate -> export ->
+re-open (dock and File > Open reader), on the tiny synthetic stack."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_binn._napari._density_widget import DensityWidget
+from napari_binn._napari._reader import napari_get_reader
+from napari_binn._napari._results_widget import ResultsWidget, _readable, front_rows
+from napari_binn._napari._state import LAYER_NAMES, get_state
+from napari_binn._napari._training_widget import TrainingWidget
+from napari_binn._napari._writer import write_bundle
+
+
+def _idle(qtbot, dock, timeout=60000):
+    qtbot.waitUntil(lambda: dock.job is not None and not dock.job.running, timeout=timeout)
+    qtbot.wait(20)
+
+
+def test_results_dock_needs_inputs(make_napari_viewer, monkeypatch):
+    viewer = make_napari_viewer()
+    w = ResultsWidget(viewer)
+    shown = []
+    monkeypatch.setattr("napari_binn._napari._common.show_error", lambda m: shown.append(m))
+    assert w.discover() is None and "No trained BINN" in shown[-1]
+    assert w.simulate() is None and "No density" in shown[-1]
+    assert w.export() is None and "bundle folder" in shown[-1]
+    assert "extract the density" in w.input_label.text()
+
+
+def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
+    viewer = viewer_with_stack
+    dens, train, res = DensityWidget(viewer), TrainingWidget(viewer), ResultsWidget(viewer)
+    for w in (dens, train, res):
+        viewer.window.add_dock_widget(w)
+    state = get_state(viewer)
+
+    # density: draw an ROI (left 100 px), extract all frames
+    dens.new_roi_layer().add_rectangles(np.array([[0.0, 0.0], [119.0, 99.0]]))
+    dens.extract()
+    qtbot.waitUntil(lambda: state.field is not None, timeout=30000)
+    layer = viewer.layers[LAYER_NAMES["density"]]
+    assert tuple(layer.translate) == pytest.approx((0.0, 23.75, 23.75))
+    assert "5 frames" in train.field_label.text()  # shared state reached the training dock
+
+    # training: ~30 steps of a tiny net
+    train.train(tiny_config())
+    qtbot.waitUntil(lambda: state.fit is not None, timeout=60000)
+
+    # discovery with the fast term-library backend
+    res.backend.setCurrentText("library")
+    res.discover()
+    _idle(qtbot, res)
+    eq = state.equations
+    assert eq is not None and eq.D is not None
+    assert res.tables["D"].rowCount() == len(front_rows(eq.D))
+    star_row = [r for r in range(res.tables["D"].rowCount()) if res.tables["D"].item(r, 0).text() == "★"]
+    assert star_row == [eq.D.selected_index]
+    assert not res.latex_labels["D"].pixmap().isNull()
+    overlay = viewer.canvas.overlays.text
+    assert overlay.visible and f"D(u) = {_readable(eq.D.text)}" in overlay.text
+
+    # the user picks another D(u) on the front
+    if res.tables["D"].rowCount() > 1:
+        other = (eq.D.selected_index + 1) % res.tables["D"].rowCount()
+        res.choose("D", other)
+        assert state.equations.D.selected_index == other
+        assert res.tables["D"].item(other, 0).text() == "★"
+        assert f"D(u) = {_readable(state.equations.D.text)}" in overlay.text
+
+    # forward simulation: layers aligned with the density layer, residual diverging, QC table
+    res.simulate()
+    _idle(qtbot, res)
+    sim = viewer.layers[LAYER_NAMES["simulated"]]
+    resid = viewer.layers[LAYER_NAMES["residual"]]
+    assert sim.data.shape == state.field.u.shape
+    assert tuple(sim.scale) == pytest.approx(tuple(layer.scale))
+    assert tuple(sim.translate) == pytest.approx(tuple(layer.translate))
+    assert resid.colormap.name == "bwr"
+    assert resid.contrast_limits[0] == pytest.approx(-resid.contrast_limits[1])
+    assert LAYER_NAMES["contour"] in viewer.layers
+    assert res.qc_table.rowCount() == 1 and res.qc_table.item(0, 0).text() == "closed form"
+    qtbot.waitUntil(lambda: res.figure.draws >= 1 and not res.figure.busy, timeout=20000)
+
+    # export the bundle
+    out = tmp_path / "bundle"
+    res.bundle_path.setText(str(out))
+    res.export()
+    _idle(qtbot, res)
+    for name in ("manifest.json", "field.npz", "equations.json", "equations.txt", "simulations.npz", "binn",
+                 "metrics.json", "report.html"):
+        assert (out / name).exists(), name
+    assert f"D(u) = {state.equations.D.text}" in (out / "equations.txt").read_text()
+    # the writer contribution writes the same result from the layers' metadata
+    written = write_bundle(str(tmp_path / "via_writer"), [layer.as_layer_data_tuple()])
+    assert (tmp_path / "via_writer" / "manifest.json").is_file() and written
+
+    # re-open in a fresh viewer with File > Open (reader) + the Results dock
+    text = state.equations.D.text
+    viewer2 = type(viewer)(show=False)
+    try:
+        assert napari_get_reader(str(out)) is not None
+        res2 = ResultsWidget(viewer2)
+        viewer2.open(str(out), plugin="napari-binn")
+        qtbot.waitUntil(lambda: get_state(viewer2).equations is not None, timeout=30000)
+        s2 = get_state(viewer2)
+        assert s2.equations is not None and s2.equations.D.text == text
+        assert s2.fit is not None and "closed form" in s2.simulations
+        d2 = viewer2.layers[LAYER_NAMES["density"]]
+        assert tuple(d2.scale) == pytest.approx(tuple(layer.scale))
+        assert tuple(d2.translate) == pytest.approx(tuple(layer.translate))
+        assert LAYER_NAMES["simulated"] in viewer2.layers
+        assert f"D(u) = {_readable(text)}" in viewer2.canvas.overlays.text.text
+        assert res2.tables["G"].rowCount() >= 1
+        # the dock's own "Open bundle" (worker) restores the same
+        s2.equations = None
+        res2.open_bundle(str(out))
+        _idle(qtbot, res2)
+        assert s2.equations is not None and s2.equations.D.text == text
+        res2.shutdown()
+    finally:
+        viewer2.close()

@@ -1,0 +1,116 @@
+"""Training dock on its own: a short run, stop keeps the best model, closing mid-run, a responsive event loop."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from napari_binn._napari._state import get_state
+from napari_binn._napari._training_widget import TrainingWidget, headless_torch_threads
+
+
+@pytest.fixture
+def trainer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    w = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    return viewer, w
+
+
+def test_no_density_is_a_notification(trainer, monkeypatch):
+    _, w = trainer
+    shown = []
+    monkeypatch.setattr("napari_binn._napari._common.show_error", lambda m: shown.append(m))
+    assert w.train() is None
+    assert "No density" in shown[-1]
+
+
+def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_config):
+    viewer, w = trainer
+    get_state(viewer).field = tiny_density
+    assert "5 frames" in w.field_label.text()
+    job = w.train(tiny_config())
+    qtbot.waitUntil(lambda: get_state(viewer).fit is not None, timeout=60000)
+    fit = get_state(viewer).fit
+    assert fit.n_models == 1 and not fit.metadata["cancelled"]
+    assert w.progress.value() == 100
+    assert w._history["data"], "loss history was plotted"
+    qtbot.waitUntil(lambda: w.figure.draws >= 1 and not w.figure.busy, timeout=20000)
+    assert w.worker_threads is not None
+    import torch
+
+    assert torch.get_num_threads() == headless_torch_threads()
+    assert not job.running
+
+
+def test_stop_keeps_best_model(trainer, qtbot, tiny_density, tiny_config):
+    viewer, w = trainer
+    get_state(viewer).field = tiny_density
+    job = w.train(tiny_config(steps=100000))
+    qtbot.waitUntil(lambda: len(w._history.get("data", [])) >= 2, timeout=60000)
+    w.toggle_pause()
+    assert job.token.paused
+    w.toggle_pause()
+    w.stop()
+    qtbot.waitUntil(lambda: get_state(viewer).fit is not None, timeout=30000)
+    fit = get_state(viewer).fit
+    assert fit.metadata["cancelled"] is True
+    assert np.all(np.isfinite(fit.D(fit.u_grid(11))))
+    assert "best model" in w.status.text()
+
+
+def test_close_viewer_mid_training(make_napari_viewer, qtbot, capfd, tiny_density, tiny_config):
+    viewer = make_napari_viewer()
+    w = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    get_state(viewer).field = tiny_density
+    job = w.train(tiny_config(steps=100000))
+    qtbot.waitUntil(lambda: len(w._history.get("data", [])) >= 1, timeout=60000)
+    viewer.close()
+    assert not job.thread_alive, "closing the viewer must stop the training thread"
+    assert job.token.cancelled
+    qtbot.wait(50)
+    assert "QThread" not in capfd.readouterr().err
+
+
+def test_event_loop_stays_responsive(trainer, qtbot, tiny_density, tiny_config):
+    viewer, w = trainer
+    get_state(viewer).field = tiny_density
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(tick)
+    cfg = tiny_config(steps=100000, log_every=2, snapshot_every=4)
+    job = w.train(cfg)
+    qtbot.waitUntil(lambda: len(w._history.get("data", [])) >= 1, timeout=60000)
+    last[0] = time.perf_counter()
+    timer.start()
+    qtbot.wait(3000)
+    timer.stop()
+    w.stop()
+    qtbot.waitUntil(lambda: not job.running, timeout=30000)
+    lat = np.asarray(gaps[1:]) - 0.010
+    assert lat.size > 20
+    # the plots redraw while training; the event loop must never stall for 100 ms
+    print(f"event-loop latency while training: median {1000 * np.median(lat):.1f} ms, "
+          f"p95 {1000 * np.percentile(lat, 95):.1f} ms, max {1000 * np.max(lat):.1f} ms over {lat.size} ticks")
+    assert float(np.max(lat)) < 0.100, f"max event-loop latency {1000 * np.max(lat):.0f} ms"
+
+
+def test_closing_the_dock_stops_training(trainer, qtbot, tiny_density, tiny_config):
+    viewer, w = trainer
+    get_state(viewer).field = tiny_density
+    job = w.train(tiny_config(steps=100000))
+    qtbot.waitUntil(lambda: len(w._history.get("data", [])) >= 1, timeout=60000)
+    viewer.window.remove_dock_widget(w)  # what the dock's close button does
+    assert not job.thread_alive and job.token.cancelled
