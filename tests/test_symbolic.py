@@ -365,3 +365,14 @@ def test_binn_curves_get_the_simplest_form_within_tolerance():
     for f in (eq.D, eq.G):  # both are straight lines within 1%: the selected forms must be too
         assert f.sympy.is_polynomial(u) and sp.degree(f.sympy, u) <= 1, f.table()
     assert np.allclose(eq.D(np.array([500.0, 1500.0])), [950.0, 1250.0], rtol=0.01)
+
+
+def test_huge_constants_do_not_break_canonicalisation():
+    from napari_binn.symbolic.expression import canonicalize
+
+    u = sp.Symbol("u", positive=True)
+    huge = sp.Float("1e100000")  # beyond double range (int() of far larger ones exhausted memory in sr_bench)
+    expr = huge * u + sp.Float(2.0) * sp.exp(sp.Float(1.0) * u)
+    out = canonicalize(expr, simplify=False)
+    assert huge in out.atoms(sp.Float)
+    assert sp.exp(u) in out.atoms(sp.exp)

@@ -72,9 +72,10 @@ def _integerize(expr: sp.Expr) -> sp.Expr:
     arguments) into Integers, so that they stop counting as fitted constants (operon writes 1.0*x, x^2.0)."""
     shape = _shape_constants(expr)
     reps = {
-        f: sp.Integer(int(f))
+        f: sp.Integer(round(float(f)))
         for f in expr.atoms(sp.Float)
-        if float(f) == int(f) and (abs(float(f)) <= 1 or (f in shape and abs(float(f)) <= 4))
+        if math.isfinite(float(f)) and abs(float(f)) <= 4 and float(f) == round(float(f))
+        and (abs(float(f)) <= 1 or f in shape)
     }
     return expr.xreplace(reps) if reps else expr
 
