@@ -113,7 +113,7 @@ def test_pause_and_resume():
 def test_divergence_guard_restores_and_never_returns_nan():
     f = make_field()
     events = []
-    fit = fit_binn(f, BinnConfig(steps=30, lr=1e5, lr_final=1e5, max_restarts=3, **TINY),
+    fit = fit_binn(f, BinnConfig(steps=30, lr=1e5, lr_final=1e5, max_restarts=3, activation="silu", **TINY),
                    callback=events.append)
     div = [e for e in events if "divergence" in e.data]
     assert div and "diverged" in div[0].message
@@ -192,3 +192,23 @@ def test_noflux_constraints_and_adaptive_options_run():
                                  lbfgs_steps=20, residual="autograd", **TINY))
     terms = fit.history[0][-2]
     assert {"noflux", "constraint", "pde"} <= set(terms)
+
+
+def test_log_scale_D_network_bounds_and_init():
+    from napari_binn.binn.nets import BoundedNet
+
+    torch.manual_seed(0)
+    net = BoundedNet(0.0, 2.0, hidden=(8, 8), init_fraction=1e-3, decades=5.0)
+    u = torch.linspace(0, 1, 11)
+    with torch.no_grad():
+        d = net(u)
+        # starts near 1e-3 of the range, not mid-range
+        assert torch.allclose(d, torch.full_like(d, 2e-3), rtol=0.3)
+        net.layers[-1].bias.fill_(-50.0)
+        assert float(net(u).min()) >= 2.0 * 10 ** -5.0 * 0.999
+        net.layers[-1].bias.fill_(50.0)
+        assert float(net(u).max()) <= 2.0 + 1e-6
+    # the fit starts D at (box size)^2 / (frame interval) = 50^2 / 2 µm²/h
+    f = make_field()
+    fit = fit_binn(f, BinnConfig(steps=1, **TINY) .replace(warmup_steps=0), lr=1e-12, lr_final=1e-12)
+    assert np.allclose(fit.D(np.linspace(0, 0.5, 5)), 1250.0, rtol=0.3)

@@ -111,7 +111,7 @@ class TrainingWidget(QWidget):
         self.n_colloc = _ispin(1, 10_000_000, defaults.n_collocation, "PDE collocation points per step.")
         self.batch = _ispin(1, 10_000_000, defaults.batch_size, "Observed points per step.")
         self.collocation = QComboBox()
-        self.collocation.addItems(["adaptive", "uniform"])
+        self.collocation.addItems(["front", "adaptive", "uniform"])
         self.validation = QComboBox()
         self.validation.addItems(["random", "frames"])
         self.patience = _ispin(0, 1_000_000, defaults.patience, "Stop after this many steps without a better "

@@ -23,14 +23,23 @@ _META = "binn_fit.json"
 _FORMAT = "napari-binn.binn_fit/1"
 
 
-def build_model(config: BinnConfig, scales: Scales, bounds: dict[str, float]) -> BinnModel:
-    """A fresh :class:`BinnModel` whose D/G bounds are ``bounds`` (physical) converted to scaled units."""
+def build_model(config: BinnConfig, scales: Scales, bounds: dict[str, float],
+                D_init: float | None = None) -> BinnModel:
+    """A fresh :class:`BinnModel` whose D/G bounds are ``bounds`` (physical) converted to scaled units.
+
+    D starts near ``D_init`` µm²/h (default: the geometric middle of the bounds on a log scale, else 2% of
+    the range on a linear scale).
+    """
     d_lo, d_hi = bounds["D_min"] / scales.D_unit, bounds["D_max"] / scales.D_unit
     g_lo, g_hi = bounds["G_min"] / scales.G_unit, bounds["G_max"] / scales.G_unit
-    # start D at a small fraction of its range: a moderate diffusivity rather than an extreme one
-    d_init = 0.02
+    decades = float(config.D_decades)
+    span = bounds["D_max"] - bounds["D_min"]
+    if D_init is not None:
+        d_init = (D_init - bounds["D_min"]) / span
+    else:
+        d_init = 10.0 ** (-decades / 2) if decades > 0 else 0.02
     return BinnModel(config.hidden, config.activation, config.rate_hidden, (d_lo, d_hi), (g_lo, g_hi),
-                     config.use_delay, d_init_fraction=d_init)
+                     config.use_delay, d_init_fraction=d_init, d_decades=decades)
 
 
 class PhysicalRate(nn.Module):
@@ -202,7 +211,9 @@ class BinnFit:
         meta = json.loads((directory / _META).read_text(encoding="utf-8"))
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{directory / _META} is not a napari-binn BINN fit (format {meta.get('format')!r})")
-        config = BinnConfig.from_dict(meta["config"])
+        cfg_d = dict(meta["config"])
+        cfg_d.setdefault("D_decades", 0.0)  # fits saved before the log-scale D network used a linear scale
+        config = BinnConfig.from_dict(cfg_d)
         scales = Scales(**meta["scales"])
         tensors = load_file(str(directory / _WEIGHTS))
         members = []

@@ -130,16 +130,28 @@ class _ForwardLaplacianActivation(torch.autograd.Function):
 
 
 class BoundedNet(nn.Module):
-    """Scalar -> scalar MLP with output lo + (hi - lo) * sigmoid(.), for D(û) and G(û) in scaled units."""
+    """Scalar -> scalar MLP with an output bounded to [lo, hi], for D(û) and G(û) in scaled units.
+
+    Linear scale (``decades = 0``): lo + (hi - lo) sigmoid(z). Log scale (``decades > 0``):
+    lo + (hi - lo) 10^(-decades (1 - sigmoid(z))), so the output spans ``decades`` orders of magnitude below hi
+    with an even sensitivity per decade (a diffusivity 100x below its bound still trains well).
+    ``init_fraction`` is the starting value as a fraction of (hi - lo).
+    """
 
     def __init__(self, lo: float, hi: float, hidden: tuple[int, ...] = (32, 32, 32),
-                 activation: str = "silu", init_fraction: float = 0.5) -> None:
+                 activation: str = "silu", init_fraction: float = 0.5, decades: float = 0.0) -> None:
         super().__init__()
         self.activation = activation
         self.layers = _mlp(1, tuple(hidden), 1)
         self.register_buffer("lo", torch.tensor(float(lo)))
         self.register_buffer("hi", torch.tensor(float(hi)))
-        frac = min(max(init_fraction, 1e-4), 1 - 1e-4)
+        self.decades = float(decades)
+        if self.decades > 0:
+            floor = 10.0 ** (-self.decades)
+            frac = 1.0 + math.log10(min(max(init_fraction, floor * 1.01), 0.99)) / self.decades
+        else:
+            frac = init_fraction
+        frac = min(max(frac, 1e-4), 1 - 1e-4)
         with torch.no_grad():
             self.layers[-1].bias.fill_(math.log(frac / (1 - frac)))
             self.layers[-1].weight.mul_(0.1)
@@ -149,7 +161,10 @@ class BoundedNet(nn.Module):
         h = u.unsqueeze(-1)
         for lin in self.layers[:-1]:
             h = _act(lin(h), self.activation)
-        return self.lo + (self.hi - self.lo) * torch.sigmoid(self.layers[-1](h).squeeze(-1))
+        s = torch.sigmoid(self.layers[-1](h).squeeze(-1))
+        if self.decades > 0:
+            s = torch.exp((s - 1.0) * (self.decades * math.log(10.0)))
+        return self.lo + (self.hi - self.lo) * s
 
 
 class DelayNet(BoundedNet):
@@ -164,11 +179,11 @@ class BinnModel(nn.Module):
 
     def __init__(self, hidden: tuple[int, ...], activation: str, rate_hidden: tuple[int, ...],
                  d_bounds: tuple[float, float], g_bounds: tuple[float, float], use_delay: bool,
-                 d_init_fraction: float = 0.05) -> None:
+                 d_init_fraction: float = 0.05, d_decades: float = 0.0) -> None:
         super().__init__()
         self.unet = SurrogateNet(hidden, activation)
         self.dnet = BoundedNet(*d_bounds, hidden=rate_hidden, activation=activation,
-                               init_fraction=d_init_fraction)
+                               init_fraction=d_init_fraction, decades=d_decades)
         g_lo, g_hi = g_bounds
         g0 = (0.0 - g_lo) / (g_hi - g_lo) if g_hi > g_lo else 0.5
         self.gnet = BoundedNet(g_lo, g_hi, hidden=rate_hidden, activation=activation, init_fraction=g0)

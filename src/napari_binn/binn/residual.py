@@ -19,11 +19,19 @@ __all__ = ["residual_fast", "residual_autograd", "RESIDUALS"]
 RESIDUALS = ("fast", "autograd")
 
 
-def residual_fast(model: BinnModel, xyt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual at (N, 3) scaled points via the forward Laplacian. Returns (residual (N,), û (N,))."""
-    d = model.unet.forward_laplacian(xyt)
+def residual_fast(model: BinnModel, xyt: torch.Tensor, *, detach_u: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual at (N, 3) scaled points via the forward Laplacian. Returns (residual (N,), û (N,)).
+
+    ``detach_u``: treat the surrogate's u and derivatives as constants (gradients reach only D, G and T).
+    """
+    if detach_u:
+        with torch.no_grad():
+            d = model.unet.forward_laplacian(xyt)
+    else:
+        d = model.unet.forward_laplacian(xyt)
     u = d["u"]
-    need_graph = u.requires_grad
+    need_graph = torch.is_grad_enabled() and (u.requires_grad or detach_u)
     with torch.enable_grad():
         u_in = u if u.requires_grad else u.detach().requires_grad_(True)
         D = model.dnet(u_in)

@@ -62,6 +62,7 @@ class _Data:
     u_range: dict[str, float]
     u_hist: tuple[np.ndarray, np.ndarray]
     units: dict[str, str]
+    d_init: float  # starting diffusivity, µm²/h
 
 
 def _prepare(field: DensityField, config: BinnConfig) -> _Data:
@@ -107,11 +108,17 @@ def _prepare(field: DensityField, config: BinnConfig) -> _Data:
         normal = (dj * sx, di * sy)
         for b in np.nonzero(~padded[1 + my + di, 1 + mx + dj])[0]:
             edges.append((boxes[b, 0] + normal[0] * half, boxes[b, 1] + normal[1] * half, *normal))
+    # start D at (box size)² / (frame interval): cells moving about one box per frame
+    frame_dt = float(np.median(np.diff(field.t_h)))
+    d_init = config.D_init if config.D_init is not None else field.dx_um ** 2 / max(frame_dt, 1e-12)
+    span = bounds["D_max"] - bounds["D_min"]
+    d_init = float(np.clip(d_init, bounds["D_min"] + 1e-3 * span * 10.0 ** (-config.D_decades),
+                           bounds["D_max"] - 1e-3 * span))
     q = np.percentile(vals, [5, 95])
     counts, bin_edges = np.histogram(vals, bins=50, range=(lo, hi))
     return _Data(scales, bounds, xyt, vals / K, it, boxes, half, np.asarray(edges, float).reshape(-1, 4),
                  {"q05": float(q[0]), "q95": float(q[1]), "min": lo, "max": hi}, (counts, bin_edges),
-                 {"x": "µm", "y": "µm", "t": "h", "u": field.units, "D": "µm²/h", "G": "1/h", "T": "1"})
+                 {"x": "µm", "y": "µm", "t": "h", "u": field.units, "D": "µm²/h", "G": "1/h", "T": "1"}, d_init)
 
 
 def _split(data: _Data, config: BinnConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +149,7 @@ class _Member:
         self.device, self.dtype = device, dtype
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = build_model(config, data.scales, data.bounds).to(device=device, dtype=dtype)
+            self.model = build_model(config, data.scales, data.bounds, data.d_init).to(device=device, dtype=dtype)
         self.gen = torch.Generator().manual_seed(seed)
         tr, va = _split(data, config, seed)
         self.train_xyt = self._t(data.xyt[tr])
@@ -157,6 +164,7 @@ class _Member:
         self.u_grid = self._t(np.linspace(0.0, max(1.0, float(data.u.max())), 64))
         self.history: list[dict[str, Any]] = []
         self.restarts = 0
+        self.rates_until = 0
 
     def _t(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(a).to(device=self.device, dtype=self.dtype)
@@ -175,6 +183,17 @@ class _Member:
         n = cfg.n_collocation
         if cfg.collocation == "uniform":
             return self._uniform(n)
+        if cfg.collocation == "front":
+            if self.adaptive is None or step % cfg.adaptive_every == 0:
+                pool = self._uniform(8 * n)
+                with torch.no_grad():
+                    d = self.model.unet.forward_laplacian(pool)
+                w = (torch.sqrt(d["u_x"] ** 2 + d["u_y"] ** 2) + d["u_t"].abs()).double().cpu()
+                w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+                w = w + 0.05 * w.mean() + 1e-12
+                self.adaptive = pool[torch.multinomial(w, 4 * n, replacement=True, generator=self.gen).to(pool.device)]
+            pick = torch.randint(0, self.adaptive.shape[0], (n,), generator=self.gen).to(self.adaptive.device)
+            return self.adaptive[pick]
         if self.adaptive is None or step % cfg.adaptive_every == 0:
             pool = self._uniform(4 * n)
             with torch.no_grad():
@@ -196,7 +215,10 @@ class _Member:
             err2 = err2 * self.train_u[idx].abs().clamp_min(1e-2) ** (-cfg.gls_gamma)
         out = {"data": err2.mean()}
         if not warm:
-            r, _ = self.residual(m, self._collocation(step))
+            if step < self.rates_until:  # surrogate fixed in the PDE term: fit D, G to it first
+                r, _ = residual_fast(m, self._collocation(step), detach_u=True)
+            else:
+                r, _ = self.residual(m, self._collocation(step))
             out["pde"] = (r ** 2).mean()
             if cfg.noflux_weight > 0 and self.data.edges.shape[0]:
                 out["noflux"] = self._noflux()
@@ -258,8 +280,9 @@ class _Member:
         """Adam (then optional L-BFGS); yields ('log'|'snapshot'|'divergence'|'paused', payload)."""
         cfg = self.config
         warmup = min(cfg.warmup_steps, cfg.steps - 1) if cfg.steps > 1 else 0
+        self.rates_until = warmup + cfg.rates_only_steps
         lr_scale = 1.0
-        opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        opt = self._adam(cfg.lr)
         best_state, best_val, best_step = self.state(), math.inf, 0
         ema: float | None = None
         since_restart = 0
@@ -276,7 +299,7 @@ class _Member:
                 ema, best_val = None, math.inf  # the PDE term starts: new loss scale, new best
             lr = cfg.lr * (cfg.lr_final / cfg.lr) ** (step / max(cfg.steps - 1, 1)) * lr_scale
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["factor"]
             terms = self.losses(step, warm)
             loss = self.total(terms)
             lval = float(loss.detach())
@@ -287,7 +310,7 @@ class _Member:
                 self.model.load_state_dict(best_state)
                 self.adaptive = None
                 lr_scale *= 0.2
-                opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr * lr_scale)
+                opt = self._adam(cfg.lr * lr_scale)
                 since_restart, ema = 0, None
                 give_up = status["divergences"] > cfg.max_restarts
                 yield "divergence", {"step": step, "loss": lval, "lr": cfg.lr * lr_scale, "give_up": give_up}
@@ -325,6 +348,16 @@ class _Member:
         status["best_val"] = best_val if math.isfinite(best_val) else None
         status["best_step"] = best_step
         return status
+
+    def _adam(self, lr: float) -> torch.optim.Adam:
+        """Adam with the surrogate at ``lr`` and the D/G/T networks at ``lr * rate_lr_factor``."""
+        m = self.model
+        rates = [p for net in (m.dnet, m.gnet, m.tnet) if net is not None for p in net.parameters()]
+        groups = [{"params": list(m.unet.parameters()), "factor": 1.0},
+                  {"params": rates, "factor": self.config.rate_lr_factor}]
+        for g in groups:
+            g["lr"] = lr * g["factor"]
+        return torch.optim.Adam(groups, lr=lr)
 
     def _lbfgs(self, best_val: float, cancel: CancelToken | None,
                status: dict[str, Any]) -> Generator[tuple[str, Any], None, None]:
