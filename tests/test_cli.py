@@ -75,3 +75,27 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     code = main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
     assert code == EXIT_ERROR
     assert "stepz" in capsys.readouterr().err
+
+
+def test_demo_compares_density_on_coarser_grids():
+    """The demo's accuracy line sums the drawn cells over the extraction grid's boxes (100 µm = 2 x 2 sample
+    boxes), and gives up (None) on grids that are not whole blocks of them."""
+    from types import SimpleNamespace
+
+    from napari_binn.cli import _drawn_density
+    from napari_binn.field import DensityField
+
+    counts = np.arange(2 * 4 * 6).reshape(2, 4, 6)
+    rendered = SimpleNamespace(counts=counts, box_area_mm2=0.05 ** 2, mask=np.ones((4, 6), bool))
+
+    def fld(box, shape):
+        ny, nx = shape
+        return DensityField(np.zeros((2, ny, nx)), np.ones((ny, nx), bool), np.arange(nx) * box,
+                            np.arange(ny) * box, np.array([0.0, 1.0]), "cells/mm²")
+
+    same = _drawn_density(rendered, fld(50.0, (4, 6)))
+    assert np.allclose(same, counts / 0.0025)
+    coarse = _drawn_density(rendered, fld(100.0, (2, 3)))
+    assert coarse.shape == (2, 2, 3)
+    assert coarse[1, 1, 2] == pytest.approx(counts[1, 2:4, 4:6].sum() / 0.01)
+    assert _drawn_density(rendered, fld(75.0, (2, 4))) is None

@@ -78,13 +78,20 @@ class RefitConfig:
     """Mechanistic refits against the data. closed_form: re-estimate the discovered constants (with 95%
     intervals). reference_model: a classic model fitted for comparison ('fisher_kpp', 'porous_fisher', ...; ''
     for none). weighting: 'ols' | 'gls'. intervals: 'wald+ic' (Wald plus the initial frame's noise, by bootstrap) |
-    'wald' | 'profile' | 'profile+ic' | 'none'. max_evals: simulations per fit."""
+    'wald' | 'profile' | 'profile+ic' | 'none'. max_evals: simulations per fit. candidates: how many forms of
+    each Pareto front are refitted against the data (the selected one, the simplest one and the best-scoring ones
+    between; first D with G fixed, then G with the chosen D, then D again), as the 2020 BINN paper chose among its
+    guided mechanistic models; 1 = refit only the symbolic selection. bic_margin: among the candidates, the
+    simplest form (expression size) whose BIC is within this of the lowest is kept, so a more complex form needs
+    strong evidence (a BIC difference above 6, Kass & Raftery 1995)."""
 
     closed_form: bool = True
     reference_model: str = "fisher_kpp"
     weighting: str = "ols"
     intervals: str = "wald+ic"
     max_evals: int = 200
+    candidates: int = 6
+    bic_margin: float = 6.0
 
 
 @dataclass
@@ -287,6 +294,73 @@ def _simulate_stage(result: PipelineResult, config: PipelineConfig, cancel: Canc
                            data={"pipeline_stage": "simulate", "failed": name})
 
 
+def _candidate_indices(f, n: int) -> list[int]:
+    """Up to ``n`` rows of a front no more complex than the selected one: the selected row, the simplest row (a
+    constant, usually) and the rows with the highest PySR score between them."""
+    sel = f.selected_index
+    simpler = sorted((i for i, row in enumerate(f.front) if row.complexity < f.front[sel].complexity),
+                     key=lambda i: f.front[i].complexity)
+    picked = [sel] + simpler[:1]
+    picked += sorted(simpler[1:], key=lambda i: -f.front[i].score)[: max(n - 2, 0)]
+    return sorted(picked[: max(n, 1)], key=lambda i: f.front[i].complexity)
+
+
+def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float, kw: dict[str, Any],
+                   cancel: CancelToken | None, index: int):
+    """Refit candidate forms against the data and return ``eq`` re-selected to the lowest-BIC pair.
+
+    Coordinate-wise: with G at its symbolic selection, every candidate D is refitted and the best kept; then
+    every candidate G with that D; then D again with the chosen G. Each time the simplest form (by expression
+    size) whose BIC is within ``margin`` of the lowest is kept. The fitted candidates go into ``result.metadata['refit_candidates']``."""
+    from dataclasses import replace
+
+    cands = {"D": _candidate_indices(eq.D, n), "G": _candidate_indices(eq.G, n)}
+    if len(cands["D"]) == 1 and len(cands["G"]) == 1:
+        return eq
+    total = 2 * len(cands["D"]) + len(cands["G"]) - 2
+    current = {"D": eq.D.selected_index, "G": eq.G.selected_index}
+    scores: dict[tuple[int, int], float] = {}
+    rows: list[dict[str, Any]] = []
+
+    def pair(i: int, j: int) -> Equations:
+        return replace(eq, D=replace(eq.D, selected_index=i, selection="bic"),
+                       G=replace(eq.G, selected_index=j, selection="bic"))
+
+    for key in ("D", "G", "D"):  # D again only costs fits when G changed (pairs are not refitted twice)
+        for idx in cands[key]:
+            ij = (idx, current["G"]) if key == "D" else (current["D"], idx)
+            if ij in scores or is_cancelled(cancel):
+                continue
+            cand = pair(*ij)
+            model, init = cand.parameters()
+            yield Progress("refit", len(scores), total, f"candidate {len(scores) + 1}/{total}: "
+                           f"D = {cand.D.text}; G = {cand.G.text}",
+                           data={"pipeline_stage": "refit", "stage_index": index})
+            try:
+                fit = yield from _tag(fit_mechanistic_job(result.field, model, init=init, cancel=cancel, **kw),
+                                      "refit", index)
+                bic = float(fit.bic) if np.isfinite(fit.bic) else np.inf
+                rows.append({"D": cand.D.text, "G": cand.G.text, "bic": bic if np.isfinite(bic) else None,
+                             "aic": float(fit.aic), "params": {p: float(v) for p, v in fit.params.items()}})
+            except Exception as err:  # a candidate that cannot be simulated is skipped, not fatal
+                bic = np.inf
+                rows.append({"D": cand.D.text, "G": cand.G.text, "bic": None, "error": str(err)})
+            scores[ij] = bic
+        done = {ij: b for ij, b in scores.items() if (ij[1] == current["G"] if key == "D" else ij[0] == current["D"])}
+        if done and np.isfinite(min(done.values())):
+            # the simplest form within `margin` of the lowest BIC: a more complex form needs strong evidence
+            lowest = min(done.values())
+            front = eq.D.front if key == "D" else eq.G.front
+            pos = 0 if key == "D" else 1
+            best = min((ij for ij, b in done.items() if b <= lowest + margin),
+                       key=lambda ij: (front[ij[pos]].complexity, done[ij]))
+            current = {"D": best[0], "G": best[1]}
+    result.metadata["refit_candidates"] = rows
+    if not any(np.isfinite(b) for b in scores.values()):
+        return eq
+    return pair(current["D"], current["G"])
+
+
 def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelToken | None, index: int):
     fld = result.field
     rc = config.refit
@@ -298,6 +372,10 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
         result.simulations[rc.reference_model] = fit.predicted
     eq = result.equations
     if rc.closed_form and eq is not None and eq.D is not None and eq.G is not None and not is_cancelled(cancel):
+        if rc.candidates > 1:
+            eq = yield from _select_by_bic(result, eq, rc.candidates, rc.bic_margin, {**kw, "intervals": None},
+                                           cancel, index)
+            result.equations = eq
         model, init = eq.parameters()
         fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel, **kw), "refit", index)
         result.mechanistic["closed form (refitted)"] = fit
