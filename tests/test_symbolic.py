@@ -107,6 +107,12 @@ def test_operon_recovers_logistic_with_few_generations():
     np.testing.assert_allclose(g(UG), logistic(UG), rtol=1e-3, atol=1e-5)
     again = discover_equations(samples, backend="operon", seeds=(0,), backend_options=opts)
     assert sp.srepr(again.G.sympy) == sp.srepr(g.sympy)  # deterministic given the seed
+    # ... whatever the thread count (the default uses the available cores)
+    fronts = []
+    for n in (1, 2):
+        e = discover_equations(samples, backend="operon", seeds=(0,), backend_options={**opts, "n_threads": n})
+        fronts.append([sp.srepr(r.expression.sympy) for r in e.G.front])
+    assert fronts[0] == fronts[1]
 
 
 # -- expression forms -------------------------------------------------------------------------------------------
