@@ -99,3 +99,11 @@ def test_demo_compares_density_on_coarser_grids():
     assert coarse.shape == (2, 2, 3)
     assert coarse[1, 1, 2] == pytest.approx(counts[1, 2:4, 4:6].sum() / 0.01)
     assert _drawn_density(rendered, fld(75.0, (2, 4))) is None
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    code = main(["demo", "--out", str(out), "--quiet"])
+    assert code == EXIT_ERROR
+    assert "--overwrite" in capsys.readouterr().err

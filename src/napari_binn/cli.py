@@ -478,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        out = getattr(args, "out", None)
+        if out and Path(out).exists() and not getattr(args, "overwrite", False):
+            # refuse before any work is done, not after minutes of training
+            raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
         return int(args.func(args))
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"napari-binn {args.command}: error: {err}", file=sys.stderr)
