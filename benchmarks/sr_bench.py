@@ -63,9 +63,12 @@ def n_constants(expr) -> int:
 
 def recovered(expr, template, true) -> bool:
     y_true = sp.lambdify(u, template.subs(true), "numpy")(U_GRID) * np.ones_like(U_GRID)
-    if n_constants(expr) > len(true):
+    if n_constants(expr) > len(true) or sp.sympify(expr).has(sp.zoo, sp.nan, sp.oo, -sp.oo):
         return False
-    fit = refit_constants(sp.sympify(expr), U_GRID, y_true, np.ones_like(U_GRID), max_nfev=300)
+    try:
+        fit = refit_constants(sp.sympify(expr), U_GRID, y_true, np.ones_like(U_GRID), max_nfev=300)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return False
     return bool(np.sqrt(fit.loss) / max(np.std(y_true), 1e-12 * np.max(np.abs(y_true))) < 1e-4)
 
 
@@ -101,9 +104,18 @@ def gplearn_fit(y, seed):
         warnings.simplefilter("ignore")
         reg.fit(U_GRID[:, None], y)
     expr = sp.sympify(str(reg._program), locals=_GP_LOCALS)
-    expr = sp.simplify(expr)
-    # give gplearn the same constant refit the other backends get
-    return refit_constants(expr, U_GRID, y, np.ones_like(y), max_nfev=100).expr
+    try:
+        expr = sp.simplify(expr)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # sympy fails on some degenerate programs
+        pass
+    # give gplearn the same constant refit the other backends get; a program that sympy turns into something
+    # non-finite (e.g. a division by zero folded to zoo) cannot be refitted and counts as not recovered
+    if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        return expr
+    try:
+        return refit_constants(expr, U_GRID, y, np.ones_like(y), max_nfev=100).expr
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return expr
 
 
 def run_fit(backend, y, seed):
