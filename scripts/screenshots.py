@@ -1,11 +1,11 @@
 """Real screenshots of each napari-binn step, for the README and docs (run under Xvfb).
 
     xvfb-run -a -s "-screen 0 1800x1100x24" .venv/bin/python scripts/screenshots.py [--out docs/images]
-        [--steps 800] [--models 2] [--backend library]
+        [--steps 8000] [--warmup 1000] [--pde-weight 1] [--models 2] [--box-um 100] [--backend operon]
 
-Opens the synthetic sample (File > Open Sample > napari-binn), draws an ROI, previews, extracts, trains,
-discovers, simulates, exports and re-opens the bundle, saving ``viewer.screenshot(canvas_only=False)`` of the
-whole window after each step.
+Opens the synthetic sample (File > Open Sample > napari-binn), draws an ROI, previews, extracts, trains with the
+demo's settings, discovers, refits the candidate forms against the data, simulates, exports and re-opens the
+bundle, saving ``viewer.screenshot(canvas_only=False)`` of the whole window after each step.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--pde-weight", type=float, default=1.0)
     parser.add_argument("--models", type=int, default=2, help="ensemble size (bands in the D, G plots)")
-    parser.add_argument("--backend", default="library")
+    parser.add_argument("--box-um", type=float, default=100.0)
+    parser.add_argument("--backend", default="operon")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
     rd, res = viewer.window.add_plugin_dock_widget("napari-binn", "Equations and results", tabify=True)
     state = get_state(viewer)
     dens.layer_combo.setCurrentText(image.name)
+    dens.box_um.setValue(args.box_um)
     viewer.dims.set_current_step(0, 1)  # 4 h: the scratch is still open
 
     # 1. ROI + live preview
@@ -104,6 +108,8 @@ def run(args: argparse.Namespace, out: Path) -> None:
     td.raise_()
     train.steps.setValue(args.steps)
     train.n_models.setValue(args.models)
+    train.warmup.setValue(args.warmup)
+    train.pde_weight.setValue(args.pde_weight)
     train.snapshot_every.setValue(100)
     job = train.train()
     wait(lambda: job.token is not None and train.progress.value() >= 40)
@@ -119,11 +125,12 @@ def run(args: argparse.Namespace, out: Path) -> None:
     wait(lambda: res.job is not None and not res.job.running, timeout=1800)
     shot("05_equations.png", rd)
 
-    # 5. simulation over the data, residual, N(t), QC
+    # 5. candidate forms refitted against the data (BIC choice), simulated over the data, residual, N(t), QC
+    res.sim_model.setCurrentText("closed form refitted to the data")
     res.simulate()
     wait(lambda: res.job is not None and not res.job.running)
     viewer.layers[LAYER_NAMES["density"]].visible = False
-    viewer.dims.set_current_step(0, image.data.shape[0] - 1)
+    viewer.dims.set_current_step(0, 3)  # 12 h: the simulated front is half-way
     shot("06_simulation.png", rd)
     viewer.layers[LAYER_NAMES["simulated"]].visible = False
     viewer.layers[LAYER_NAMES["residual"]].visible = True

@@ -131,21 +131,6 @@ def test_bad_input():
         run_job(run_pipeline(PipelineResult(PipelineConfig()), PipelineConfig(), stages=("binn",)))
 
 
-def _front(name, exprs, units):
-    """A DiscoveredFunction whose front is ``exprs`` (sympy strings in u), the last one selected."""
-    import sympy as sp
-
-    from napari_binn.symbolic.discover import DiscoveredFunction, FrontRow
-    from napari_binn.symbolic.expression import U, Expression, complexity
-
-    rows = []
-    for i, text in enumerate(exprs):
-        e = sp.sympify(text, locals={"u": U})
-        rows.append(FrontRow(complexity(e), 10.0 ** -i, float(i), Expression(e, (0.0, 2000.0), 10.0 ** -i,
-                                                                            complexity(e), units=units, name=name)))
-    return DiscoveredFunction(name, tuple(rows), len(rows) - 1, "best", "test", (0.0, 2000.0), units)
-
-
 def test_refit_reselects_the_true_forms_by_bic():
     """Fronts whose symbolic selection is a wrong, complex form: refitting the candidates against the data and
     keeping the simplest within the BIC margin recovers D constant and G linear with the true constants."""
@@ -156,14 +141,15 @@ def test_refit_reselects_the_true_forms_by_bic():
     field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(10, 12),
                               dx_um=50.0, times_h=np.linspace(0, 24, 5), noise=0.05, seed=0)
 
-    D = _front("D", ["700.0", "600.0 + 0.1*u", "700.0*exp(-0.0002*u) + 0.1*u"], "µm²/h")
-    G = _front("G", ["0.05", "0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"], "1/h")
+    eq = Equations.from_forms(D=["700.0", "600.0 + 0.1*u", "700.0*exp(-0.0002*u) + 0.1*u"],
+                              G=["0.05", "0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"], u_range=(0.0, 2000.0))
+    D = eq.D
     assert _candidate_indices(D, 6) == [0, 1, 2] and _candidate_indices(D, 2) == [0, 2]
     assert _candidate_indices(D, 1) == [2]
     cfg = tiny_config()
     cfg.refit.max_evals = 100
     cfg.refit.reference_model = ""
-    res = PipelineResult(cfg, field=field, equations=Equations(D, G, "test"))
+    res = PipelineResult(cfg, field=field, equations=eq)
     res = run_job(run_pipeline(res, cfg, stages=("refit",)))
     assert res.equations.D.selection == "bic"
     assert res.equations.D.text == "700.000000000000" and res.equations.G.text == "0.075 - 3.5e-5*u"
@@ -174,6 +160,5 @@ def test_refit_reselects_the_true_forms_by_bic():
     assert len(cands) >= 4 and all("bic" in c for c in cands)
     # one candidate only: the symbolic selection is refitted as it is
     cfg.refit.candidates = 1
-    res1 = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=Equations(D, G, "test")), cfg,
-                                stages=("refit",)))
+    res1 = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
     assert res1.equations.D.selected_index == 2 and "refit_candidates" not in res1.metadata

@@ -382,3 +382,19 @@ def test_huge_constants_do_not_break_canonicalisation():
     out = canonicalize(expr, simplify=False)
     assert huge in out.atoms(sp.Float)
     assert sp.exp(u) in out.atoms(sp.exp)
+
+
+def test_refitted_constants_are_rounded_to_their_intervals():
+    from types import SimpleNamespace
+
+    from napari_binn.symbolic import Equations
+
+    eq = Equations.from_forms(D=["700.0"], G=["0.075 - 3.5e-5*u"], u_range=(0.0, 2000.0))
+    fit = SimpleNamespace(params={"D_0": 827.4361, "G_0": 0.08562718, "G_1": -4.356391e-05},
+                          ci95={"D_0": (581.0, 1070.0), "G_0": (0.0856, 0.08565),
+                                "G_1": (float("nan"), float("nan"))})
+    out = Equations.with_refit(eq, fit)
+    assert float(out.D.sympy) == 830.0  # +-125 supports 2 digits
+    g = out.G.sympy
+    consts = sorted(float(c) for c in g.atoms(sp.Float))
+    assert consts == pytest.approx([-4.356e-05, 0.085627], rel=1e-7)  # no interval: 4 digits; tight: more

@@ -17,8 +17,8 @@ _EXPORTS = {
     "make_synthetic": "synthetic", "render_microscopy": "synthetic",
     "simulate": "pde", "fit_mechanistic": "pde",
     "BinnConfig": "binn", "train_binn": "binn", "fit_binn": "binn",
-    "discover_equations": "symbolic",
-    "PipelineConfig": "pipeline", "run_pipeline": "pipeline",
+    "discover_equations": "symbolic", "Equations": "symbolic",
+    "PipelineConfig": "pipeline", "PipelineResult": "pipeline", "run_pipeline": "pipeline",
     "save_results": "results", "load_results": "results",
 }
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .field import DensityField
     from .io import Stack, read_stack
     from .pde import fit_mechanistic, simulate
-    from .pipeline import PipelineConfig, run_pipeline
+    from .pipeline import PipelineConfig, PipelineResult, run_pipeline
     from .results import load_results, save_results
-    from .symbolic import discover_equations
+    from .symbolic import Equations, discover_equations
     from .synthetic import make_synthetic, render_microscopy

@@ -93,3 +93,24 @@ def test_roi_from_shapes_with_another_scale():
     assert np.ptp(polys[1][:, 0]) == pytest.approx(20.0, abs=0.1)
     assert any("differs" in n for n in notes) and any("line" in n for n in notes)
     assert shapes_to_roi(None, image)[0] is None
+    only, _ = shapes_to_roi(shapes, image, only=[1])
+    assert len(only) == 1 and only[0].mean(0) == pytest.approx([10.0, 10.0])
+
+
+def test_one_analysis_per_shape(viewer_with_stack, qtbot):
+    """'Selected shapes only' extracts the selected shape's boxes; with nothing selected it says what to do."""
+    viewer = viewer_with_stack
+    w = DensityWidget(viewer)
+    layer = w.new_roi_layer()
+    layer.add_rectangles(np.array([[[0.0, 0.0], [119.0, 99.0]], [[0.0, 100.0], [119.0, 159.0]]]))
+    w.roi_mode.setCurrentText("Selected shapes only")
+    image = viewer.layers["nuclei"]
+    layer.selected_data = set()
+    with pytest.raises(ValueError, match="no shape is selected"):
+        w.current_roi(image)
+    layer.selected_data = {1}
+    roi, notes = w.current_roi(image)
+    assert len(roi) == 1 and roi[0][:, 1].min() == pytest.approx(100.0, abs=0.5)  # pixels
+    assert "shape(s) 2 of 2" in notes[0]
+    w.roi_mode.setCurrentText("Union of all shapes")
+    assert len(w.current_roi(image)[0]) == 2

@@ -122,3 +122,33 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
         res2.shutdown()
     finally:
         viewer2.close()
+
+
+def test_refit_against_the_data(make_napari_viewer, qtbot):
+    """'Closed form refitted to the data': the BIC keeps the true forms of hand-written candidates, the refitted
+    constants replace the symbolic ones in the tables, and the refitted simulation is overlaid next to
+    Fisher-KPP in the QC table."""
+    from napari_binn.symbolic import Equations
+    from napari_binn.synthetic.models import make_synthetic
+
+    field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(8, 10),
+                              dx_um=50.0, times_h=np.linspace(0, 24, 5), noise=0.05, seed=0)
+    viewer = make_napari_viewer()
+    res = ResultsWidget(viewer)
+    state = get_state(viewer)
+    state.field = field
+    state.equations = Equations.from_forms(D=["700.0", "700.0*exp(-0.0002*u) + 0.1*u"],
+                                           G=["0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"],
+                                           u_range=(0.0, 2000.0))
+    res.sim_model.setCurrentText("closed form refitted to the data")
+    res.simulate()
+    _idle(qtbot, res, timeout=120000)
+    eq = state.equations
+    assert eq.D.selected_index == 0 and eq.G.selected_index == 0
+    assert float(eq.D.sympy) == pytest.approx(800.0, rel=0.1)
+    assert res.tables["D"].item(0, 0).text() == "★"
+    names = [res.qc_table.item(i, 0).text() for i in range(res.qc_table.rowCount())]
+    assert "closed form (refitted)" in names and "fisher_kpp" in names
+    assert viewer.layers[LAYER_NAMES["simulated"]].metadata["model"] == "closed form (refitted)"
+    assert "candidate form(s) compared by BIC" in res.status.text()
+    res.shutdown()

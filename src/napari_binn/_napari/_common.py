@@ -238,8 +238,9 @@ def _ellipse_polygon(corners: np.ndarray, n: int = 64) -> np.ndarray:
     return c + np.cos(ang) * a + np.sin(ang) * b
 
 
-def shapes_to_roi(shapes: Any, image: Any) -> tuple[list[np.ndarray] | None, list[str]]:
+def shapes_to_roi(shapes: Any, image: Any, only: Any = None) -> tuple[list[np.ndarray] | None, list[str]]:
     """ROI polygons in the image's pixel (row, col) frame from a Shapes layer; (None, note) when it is empty.
+    ``only``: indices of the shapes to use (default all).
 
     Shapes are mapped through world coordinates (each layer's scale and translate), so a Shapes layer drawn
     with another scale is converted correctly. Lines and paths enclose no area and are skipped with a note.
@@ -255,7 +256,10 @@ def shapes_to_roi(shapes: Any, image: Any) -> tuple[list[np.ndarray] | None, lis
         notes.append(f"the ROI layer's scale {tuple(s_scale)} differs from the image's {tuple(i_scale)}: "
                      "shapes were converted to image pixels through world coordinates")
     polys: list[np.ndarray] = []
-    for verts, kind in zip(shapes.data, shapes.shape_type):
+    keep = set(range(len(shapes.data))) if only is None else set(only)
+    for i, (verts, kind) in enumerate(zip(shapes.data, shapes.shape_type)):
+        if i not in keep:
+            continue
         v = np.asarray(verts, float)[:, -2:]
         if kind in ("line", "path"):
             notes.append(f"a {kind} encloses no area and was ignored")

@@ -54,6 +54,10 @@ def _spin(lo: float, hi: float, value: float, step: float, suffix: str = "", dec
     return w
 
 
+ROI_UNION = "Union of all shapes"
+ROI_SELECTED = "Selected shapes only"
+
+
 class DensityWidget(QWidget):
     """Choose an image layer, its calibration, an ROI and a method; preview one frame; extract all frames."""
 
@@ -88,10 +92,16 @@ class DensityWidget(QWidget):
         roi_box = QGroupBox("2. Region of interest")
         roi_form = QFormLayout(roi_box)
         self.roi_combo = QComboBox()
-        self.roi_combo.setToolTip("Shapes layer whose rectangles/polygons/ellipses (union) bound the analysis.")
+        self.roi_combo.setToolTip("Shapes layer whose rectangles/polygons/ellipses bound the analysis.")
         self.new_roi_btn = QPushButton("New ROI layer (draw a polygon)")
         self.new_roi_btn.clicked.connect(self.new_roi_layer)
+        self.roi_mode = QComboBox()
+        self.roi_mode.addItems([ROI_UNION, ROI_SELECTED])
+        self.roi_mode.setToolTip("Union: every closed shape of the layer bounds one analysis. Selected: only the "
+                                 "shapes selected in the layer (select one, extract, train, export; then the "
+                                 "next) - one analysis per shape.")
         roi_form.addRow("ROI layer", self.roi_combo)
+        roi_form.addRow("Shapes", self.roi_mode)
         roi_form.addRow(self.new_roi_btn)
         layout.addWidget(roi_box)
 
@@ -254,7 +264,7 @@ class DensityWidget(QWidget):
         layer.mode = "add_polygon"
         self.roi_combo.setCurrentText(layer.name)
         show_info("Draw the region to analyse: click the corners, double-click to close. "
-                  "Several shapes are merged (union).")
+                  "Several shapes are merged (union), or analysed one at a time with 'Selected shapes only'.")
         return layer
 
     # ------------------------------------------------------------------------------------------ inputs
@@ -285,7 +295,15 @@ class DensityWidget(QWidget):
         return stack, layer
 
     def current_roi(self, image: Any) -> tuple[Any, list[str]]:
-        return shapes_to_roi(self.roi_layer(), image)
+        layer = self.roi_layer()
+        if self.roi_mode.currentText() == ROI_SELECTED and layer is not None and len(layer.data):
+            chosen = sorted(layer.selected_data)
+            if not chosen:
+                raise ValueError("'Selected shapes only' is set but no shape is selected: select one in the ROI "
+                                 "layer (selection tool, click its edge) or choose 'Union of all shapes'.")
+            roi, notes = shapes_to_roi(layer, image, only=chosen)
+            return roi, [f"shape(s) {', '.join(str(i + 1) for i in chosen)} of {len(layer.data)} analysed"] + notes
+        return shapes_to_roi(layer, image)
 
     def current_frame(self, image: Any) -> int:
         point = self.viewer.dims.point[0] if self.viewer.dims.ndim >= 3 else 0.0

@@ -47,6 +47,8 @@ __all__ = ["ResultsWidget", "front_rows", "pick_front_row"]
 
 _SIM_CLOSED = "closed-form equations"
 _SIM_LEARNED = "learned BINN D(u), G(u)"
+_SIM_REFIT = "closed form refitted to the data"
+_REFITTED = "closed form (refitted)"
 
 
 # ------------------------------------------------------------------------------------------------ equations
@@ -146,7 +148,13 @@ class ResultsWidget(QWidget):
         sim = QGroupBox("2. Simulate and compare with the data")
         sform = QFormLayout(sim)
         self.sim_model = QComboBox()
-        self.sim_model.addItems([_SIM_CLOSED, _SIM_LEARNED])
+        self.sim_model.addItems([_SIM_CLOSED, _SIM_REFIT, _SIM_LEARNED])
+        self.sim_model.setToolTip(
+            f"{_SIM_CLOSED}: the chosen forms with the constants of the symbolic fit.\n"
+            f"{_SIM_REFIT}: candidate forms from both Pareto fronts are refitted against the density itself and "
+            "the simplest one the BIC supports is kept, with its constants and 95% intervals (slower: one "
+            "simulation per optimiser step); a Fisher-KPP fit is added for comparison.\n"
+            f"{_SIM_LEARNED}: the BINN's networks as they are.")
         self.contour = QCheckBox("Draw the simulated front (line at half the maximum density)")
         self.contour.setChecked(True)
         self.simulate_btn = QPushButton("Simulate")
@@ -176,7 +184,7 @@ class ResultsWidget(QWidget):
         self.qc_table.verticalHeader().setVisible(False)
         self.qc_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.qc_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.qc_table.setMaximumHeight(100)
+        self.qc_table.setMaximumHeight(150)
         layout.addWidget(self.qc_table)
 
         # --- bundles
@@ -341,6 +349,8 @@ class ResultsWidget(QWidget):
                              "Simulation")
             return None
         model = self.sim_model.currentText()
+        if model == _SIM_REFIT:
+            return self.refit()
         if model == _SIM_CLOSED:
             eq = s.equations
             if eq is None or eq.D is None or eq.G is None:
@@ -363,6 +373,57 @@ class ResultsWidget(QWidget):
             return name, sim
 
         return self._start(job, "Simulation", self._simulated)
+
+    def refit(self) -> JobHandle | None:
+        """Refit candidate closed forms against the density in a worker (the pipeline's refit stage), keep the
+        BIC's choice with its refitted constants, and show its simulation next to a Fisher-KPP fit."""
+        s = self.state
+        eq = s.equations
+        if s.field is None:
+            notify_exception(ValueError("No density field: extract one in the density dock (or open a bundle)."),
+                             "Refit")
+            return None
+        if eq is None or getattr(eq, "D", None) is None or getattr(eq, "G", None) is None:
+            notify_exception(ValueError("No equations: click 'Discover equations' first."), "Refit")
+            return None
+        if not hasattr(eq, "parameters") or not hasattr(eq.D, "front"):
+            notify_exception(ValueError("These equations were read from a bundle and cannot be refitted here: "
+                                        "click 'Discover equations' to rebuild them from the BINN first."), "Refit")
+            return None
+        fld = s.field
+
+        def job(token):
+            from ..pipeline import PipelineConfig, PipelineResult, run_pipeline
+
+            cfg = PipelineConfig()
+            res = yield from run_pipeline(PipelineResult(cfg, field=fld, equations=eq), cfg, stages=("refit",),
+                                          cancel=token)
+            return res
+
+        return self._start(job, "Refit against the data", self._refitted)
+
+    def _refitted(self, res: Any) -> None:
+        from ..qc import compare
+
+        s = self.state
+        fit = res.mechanistic.get(_REFITTED)
+        if fit is None or _REFITTED not in res.simulations:
+            show_warning("The refit did not finish (cancelled, or no candidate could be simulated); the equations "
+                         "are unchanged.")
+            return
+        s.equations = res.equations.with_refit(fit)
+        sims = dict(s.simulations)
+        sims.update(res.simulations)
+        s.simulations = sims
+        s.qc = compare(s.field, sims, aic={k: m.aic for k, m in res.mechanistic.items()})
+        self.progress.setValue(100)
+        self.show_equations()
+        self.show_simulation(_REFITTED)
+        n = len(res.metadata.get("refit_candidates", [])) or 1
+        consts = "; ".join(f"{k} = {v:.4g} [{fit.ci95[k][0]:.3g}, {fit.ci95[k][1]:.3g}]"
+                           for k, v in fit.params.items() if k in fit.ci95)
+        self.status.setText(f"Refitted against the data ({n} candidate form(s) compared by BIC): {consts}. "
+                            "Next: export the bundle.")
 
     def _simulated(self, out: tuple[str, np.ndarray]) -> None:
         from ..qc import compare
@@ -557,9 +618,10 @@ class ResultsWidget(QWidget):
                              "layers are placed in µm; open that image to see them over it.")
         self.show_equations()
         if s.simulations:
-            preferred = "closed form" if "closed form" in s.simulations else None
+            preferred = next((n for n in (_REFITTED, "closed form") if n in s.simulations), None)
             self.show_simulation(preferred)
-        self.status.setText(f"Opened {bundle or 'the result'}: " + ", ".join(
+        self.status.setToolTip(str(bundle))
+        self.status.setText(f"Opened {Path(bundle).name if bundle else 'the result'}: " + ", ".join(
             n for n, v in (("density", s.field), ("BINN", s.fit), ("equations", s.equations),
                            ("simulations", s.simulations or None)) if v is not None) + ".")
 

@@ -124,6 +124,27 @@ class Equations:
     def _functions(self):
         return [(k, f) for k, f in (("D", self.D), ("G", self.G)) if f is not None]
 
+    @classmethod
+    def from_forms(cls, D: Sequence[str], G: Sequence[str], u_range: tuple[float, float]) -> Equations:
+        """Equations from hand-written candidate forms in ``u`` (e.g. ``["800.0", "500.0 + 0.2*u"]``), simplest
+        first; the last of each is selected. Decimal constants (``800.0``) become free parameters of
+        :meth:`refit` / the pipeline's refit stage, integers (``u**2``) stay fixed. Units: D in µm²/h, G in 1/h.
+        Use it to test your own hypotheses against the data with the same refit and BIC choice."""
+        from ..results import parse_expression
+
+        def function(name: str, forms: Sequence[str], units: str) -> DiscoveredFunction:
+            if not forms:
+                raise ValueError(f"from_forms needs at least one {name}(u) form")
+            rows = []
+            for text in forms:
+                e = parse_expression(text).subs(sp.Symbol("u"), U)
+                c = complexity(e)
+                rows.append(FrontRow(c, math.nan, 0.0, Expression(e, tuple(u_range), math.nan, c, units=units,
+                                                                   name=name)))
+            return DiscoveredFunction(name, tuple(rows), len(rows) - 1, "given", "user", tuple(u_range), units)
+
+        return cls(function("D", D, "µm²/h"), function("G", G, "1/h"), "user")
+
     def summary(self) -> str:
         """Both Pareto fronts and selected forms as text."""
         return "\n\n".join(f.table() for _, f in self._functions())
@@ -172,6 +193,17 @@ class Equations:
             front[f.selected_index] = replace(front[f.selected_index], expression=expr)
             out[key] = replace(f, front=tuple(front))
         return replace(self, D=out.get("D", self.D), G=out.get("G", self.G))
+
+    def with_refit(self, fit) -> Equations:
+        """Copy with the constants of a refit (a MechanisticFit of :meth:`refit` or the pipeline's refit stage),
+        each rounded to the significant digits its 95% interval supports (4 when the interval is undefined)."""
+        values = {}
+        for name, value in fit.params.items():
+            lo, hi = fit.ci95.get(name, (math.nan, math.nan))
+            spread = (hi - lo) / 3.92 if math.isfinite(lo) and math.isfinite(hi) else math.nan
+            digits = supported_digits(float(value), spread) if math.isfinite(spread) else 4
+            values[name] = round_significant(float(value), max(digits, 2))
+        return self.with_params(values)
 
     def refit(self, field, **kwargs):
         """Re-estimate the selected forms' constants against the density data itself.
