@@ -107,3 +107,14 @@ def test_existing_output_is_refused_before_any_work(tmp_path, capsys):
     code = main(["demo", "--out", str(out), "--quiet"])
     assert code == EXIT_ERROR
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_qc_printout_names_failed_simulations(capsys):
+    """A closed form that cannot be simulated (e.g. D infinite at u = 0) leaves its QC row out: say why."""
+    from types import SimpleNamespace
+
+    from napari_binn.cli import _print_qc
+
+    result = SimpleNamespace(qc=None, metadata={"warnings": ["simulation 'closed form' failed: D(u) is not finite"]})
+    _print_qc(SimpleNamespace(quiet=False), result)
+    assert "note: simulation 'closed form' failed" in capsys.readouterr().out

@@ -231,8 +231,7 @@ def cmd_demo(args) -> int:
         _say(args, "\ncompared with the truth:")
         for line in demo_comparison(result, sample.truth):
             _say(args, line)
-    if result.qc is not None:
-        _say(args, "\n" + result.qc.table())
+    _print_qc(args, result)
     _save(args, result)
     _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s")
     return EXIT_CANCELLED if result.cancelled else EXIT_OK
@@ -282,6 +281,14 @@ def _print_equations(args, result) -> None:
         for name, value in refit.items():
             lo, hi = mech.ci95.get(name, (float("nan"), float("nan")))
             _say(args, f"  {name} = {value:.4g}  [{lo:.4g}, {hi:.4g}]  {mech.units.get(name, '')}")
+
+
+def _print_qc(args, result) -> None:
+    """The QC table, then the run's warnings (e.g. a closed form that could not be simulated: its row is missing)."""
+    if result.qc is not None:
+        _say(args, "\n" + result.qc.table())
+    for warning in result.metadata.get("warnings", []):
+        _say(args, f"note: {warning}")
 
 
 def demo_comparison(result, truth) -> list[str]:
@@ -372,8 +379,7 @@ def cmd_simulate(args) -> int:
     data = _load_input(args, args.input)
     cfg = data.config if args.config is None else _config(args)
     result = _run(args, data, cfg, ("simulate", "refit", "qc"))
-    if result.qc is not None:
-        _say(args, result.qc.table())
+    _print_qc(args, result)
     _save(args, result)
     return EXIT_CANCELLED if result.cancelled else EXIT_OK
 
@@ -383,8 +389,7 @@ def cmd_report(args) -> int:
 
     result = load_results(args.input)
     _print_equations(args, result)
-    if result.qc is not None:
-        _say(args, "\n" + result.qc.table())
+    _print_qc(args, result)
     if args.out:
         _save(args, result)
     return EXIT_OK
