@@ -5,7 +5,8 @@ noise): Fisher–KPP (targets: D and G within 10% relative L2) and Porous–Fish
 over the central 90% of the observed density. Wall-time target: <= 3 min per fit on 2 CPU cores.
 Timings on a shared machine are inflated; quote medians.
 
-    python benchmarks/binn_accuracy.py [--seeds 3] [--cases fisher_kpp porous_fisher] [--set steps=3000 activation=tanh ...]
+    python benchmarks/binn_accuracy.py [--seeds 3] [--cases fisher_kpp porous_fisher] [--noise 0.05]
+        [--set steps=3000 activation=tanh ...]
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def rel_l2(learned: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(learned - truth) / np.linalg.norm(truth))
 
 
-def run_case(model: str, seed: int, overrides: dict) -> dict:
-    field, truth = make_synthetic(model, domain="scratch", grid=(64, 64), dx_um=50.0, noise=0.05,
+def run_case(model: str, seed: int, overrides: dict, noise: float = 0.05) -> dict:
+    field, truth = make_synthetic(model, domain="scratch", grid=(64, 64), dx_um=50.0, noise=noise,
                                   noise_model="gaussian", seed=seed)
     config = BinnConfig(seed=seed, **overrides)
     start = time.perf_counter()
@@ -49,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--cases", nargs="+", default=list(TARGETS))
+    ap.add_argument("--noise", type=float, default=0.05,
+                    help="Gaussian noise fraction (0.05 is the target's; 0 separates noise effects from others)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="BinnConfig overrides, e.g. steps=3000 activation=tanh")
     args = ap.parse_args()
@@ -59,11 +62,11 @@ def main() -> None:
         kind = type(defaults.get(key)) if defaults.get(key) is not None else float
         overrides[key] = value if kind is str else (value.lower() == "true" if kind is bool else kind(value))
     rows = []
-    print(f"torch threads {torch.get_num_threads()}; config {overrides or 'defaults'}")
+    print(f"torch threads {torch.get_num_threads()}; noise {args.noise:g}; config {overrides or 'defaults'}")
     print(f"{'case':<15} {'seed':>4} {'D rel L2':>9} {'G rel L2':>9} {'seconds':>8}")
     for model in args.cases:
         for seed in range(args.seeds):
-            r = run_case(model, seed, overrides)
+            r = run_case(model, seed, overrides, args.noise)
             rows.append(r)
             print(f"{model:<15} {seed:>4} {r['d_rel_err']:>9.3f} {r['g_rel_err']:>9.3f} {r['seconds']:>8.1f}",
                   flush=True)
