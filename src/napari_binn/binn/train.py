@@ -16,6 +16,7 @@ from .config import BinnConfig
 from .fit import BinnFit, build_model
 from .residual import residual_autograd, residual_fast
 from .scaling import Scales, default_bounds
+from .weak import build_weak_form, weak_loss
 
 __all__ = ["train_binn", "fit_binn", "resolve_device"]
 
@@ -63,6 +64,7 @@ class _Data:
     u_hist: tuple[np.ndarray, np.ndarray]
     units: dict[str, str]
     d_init: float  # starting diffusivity, µm²/h
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # û, mask, x̂, ŷ, t̂
 
 
 def _prepare(field: DensityField, config: BinnConfig) -> _Data:
@@ -118,7 +120,9 @@ def _prepare(field: DensityField, config: BinnConfig) -> _Data:
     counts, bin_edges = np.histogram(vals, bins=50, range=(lo, hi))
     return _Data(scales, bounds, xyt, vals / K, it, boxes, half, np.asarray(edges, float).reshape(-1, 4),
                  {"q05": float(q[0]), "q95": float(q[1]), "min": lo, "max": hi}, (counts, bin_edges),
-                 {"x": "µm", "y": "µm", "t": "h", "u": field.units, "D": "µm²/h", "G": "1/h", "T": "1"}, d_init)
+                 {"x": "µm", "y": "µm", "t": "h", "u": field.units, "D": "µm²/h", "G": "1/h", "T": "1"}, d_init,
+                 (field.u / K, field.mask, scales.xyt(field.x_um, 0.0, 0.0)[:, 0],
+                  scales.xyt(0.0, field.y_um, 0.0)[:, 1], scales.xyt(0.0, 0.0, field.t_h)[:, 2]))
 
 
 def _split(data: _Data, config: BinnConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +169,11 @@ class _Member:
         self.history: list[dict[str, Any]] = []
         self.restarts = 0
         self.rates_until = 0
+        self.weak = None
+        if config.weak_weight > 0 and data.grid is not None:
+            u_hat, mask, xh, yh, th = data.grid
+            self.weak = build_weak_form(u_hat, mask, xh, yh, th, half_boxes=config.weak_half_boxes,
+                                        half_frames=config.weak_half_frames, device=device, dtype=dtype)
 
     def _t(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(a).to(device=self.device, dtype=self.dtype)
@@ -220,6 +229,8 @@ class _Member:
             else:
                 r, _ = self.residual(m, self._collocation(step))
             out["pde"] = (r ** 2).mean()
+            if self.weak is not None:
+                out["weak"] = weak_loss(m, self.weak, cfg.weak_windows, self.gen)
             if cfg.noflux_weight > 0 and self.data.edges.shape[0]:
                 out["noflux"] = self._noflux()
             if cfg.monotone_D or cfg.monotone_G:
@@ -249,7 +260,7 @@ class _Member:
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         weights = {"data": cfg.data_weight, "pde": cfg.pde_weight, "noflux": cfg.noflux_weight,
-                   "constraint": cfg.constraint_weight}
+                   "constraint": cfg.constraint_weight, "weak": cfg.weak_weight}
         return sum(weights[k] * v for k, v in terms.items())
 
     @torch.no_grad()
@@ -418,6 +429,12 @@ def train_binn(field: DensityField, config: BinnConfig | None = None, *,
     members, histories, statuses = [], [], []
     for i in range(config.n_models):
         member = _Member(data, config, config.seed + i, device, dtype)
+        if i == 0 and config.weak_weight > 0:
+            n_win = 0 if member.weak is None else member.weak.n_windows
+            yield clock.event(_STAGE, 0, f"weak form: {n_win} space-time windows" if n_win else
+                              f"weak form off: no fully observed window of {2 * config.weak_half_boxes + 1}² boxes "
+                              f"x {2 * config.weak_half_frames + 1} frames inside the ROI (lower weak_half_boxes "
+                              "or weak_half_frames)", weak_windows=n_win)
         offset = i * per_model
         job = member.run(cancel)
         while True:
@@ -428,7 +445,7 @@ def train_binn(field: DensityField, config: BinnConfig | None = None, *,
                 break
             if kind == "log":
                 s = offset + payload["step"]
-                losses = {k: payload[k] for k in ("data", "pde", "noflux", "constraint") if k in payload}
+                losses = {k: payload[k] for k in ("data", "pde", "weak", "noflux", "constraint") if k in payload}
                 yield clock.event(_STAGE, s, f"model {i + 1}/{config.n_models} step {payload['step']}: "
                                   f"loss {payload['loss']:.3g}", model=i, losses=losses, loss=payload["loss"],
                                   val=payload.get("val"), lr=payload.get("lr"))
