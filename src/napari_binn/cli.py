@@ -304,15 +304,13 @@ def demo_comparison(result, truth) -> list[str]:
     truth_forms = {"D": sp.Float(truth.params.get("D", 1.0)) + 0 * u_sym,
                    "G": sp.Float(truth.params["r"]) - sp.Float(truth.params["r"] / K) * u_sym}
     mech = result.mechanistic.get("closed form (refitted)")
-    model, _ = eq.parameters() if hasattr(eq, "parameters") else ({}, {})
+    if mech is not None:
+        eq = eq.with_params(mech)
     lo, hi = result.fit.u_range["q05"], result.fit.u_range["q95"]
     u = np.linspace(lo, hi, 200)
     lines, found_exprs, same_forms = [], {}, {}
     for key in ("D", "G"):
-        found = eq.D if key == "D" else eq.G
-        expr = found.sympy
-        if mech is not None and key in model:
-            expr = model[key].subs({sp.Symbol(k, real=True): v for k, v in mech.params.items()})
+        expr = (eq.D if key == "D" else eq.G).sympy
         expr = expr.subs({s: u_sym for s in expr.free_symbols if s.name == "u"})
         f = sp.lambdify([u_sym], expr, "numpy")
         t = sp.lambdify([u_sym], truth_forms[key], "numpy")
@@ -396,9 +394,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
+    out = Path(args.out)  # main() has refused an existing --out (without --overwrite) already
     cfg = _config(args)
     roi = read_roi(args.roi) if args.roi else None
     status = EXIT_OK

@@ -134,10 +134,12 @@ class PipelineConfig:
 class PipelineResult:
     """Everything a run produced. Stages not run (or cancelled) leave their entries None / empty.
 
-    field: the density data. fit: the BINN. equations: discovered closed forms (refitted constants when the
-    refit ran). simulations: (T, Ny, Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G',
-    'closed form', and the reference model's name. mechanistic: refits keyed 'closed form' and the reference
-    model's name. qc: the comparison table. metadata: timings, version, cancellation, warnings.
+    field: the density data. fit: the BINN. equations: discovered closed forms (after the refit stage, the forms
+    the BIC chose, with the symbolic fit's constants; the refitted constants are in
+    ``metadata['closed_form_refitted']``, and ``equations.with_refit(mechanistic['closed form (refitted)'])``
+    puts them in). simulations: (T, Ny, Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G',
+    'closed form', 'closed form (refitted)' and the reference model's name. mechanistic: refits keyed
+    'closed form (refitted)' and the reference model's name. qc: the comparison table. metadata: timings, version, cancellation, warnings.
     """
 
     config: PipelineConfig

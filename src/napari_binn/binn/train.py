@@ -16,7 +16,7 @@ from .config import BinnConfig
 from .fit import BinnFit, build_model
 from .residual import residual_autograd, residual_fast
 from .scaling import Scales, default_bounds
-from .weak import build_weak_form, weak_loss
+from .weak import WeakForm, build_weak_form, weak_loss
 
 __all__ = ["train_binn", "fit_binn", "resolve_device"]
 
@@ -64,7 +64,7 @@ class _Data:
     u_hist: tuple[np.ndarray, np.ndarray]
     units: dict[str, str]
     d_init: float  # starting diffusivity, µm²/h
-    grid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # û, mask, x̂, ŷ, t̂
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # û, mask, x̂, ŷ, t̂ (weak form)
 
 
 def _prepare(field: DensityField, config: BinnConfig) -> _Data:
@@ -148,8 +148,9 @@ class _Member:
     """Trains one ensemble member; ``run()`` is a generator of (kind, payload) tuples."""
 
     def __init__(self, data: _Data, config: BinnConfig, seed: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, weak: WeakForm | None = None) -> None:
         self.data, self.config, self.seed = data, config, seed
+        self.weak = weak  # the weak-form windows depend on the data only: built once, shared by the members
         self.device, self.dtype = device, dtype
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -169,11 +170,6 @@ class _Member:
         self.history: list[dict[str, Any]] = []
         self.restarts = 0
         self.rates_until = 0
-        self.weak = None
-        if config.weak_weight > 0 and data.grid is not None:
-            u_hat, mask, xh, yh, th = data.grid
-            self.weak = build_weak_form(u_hat, mask, xh, yh, th, half_boxes=config.weak_half_boxes,
-                                        half_frames=config.weak_half_frames, device=device, dtype=dtype)
 
     def _t(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(a).to(device=self.device, dtype=self.dtype)
@@ -426,15 +422,19 @@ def train_binn(field: DensityField, config: BinnConfig | None = None, *,
     yield clock.event(_STAGE, 0, f"training {config.n_models} BINN(s) on {device.type}"
                       + (f" ({note})" if note else ""), device=device.type, device_note=note,
                       bounds=dict(data.bounds), K=data.scales.K)
+    weak = None
+    if config.weak_weight > 0:
+        u_hat, mask, xh, yh, th = data.grid
+        weak = build_weak_form(u_hat, mask, xh, yh, th, half_boxes=config.weak_half_boxes,
+                               half_frames=config.weak_half_frames, device=device, dtype=dtype)
+        n_win = 0 if weak is None else weak.n_windows
+        yield clock.event(_STAGE, 0, f"weak form: {n_win} space-time windows" if n_win else
+                          f"weak form off: no fully observed window of {2 * config.weak_half_boxes + 1}² boxes "
+                          f"x {2 * config.weak_half_frames + 1} frames inside the ROI (lower weak_half_boxes "
+                          "or weak_half_frames)", weak_windows=n_win)
     members, histories, statuses = [], [], []
     for i in range(config.n_models):
-        member = _Member(data, config, config.seed + i, device, dtype)
-        if i == 0 and config.weak_weight > 0:
-            n_win = 0 if member.weak is None else member.weak.n_windows
-            yield clock.event(_STAGE, 0, f"weak form: {n_win} space-time windows" if n_win else
-                              f"weak form off: no fully observed window of {2 * config.weak_half_boxes + 1}² boxes "
-                              f"x {2 * config.weak_half_frames + 1} frames inside the ROI (lower weak_half_boxes "
-                              "or weak_half_frames)", weak_windows=n_win)
+        member = _Member(data, config, config.seed + i, device, dtype, weak)
         offset = i * per_model
         job = member.run(cancel)
         while True:
