@@ -84,8 +84,8 @@ def run(args: argparse.Namespace, out: Path) -> None:
     td, train = viewer.window.add_plugin_dock_widget("napari-binn", "BINN training", tabify=True)
     rd, res = viewer.window.add_plugin_dock_widget("napari-binn", "Equations and results", tabify=True)
     state = get_state(viewer)
-    dens.layer_combo.setCurrentText(image.name)
-    dens.box_um.setValue(args.box_um)
+    dens.layer_combo.value = image.name
+    dens.box_um.value = args.box_um
     viewer.dims.set_current_step(0, 1)  # 4 h: the scratch is still open
 
     # 1. ROI + live preview
@@ -106,11 +106,11 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
     # 3. training with live plots (mid-run and done)
     td.raise_()
-    train.steps.setValue(args.steps)
-    train.n_models.setValue(args.models)
-    train.warmup.setValue(args.warmup)
-    train.pde_weight.setValue(args.pde_weight)
-    train.snapshot_every.setValue(100)
+    train.steps.value = args.steps
+    train.n_models.value = args.models
+    train.warmup.value = args.warmup
+    train.pde_weight.value = args.pde_weight
+    train.snapshot_every.value = 100
     job = train.train()
     wait(lambda: job.token is not None and train.progress.value() >= 40)
     shot("03_training_live.png", td)
@@ -120,13 +120,13 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
     # 4. equations
     rd.raise_()
-    res.backend.setCurrentText(args.backend)
+    res.backend.value = args.backend
     res.discover()
     wait(lambda: res.job is not None and not res.job.running, timeout=1800)
     shot("05_equations.png", rd)
 
     # 5. candidate forms refitted against the data (BIC choice), simulated over the data, residual, N(t), QC
-    res.sim_model.setCurrentText("closed form refitted to the data")
+    res.sim_model.value = "closed form refitted to the data"
     res.simulate()
     wait(lambda: res.job is not None and not res.job.running)
     viewer.layers[LAYER_NAMES["density"]].visible = False
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
     # 6. export, then re-open the bundle in a fresh viewer
     bundle = Path(tempfile.mkdtemp()) / "scratch_results"
-    res.bundle_path.setText(str(bundle))
+    res.bundle_path.value = str(bundle)
     res.export()
     wait(lambda: not res.job.running)
     for w in (dens, train, res):

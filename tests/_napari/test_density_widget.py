@@ -18,9 +18,9 @@ def test_prefill_preview_and_extract(viewer_with_stack, qtbot):
     viewer = viewer_with_stack
     w = DensityWidget(viewer)
     viewer.window.add_dock_widget(w)
-    assert w.layer_combo.currentText() == "nuclei"
-    assert w.pixel_size.value() == pytest.approx(2.5)
-    assert w.interval.value() == pytest.approx(6.0)
+    assert w.layer_combo.value == "nuclei"
+    assert w.pixel_size.value == pytest.approx(2.5)
+    assert w.interval.value == pytest.approx(6.0)
 
     # ROI: a rectangle in the left 2/3 of the image (pixels), drawn on a Shapes layer made by the button.
     roi = w.new_roi_layer()
@@ -68,7 +68,7 @@ def test_bad_input_is_a_notification(make_napari_viewer, qtbot, monkeypatch):
     viewer.add_image(np.zeros((32, 32)), name="single")
     assert w.extract() is None  # no time axis / unknown pixel size
     assert "pixel size" in shown[-1] or "time-lapse" in shown[-1]
-    w.pixel_size.setValue(1.0)
+    w.pixel_size.value = 1.0
     assert w.extract() is None
     assert "time-lapse" in shown[-1]
     w.shutdown()
@@ -103,7 +103,7 @@ def test_one_analysis_per_shape(viewer_with_stack, qtbot):
     w = DensityWidget(viewer)
     layer = w.new_roi_layer()
     layer.add_rectangles(np.array([[[0.0, 0.0], [119.0, 99.0]], [[0.0, 100.0], [119.0, 159.0]]]))
-    w.roi_mode.setCurrentText("Selected shapes only")
+    w.roi_mode.value = "Selected shapes only"
     image = viewer.layers["nuclei"]
     layer.selected_data = set()
     with pytest.raises(ValueError, match="no shape is selected"):
@@ -112,5 +112,5 @@ def test_one_analysis_per_shape(viewer_with_stack, qtbot):
     roi, notes = w.current_roi(image)
     assert len(roi) == 1 and roi[0][:, 1].min() == pytest.approx(100.0, abs=0.5)  # pixels
     assert "shape(s) 2 of 2" in notes[0]
-    w.roi_mode.setCurrentText("Union of all shapes")
+    w.roi_mode.value = "Union of all shapes"
     assert len(w.current_roi(image)[0]) == 2

@@ -50,7 +50,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
     qtbot.waitUntil(lambda: state.fit is not None, timeout=60000)
 
     # discovery with the fast term-library backend
-    res.backend.setCurrentText("library")
+    res.backend.value = "library"
     res.discover()
     _idle(qtbot, res)
     eq = state.equations
@@ -86,7 +86,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
 
     # export the bundle
     out = tmp_path / "bundle"
-    res.bundle_path.setText(str(out))
+    res.bundle_path.value = str(out)
     res.export()
     _idle(qtbot, res)
     for name in ("manifest.json", "field.npz", "equations.json", "equations.txt", "simulations.npz", "binn",
@@ -140,7 +140,7 @@ def test_refit_against_the_data(make_napari_viewer, qtbot):
     state.equations = Equations.from_forms(D=["700.0", "700.0*exp(-0.0002*u) + 0.1*u"],
                                            G=["0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"],
                                            u_range=(0.0, 2000.0))
-    res.sim_model.setCurrentText("closed form refitted to the data")
+    res.sim_model.value = "closed form refitted to the data"
     res.simulate()
     _idle(qtbot, res, timeout=120000)
     eq = state.equations

@@ -1,5 +1,8 @@
-"""Helpers shared by the docks: background jobs, notifications, layer conversion and reuse.
+"""Helpers shared by the docks: background jobs, notifications, layer conversion and reuse, form widgets.
 
+The docks' parameter forms are magicgui containers (:func:`form`, :func:`row`) of magicgui value widgets
+(:func:`fspin`, :func:`ispin`, ComboBox, CheckBox, ...), shown in Qt group boxes (:func:`section`) next to the
+plain-Qt parts magicgui does not provide (plots, tables, progress bars).
 Nothing numerical lives here: stacks, ROIs and layers are only repackaged for the core.
 """
 
@@ -14,15 +17,17 @@ from typing import Any
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
+from magicgui.widgets import Container, FloatSpinBox, SpinBox, Widget
 from qtpy.QtCore import QEvent, QObject
-from qtpy.QtWidgets import QLabel, QWidget
+from qtpy.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from ..io import Stack
 from ..jobs import CancelToken, JobCancelled
 
 __all__ = ["JobHandle", "CloseGuard", "notify_exception", "layer_to_stack", "shapes_to_roi", "upsert_image",
            "upsert_points", "image_layers", "shapes_layers", "wrap_label", "show_info", "show_warning",
-           "show_error", "fmt_seconds"]
+           "show_error", "fmt_seconds", "fspin", "ispin", "set_clamped", "form", "row", "section",
+           "align_labels"]
 
 
 class _Failure:
@@ -170,6 +175,80 @@ def wrap_label(text: str = "", lines: int = 3) -> QLabel:
     label.setWordWrap(True)
     label.setMinimumHeight(lines * label.fontMetrics().lineSpacing() + 4)
     return label
+
+
+# ------------------------------------------------------------------------------------------------ forms
+def fspin(value: float, lo: float, hi: float, step: float | None = 1.0, *, label: str, tooltip: str | None = None,
+          decimals: int = 2, suffix: str = "", special: str = "") -> FloatSpinBox:
+    """A magicgui FloatSpinBox with ``decimals`` digits, a unit ``suffix`` and a ``special`` text shown at ``lo``
+    (e.g. "unknown" or "auto" for 0). ``step=None``: adaptive step (a tenth of the value's decade)."""
+    w = FloatSpinBox(label=label, tooltip=tooltip, min=lo, max=hi, step=step)
+    w.native.setDecimals(decimals)  # before the range and value: Qt rounds them to the decimals
+    w.min, w.max = lo, hi
+    w.value = value
+    if suffix:
+        w.native.setSuffix(suffix)
+    if special:
+        w.native.setSpecialValueText(special)
+    return w
+
+
+def ispin(value: int, lo: int, hi: int, *, label: str, tooltip: str | None = None) -> SpinBox:
+    """A magicgui SpinBox (integer, step 1)."""
+    return SpinBox(value=value, min=lo, max=hi, step=1, label=label, tooltip=tooltip)
+
+
+def set_clamped(widget: Any, value: float) -> None:
+    """Set a ranged magicgui widget to ``value`` clipped to its range (magicgui raises outside of it; values read
+    from files or bundles are clipped, as a Qt spin box would)."""
+    widget.value = min(max(value, widget.min), widget.max)
+
+
+def form(*widgets: Widget, **kwargs: Any) -> Container:
+    """A labelled magicgui form (one row per widget; buttons and check boxes span the row), no outer margins."""
+    container = Container(labels=True, **kwargs)
+    container.margins = (0, 0, 0, 0)
+    container.extend(widgets)  # added after construction, so magicgui aligns the labels to the widest one
+    return container
+
+
+def row(*widgets: Widget, label: str = "", tooltip: str | None = None) -> Container:
+    """Several magicgui widgets side by side: one row of a :func:`form` (with its ``label``)."""
+    container = Container(widgets=list(widgets), layout="horizontal", labels=False, label=label, tooltip=tooltip)
+    container.margins = (0, 0, 0, 0)
+    return container
+
+
+def align_labels(*forms: Container) -> None:
+    """Size the label column of each :func:`form` from its labels as drawn.
+
+    magicgui measures the labels with the application's font, but napari's style sheet draws them larger, so
+    long labels push their fields to the right of the others. Called when a dock is shown (the style sheet is
+    known then); each labelled row of a magicgui form is a widget whose layout starts with its QLabel.
+    """
+    for container in forms:
+        labels: list[QLabel] = []
+        layout = container.native.layout()
+        for i in range(layout.count()):
+            rowwidget = layout.itemAt(i).widget()
+            inner = rowwidget.layout() if rowwidget is not None else None
+            first = inner.itemAt(0).widget() if inner is not None and inner.count() else None
+            if isinstance(first, QLabel):
+                labels.append(first)
+        for label in labels:
+            label.ensurePolished()
+        width = max((label.sizeHint().width() for label in labels), default=0)
+        for label in labels:
+            label.setMinimumWidth(width)
+
+
+def section(title: str, *parts: Widget | QWidget) -> QGroupBox:
+    """A titled Qt group box framing magicgui containers (``.native``) and Qt widgets, top to bottom."""
+    box = QGroupBox(title)
+    layout = QVBoxLayout(box)
+    for part in parts:
+        layout.addWidget(part.native if isinstance(part, Widget) else part)
+    return box
 
 
 def fmt_seconds(s: float | None) -> str:

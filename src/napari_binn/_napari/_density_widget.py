@@ -6,28 +6,24 @@ from typing import Any
 
 import napari
 import numpy as np
+from magicgui.widgets import ComboBox, Label, PushButton
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
 from ._common import (
     CloseGuard,
     JobHandle,
+    align_labels,
     fmt_seconds,
+    form,
+    fspin,
     image_layers,
+    ispin,
     layer_to_stack,
     notify_exception,
+    row,
+    section,
+    set_clamped,
     shapes_layers,
     shapes_to_roi,
     show_info,
@@ -42,24 +38,16 @@ __all__ = ["DensityWidget"]
 
 _WHOLE_IMAGE = "(whole image)"
 
-
-def _spin(lo: float, hi: float, value: float, step: float, suffix: str = "", decimals: int = 2) -> QDoubleSpinBox:
-    w = QDoubleSpinBox()
-    w.setRange(lo, hi)
-    w.setDecimals(decimals)
-    w.setSingleStep(step)
-    w.setValue(value)
-    if suffix:
-        w.setSuffix(suffix)
-    return w
-
-
 ROI_UNION = "Union of all shapes"
 ROI_SELECTED = "Selected shapes only"
 
 
 class DensityWidget(QWidget):
-    """Choose an image layer, its calibration, an ROI and a method; preview one frame; extract all frames."""
+    """Choose an image layer, its calibration, an ROI and a method; preview one frame; extract all frames.
+
+    The three parameter sections are magicgui containers (``data_form``, ``roi_form``, ``method_form``) of magicgui
+    value widgets; the preview text, progress bar and status stay plain Qt.
+    """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__()
@@ -70,98 +58,64 @@ class DensityWidget(QWidget):
         self._preview_pending = False
         self._prefilled: tuple[float, float] = (0.0, 0.0)
 
-        layout = QVBoxLayout(self)
-        data_box = QGroupBox("1. Data")
-        form = QFormLayout(data_box)
-        self.layer_combo = QComboBox()
-        self.layer_combo.setToolTip("The time-lapse image layer (T, Y, X) or (T, C, Y, X).")
-        self.channel = QSpinBox()
-        self.channel.setToolTip("Channel for (T, C, Y, X) layers (0 = first).")
-        self.pixel_size = _spin(0.0, 1000.0, 0.0, 0.1, " µm/px", 4)
-        self.pixel_size.setSpecialValueText("unknown: enter µm per pixel")
-        self.pixel_size.setToolTip("Pixel size in µm, read from the file when known; edit to correct it.")
-        self.interval = _spin(0.0, 1000.0, 0.0, 0.25, " h", 4)
-        self.interval.setSpecialValueText("unknown: frame indices")
-        self.interval.setToolTip("Time between frames in hours (from the file when known).")
-        form.addRow("Image layer", self.layer_combo)
-        form.addRow("Channel", self.channel)
-        form.addRow("Pixel size", self.pixel_size)
-        form.addRow("Frame interval", self.interval)
-        layout.addWidget(data_box)
+        # --- 1. data
+        self.layer_combo = ComboBox(label="Image layer", choices=self._image_choices,
+                                    tooltip="The time-lapse image layer (T, Y, X) or (T, C, Y, X).")
+        self.channel = ispin(0, 0, 0, label="Channel", tooltip="Channel for (T, C, Y, X) layers (0 = first).")
+        self.pixel_size = fspin(0.0, 0.0, 1000.0, 0.1, label="Pixel size", decimals=4, suffix=" µm/px",
+                                special="unknown: enter µm per pixel",
+                                tooltip="Pixel size in µm, read from the file when known; edit to correct it.")
+        self.interval = fspin(0.0, 0.0, 1000.0, 0.25, label="Frame interval", decimals=4, suffix=" h",
+                              special="unknown: frame indices",
+                              tooltip="Time between frames in hours (from the file when known).")
+        self.data_form = form(self.layer_combo, self.channel, self.pixel_size, self.interval)
 
-        roi_box = QGroupBox("2. Region of interest")
-        roi_form = QFormLayout(roi_box)
-        self.roi_combo = QComboBox()
-        self.roi_combo.setToolTip("Shapes layer whose rectangles/polygons/ellipses bound the analysis.")
-        self.new_roi_btn = QPushButton("New ROI layer (draw a polygon)")
-        self.new_roi_btn.clicked.connect(self.new_roi_layer)
-        self.roi_mode = QComboBox()
-        self.roi_mode.addItems([ROI_UNION, ROI_SELECTED])
-        self.roi_mode.setToolTip("Union: every closed shape of the layer bounds one analysis. Selected: only the "
-                                 "shapes selected in the layer (select one, extract, train, export; then the "
-                                 "next) - one analysis per shape.")
-        roi_form.addRow("ROI layer", self.roi_combo)
-        roi_form.addRow("Shapes", self.roi_mode)
-        roi_form.addRow(self.new_roi_btn)
-        layout.addWidget(roi_box)
+        # --- 2. region of interest
+        self.roi_combo = ComboBox(label="ROI layer", choices=self._roi_choices,
+                                  tooltip="Shapes layer whose rectangles/polygons/ellipses bound the analysis.")
+        self.roi_mode = ComboBox(label="Shapes", choices=[ROI_UNION, ROI_SELECTED], value=ROI_UNION,
+                                 tooltip="Union: every closed shape of the layer bounds one analysis. Selected: only "
+                                         "the shapes selected in the layer (select one, extract, train, export; then "
+                                         "the next) - one analysis per shape.")
+        self.new_roi_btn = PushButton(text="New ROI layer (draw a polygon)")
+        self.roi_form = form(self.roi_combo, self.roi_mode, self.new_roi_btn)
 
-        method_box = QGroupBox("3. Density method")
-        mform = QFormLayout(method_box)
-        self.method = QComboBox()
-        self.method.addItems(["nuclei", "confluence"])
-        self.method.setToolTip("nuclei: count fluorescent nuclei (cells/mm²); confluence: covered fraction "
-                               "of any channel, e.g. phase contrast (0..1).")
-        self.box_um = _spin(5.0, 5000.0, 50.0, 5.0, " µm", 1)
-        self.box_um.setToolTip("Side of the square grid boxes the density is averaged over.")
-        self.d_min = _spin(0.5, 500.0, 6.0, 0.5, " µm", 1)
-        self.d_max = _spin(0.5, 500.0, 16.0, 0.5, " µm", 1)
-        self.threshold = QComboBox()
-        self.threshold.addItems(["otsu", "li", "manual"])
-        self.threshold_value = _spin(0.0, 1e6, 8.0, 0.5, "", 3)
-        self.threshold_value.setToolTip("Manual threshold: SNR for nuclei, texture level for confluence.")
-        self.min_snr = _spin(0.0, 1000.0, 5.0, 0.5, "", 1)
-        self.texture = _spin(0.5, 500.0, 6.0, 0.5, " µm", 1)
-        self.spatial_sigma = _spin(0.0, 20.0, 0.0, 0.5, " boxes", 1)
-        self.temporal_sigma = _spin(0.0, 20.0, 0.0, 0.5, " frames", 1)
-        dia = QHBoxLayout()
-        dia.addWidget(self.d_min)
-        dia.addWidget(QLabel("to"))
-        dia.addWidget(self.d_max)
-        thr = QHBoxLayout()
-        thr.addWidget(self.threshold)
-        thr.addWidget(self.threshold_value)
-        mform.addRow("Method", self.method)
-        mform.addRow("Box size", self.box_um)
-        self._dia_label = QLabel("Nucleus diameter")
-        mform.addRow(self._dia_label, dia)
-        mform.addRow("Threshold", thr)
-        self._snr_label = QLabel("Min. SNR")
-        mform.addRow(self._snr_label, self.min_snr)
-        self._tex_label = QLabel("Texture window")
-        mform.addRow(self._tex_label, self.texture)
-        mform.addRow("Smooth in space", self.spatial_sigma)
-        mform.addRow("Smooth in time", self.temporal_sigma)
-        layout.addWidget(method_box)
+        # --- 3. density method
+        self.method = ComboBox(label="Method", choices=["nuclei", "confluence"], value="nuclei",
+                               tooltip="nuclei: count fluorescent nuclei (cells/mm²); confluence: covered fraction "
+                                       "of any channel, e.g. phase contrast (0..1).")
+        self.box_um = fspin(50.0, 5.0, 5000.0, 5.0, label="Box size", decimals=1, suffix=" µm",
+                            tooltip="Side of the square grid boxes the density is averaged over.")
+        self.d_min = fspin(6.0, 0.5, 500.0, 0.5, label="smallest", decimals=1, suffix=" µm")
+        self.d_max = fspin(16.0, 0.5, 500.0, 0.5, label="largest", decimals=1, suffix=" µm")
+        self._diameter = row(self.d_min, Label(value="to"), self.d_max, label="Nucleus diameter",
+                             tooltip="Smallest and largest nucleus diameter to detect.")
+        self.threshold = ComboBox(label="Threshold", choices=["otsu", "li", "manual"], value="otsu",
+                                  tooltip="Automatic (otsu, li) or manual threshold (the value on the right).")
+        self.threshold_value = fspin(8.0, 0.0, 1e6, 0.5, label="value", decimals=3,
+                                     tooltip="Manual threshold: SNR for nuclei, texture level for confluence.")
+        self._threshold_row = row(self.threshold, self.threshold_value, label="Threshold")
+        self.min_snr = fspin(5.0, 0.0, 1000.0, 0.5, label="Min. SNR", decimals=1)
+        self.texture = fspin(6.0, 0.5, 500.0, 0.5, label="Texture window", decimals=1, suffix=" µm")
+        self.spatial_sigma = fspin(0.0, 0.0, 20.0, 0.5, label="Smooth in space", decimals=1, suffix=" boxes")
+        self.temporal_sigma = fspin(0.0, 0.0, 20.0, 0.5, label="Smooth in time", decimals=1, suffix=" frames")
+        self.method_form = form(self.method, self.box_um, self._diameter, self._threshold_row, self.min_snr,
+                                self.texture, self.spatial_sigma, self.temporal_sigma)
 
-        run_box = QGroupBox("4. Preview and extract")
-        rlay = QVBoxLayout(run_box)
+        # --- 4. preview and extract
         self.preview_label = wrap_label("Preview: choose an image layer.")
-        self.extract_btn = QPushButton("Extract all frames")
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.extract_btn.clicked.connect(self.extract)
-        self.cancel_btn.clicked.connect(self.cancel)
+        self.extract_btn = PushButton(text="Extract all frames")
+        self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = QProgressBar()
         self.progress.setFormat("%p%")
         self.status = wrap_label("")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.extract_btn)
-        buttons.addWidget(self.cancel_btn)
-        rlay.addWidget(self.preview_label)
-        rlay.addLayout(buttons)
-        rlay.addWidget(self.progress)
-        rlay.addWidget(self.status)
-        layout.addWidget(run_box)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(section("1. Data", self.data_form))
+        layout.addWidget(section("2. Region of interest", self.roi_form))
+        layout.addWidget(section("3. Density method", self.method_form))
+        layout.addWidget(section("4. Preview and extract", self.preview_label, row(self.extract_btn, self.cancel_btn),
+                                 self.progress, self.status))
         layout.addStretch(1)
 
         self._timer = QTimer(self)
@@ -169,58 +123,76 @@ class DensityWidget(QWidget):
         self._timer.setInterval(300)
         self._timer.timeout.connect(self.refresh_preview)
 
-        self.layer_combo.currentTextChanged.connect(self._layer_changed)
+        self.new_roi_btn.changed.connect(self.new_roi_layer)
+        self.extract_btn.changed.connect(self.extract)
+        self.cancel_btn.changed.connect(self.cancel)
+        self.layer_combo.changed.connect(self._layer_changed)
         for w in (self.channel, self.pixel_size, self.interval, self.box_um, self.d_min, self.d_max,
-                  self.threshold_value, self.min_snr, self.texture):
-            w.valueChanged.connect(self.schedule_preview)
-        for w in (self.method, self.threshold, self.roi_combo):
-            w.currentTextChanged.connect(self.schedule_preview)
-        self.method.currentTextChanged.connect(self._method_changed)
-        self.viewer.layers.events.inserted.connect(self._refresh_layer_lists)
-        self.viewer.layers.events.removed.connect(self._refresh_layer_lists)
+                  self.threshold_value, self.min_snr, self.texture, self.method, self.threshold, self.roi_combo,
+                  self.roi_mode):
+            w.changed.connect(self.schedule_preview)
+        self.method.changed.connect(self._method_changed)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                      self.viewer.layers.events.renamed):
+            event.connect(self._refresh_layer_lists)
         self.viewer.dims.events.current_step.connect(self.schedule_preview)
         self._shape_layer_hooked: set[int] = set()
         self._guard = CloseGuard(self, self.shutdown)
         self._refresh_layer_lists()
-        self._method_changed(self.method.currentText())
+        if self.layer_combo.value:
+            self._layer_changed(self.layer_combo.value)
+        self._method_changed(self.method.value)
 
     # ------------------------------------------------------------------------------------------ layers
+    def _image_choices(self, _widget: Any = None) -> list[str]:
+        """Image layers that can be analysed (not the plugin's own outputs): the 'Image layer' choices."""
+        return [ly.name for ly in image_layers(self.viewer) if ly.name not in LAYER_NAMES.values()
+                and not (ly.metadata or {}).get("napari_binn_output")]
+
+    def _roi_choices(self, _widget: Any = None) -> list[str]:
+        return [_WHOLE_IMAGE, *(ly.name for ly in shapes_layers(self.viewer))]
+
     def _refresh_layer_lists(self, event: Any = None) -> None:
-        images = [ly.name for ly in image_layers(self.viewer) if ly.name not in LAYER_NAMES.values()
-                  and not (ly.metadata or {}).get("napari_binn_output")]
-        current = self.layer_combo.currentText()
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(images)
-        if current in images:
-            self.layer_combo.setCurrentText(current)
-        self.layer_combo.blockSignals(False)
-        if self.layer_combo.currentText() != current:
-            self._layer_changed(self.layer_combo.currentText())
-        rois = [ly.name for ly in shapes_layers(self.viewer)]
-        current_roi = self.roi_combo.currentText()
-        self.roi_combo.blockSignals(True)
-        self.roi_combo.clear()
-        self.roi_combo.addItems([_WHOLE_IMAGE, *rois])
-        if current_roi in rois:
-            self.roi_combo.setCurrentText(current_roi)
-        elif event is not None and getattr(event, "value", None) is not None and event.value.name in rois:
-            self.roi_combo.setCurrentText(event.value.name)  # a newly added Shapes layer becomes the ROI
-        self.roi_combo.blockSignals(False)
+        """Layers added, removed or renamed: refresh both layer combos (``reset_choices``), keep the choices."""
+        kind = getattr(event, "type", None)
+        renamed = None
+        if kind == "renamed":
+            try:
+                renamed = self.viewer.layers[event.index]
+            except (IndexError, TypeError, AttributeError):
+                renamed = None
+        current = self.layer_combo.value
+        with self.layer_combo.changed.blocked():  # one _layer_changed below, not one per intermediate state
+            self.layer_combo.reset_choices()
+            if current not in self.layer_combo.choices and renamed is not None \
+                    and renamed.name in self.layer_combo.choices:
+                self.layer_combo.value = renamed.name  # the chosen layer was renamed: follow it
+        if self.layer_combo.value != current:
+            self._layer_changed(self.layer_combo.value)
+
+        current_roi = self.roi_combo.value
+        with self.roi_combo.changed.blocked():
+            self.roi_combo.reset_choices()
+            rois = self.roi_combo.choices[1:]
+            new = event.value if kind == "inserted" else renamed
+            if current_roi not in rois and new is not None and getattr(new, "name", None) in rois:
+                self.roi_combo.value = new.name  # a new (or the renamed) Shapes layer becomes the ROI
+        if self.roi_combo.value != current_roi and current_roi != _WHOLE_IMAGE:
+            self.schedule_preview()  # the ROI layer went away: preview the whole image
         for ly in shapes_layers(self.viewer):
             if id(ly) not in self._shape_layer_hooked:
                 ly.events.data.connect(self.schedule_preview)
                 self._shape_layer_hooked.add(id(ly))
 
     def image_layer(self) -> Any | None:
-        name = self.layer_combo.currentText()
+        name = self.layer_combo.value
         return self.viewer.layers[name] if name and name in self.viewer.layers else None
 
     def roi_layer(self) -> Any | None:
-        name = self.roi_combo.currentText()
-        return self.viewer.layers[name] if name != _WHOLE_IMAGE and name in self.viewer.layers else None
+        name = self.roi_combo.value
+        return self.viewer.layers[name] if name and name != _WHOLE_IMAGE and name in self.viewer.layers else None
 
-    def _layer_changed(self, name: str) -> None:
+    def _layer_changed(self, name: str | None) -> None:
         layer = self.image_layer()
         if layer is None:
             self.preview_label.setText("Preview: open a time-lapse image (File > Open, or File > Open Sample).")
@@ -231,23 +203,22 @@ class DensityWidget(QWidget):
             px = float(layer.scale[-1])
         times = np.asarray(md.get("times_h", []), dtype=float)
         interval = float(times[1] - times[0]) if times.size > 1 and md.get("time_units", "h") == "h" else 0.0
-        self.channel.setRange(0, max(0, layer.data.shape[1] - 1) if layer.data.ndim == 4 else 0)
-        self.channel.setEnabled(layer.data.ndim == 4)
-        self.pixel_size.setValue(float(px) if px else 0.0)
-        self.interval.setValue(interval)
-        self._prefilled = (self.pixel_size.value(), interval)
+        self.channel.max = max(0, layer.data.shape[1] - 1) if layer.data.ndim == 4 else 0
+        self.channel.enabled = layer.data.ndim == 4
+        set_clamped(self.pixel_size, float(px) if px else 0.0)
+        set_clamped(self.interval, interval)
+        self._prefilled = (self.pixel_size.value, self.interval.value)
         if not px:
             show_warning(f"The pixel size of {name!r} is unknown: enter it (µm per pixel) in the density dock.")
         self.schedule_preview()
 
     def _method_changed(self, method: str) -> None:
         nuclei = method == "nuclei"
-        for w in (self.d_min, self.d_max, self._dia_label, self.min_snr, self._snr_label):
-            w.setVisible(nuclei)
-        self.texture.setVisible(not nuclei)
-        self._tex_label.setVisible(not nuclei)
-        if not nuclei and self.threshold_value.value() > 1.0:
-            self.threshold_value.setValue(0.05)
+        self._diameter.visible = nuclei
+        self.min_snr.visible = nuclei
+        self.texture.visible = not nuclei
+        if not nuclei and self.threshold_value.value > 1.0:
+            self.threshold_value.value = 0.05
 
     def new_roi_layer(self) -> Any:
         """Add an empty Shapes layer in polygon mode, on the image's scale, selected for drawing."""
@@ -262,7 +233,7 @@ class DensityWidget(QWidget):
             layer = self.viewer.add_shapes(ndim=2, **kwargs)
         self.viewer.layers.selection.active = layer
         layer.mode = "add_polygon"
-        self.roi_combo.setCurrentText(layer.name)
+        self.roi_combo.value = layer.name
         show_info("Draw the region to analyse: click the corners, double-click to close. "
                   "Several shapes are merged (union), or analysed one at a time with 'Selected shapes only'.")
         return layer
@@ -270,15 +241,15 @@ class DensityWidget(QWidget):
     # ------------------------------------------------------------------------------------------ inputs
     def params(self) -> dict[str, Any]:
         """The density method's keyword parameters (see ``napari_binn.density.extract_density_job``)."""
-        method = self.method.currentText()
+        method = self.method.value
         p: dict[str, Any] = {}
-        thr = self.threshold.currentText()
-        p["threshold"] = self.threshold_value.value() if thr == "manual" else thr
+        thr = self.threshold.value
+        p["threshold"] = self.threshold_value.value if thr == "manual" else thr
         if method == "nuclei":
-            p["nucleus_diameter_um"] = (self.d_min.value(), self.d_max.value())
-            p["min_snr"] = self.min_snr.value()
+            p["nucleus_diameter_um"] = (self.d_min.value, self.d_max.value)
+            p["min_snr"] = self.min_snr.value
         else:
-            p["texture_window_um"] = self.texture.value()
+            p["texture_window_um"] = self.texture.value
         return p
 
     def current_stack(self):
@@ -287,16 +258,16 @@ class DensityWidget(QWidget):
         if layer is None:
             raise ValueError("No image layer: open a time-lapse (File > Open) or a sample "
                              "(File > Open Sample > napari-binn), then choose it in 'Image layer'.")
-        px = self.pixel_size.value() or None
+        px = self.pixel_size.value or None
         if px is None:
             raise ValueError(f"The pixel size of {layer.name!r} is unknown: enter µm per pixel in 'Pixel size'.")
-        stack = layer_to_stack(layer, channel=self.channel.value(), pixel_size_um=px,
-                               frame_interval_h=self.interval.value() or None)
+        stack = layer_to_stack(layer, channel=self.channel.value, pixel_size_um=px,
+                               frame_interval_h=self.interval.value or None)
         return stack, layer
 
     def current_roi(self, image: Any) -> tuple[Any, list[str]]:
         layer = self.roi_layer()
-        if self.roi_mode.currentText() == ROI_SELECTED and layer is not None and len(layer.data):
+        if self.roi_mode.value == ROI_SELECTED and layer is not None and len(layer.data):
             chosen = sorted(layer.selected_data)
             if not chosen:
                 raise ValueError("'Selected shapes only' is set but no shape is selected: select one in the ROI "
@@ -326,7 +297,7 @@ class DensityWidget(QWidget):
             self.preview_label.setText(f"Preview unavailable: {exc}")
             return
         t = self.current_frame(image)
-        method, box, params = self.method.currentText(), self.box_um.value(), self.params()
+        method, box, params = self.method.value, self.box_um.value, self.params()
 
         def job(token):
             from ..density import preview_frame
@@ -388,16 +359,16 @@ class DensityWidget(QWidget):
         if stack.metadata.get("time_units") == "frames":
             show_warning("Frame interval unknown: times are frame indices, so rates will be per frame, not per "
                          "hour. Enter the frame interval to get hours.")
-        method, box, params = self.method.currentText(), self.box_um.value(), self.params()
-        params.update(spatial_sigma=self.spatial_sigma.value(), temporal_sigma=self.temporal_sigma.value())
+        method, box, params = self.method.value, self.box_um.value, self.params()
+        params.update(spatial_sigma=self.spatial_sigma.value, temporal_sigma=self.temporal_sigma.value)
 
         def job(token):
             from ..density import extract_density_job
 
             return extract_density_job(stack, roi, method, box, cancel=token, **params)
 
-        self.extract_btn.setEnabled(False)
-        self.cancel_btn.setEnabled(True)
+        self.extract_btn.enabled = False
+        self.cancel_btn.enabled = True
         self.progress.setValue(0)
         self.status.setText("Extracting…")
         self._extract_job = JobHandle(job, what="Density extraction", on_event=self._extract_event,
@@ -441,8 +412,8 @@ class DensityWidget(QWidget):
         self._raise_source(image)
 
     def _extract_finished(self) -> None:
-        self.extract_btn.setEnabled(True)
-        self.cancel_btn.setEnabled(False)
+        self.extract_btn.enabled = True
+        self.cancel_btn.enabled = False
         if self.progress.value() < 100 and self._extract_job is not None and self._extract_job.token.cancelled:
             self.status.setText(self.status.text() or "Cancelled.")
 
@@ -462,10 +433,15 @@ class DensityWidget(QWidget):
             for ly in shapes_layers(self.viewer):
                 ly.events.data.disconnect(self.schedule_preview)
             self.viewer.dims.events.current_step.disconnect(self.schedule_preview)
-            self.viewer.layers.events.inserted.disconnect(self._refresh_layer_lists)
-            self.viewer.layers.events.removed.disconnect(self._refresh_layer_lists)
+            for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                          self.viewer.layers.events.renamed):
+                event.disconnect(self._refresh_layer_lists)
         except (TypeError, RuntimeError, ValueError):
             pass
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        align_labels(self.data_form, self.roi_form, self.method_form)
+        super().showEvent(event)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self.shutdown()

@@ -9,21 +9,14 @@ from typing import Any
 
 import napari
 import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QLineEdit,
     QProgressBar,
-    QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -33,8 +26,13 @@ from qtpy.QtWidgets import (
 from ._common import (
     CloseGuard,
     JobHandle,
+    align_labels,
     fmt_seconds,
+    form,
+    ispin,
     notify_exception,
+    row,
+    section,
     show_info,
     show_warning,
     upsert_image,
@@ -90,7 +88,11 @@ def _equation_latex(key: str, f: Any) -> str:
 
 
 class ResultsWidget(QWidget):
-    """Symbolic regression with Pareto tables, forward simulation and QC, the equation on the canvas, bundles."""
+    """Symbolic regression with Pareto tables, forward simulation and QC, the equation on the canvas, bundles.
+
+    The options are magicgui containers (``discover_form``, ``simulate_form``, ``bundle_form``); the Pareto and QC
+    tables, the equations' LaTeX images, the plots and the progress bar stay plain Qt.
+    """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__()
@@ -103,24 +105,17 @@ class ResultsWidget(QWidget):
         layout.addWidget(self.input_label)
 
         # --- discovery
-        disc = QGroupBox("1. Discover equations (symbolic regression of the learned D(u), G(u))")
-        dform = QFormLayout(disc)
-        self.backend = QComboBox()
-        self.backend.addItems(["operon", "library", "pysr"])
-        self.backend.setToolTip("operon: genetic programming (default); library: fast sparse regression over "
-                                "biologically common terms; pysr: optional, needs Julia.")
-        self.max_complexity = QSpinBox()
-        self.max_complexity.setRange(3, 60)
-        self.max_complexity.setValue(20)
-        self.selection = QComboBox()
-        self.selection.addItems(["best", "accuracy", "score"])
-        self.discover_btn = QPushButton("Discover equations")
-        self.discover_btn.clicked.connect(self.discover)
-        dform.addRow("Backend", self.backend)
-        dform.addRow("Max. complexity", self.max_complexity)
-        dform.addRow("Selection rule", self.selection)
-        dform.addRow(self.discover_btn)
-        layout.addWidget(disc)
+        self.backend = ComboBox(label="Backend", choices=["operon", "library", "pysr"], value="operon",
+                                tooltip="operon: genetic programming (default); library: fast sparse regression over "
+                                        "biologically common terms; pysr: optional, needs Julia.")
+        self.max_complexity = ispin(20, 3, 60, label="Max. complexity",
+                                    tooltip="Largest expression size (number of nodes) searched.")
+        self.selection = ComboBox(label="Selection rule", choices=["best", "accuracy", "score"], value="best",
+                                  tooltip="Which form of each Pareto front is chosen first (click a table row to "
+                                          "choose another).")
+        self.discover_btn = PushButton(text="Discover equations")
+        self.discover_form = form(self.backend, self.max_complexity, self.selection, self.discover_btn)
+        layout.addWidget(section("1. Discover closed forms of the learned D(u), G(u)", self.discover_form))
 
         self.tables: dict[str, QTableWidget] = {}
         self.latex_labels: dict[str, QLabel] = {}
@@ -145,32 +140,23 @@ class ResultsWidget(QWidget):
             self.latex_labels[key] = lab
 
         # --- simulation
-        sim = QGroupBox("2. Simulate and compare with the data")
-        sform = QFormLayout(sim)
-        self.sim_model = QComboBox()
-        self.sim_model.addItems([_SIM_CLOSED, _SIM_REFIT, _SIM_LEARNED])
-        self.sim_model.setToolTip(
-            f"{_SIM_CLOSED}: the chosen forms with the constants of the symbolic fit.\n"
-            f"{_SIM_REFIT}: candidate forms from both Pareto fronts are refitted against the density itself and "
-            "the simplest one the BIC supports is kept, with its constants and 95% intervals (slower: one "
-            "simulation per optimiser step); a Fisher-KPP fit is added for comparison.\n"
-            f"{_SIM_LEARNED}: the BINN's networks as they are.")
-        self.contour = QCheckBox("Draw the simulated front (line at half the maximum density)")
-        self.contour.setChecked(True)
-        self.simulate_btn = QPushButton("Simulate")
-        self.simulate_btn.clicked.connect(self.simulate)
-        sform.addRow("Model", self.sim_model)
-        sform.addRow(self.contour)
-        sform.addRow(self.simulate_btn)
-        layout.addWidget(sim)
+        self.sim_model = ComboBox(
+            label="Model", choices=[_SIM_CLOSED, _SIM_REFIT, _SIM_LEARNED], value=_SIM_CLOSED,
+            tooltip=f"{_SIM_CLOSED}: the chosen forms with the constants of the symbolic fit.\n"
+                    f"{_SIM_REFIT}: candidate forms from both Pareto fronts are refitted against the density itself "
+                    "and the simplest one the BIC supports is kept, with its constants and 95% intervals (slower: "
+                    "one simulation per optimiser step); a Fisher-KPP fit is added for comparison.\n"
+                    f"{_SIM_LEARNED}: the BINN's networks as they are.")
+        self.contour = CheckBox(text="Draw the simulated front (line at half the maximum density)", value=True)
+        self.simulate_btn = PushButton(text="Simulate")
+        self.simulate_form = form(self.sim_model, self.contour, self.simulate_btn)
+        layout.addWidget(section("2. Simulate and compare with the data", self.simulate_form))
 
         run = QHBoxLayout()
         self.progress = QProgressBar()
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.cancel)
+        self.cancel_btn = PushButton(text="Cancel", enabled=False)
         run.addWidget(self.progress)
-        run.addWidget(self.cancel_btn)
+        run.addWidget(self.cancel_btn.native)
         layout.addLayout(run)
         self.status = wrap_label("")
         layout.addWidget(self.status)
@@ -188,28 +174,24 @@ class ResultsWidget(QWidget):
         layout.addWidget(self.qc_table)
 
         # --- bundles
-        bundle = QGroupBox("3. Results bundle (folder with data, networks, equations, report)")
-        bform = QFormLayout(bundle)
-        self.bundle_path = QLineEdit()
-        self.bundle_path.setPlaceholderText("folder to write / read")
-        browse = QPushButton("Browse…")
-        browse.clicked.connect(self._browse)
-        path_row = QHBoxLayout()
-        path_row.addWidget(self.bundle_path)
-        path_row.addWidget(browse)
-        self.overwrite = QCheckBox("Overwrite an existing folder")
-        self.export_btn = QPushButton("Export bundle")
-        self.open_btn = QPushButton("Open bundle")
-        self.export_btn.clicked.connect(self.export)
-        self.open_btn.clicked.connect(self.open_bundle)
-        btns = QHBoxLayout()
-        btns.addWidget(self.export_btn)
-        btns.addWidget(self.open_btn)
-        bform.addRow(path_row)
-        bform.addRow(self.overwrite)
-        bform.addRow(btns)
-        layout.addWidget(bundle)
+        self.bundle_path = FileEdit(mode="d", nullable=True, label="Folder",
+                                    tooltip="The bundle folder: written by Export (a new folder, or an existing one "
+                                            "with Overwrite), read by Open.")
+        self.bundle_path.line_edit.native.setPlaceholderText("folder to write / read")
+        self.bundle_path.choose_btn.text = "Browse…"
+        self.overwrite = CheckBox(text="Overwrite an existing folder", value=False)
+        self.export_btn = PushButton(text="Export bundle")
+        self.open_btn = PushButton(text="Open bundle")
+        self.bundle_form = form(self.bundle_path, self.overwrite, row(self.export_btn, self.open_btn))
+        layout.addWidget(section("3. Results bundle (folder with data, networks, equations, report)",
+                                 self.bundle_form))
         layout.addStretch(1)
+
+        self.discover_btn.changed.connect(self.discover)
+        self.simulate_btn.changed.connect(self.simulate)
+        self.cancel_btn.changed.connect(self.cancel)
+        self.export_btn.changed.connect(self.export)
+        self.open_btn.changed.connect(self._open_clicked)
 
         for name in ("field", "fit", "equations", "simulations", "qc"):
             getattr(self.state.events, name).connect(self._state_changed)
@@ -238,9 +220,9 @@ class ResultsWidget(QWidget):
             return None
         self.progress.setValue(0)
         self.status.setText(f"{what}…")
-        self.cancel_btn.setEnabled(True)
+        self.cancel_btn.enabled = True
         for b in (self.discover_btn, self.simulate_btn, self.export_btn, self.open_btn):
-            b.setEnabled(False)
+            b.enabled = False
         self.job = JobHandle(factory, what=what, on_event=self._event, on_result=on_result,
                              on_finished=self._finished)
         return self.job
@@ -251,9 +233,9 @@ class ResultsWidget(QWidget):
         self.status.setText(f"{ev.message} — ETA {fmt_seconds(ev.eta_s)}")
 
     def _finished(self) -> None:
-        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.enabled = False
         for b in (self.discover_btn, self.simulate_btn, self.export_btn, self.open_btn):
-            b.setEnabled(True)
+            b.enabled = True
 
     def cancel(self) -> None:
         if self.job is not None and self.job.running:
@@ -268,7 +250,7 @@ class ResultsWidget(QWidget):
             notify_exception(ValueError("No trained BINN: train one in the training dock first (or open a results "
                                         "bundle)."), "Equation discovery")
             return None
-        backend, maxc, rule = self.backend.currentText(), self.max_complexity.value(), self.selection.currentText()
+        backend, maxc, rule = self.backend.value, self.max_complexity.value, self.selection.value
 
         def job(token):
             from ..symbolic import discover_equations_job
@@ -298,8 +280,8 @@ class ResultsWidget(QWidget):
         """Fill the Pareto tables (selected row starred and bold), the LaTeX labels and the canvas text."""
         eq = self.state.equations
         backend = getattr(eq, "backend", "")
-        if backend and self.backend.findText(backend) >= 0:
-            self.backend.setCurrentText(backend)
+        if backend and backend in self.backend.choices:
+            self.backend.value = backend
         lines = []
         for key in ("D", "G"):
             table, label = self.tables[key], self.latex_labels[key]
@@ -348,7 +330,7 @@ class ResultsWidget(QWidget):
             notify_exception(ValueError("No density field: extract one in the density dock (or open a bundle)."),
                              "Simulation")
             return None
-        model = self.sim_model.currentText()
+        model = self.sim_model.value
         if model == _SIM_REFIT:
             return self.refit()
         if model == _SIM_CLOSED:
@@ -475,7 +457,7 @@ class ResultsWidget(QWidget):
         resid.colorbar.visible = True
         if LAYER_NAMES["contour"] in self.viewer.layers:
             self.viewer.layers.remove(LAYER_NAMES["contour"])
-        if self.contour.isChecked():
+        if self.contour.value:
             paths = _front_paths(sim, s.field.mask, scale, translate)
             if paths:
                 self.viewer.add_shapes(paths, shape_type="path", name=LAYER_NAMES["contour"], edge_color="orange",
@@ -525,13 +507,8 @@ class ResultsWidget(QWidget):
             self.figure.render(_plot_results, rates, counts, units)
 
     # ------------------------------------------------------------------------------------------ bundles
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Results bundle folder")
-        if path:
-            self.bundle_path.setText(path)
-
     def _bundle_dir(self) -> Path | None:
-        text = self.bundle_path.text().strip()
+        text = self.bundle_path.line_edit.value.strip()
         if not text:
             notify_exception(ValueError("Enter the bundle folder (or use Browse…)."), "Results bundle")
             return None
@@ -555,7 +532,7 @@ class ResultsWidget(QWidget):
             notify_exception(ValueError("Nothing to export yet: extract a density and train a BINN first."),
                              "Export")
             return None
-        result, overwrite = self.current_result(), self.overwrite.isChecked()
+        result, overwrite = self.current_result(), self.overwrite.value
 
         def job(token):
             from ..results import save_results
@@ -569,6 +546,9 @@ class ResultsWidget(QWidget):
         self.progress.setValue(100)
         self.status.setText(f"Bundle written to {path} (open report.html in a browser).")
         show_info(f"Results bundle written: {path}")
+
+    def _open_clicked(self) -> None:
+        self.open_bundle()
 
     def open_bundle(self, path: str | Path | None = None) -> JobHandle | None:
         """Read a bundle in a worker and restore the layers, equations, tables and plots."""
@@ -653,6 +633,10 @@ class ResultsWidget(QWidget):
                 getattr(self.state.events, name).disconnect(self._state_changed)
         except (TypeError, ValueError, RuntimeError):
             pass
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        align_labels(self.discover_form, self.simulate_form, self.bundle_form)
+        super().showEvent(event)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self.shutdown()

@@ -7,24 +7,27 @@ from typing import Any
 
 import napari
 import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Label, PushButton
 from matplotlib.ticker import NullFormatter
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
-from ._common import CloseGuard, JobHandle, fmt_seconds, notify_exception, show_info, show_warning, wrap_label
+from ._common import (
+    CloseGuard,
+    JobHandle,
+    align_labels,
+    fmt_seconds,
+    form,
+    fspin,
+    ispin,
+    notify_exception,
+    row,
+    section,
+    set_clamped,
+    show_info,
+    show_warning,
+    wrap_label,
+)
 from ._plots import BG, AsyncFigure, legend, style_axes
 from ._state import get_state
 
@@ -43,27 +46,12 @@ def headless_torch_threads() -> int:
     return _HEADLESS_THREADS
 
 
-def _ispin(lo: int, hi: int, value: int, tip: str = "") -> QSpinBox:
-    w = QSpinBox()
-    w.setRange(lo, hi)
-    w.setValue(value)
-    w.setToolTip(tip)
-    return w
-
-
-def _fspin(lo: float, hi: float, value: float, decimals: int, tip: str = "", special: str = "") -> QDoubleSpinBox:
-    w = QDoubleSpinBox()
-    w.setRange(lo, hi)
-    w.setDecimals(decimals)
-    w.setValue(value)
-    w.setToolTip(tip)
-    if special:
-        w.setSpecialValueText(special)
-    return w
-
-
 class TrainingWidget(QWidget):
-    """BinnConfig form, Train / Pause / Stop, progress with ETA, live loss and D(u), G(u) plots."""
+    """BinnConfig form, Train / Pause / Stop, progress with ETA, live loss and D(u), G(u) plots.
+
+    The settings are two magicgui containers (``training_form``, ``advanced_form``, the latter shown by the
+    ``advanced_toggle`` check box); the progress bar, status text and the plots stay plain Qt.
+    """
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__()
@@ -76,88 +64,93 @@ class TrainingWidget(QWidget):
         defaults = BinnConfig()
         headless_torch_threads()
 
-        layout = QVBoxLayout(self)
         self.field_label = wrap_label()
-        layout.addWidget(self.field_label)
 
-        box = QGroupBox("Training")
-        form = QFormLayout(box)
-        self.steps = _ispin(1, 1_000_000, defaults.steps, "Adam steps per network (more = better fit, slower).")
-        self.n_models = _ispin(1, 20, defaults.n_models, "Ensemble size: several networks give uncertainty bands.")
-        self.width = _ispin(4, 512, defaults.hidden[0], "Neurons per hidden layer of the density network.")
-        self.depth = _ispin(1, 8, len(defaults.hidden), "Hidden layers of the density network.")
-        self.lr = _fspin(1e-5, 1.0, defaults.lr, 5, "Initial learning rate (decays to the final one).")
-        self.pde_weight = _fspin(0.0, 1e4, defaults.pde_weight, 3, "Weight of the PDE residual vs the data fit.")
-        self.seed = _ispin(0, 2**31 - 1, defaults.seed, "Random seed (same seed + data = same result).")
-        self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        self.device_label = QLabel(self._device_text())
-        form.addRow("Steps", self.steps)
-        form.addRow("Ensemble size", self.n_models)
-        form.addRow("Network width", self.width)
-        form.addRow("Network depth", self.depth)
-        form.addRow("Learning rate", self.lr)
-        form.addRow("PDE weight", self.pde_weight)
-        form.addRow("Seed", self.seed)
-        form.addRow("Device", self.device)
-        form.addRow("", self.device_label)
-        layout.addWidget(box)
+        # --- training
+        self.steps = ispin(defaults.steps, 1, 1_000_000, label="Steps",
+                           tooltip="Adam steps per network (more = better fit, slower).")
+        self.n_models = ispin(defaults.n_models, 1, 20, label="Ensemble size",
+                              tooltip="Ensemble size: several networks give uncertainty bands.")
+        self.width = ispin(defaults.hidden[0], 4, 512, label="Network width",
+                           tooltip="Neurons per hidden layer of the density network.")
+        self.depth = ispin(len(defaults.hidden), 1, 8, label="Network depth",
+                           tooltip="Hidden layers of the density network.")
+        self.lr = fspin(defaults.lr, 1e-5, 1.0, None, label="Learning rate", decimals=5,  # adaptive step
+                        tooltip="Initial learning rate (decays to the final one).")
+        self.pde_weight = fspin(defaults.pde_weight, 0.0, 1e4, 1.0, label="PDE weight", decimals=3,
+                                tooltip="Weight of the PDE residual vs the data fit.")
+        self.seed = ispin(defaults.seed, 0, 2**31 - 1, label="Seed",
+                          tooltip="Random seed (same seed + data = same result).")
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto",
+                               tooltip="Where the networks are trained; auto: a CUDA or Apple MPS GPU when "
+                                       "available, else the CPU.")
+        self.device_label = Label(label="", value=self._device_text())
+        self.training_form = form(self.steps, self.n_models, self.width, self.depth, self.lr, self.pde_weight,
+                                  self.seed, self.device, self.device_label)
 
-        self.advanced_toggle = QCheckBox("Show advanced settings")
-        layout.addWidget(self.advanced_toggle)
-        self.advanced = QGroupBox("Advanced")
-        adv = QFormLayout(self.advanced)
-        self.warmup = _ispin(0, 1_000_000, defaults.warmup_steps, "Data-only steps before the PDE term starts.")
-        self.n_colloc = _ispin(1, 10_000_000, defaults.n_collocation, "PDE collocation points per step.")
-        self.batch = _ispin(1, 10_000_000, defaults.batch_size, "Observed points per step.")
-        self.collocation = QComboBox()
-        self.collocation.addItems(["front", "adaptive", "uniform"])
-        self.validation = QComboBox()
-        self.validation.addItems(["random", "frames"])
-        self.patience = _ispin(0, 1_000_000, defaults.patience, "Stop after this many steps without a better "
-                                                                "validation loss (0 = never).")
-        self.residual = QComboBox()
-        self.residual.addItems(["fast", "autograd"])
-        self.dtype = QComboBox()
-        self.dtype.addItems(["float32", "float64"])
-        self.K = _fspin(0.0, 1e9, 0.0, 3, "Carrying capacity in density units (auto: from the data).", "auto")
-        self.D_max = _fspin(0.0, 1e9, 0.0, 2, "Largest diffusivity allowed, µm²/h (auto: from the data).", "auto")
-        self.noflux = _fspin(0.0, 1e4, defaults.noflux_weight, 3, "Weight of no-flux at the ROI edge (0 = off).")
-        self.monotone_D = QCheckBox("D(u) monotone")
-        self.monotone_G = QCheckBox("G(u) monotone")
-        self.use_delay = QCheckBox("Learn a delay T(t)")
-        self.log_every = _ispin(1, 100_000, defaults.log_every, "Steps between loss points / progress updates.")
-        self.snapshot_every = _ispin(1, 1_000_000, defaults.snapshot_every, "Steps between D(u), G(u) plot updates.")
-        for label, w in (("Warm-up steps", self.warmup), ("Collocation points", self.n_colloc),
-                         ("Batch size", self.batch), ("Collocation", self.collocation),
-                         ("Validation", self.validation), ("Patience", self.patience), ("Residual", self.residual),
-                         ("Precision", self.dtype), ("Carrying capacity K", self.K), ("D max", self.D_max),
-                         ("No-flux weight", self.noflux), ("", self.monotone_D), ("", self.monotone_G),
-                         ("", self.use_delay), ("Log every", self.log_every), ("Plot D, G every", self.snapshot_every)):
-            adv.addRow(label, w)
-        self.advanced.setVisible(False)
-        self.advanced_toggle.toggled.connect(self.advanced.setVisible)
-        layout.addWidget(self.advanced)
+        # --- advanced
+        self.advanced_toggle = CheckBox(text="Show advanced settings", value=False)
+        self.warmup = ispin(defaults.warmup_steps, 0, 1_000_000, label="Warm-up steps",
+                            tooltip="Data-only steps before the PDE term starts.")
+        self.n_colloc = ispin(defaults.n_collocation, 1, 10_000_000, label="Collocation points",
+                              tooltip="PDE collocation points per step.")
+        self.batch = ispin(defaults.batch_size, 1, 10_000_000, label="Batch size", tooltip="Observed points per step.")
+        self.collocation = ComboBox(label="Collocation", choices=["front", "adaptive", "uniform"], value="front",
+                                    tooltip="Where the PDE is enforced each step: front (where the density "
+                                            "changes), uniform, or adaptive (half of the points where the "
+                                            "residual is large).")
+        self.validation = ComboBox(label="Validation", choices=["random", "frames"], value="random",
+                                   tooltip="Held-out data: random observed points, or frames (every 5th interior "
+                                           "frame).")
+        self.patience = ispin(defaults.patience, 0, 1_000_000, label="Patience",
+                              tooltip="Stop after this many steps without a better validation loss (0 = never).")
+        self.residual = ComboBox(label="Residual", choices=["fast", "autograd"], value="fast",
+                                 tooltip="How the PDE residual is computed: fast (forward Laplacian) or autograd.")
+        self.dtype = ComboBox(label="Precision", choices=["float32", "float64"], value="float32",
+                              tooltip="Floating-point precision of the networks (float64: slower).")
+        self.K = fspin(0.0, 0.0, 1e9, 1.0, label="Carrying capacity K", decimals=3, special="auto",
+                       tooltip="Carrying capacity in density units (auto: from the data).")  # unit: _field_changed
+        self.D_max = fspin(0.0, 0.0, 1e9, 1.0, label="D max", decimals=2, suffix=" µm²/h", special="auto",
+                           tooltip="Largest diffusivity allowed, µm²/h (auto: from the data).")
+        self.noflux = fspin(defaults.noflux_weight, 0.0, 1e4, 1.0, label="No-flux weight", decimals=3,
+                            tooltip="Weight of no-flux at the ROI edge (0 = off).")
+        self.monotone_D = CheckBox(text="D(u) monotone", value=False)
+        self.monotone_G = CheckBox(text="G(u) monotone", value=False)
+        self.use_delay = CheckBox(text="Learn a delay T(t)", value=False)
+        self.log_every = ispin(defaults.log_every, 1, 100_000, label="Log every",
+                               tooltip="Steps between loss points / progress updates.")
+        self.snapshot_every = ispin(defaults.snapshot_every, 1, 1_000_000, label="Plot D, G every",
+                                    tooltip="Steps between D(u), G(u) plot updates.")
+        self.advanced_form = form(self.warmup, self.n_colloc, self.batch, self.collocation, self.validation,
+                                  self.patience, self.residual, self.dtype, self.K, self.D_max, self.noflux,
+                                  self.monotone_D, self.monotone_G, self.use_delay, self.log_every,
+                                  self.snapshot_every)
 
-        buttons = QHBoxLayout()
-        self.train_btn = QPushButton("Train")
-        self.pause_btn = QPushButton("Pause")
-        self.stop_btn = QPushButton("Stop (keep best)")
-        self.pause_btn.setEnabled(False)
-        self.stop_btn.setEnabled(False)
-        self.train_btn.clicked.connect(self.train)
-        self.pause_btn.clicked.connect(self.toggle_pause)
-        self.stop_btn.clicked.connect(self.stop)
-        for b in (self.train_btn, self.pause_btn, self.stop_btn):
-            buttons.addWidget(b)
-        layout.addLayout(buttons)
+        # --- run
+        self.train_btn = PushButton(text="Train")
+        self.pause_btn = PushButton(text="Pause", enabled=False)
+        self.stop_btn = PushButton(text="Stop (keep best)", enabled=False)
         self.progress = QProgressBar()
         self.status = wrap_label("")
+        self.figure = AsyncFigure(430, min_interval_ms=700)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.field_label)
+        layout.addWidget(section("Training", self.training_form))
+        layout.addWidget(self.advanced_toggle.native)
+        self.advanced = section("Advanced", self.advanced_form)
+        self.advanced.setVisible(False)
+        layout.addWidget(self.advanced)
+        layout.addWidget(row(self.train_btn, self.pause_btn, self.stop_btn).native)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
-
-        self.figure = AsyncFigure(430, min_interval_ms=700)
         layout.addWidget(self.figure)
+
+        self.advanced_toggle.changed.connect(self._show_advanced)
+        self.train_btn.changed.connect(self.train)
+        self.pause_btn.changed.connect(self.toggle_pause)
+        self.stop_btn.changed.connect(self.stop)
+
         self._reset_plots()
         self._history: dict[str, list[tuple[int, float]]] = {}
         self._finished_members: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -174,6 +167,9 @@ class TrainingWidget(QWidget):
         self._guard = CloseGuard(self, self.shutdown)
 
     # ------------------------------------------------------------------------------------------ inputs
+    def _show_advanced(self, show: bool) -> None:
+        self.advanced.setVisible(bool(show))
+
     @staticmethod
     def _device_text() -> str:
         try:
@@ -185,6 +181,7 @@ class TrainingWidget(QWidget):
             return f"device check failed: {exc}"
 
     def _field_changed(self, fld: Any) -> None:
+        self.K.native.setSuffix(f" {fld.units}" if fld is not None and fld.units else "")
         if fld is None:
             self.field_label.setText("No density yet: run 'Extract all frames' in the density dock "
                                      "(or open a results bundle).")
@@ -198,34 +195,30 @@ class TrainingWidget(QWidget):
         from ..binn import BinnConfig
 
         return BinnConfig(
-            hidden=(self.width.value(),) * self.depth.value(), steps=self.steps.value(),
-            n_models=self.n_models.value(), lr=self.lr.value(), lr_final=min(1e-4, self.lr.value()),
-            pde_weight=self.pde_weight.value(), seed=self.seed.value(), device=self.device.currentText(),
-            warmup_steps=min(self.warmup.value(), max(0, self.steps.value() - 1)),
-            n_collocation=self.n_colloc.value(), batch_size=self.batch.value(),
-            collocation=self.collocation.currentText(), validation=self.validation.currentText(),
-            patience=self.patience.value(), residual=self.residual.currentText(), dtype=self.dtype.currentText(),
-            K=self.K.value() or None, D_max=self.D_max.value() or None, noflux_weight=self.noflux.value(),
-            monotone_D=self.monotone_D.isChecked(), monotone_G=self.monotone_G.isChecked(),
-            use_delay=self.use_delay.isChecked(), log_every=self.log_every.value(),
-            snapshot_every=self.snapshot_every.value(), val_every=min(50, self.log_every.value()),
+            hidden=(self.width.value,) * self.depth.value, steps=self.steps.value,
+            n_models=self.n_models.value, lr=self.lr.value, lr_final=min(1e-4, self.lr.value),
+            pde_weight=self.pde_weight.value, seed=self.seed.value, device=self.device.value,
+            warmup_steps=min(self.warmup.value, max(0, self.steps.value - 1)),
+            n_collocation=self.n_colloc.value, batch_size=self.batch.value,
+            collocation=self.collocation.value, validation=self.validation.value,
+            patience=self.patience.value, residual=self.residual.value, dtype=self.dtype.value,
+            K=self.K.value or None, D_max=self.D_max.value or None, noflux_weight=self.noflux.value,
+            monotone_D=self.monotone_D.value, monotone_G=self.monotone_G.value,
+            use_delay=self.use_delay.value, log_every=self.log_every.value,
+            snapshot_every=self.snapshot_every.value, val_every=min(50, self.log_every.value),
         )
 
     def set_config(self, cfg: Any) -> None:
-        """Fill the form from a BinnConfig (e.g. one read from a bundle)."""
-        self.steps.setValue(cfg.steps)
-        self.n_models.setValue(cfg.n_models)
-        self.width.setValue(cfg.hidden[0])
-        self.depth.setValue(len(cfg.hidden))
-        self.lr.setValue(cfg.lr)
-        self.pde_weight.setValue(cfg.pde_weight)
-        self.seed.setValue(cfg.seed)
-        self.device.setCurrentText(cfg.device)
-        self.warmup.setValue(cfg.warmup_steps)
-        self.n_colloc.setValue(cfg.n_collocation)
-        self.batch.setValue(cfg.batch_size)
-        self.log_every.setValue(cfg.log_every)
-        self.snapshot_every.setValue(cfg.snapshot_every)
+        """Fill the form from a BinnConfig (e.g. one read from a bundle); values are clipped to the fields' ranges
+        and a device this form does not offer is left as it is."""
+        for widget, value in ((self.steps, cfg.steps), (self.n_models, cfg.n_models), (self.width, cfg.hidden[0]),
+                              (self.depth, len(cfg.hidden)), (self.lr, cfg.lr), (self.pde_weight, cfg.pde_weight),
+                              (self.seed, cfg.seed), (self.warmup, cfg.warmup_steps),
+                              (self.n_colloc, cfg.n_collocation), (self.batch, cfg.batch_size),
+                              (self.log_every, cfg.log_every), (self.snapshot_every, cfg.snapshot_every)):
+            set_clamped(widget, value)
+        if cfg.device in self.device.choices:
+            self.device.value = cfg.device
 
     # ------------------------------------------------------------------------------------------ run
     def train(self, config: Any = None) -> JobHandle | None:
@@ -270,21 +263,21 @@ class TrainingWidget(QWidget):
         return self.job
 
     def _set_running(self, running: bool) -> None:
-        self.train_btn.setEnabled(not running)
-        self.pause_btn.setEnabled(running)
-        self.stop_btn.setEnabled(running)
-        self.pause_btn.setText("Pause")
+        self.train_btn.enabled = not running
+        self.pause_btn.enabled = running
+        self.stop_btn.enabled = running
+        self.pause_btn.text = "Pause"
 
     def toggle_pause(self) -> None:
         if self.job is None or not self.job.running:
             return
         if self.job.token.paused:
             self.job.token.resume()
-            self.pause_btn.setText("Pause")
+            self.pause_btn.text = "Pause"
             self.status.setText("Resumed.")
         else:
             self.job.token.pause()
-            self.pause_btn.setText("Resume")
+            self.pause_btn.text = "Resume"
             self.status.setText("Paused (the current step finishes first).")
 
     def stop(self) -> None:
@@ -298,8 +291,8 @@ class TrainingWidget(QWidget):
         if ev.fraction is not None:
             self.progress.setValue(int(100 * ev.fraction))
         if "device" in d:
-            self.device_label.setText(f"running on {d['device']}" + (f" ({d['device_note']})"
-                                                                      if d.get("device_note") else ""))
+            self.device_label.value = f"running on {d['device']}" + (f" ({d['device_note']})"
+                                                                      if d.get("device_note") else "")
         if "divergence" in d:
             show_warning(f"Training: {ev.message}")
         if not d.get("paused"):
@@ -364,6 +357,10 @@ class TrainingWidget(QWidget):
             self.state.events.field.disconnect(self._field_changed)
         except (TypeError, ValueError, RuntimeError):
             pass
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        align_labels(self.training_form, self.advanced_form)
+        super().showEvent(event)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self.shutdown()
