@@ -2,10 +2,12 @@
 
     xvfb-run -a -s "-screen 0 1800x1100x24" .venv/bin/python scripts/screenshots.py [--out docs/images]
         [--steps 8000] [--warmup 1000] [--pde-weight 1] [--models 2] [--box-um 100] [--backend operon]
+        [--only-batch]
 
 Opens the synthetic sample (File > Open Sample > napari-binn), draws an ROI, previews, extracts, trains with the
 demo's settings, discovers, refits the candidate forms against the data, simulates, exports and re-opens the
-bundle, saving ``viewer.screenshot(canvas_only=False)`` of the whole window after each step.
+bundle, saving ``viewer.screenshot(canvas_only=False)`` of the whole window after each step. Then, in a fresh
+viewer, the per-shape batch dock runs the whole pipeline on two regions of the scratch (one BINN each).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--box-um", type=float, default=100.0)
     parser.add_argument("--backend", default="operon")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    parser.add_argument("--only-batch", action="store_true", help="only the per-shape batch screenshot")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +44,9 @@ def main() -> None:
     level = settings.gui_notification_level
     settings.gui_notification_level = "warning"  # no info toasts over the pictures (restored at the end)
     try:
-        run(args, out)
+        if not args.only_batch:
+            run(args, out)
+        per_shape(args, out)
     finally:
         settings.gui_notification_level = level
 
@@ -156,6 +161,68 @@ def run(args: argparse.Namespace, out: Path) -> None:
     shot("08_bundle_reopened.png")
     res2.shutdown()
     viewer2.close()
+
+
+def per_shape(args: argparse.Namespace, out: Path) -> None:
+    """The per-shape batch dock after running the top and bottom halves of the scratch, one bundle each."""
+    import napari
+    from PIL import Image
+
+    app = napari.qt.get_qapp()
+
+    def pump(seconds: float = 0.3) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    def wait(cond, timeout: float = 1800.0) -> None:
+        end = time.perf_counter() + timeout
+        while not cond():
+            if time.perf_counter() > end:
+                raise TimeoutError("step did not finish in time")
+            pump(0.05)
+
+    viewer = napari.Viewer(title="napari-binn: one analysis per shape")
+    viewer.window.resize(1750, 1050)
+    viewer.open_sample("napari-binn", "synthetic_scratch")
+    image = viewer.layers[0]
+    _, dens = viewer.window.add_plugin_dock_widget("napari-binn", "Density extraction")
+    _, train = viewer.window.add_plugin_dock_widget("napari-binn", "BINN training", tabify=True)
+    _, res = viewer.window.add_plugin_dock_widget("napari-binn", "Equations and results", tabify=True)
+    bd, batch = viewer.window.add_plugin_dock_widget("napari-binn", "Per-shape batch", tabify=True)
+    dens.layer_combo.value = image.name
+    dens.box_um.value = args.box_um
+    train.warmup.value = args.warmup
+    train.pde_weight.value = args.pde_weight
+    res.backend.value = args.backend
+    viewer.dims.set_current_step(0, 1)  # 4 h: the scratch is open
+    ny, nx = image.data.shape[-2:]
+    roi = dens.new_roi_layer()
+    roi.add_rectangles(np.array([[[10, 10], [ny // 2 - 5, nx - 10]], [[ny // 2 + 5, 10], [ny - 10, nx - 10]]],
+                                float))
+    roi.mode = "pan_zoom"
+    batch.folder.value = str(Path(tempfile.mkdtemp()) / "wound_regions")
+    batch.steps.value = args.steps
+    batch.n_models.value = 1
+    bd.raise_()
+    pump(1.0)
+    job = batch.run()
+    wait(lambda: not job.running)
+    for layer in viewer.layers:
+        if (layer.metadata or {}).get("napari_binn_output") == "preview":
+            layer.visible = False
+    batch.table.selectRow(0)  # selects shape 1 in the ROI layer
+    roi.mode = "select"
+    viewer.layers.selection.active = roi
+    viewer.reset_view()
+    pump(1.5)
+    img = viewer.screenshot(canvas_only=False, flash=False)
+    Image.fromarray(np.asarray(img)).save(out / "09_batch_per_shape.png")
+    print(f"saved {out / '09_batch_per_shape.png'}", flush=True)
+    for w in (dens, train, res, batch):
+        w.shutdown()
+    viewer.close()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Label, PushButton
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
 from ._common import (
@@ -32,7 +32,7 @@ from ._common import (
     upsert_points,
     wrap_label,
 )
-from ._state import LAYER_NAMES, get_state
+from ._state import LAYER_NAMES, get_state, register_dock, unregister_dock
 
 __all__ = ["DensityWidget"]
 
@@ -46,8 +46,12 @@ class DensityWidget(QWidget):
     """Choose an image layer, its calibration, an ROI and a method; preview one frame; extract all frames.
 
     The three parameter sections are magicgui containers (``data_form``, ``roi_form``, ``method_form``) of magicgui
-    value widgets; the preview text, progress bar and status stay plain Qt.
+    value widgets; the preview text, progress bar and status stay plain Qt. Other docks read the current form with
+    :meth:`analysis_inputs` (the per-shape batch dock runs with it); ``settings_changed`` tells them it changed.
     """
+
+    #: emitted (debounced by the receivers) whenever the form, the chosen layers, a shape or the frame changes
+    settings_changed = Signal()
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__()
@@ -74,9 +78,11 @@ class DensityWidget(QWidget):
         self.roi_combo = ComboBox(label="ROI layer", choices=self._roi_choices,
                                   tooltip="Shapes layer whose rectangles/polygons/ellipses bound the analysis.")
         self.roi_mode = ComboBox(label="Shapes", choices=[ROI_UNION, ROI_SELECTED], value=ROI_UNION,
-                                 tooltip="Union: every closed shape of the layer bounds one analysis. Selected: only "
-                                         "the shapes selected in the layer (select one, extract, train, export; then "
-                                         "the next) - one analysis per shape.")
+                                 tooltip="Union: all closed shapes of the layer together bound one analysis. "
+                                         "Selected: only the shapes selected in the layer.\n"
+                                         "One analysis per shape: open the 'Per-shape batch' dock (Plugins > "
+                                         "napari-binn), which runs every shape of this ROI layer in turn with "
+                                         "these settings and saves one results bundle per shape.")
         self.new_roi_btn = PushButton(text="New ROI layer (draw a polygon)")
         self.roi_form = form(self.roi_combo, self.roi_mode, self.new_roi_btn)
 
@@ -138,6 +144,7 @@ class DensityWidget(QWidget):
         self.viewer.dims.events.current_step.connect(self.schedule_preview)
         self._shape_layer_hooked: set[int] = set()
         self._guard = CloseGuard(self, self.shutdown)
+        register_dock(self.viewer, "density", self)
         self._refresh_layer_lists()
         if self.layer_combo.value:
             self._layer_changed(self.layer_combo.value)
@@ -235,7 +242,7 @@ class DensityWidget(QWidget):
         layer.mode = "add_polygon"
         self.roi_combo.value = layer.name
         show_info("Draw the region to analyse: click the corners, double-click to close. "
-                  "Several shapes are merged (union), or analysed one at a time with 'Selected shapes only'.")
+                  "Several shapes are merged (union); for one analysis per shape use the 'Per-shape batch' dock.")
         return layer
 
     # ------------------------------------------------------------------------------------------ inputs
@@ -251,6 +258,23 @@ class DensityWidget(QWidget):
         else:
             p["texture_window_um"] = self.texture.value
         return p
+
+    def density_config(self):
+        """The density settings of the form as the core's DensityConfig (method, box size, method parameters)."""
+        from ..pipeline import DensityConfig
+
+        params = self.params()
+        params.update(spatial_sigma=self.spatial_sigma.value, temporal_sigma=self.temporal_sigma.value)
+        return DensityConfig(method=self.method.value, box_um=self.box_um.value, params=params)
+
+    def analysis_inputs(self) -> tuple[Any, Any, Any, Any]:
+        """(Stack, image layer, DensityConfig, ROI Shapes layer or None): what this form analyses.
+
+        Used by the per-shape batch dock; ValueError (saying what to fill in) when the image or its pixel size
+        is missing.
+        """
+        stack, image = self.current_stack()
+        return stack, image, self.density_config(), self.roi_layer()
 
     def current_stack(self):
         """(Stack, image layer) from the chosen layer and the calibration fields; ValueError when missing."""
@@ -285,6 +309,7 @@ class DensityWidget(QWidget):
     def schedule_preview(self, *args: Any) -> None:
         """Refresh the preview 300 ms after the last change (debounced; never blocks the UI)."""
         self._timer.start()
+        self.settings_changed.emit()
 
     def refresh_preview(self) -> None:
         if self._preview_job is not None and self._preview_job.running:
@@ -359,13 +384,12 @@ class DensityWidget(QWidget):
         if stack.metadata.get("time_units") == "frames":
             show_warning("Frame interval unknown: times are frame indices, so rates will be per frame, not per "
                          "hour. Enter the frame interval to get hours.")
-        method, box, params = self.method.value, self.box_um.value, self.params()
-        params.update(spatial_sigma=self.spatial_sigma.value, temporal_sigma=self.temporal_sigma.value)
+        dc = self.density_config()
 
         def job(token):
             from ..density import extract_density_job
 
-            return extract_density_job(stack, roi, method, box, cancel=token, **params)
+            return extract_density_job(stack, roi, dc.method, dc.box_um, cancel=token, **dc.params)
 
         self.extract_btn.enabled = False
         self.cancel_btn.enabled = True
@@ -426,6 +450,7 @@ class DensityWidget(QWidget):
     def shutdown(self) -> None:
         """Stop every job of this dock and wait for its thread (dock or viewer closing)."""
         self._timer.stop()
+        unregister_dock(self.viewer, "density", self)
         for job in (self._preview_job, self._extract_job):
             if job is not None:
                 job.stop(detach=True)

@@ -39,7 +39,7 @@ from ._common import (
     wrap_label,
 )
 from ._plots import AsyncFigure, legend, style_axes
-from ._state import LAYER_NAMES, get_state, register_state_id
+from ._state import LAYER_NAMES, get_state, register_dock, register_state_id, unregister_dock
 
 __all__ = ["ResultsWidget", "front_rows", "pick_front_row"]
 
@@ -197,6 +197,7 @@ class ResultsWidget(QWidget):
             getattr(self.state.events, name).connect(self._state_changed)
         self.viewer.layers.events.inserted.connect(self._layer_inserted)
         self._guard = CloseGuard(self, self.shutdown)
+        register_dock(self.viewer, "results", self)
         self._state_changed()
         self.show_equations()
         for layer in list(self.viewer.layers):  # a bundle opened with File > Open before this dock
@@ -243,6 +244,13 @@ class ResultsWidget(QWidget):
             self.status.setText("Cancelling…")
 
     # ------------------------------------------------------------------------------------------ discovery
+    def symbolic_config(self):
+        """The discovery settings of the form (backend, max. complexity, selection rule) as a SymbolicConfig."""
+        from ..pipeline import SymbolicConfig
+
+        return SymbolicConfig(backend=self.backend.value, max_complexity=self.max_complexity.value,
+                              selection=self.selection.value)
+
     def discover(self) -> JobHandle | None:
         """Symbolic regression of the current BINN's D(u) and G(u) in a worker."""
         fit = self.state.fit
@@ -624,6 +632,7 @@ class ResultsWidget(QWidget):
     # ------------------------------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
         """Stop the running job and the plot thread: the dock or the viewer is closing."""
+        unregister_dock(self.viewer, "results", self)
         if self.job is not None:
             self.job.stop(detach=True)
         self.figure.shutdown()

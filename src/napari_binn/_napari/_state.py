@@ -3,6 +3,9 @@
 The density dock sets ``stack``/``field``, the training dock ``fit``, the results dock ``equations``,
 ``simulations`` and ``qc``; each dock listens to ``state.events.<name>`` so a result made in one dock appears
 in the next without re-selecting anything.
+
+The open docks of a viewer are also registered here (:func:`register_dock`, :func:`find_dock`), so a dock can read
+another's current form (the per-shape batch dock runs with the density dock's settings) without any copy of it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
-from psygnal import evented
+from psygnal import Signal, evented
 
-__all__ = ["BinnState", "get_state", "LAYER_NAMES", "register_state_id", "find_state"]
+__all__ = ["BinnState", "get_state", "LAYER_NAMES", "register_state_id", "find_state", "DockRegistry",
+           "get_docks", "register_dock", "unregister_dock", "find_dock"]
 
 #: Names of the layers the plugin creates (reused on re-runs, never duplicated).
 LAYER_NAMES = {
@@ -80,3 +84,60 @@ def find_state(state_id: Any) -> BinnState | None:
         return _BY_ID.get(int(state_id))
     except (TypeError, ValueError):
         return None
+
+
+class DockRegistry:
+    """The open napari-binn docks of one viewer, by role ('density', 'training', 'results').
+
+    Only weak references are kept: a dock that closes unregisters itself (in its ``shutdown``), and a deleted one
+    is forgotten. ``changed(role)`` is emitted when a dock of that role registers or unregisters.
+    """
+
+    changed = Signal(str)
+
+    def __init__(self) -> None:
+        self._docks: dict[str, weakref.ref] = {}
+
+    def register(self, role: str, widget: Any) -> None:
+        self._docks[role] = weakref.ref(widget)
+        self.changed.emit(role)
+
+    def unregister(self, role: str, widget: Any) -> None:
+        if self.get(role) is widget:
+            del self._docks[role]
+            self.changed.emit(role)
+
+    def get(self, role: str) -> Any | None:
+        ref = self._docks.get(role)
+        widget = ref() if ref is not None else None
+        if widget is None and ref is not None:
+            del self._docks[role]
+        return widget
+
+
+_DOCKS: "weakref.WeakKeyDictionary[Any, DockRegistry]" = weakref.WeakKeyDictionary()
+
+
+def get_docks(viewer: Any) -> DockRegistry:
+    """The dock registry of ``viewer`` (created on first use; keyed by the viewer itself, as :func:`get_state`)."""
+    viewer = getattr(viewer, "__wrapped__", viewer)
+    docks = _DOCKS.get(viewer)
+    if docks is None:
+        docks = DockRegistry()
+        _DOCKS[viewer] = docks
+    return docks
+
+
+def register_dock(viewer: Any, role: str, widget: Any) -> None:
+    """Record ``widget`` as the open dock of ``role`` in ``viewer`` (the latest one of a role wins)."""
+    get_docks(viewer).register(role, widget)
+
+
+def unregister_dock(viewer: Any, role: str, widget: Any) -> None:
+    """Forget ``widget`` (closing); a no-op when another dock of that role has registered since."""
+    get_docks(viewer).unregister(role, widget)
+
+
+def find_dock(viewer: Any, role: str) -> Any | None:
+    """The open dock of ``role`` in ``viewer``, or None."""
+    return get_docks(viewer).get(role)

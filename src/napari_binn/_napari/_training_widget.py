@@ -29,7 +29,7 @@ from ._common import (
     wrap_label,
 )
 from ._plots import BG, AsyncFigure, legend, style_axes
-from ._state import get_state
+from ._state import get_state, register_dock, unregister_dock
 
 __all__ = ["TrainingWidget", "headless_torch_threads"]
 
@@ -165,6 +165,7 @@ class TrainingWidget(QWidget):
         self.state.events.field.connect(self._field_changed)
         self._field_changed(self.state.field)
         self._guard = CloseGuard(self, self.shutdown)
+        register_dock(self.viewer, "training", self)
 
     # ------------------------------------------------------------------------------------------ inputs
     def _show_advanced(self, show: bool) -> None:
@@ -349,6 +350,7 @@ class TrainingWidget(QWidget):
     # ------------------------------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
         """Stop training (keeping nothing) and wait for the worker thread: the dock or viewer is closing."""
+        unregister_dock(self.viewer, "training", self)
         self._redraw_timer.stop()
         if self.job is not None:
             self.job.stop(detach=True)
