@@ -139,6 +139,21 @@ def test_save_load_round_trip(tmp_path):
         BinnFit.load(tmp_path)
 
 
+def test_load_fit_saved_before_the_softplus_D_network(tmp_path):
+    import json
+
+    fit = fit_binn(make_field(), BinnConfig(steps=5, D_output="log", D_decades=5.0, **TINY))
+    fit.save(tmp_path / "fit")
+    meta_path = tmp_path / "fit" / "binn_fit.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["D_output"]  # as written by earlier versions
+    meta_path.write_text(json.dumps(meta))
+    again = BinnFit.load(tmp_path / "fit")
+    u = np.linspace(0, 1, 9)
+    assert again.config.D_output == "log"
+    assert np.array_equal(fit.D(u), again.D(u))
+
+
 def test_config_round_trip_and_validation():
     cfg = BinnConfig(steps=5, hidden=(8, 8), D_max=100.0)
     assert BinnConfig.from_dict(cfg.to_dict()) == cfg
@@ -192,6 +207,35 @@ def test_noflux_constraints_and_adaptive_options_run():
                                  lbfgs_steps=20, residual="autograd", **TINY))
     terms = fit.history[0][-2]
     assert {"noflux", "constraint", "pde"} <= set(terms)
+
+
+def test_softplus_D_network_bounds_init_and_affine_output():
+    from napari_binn.binn.nets import BoundedNet
+
+    torch.manual_seed(0)
+    net = BoundedNet(0.1, 100.0, hidden=(8, 8), init_fraction=0.004, unit=0.05)
+    u = torch.linspace(0, 1, 11)
+    with torch.no_grad():
+        d = net(u)
+        assert torch.allclose(d, torch.full_like(d, 0.1 + 0.004 * 99.9), rtol=0.05)  # starts at the given fraction
+        net.layers[-1].bias.fill_(-60.0)
+        assert float(net(u).min()) >= 0.1
+        net.layers[-1].bias.fill_(1e4)
+        assert float(net(u).max()) <= 100.0
+        # an output layer affine in the last hidden layer, whose units are near-linear here: D nearly affine in u
+        for lin in net.layers[:-1]:
+            lin.weight.zero_()
+            lin.bias.zero_()
+        net.layers[0].weight.fill_(0.01)
+        net.layers[1].weight.fill_(0.0)
+        net.layers[1].weight[:, 0] = 1.0
+        net.layers[-1].weight.fill_(0.0)
+        net.layers[-1].weight[0, :] = 1000.0  # z = 1000 tanh(0.01 u) + 4, about 4 + 10 u
+        net.layers[-1].bias.fill_(4.0)
+        d = net(u).numpy()
+        assert np.allclose(np.diff(d, 2), 0.0, atol=1e-3 * d.max())
+    state = net.state_dict()
+    assert "unit" in state  # a saved fit rebuilds the same scale
 
 
 def test_log_scale_D_network_bounds_and_init():

@@ -23,6 +23,10 @@ _META = "binn_fit.json"
 _FORMAT = "napari-binn.binn_fit/1"
 
 
+#: softplus D scale as a fraction of the starting D: D(u) is affine in the network output from about this D up
+_SOFTPLUS_UNIT = 0.1
+
+
 def build_model(config: BinnConfig, scales: Scales, bounds: dict[str, float],
                 D_init: float | None = None) -> BinnModel:
     """A fresh :class:`BinnModel` whose D/G bounds are ``bounds`` (physical) converted to scaled units.
@@ -38,8 +42,11 @@ def build_model(config: BinnConfig, scales: Scales, bounds: dict[str, float],
         d_init = (D_init - bounds["D_min"]) / span
     else:
         d_init = 10.0 ** (-decades / 2) if decades > 0 else 0.02
+    d_unit = None
+    if config.D_output == "softplus":  # a tenth of the starting D (kept in the state dict, for loading)
+        d_unit = max(_SOFTPLUS_UNIT * d_init * (d_hi - d_lo), 1e-12)
     return BinnModel(config.hidden, config.activation, config.rate_hidden, (d_lo, d_hi), (g_lo, g_hi),
-                     config.use_delay, d_init_fraction=d_init, d_decades=decades)
+                     config.use_delay, d_init_fraction=d_init, d_decades=decades, d_unit=d_unit)
 
 
 class PhysicalRate(nn.Module):
@@ -213,6 +220,7 @@ class BinnFit:
             raise ValueError(f"{directory / _META} is not a napari-binn BINN fit (format {meta.get('format')!r})")
         cfg_d = dict(meta["config"])
         cfg_d.setdefault("D_decades", 0.0)  # fits saved before the log-scale D network used a linear scale
+        cfg_d.setdefault("D_output", "log")  # and those saved before the softplus D network, D_decades' scale
         config = BinnConfig.from_dict(cfg_d)
         scales = Scales(**meta["scales"])
         tensors = load_file(str(directory / _WEIGHTS))

@@ -134,18 +134,36 @@ class BoundedNet(nn.Module):
 
     Linear scale (``decades = 0``): lo + (hi - lo) sigmoid(z). Log scale (``decades > 0``):
     lo + (hi - lo) 10^(-decades (1 - sigmoid(z))), so the output spans ``decades`` orders of magnitude below hi
-    with an even sensitivity per decade (a diffusivity 100x below its bound still trains well).
+    with an even sensitivity per decade (a diffusivity 100x below its bound still trains well). Softplus
+    (``unit`` given): lo + span (1 - exp(-d / span)) with d = unit softplus(z) and span = hi - lo: affine in z
+    from about ``unit`` up to a good fraction of hi. Far below their upper
+    bound the first two are exponential in z, so a network whose z is nearly affine in u (the simplest ones, and
+    what weakly informative data leave) gives an exponential D(u); softplus gives an affine one.
     ``init_fraction`` is the starting value as a fraction of (hi - lo).
     """
 
     def __init__(self, lo: float, hi: float, hidden: tuple[int, ...] = (32, 32, 32),
-                 activation: str = "silu", init_fraction: float = 0.5, decades: float = 0.0) -> None:
+                 activation: str = "silu", init_fraction: float = 0.5, decades: float = 0.0,
+                 unit: float | None = None) -> None:
         super().__init__()
         self.activation = activation
         self.layers = _mlp(1, tuple(hidden), 1)
         self.register_buffer("lo", torch.tensor(float(lo)))
         self.register_buffer("hi", torch.tensor(float(hi)))
         self.decades = float(decades)
+        self.softplus = unit is not None
+        if self.softplus:
+            # d = unit softplus(z) is affine in z above about unit, so the simplest networks (z nearly affine in u)
+            # give an affine D(u) rather than an exponential one; the cap lo + span (1 - exp(-d / span)) keeps D
+            # below hi with a gradient everywhere and is d itself while d << span
+            self.register_buffer("unit", torch.tensor(float(unit)))
+            frac = min(max(init_fraction, 0.0), 0.999)
+            start = max(-math.log1p(-frac) * (hi - lo) / unit, 1e-6)
+            frac_z = math.log(math.expm1(start)) if start < 30 else start
+            with torch.no_grad():
+                self.layers[-1].bias.fill_(frac_z)
+                self.layers[-1].weight.mul_(0.1)
+            return
         if self.decades > 0:
             floor = 10.0 ** (-self.decades)
             frac = 1.0 + math.log10(min(max(init_fraction, floor * 1.01), 0.99)) / self.decades
@@ -161,6 +179,10 @@ class BoundedNet(nn.Module):
         h = u.unsqueeze(-1)
         for lin in self.layers[:-1]:
             h = _act(lin(h), self.activation)
+        if self.softplus:
+            span = self.hi - self.lo
+            d = self.unit * nn.functional.softplus(self.layers[-1](h).squeeze(-1))
+            return torch.clamp(self.lo - span * torch.expm1(-d / span), max=self.hi)
         s = torch.sigmoid(self.layers[-1](h).squeeze(-1))
         if self.decades > 0:
             s = torch.exp((s - 1.0) * (self.decades * math.log(10.0)))
@@ -179,11 +201,11 @@ class BinnModel(nn.Module):
 
     def __init__(self, hidden: tuple[int, ...], activation: str, rate_hidden: tuple[int, ...],
                  d_bounds: tuple[float, float], g_bounds: tuple[float, float], use_delay: bool,
-                 d_init_fraction: float = 0.05, d_decades: float = 0.0) -> None:
+                 d_init_fraction: float = 0.05, d_decades: float = 0.0, d_unit: float | None = None) -> None:
         super().__init__()
         self.unet = SurrogateNet(hidden, activation)
         self.dnet = BoundedNet(*d_bounds, hidden=rate_hidden, activation=activation,
-                               init_fraction=d_init_fraction, decades=d_decades)
+                               init_fraction=d_init_fraction, decades=d_decades, unit=d_unit)
         g_lo, g_hi = g_bounds
         g0 = (0.0 - g_lo) / (g_hi - g_lo) if g_hi > g_lo else 0.5
         self.gnet = BoundedNet(g_lo, g_hi, hidden=rate_hidden, activation=activation, init_fraction=g0)
