@@ -51,35 +51,46 @@ def main() -> None:
         settings.gui_notification_level = level
 
 
-def run(args: argparse.Namespace, out: Path) -> None:
+def pump(seconds: float = 0.3) -> None:
+    """Let Qt process events for ``seconds``."""
     import napari
-    from PIL import Image
-
-    from napari_binn._napari._state import LAYER_NAMES, get_state
 
     app = napari.qt.get_qapp()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.01)
 
-    def pump(seconds: float = 0.3) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.01)
 
-    def wait(cond, timeout: float = 600.0) -> None:
-        end = time.perf_counter() + timeout
-        while not cond():
-            if time.perf_counter() > end:
-                raise TimeoutError("step did not finish in time")
-            pump(0.05)
+def wait(cond, timeout: float = 600.0) -> None:
+    """Process events until ``cond()`` is true (TimeoutError after ``timeout`` seconds)."""
+    end = time.perf_counter() + timeout
+    while not cond():
+        if time.perf_counter() > end:
+            raise TimeoutError("step did not finish in time")
+        pump(0.05)
+
+
+def save_window(viewer, path: Path) -> None:
+    """The whole napari window (canvas and docks) as a PNG."""
+    from PIL import Image
+
+    img = viewer.screenshot(canvas_only=False, flash=False)
+    Image.fromarray(np.asarray(img)).save(path)
+    print(f"saved {path}", flush=True)
+
+
+def run(args: argparse.Namespace, out: Path) -> None:
+    import napari
+
+    from napari_binn._napari._state import LAYER_NAMES, get_state
 
     def shot(name: str, dock=None) -> None:
         if dock is not None:
             dock.raise_()
         viewer.reset_view()
         pump(1.0)
-        img = viewer.screenshot(canvas_only=False, flash=False)
-        Image.fromarray(np.asarray(img)).save(out / name)
-        print(f"saved {out / name}", flush=True)
+        save_window(viewer, out / name)
 
     viewer = napari.Viewer(title="napari-binn")
     viewer.window.resize(1750, 1050)
@@ -166,22 +177,6 @@ def run(args: argparse.Namespace, out: Path) -> None:
 def per_shape(args: argparse.Namespace, out: Path) -> None:
     """The per-shape batch dock after running the top and bottom halves of the scratch, one bundle each."""
     import napari
-    from PIL import Image
-
-    app = napari.qt.get_qapp()
-
-    def pump(seconds: float = 0.3) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.01)
-
-    def wait(cond, timeout: float = 1800.0) -> None:
-        end = time.perf_counter() + timeout
-        while not cond():
-            if time.perf_counter() > end:
-                raise TimeoutError("step did not finish in time")
-            pump(0.05)
 
     viewer = napari.Viewer(title="napari-binn: one analysis per shape")
     viewer.window.resize(1750, 1050)
@@ -208,7 +203,7 @@ def per_shape(args: argparse.Namespace, out: Path) -> None:
     bd.raise_()
     pump(1.0)
     job = batch.run()
-    wait(lambda: not job.running)
+    wait(lambda: not job.running, timeout=1800.0)
     for layer in viewer.layers:
         if (layer.metadata or {}).get("napari_binn_output") == "preview":
             layer.visible = False
@@ -217,9 +212,7 @@ def per_shape(args: argparse.Namespace, out: Path) -> None:
     viewer.layers.selection.active = roi
     viewer.reset_view()
     pump(1.5)
-    img = viewer.screenshot(canvas_only=False, flash=False)
-    Image.fromarray(np.asarray(img)).save(out / "09_batch_per_shape.png")
-    print(f"saved {out / '09_batch_per_shape.png'}", flush=True)
+    save_window(viewer, out / "09_batch_per_shape.png")
     for w in (dens, train, res, batch):
         w.shutdown()
     viewer.close()

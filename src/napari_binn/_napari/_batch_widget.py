@@ -312,15 +312,20 @@ class BatchWidget(QWidget):
         old = self._density_hooked() if self._density_hooked is not None else None
         if old is density:
             return
+        self._unhook_density()
+        if density is not None:
+            density.settings_changed.connect(self._schedule_inputs)
+            self._density_hooked = weakref.ref(density)
+
+    def _unhook_density(self) -> None:
+        """Stop following the density dock hooked by :meth:`_hook_density`, if any."""
+        old = self._density_hooked() if self._density_hooked is not None else None
         if old is not None:
             try:
                 old.settings_changed.disconnect(self._schedule_inputs)
             except (TypeError, RuntimeError):
                 pass
         self._density_hooked = None
-        if density is not None:
-            density.settings_changed.connect(self._schedule_inputs)
-            self._density_hooked = weakref.ref(density)
 
     def _schedule_inputs(self, *args: Any) -> None:
         self._summary_timer.start()
@@ -641,13 +646,7 @@ class BatchWidget(QWidget):
             self._docks.changed.disconnect(self._docks_changed)
         except (TypeError, ValueError, RuntimeError):
             pass
-        old = self._density_hooked() if self._density_hooked is not None else None
-        if old is not None:
-            try:
-                old.settings_changed.disconnect(self._schedule_inputs)
-            except (TypeError, RuntimeError):
-                pass
-        self._density_hooked = None
+        self._unhook_density()
         try:
             for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                           self.viewer.layers.events.renamed):
