@@ -7,7 +7,7 @@ import pytest
 
 from napari_binn.jobs import CancelToken, run_job
 from napari_binn.pipeline import PipelineConfig, PipelineResult, run_pipeline
-from napari_binn.results import BundleError, load_results, parse_expression, save_results
+from napari_binn.results import BundleError, load_results, save_results
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +98,6 @@ def test_newer_or_foreign_bundles_are_refused(result, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BundleError, match="manifest"):
         load_results(tmp_path / "empty")
-
-
-def test_expressions_from_bundles_cannot_run_code():
-    assert str(parse_expression("0.5*u**2 - exp(-u)")) == str(parse_expression("0.5*u^2 - exp(-u)"))
-    for evil in ("__import__('os').system('true')", "u.__class__", "open('x')", "lambda: 1", "u; 1"):
-        with pytest.raises(BundleError):
-            parse_expression(evil)
 
 
 def test_cancelled_pipeline_returns_result(field):

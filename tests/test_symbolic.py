@@ -398,3 +398,41 @@ def test_refitted_constants_are_rounded_to_their_intervals():
     g = out.G.sympy
     consts = sorted(float(c) for c in g.atoms(sp.Float))
     assert consts == pytest.approx([-4.356e-05, 0.085627], rel=1e-7)  # no interval: 4 digits; tight: more
+
+
+def test_expressions_from_text_cannot_run_code():
+    from napari_binn.symbolic.expression import ExpressionError, parse_expression
+
+    assert str(parse_expression("0.5*u**2 - exp(-u)")) == str(parse_expression("0.5*u^2 - exp(-u)"))
+    for evil in ("__import__('os').system('true')", "u.__class__", "open('x')", "lambda: 1", "u; 1", "_n0", "exp",
+                 "", "u u", "2(u)", "D_0*u"):
+        with pytest.raises(ExpressionError):
+            parse_expression(evil)
+    assert parse_expression("lambda*u + D_0", parameters=True).free_symbols == {
+        U, sp.Symbol("lambda", real=True), sp.Symbol("D_0", real=True)}
+
+
+def test_printed_text_reads_back_to_the_same_text():
+    """precision=None keeps each number's written digits, so text napari-binn printed reads back unchanged."""
+    from napari_binn.symbolic.expression import parse_expression
+
+    for text in ("308.344", "-0.01633*exp(-9.306e-5*u)", "1512.", "1100.00", "1.235e+4*u + 1.235e+4",
+                 "0.075 - 3.5e-5*u", "700.000000000000", "u**(3/2)", "sqrt(u)/(u + 1.0)", "2.5*u**2.5 - 1.0e-7"):
+        expr = parse_expression(text, precision=None)
+        assert sp.sstr(expr) == text
+        assert sp.sstr(parse_expression(sp.sstr(expr), precision=None)) == text
+        assert sp.latex(parse_expression(text, precision=None)) == sp.latex(expr)
+    assert parse_expression("700.0").equals(sp.Float(700.0))  # 15 digits unless asked otherwise
+
+
+def test_equation_text_for_people():
+    from types import SimpleNamespace
+
+    from napari_binn.symbolic.expression import equation_latex, equation_text, readable
+
+    assert readable("2.5*u**2") == "2.5·u^2"
+    assert readable("1512.*u + 1100.00 - 3.5e-05*u**2", 4) == "1512·u + 1100 - 3.5e-5·u^2"
+    f = SimpleNamespace(text="800.0*u**2", latex="800.0 u^{2}", units="")
+    assert equation_text("D", f) == "D(u) = 800.0*u**2   [µm²/h]"
+    assert equation_text("D", f, pretty=True) == "D(u) = 800.0·u^2   [µm²/h]"
+    assert equation_latex("G", f) == "$G(u) = 800.0 u^{2}$   [$1/h$]"

@@ -264,6 +264,8 @@ def demo_config():
 
 
 def _print_equations(args, result) -> None:
+    from .symbolic.expression import equation_text
+
     eq = result.equations
     if eq is None:
         return
@@ -273,7 +275,7 @@ def _print_equations(args, result) -> None:
     for key in ("D", "G"):
         f = getattr(eq, key, None)
         if f is not None:
-            _say(args, f"  {key}(u) = {f.text}   [{f.units}]")
+            _say(args, f"  {equation_text(key, f)}")
     refit = result.metadata.get("closed_form_refitted")
     mech = result.mechanistic.get("closed form (refitted)")
     if mech is not None and refit:

@@ -137,11 +137,13 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(str(w))}</li>" for w in warnings) + "</ul>")
     eq = result.equations
     if eq is not None:
+        from .symbolic.expression import equation_text
+
         parts.append("<h2>Discovered equations</h2><pre>")
         for key in ("D", "G"):
             f = getattr(eq, key, None)
             if f is not None:
-                parts.append(esc(f"{key}(u) = {f.text}    [{f.units}]") + "\n")
+                parts.append(esc(equation_text(key, f)) + "\n")
         parts.append("</pre>")
         refit = result.metadata.get("closed_form_refitted")
         if refit:

@@ -37,7 +37,7 @@ import numpy as np
 from . import __version__
 from .field import DensityField
 
-__all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError", "parse_expression"]
+__all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError"]
 
 SCHEMA_VERSION = 1
 _FORMAT = "napari-binn results bundle"
@@ -82,41 +82,6 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "model"
 
 
-_ALLOWED_NAMES = {"u", "t", "exp", "log", "sqrt", "Abs", "sign", "tanh", "pi", "E"}
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|[-+*/^(),]))")
-
-
-def parse_expression(text: str, parameters: bool = False):
-    """Parse a closed form written by napari-binn into sympy, refusing anything but arithmetic.
-
-    Allowed: numbers, ``u``, ``t``, + - * / ** ^, parentheses and exp, log, sqrt, Abs, sign, tanh, pi, E;
-    with ``parameters`` also names like ``D_0`` / ``r``. Raises BundleError otherwise.
-    """
-    import sympy as sp
-
-    pos, names = 0, set()
-    text = str(text)
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            if text[pos:].strip() == "":
-                break
-            raise BundleError(f"expression {text!r}: unexpected character {text[pos]!r}")
-        if m.group(2):
-            names.add(m.group(2))
-        pos = m.end()
-    bad = {n for n in names if n not in _ALLOWED_NAMES and not (parameters and re.fullmatch(r"[A-Za-z]\w{0,15}", n)
-                                                             and not n.startswith("_"))}
-    if bad:
-        raise BundleError(f"expression {text!r} uses names that are not allowed: {sorted(bad)}")
-    local = {n: sp.Symbol(n, real=True) for n in names if n not in _ALLOWED_NAMES}
-    local.update(u=sp.Symbol("u", real=True), t=sp.Symbol("t", real=True))
-    try:
-        return sp.sympify(text.replace("^", "**"), locals=local, rational=False)
-    except (sp.SympifyError, SyntaxError, TypeError) as exc:
-        raise BundleError(f"expression {text!r} could not be parsed: {exc}") from None
-
-
 # ------------------------------------------------------------------------------------------------- saving
 def save_results(result, directory: str | os.PathLike, *, overwrite: bool = False, figures: bool = True) -> Path:
     """Write a PipelineResult (or a BinnFit alone) as a results bundle directory; returns its path.
@@ -158,6 +123,7 @@ def save_results(result, directory: str | os.PathLike, *, overwrite: bool = Fals
 
 def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
     from .io import write_stack_tiff
+    from .symbolic.expression import equation_text
 
     files: dict[str, str] = {}
     result.config.to_toml(out / "config.toml")
@@ -186,7 +152,7 @@ def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
     if result.equations is not None:
         eq = result.equations
         _write_json(out / "equations.json", _equations_json(eq))
-        text = [f"{k}(u) = {f.text}    [{f.units}]" for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
+        text = [equation_text(k, f) for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
         (out / "equations.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
         tex = [f"{k}(u) = {f.latex}" for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
         (out / "equations.tex").write_text("\n".join(tex) + "\n", encoding="utf-8")
@@ -252,8 +218,13 @@ class LoadedEquation:
     def __init__(self, name: str, d: dict[str, Any]):
         import sympy as sp
 
+        from .symbolic.expression import ExpressionError, parse_expression
+
         self.name = name
-        self.sympy = parse_expression(d["text"])
+        try:
+            self.sympy = parse_expression(d["text"])
+        except ExpressionError as exc:
+            raise BundleError(str(exc)) from None
         self.text = str(d["text"])
         self.latex = str(d.get("latex", ""))
         self.units = str(d.get("units", ""))

@@ -8,10 +8,11 @@ import pytest
 
 from napari_binn._napari._density_widget import DensityWidget
 from napari_binn._napari._reader import napari_get_reader
-from napari_binn._napari._results_widget import ResultsWidget, _readable, front_rows
+from napari_binn._napari._results_widget import ResultsWidget, front_rows
 from napari_binn._napari._state import LAYER_NAMES, get_state
 from napari_binn._napari._training_widget import TrainingWidget
 from napari_binn._napari._writer import write_bundle
+from napari_binn.symbolic.expression import readable
 
 
 def _idle(qtbot, dock, timeout=60000):
@@ -60,7 +61,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
     assert star_row == [eq.D.selected_index]
     assert not res.latex_labels["D"].pixmap().isNull()
     overlay = viewer.canvas.overlays.text
-    assert overlay.visible and f"D(u) = {_readable(eq.D.text)}" in overlay.text
+    assert overlay.visible and f"D(u) = {readable(eq.D.text)}" in overlay.text
 
     # the user picks another D(u) on the front
     if res.tables["D"].rowCount() > 1:
@@ -68,7 +69,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
         res.choose("D", other)
         assert state.equations.D.selected_index == other
         assert res.tables["D"].item(other, 0).text() == "★"
-        assert f"D(u) = {_readable(state.equations.D.text)}" in overlay.text
+        assert f"D(u) = {readable(state.equations.D.text)}" in overlay.text
 
     # forward simulation: layers aligned with the density layer, residual diverging, QC table
     res.simulate()
@@ -112,7 +113,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
         assert tuple(d2.scale) == pytest.approx(tuple(layer.scale))
         assert tuple(d2.translate) == pytest.approx(tuple(layer.translate))
         assert LAYER_NAMES["simulated"] in viewer2.layers
-        assert f"D(u) = {_readable(text)}" in viewer2.canvas.overlays.text.text
+        assert f"D(u) = {readable(text)}" in viewer2.canvas.overlays.text.text
         assert res2.tables["G"].rowCount() >= 1
         # the dock's own "Open bundle" (worker) restores the same
         s2.equations = None

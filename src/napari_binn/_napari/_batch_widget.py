@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import time
 import weakref
 from collections.abc import Generator
@@ -26,6 +25,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
+from ..symbolic.expression import readable
 from ._common import (
     CloseGuard,
     JobHandle,
@@ -97,21 +97,6 @@ def closed_shapes(layer: Any) -> list[int]:
     return [i for i, kind in enumerate(layer.shape_type) if kind not in ("line", "path")]
 
 
-_NUMBER = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)")
-
-
-def _equation_text(f: Any) -> str:
-    """sympy text for people: u**2 -> u^2, 2*u -> 2·u, decimals with at most 4 significant digits and no padding
-    (1512. -> 1512, 1100.00 -> 1100, 3.5e-05 -> 3.5e-5)."""
-    from ._results_widget import _readable
-
-    def short(m: re.Match) -> str:
-        text = f"{float(m.group(1)):.4g}"
-        return re.sub(r"e([-+])0*(\d)", lambda e: f"e{'-' if e.group(1) == '-' else ''}{e.group(2)}", text)
-
-    return _NUMBER.sub(short, _readable(f.text))
-
-
 def _nt_error(qc: Any) -> tuple[float | None, str]:
     names = [m.name for m in qc.models] if qc is not None else []
     for name in _NT_MODELS:
@@ -137,7 +122,7 @@ def _describe(run: ShapeRun, result: Any) -> None:
             eq, run.refitted = eq.with_refit(refit), True  # the constants the data support
         for key in ("D", "G"):
             f = getattr(eq, key, None) if eq is not None else None
-            setattr(run, key, _equation_text(f) if f is not None else "-")
+            setattr(run, key, readable(f.text, 4) if f is not None else "-")
             if f is not None and f.units:
                 setattr(run, f"{key}_units", f.units)
         run.nt_error, run.nt_model = _nt_error(result.qc)

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..symbolic.expression import equation_latex, equation_text
 from ._common import (
     CloseGuard,
     JobHandle,
@@ -79,12 +80,6 @@ def _with_function(eq: Any, key: str, f: Any) -> Any:
     new = copy.copy(eq)
     setattr(new, key, f)
     return new
-
-
-def _equation_latex(key: str, f: Any) -> str:
-    units = f.units or ("µm²/h" if key == "D" else "1/h")
-    units_tex = units.replace("µm²", r"\mu m^2")
-    return f"${key}(u) = {f.latex or f.text}$   [${units_tex}$]"
 
 
 class ResultsWidget(QWidget):
@@ -313,9 +308,9 @@ class ResultsWidget(QWidget):
             table.scrollToItem(table.item(f.selected_index, 0))
             table.resizeColumnsToContents()
             table.horizontalHeader().setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
-            label.setPixmap(_latex(_equation_latex(key, f)))
-            label.setToolTip(f"{key}(u) = {f.text}   [{f.units}]")
-            lines.append(f"{key}(u) = {_readable(f.text)}   [{f.units or ('µm²/h' if key == 'D' else '1/h')}]")
+            label.setPixmap(_latex(equation_latex(key, f)))
+            label.setToolTip(equation_text(key, f))
+            lines.append(equation_text(key, f, pretty=True))
         self._canvas_text("\n".join(lines))
         self._plot()
 
@@ -669,11 +664,6 @@ def _front_paths(sim: np.ndarray, mask: np.ndarray, scale: tuple, translate: tup
             if len(c) >= 2:
                 paths.append(np.column_stack([np.full(len(c), tt + st * t), ty + sy * c[:, 0], tx + sx * c[:, 1]]))
     return paths
-
-
-def _readable(text: str) -> str:
-    """sympy text for people: u**2 -> u^2, 2*u -> 2·u."""
-    return text.replace("**", "^").replace("*", "·")
 
 
 def _latex(text: str):

@@ -45,6 +45,7 @@ from scipy import optimize
 
 from ..field import DensityField
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled
+from .solver import SimulationError, simulate
 
 __all__ = ["MechanisticFit", "fit_mechanistic", "fit_mechanistic_job", "MODEL_NAMES"]
 
@@ -298,8 +299,6 @@ class _Problem:
                  fixed: dict[str, float], weighting: str, gls_gamma: float, rtol: float,
                  max_evals: int, cancel: CancelToken | None, on_eval: Callable | None,
                  initial: str = "data"):
-        from . import SimulationError, simulate  # lazy: pde/__init__ may import this module
-
         self._simulate, self._sim_error = simulate, SimulationError
         self.field, self.model, self.free, self.fixed = field, model, free, fixed
         self.p0 = p0

@@ -22,6 +22,7 @@ from .expression import (
     complexity,
     constant_units,
     free_floats,
+    parse_expression,
     refit_constants,
     round_significant,
     snap_constants,
@@ -130,14 +131,12 @@ class Equations:
         first; the last of each is selected. Decimal constants (``800.0``) become free parameters of
         :meth:`refit` / the pipeline's refit stage, integers (``u**2``) stay fixed. Units: D in µm²/h, G in 1/h.
         Use it to test your own hypotheses against the data with the same refit and BIC choice."""
-        from ..results import parse_expression
-
         def function(name: str, forms: Sequence[str], units: str) -> DiscoveredFunction:
             if not forms:
                 raise ValueError(f"from_forms needs at least one {name}(u) form")
             rows = []
             for text in forms:
-                e = parse_expression(text).subs(sp.Symbol("u"), U)
+                e = parse_expression(text)
                 c = complexity(e)
                 rows.append(FrontRow(c, math.nan, 0.0, Expression(e, tuple(u_range), math.nan, c, units=units,
                                                                    name=name)))

@@ -1,4 +1,5 @@
-"""Closed-form expressions of one density variable u: sympy handling, constant refits, snapping, rounding, units.
+"""Closed-form expressions of one density variable u: sympy handling, constant refits, snapping, rounding, units,
+the restricted parser that reads them back from text, and the rules for showing equations to people.
 
 An :class:`Expression` is what a biologist reads (text, LaTeX), what ``napari_binn.pde.simulate`` calls (a
 vectorised numpy function of u, µm²/h for D and 1/h for G) and what ``fit_mechanistic`` re-estimates (its
@@ -8,6 +9,7 @@ constants turned into free symbols).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -20,6 +22,12 @@ __all__ = [
     "Constant",
     "Expression",
     "ExtrapolationWarning",
+    "ExpressionError",
+    "parse_expression",
+    "DEFAULT_UNITS",
+    "readable",
+    "equation_text",
+    "equation_latex",
     "complexity",
     "canonicalize",
     "refit_constants",
@@ -34,6 +42,106 @@ U = sp.Symbol("u", positive=True)
 
 class ExtrapolationWarning(UserWarning):
     """A discovered closed form was evaluated outside the density range it was fitted on."""
+
+
+class ExpressionError(ValueError):
+    """Text that is not a closed form napari-binn reads (the message says why)."""
+
+
+# -- the restricted parser ---------------------------------------------------------------------------------------
+
+_FUNCTIONS = frozenset({"exp", "log", "sqrt", "Abs", "sign", "tanh", "pi", "E"})
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|[-+*/^(),]))")
+_PARAMETER = re.compile(r"[A-Za-z]\w{0,15}")
+
+
+def _literal_digits(literal: str) -> int:
+    """Significant digits of a decimal literal, trailing zeros included (``1100.00`` -> 6, ``4.399e-5`` -> 4)."""
+    mantissa = re.split("[eE]", literal)[0].replace(".", "")
+    return max(len(mantissa.lstrip("0")) or len(mantissa), 1)
+
+
+def parse_expression(text: str, *, parameters: bool = False, precision: int | None = 15) -> sp.Expr:
+    """Read a closed form written as text, refusing anything but arithmetic; nothing in ``text`` is executed.
+
+    Allowed: numbers, ``u`` (the density, :data:`U`), ``t``, + - * / ** ^, parentheses and exp, log, sqrt, Abs,
+    sign, tanh, pi, E; with ``parameters`` also names such as ``D_0`` or ``r`` (real symbols). Decimal numbers
+    become sympy Floats of ``precision`` significant digits (15, sympy's default); ``precision=None`` keeps the
+    digits each number is written with (``840.4`` -> 4), so that text napari-binn printed reads back to an
+    expression that prints the same text. Raises :class:`ExpressionError` naming what is not allowed.
+    """
+    text = str(text)
+    local: dict[str, sp.Basic] = {}
+    pieces: list[str] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            if text[pos:].strip() == "":
+                break
+            raise ExpressionError(f"expression {text!r}: unexpected character {text[pos]!r}")
+        number, name, op = m.groups()
+        if number is not None:
+            key = f"_n{len(local)}"
+            exact = not any(c in number for c in ".eE")
+            local[key] = sp.Integer(number) if exact else sp.Float(
+                number, _literal_digits(number) if precision is None else precision)
+            pieces.append(key)
+        elif name is not None:
+            if name in _FUNCTIONS:
+                pieces.append(name)
+            elif name in ("u", "t") or (parameters and _PARAMETER.fullmatch(name)):
+                key = f"_s{len(local)}"
+                local[key] = U if name == "u" else sp.Symbol(name, real=True)
+                pieces.append(key)
+            else:
+                raise ExpressionError(f"expression {text!r} uses a name that is not allowed: {name!r}")
+        else:
+            pieces.append("**" if op == "^" else op)
+        pos = m.end()
+    if not pieces:
+        raise ExpressionError("the expression is empty")
+    try:
+        expr = sp.sympify(" ".join(pieces), locals=local, rational=False)
+    except (sp.SympifyError, SyntaxError, TypeError, ValueError) as exc:
+        raise ExpressionError(f"expression {text!r} could not be parsed ({type(exc).__name__})") from None
+    if not isinstance(expr, sp.Expr):
+        raise ExpressionError(f"expression {text!r} is not a closed form")
+    return expr
+
+
+# -- equations for people ----------------------------------------------------------------------------------------
+
+#: Units of D(u) and G(u) when a closed form does not carry its own.
+DEFAULT_UNITS = {"D": "µm²/h", "G": "1/h"}
+
+_DECIMAL = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)")
+
+
+def _short(match: re.Match, digits: int) -> str:
+    text = f"{float(match.group(1)):.{digits}g}"
+    return re.sub(r"e([-+])0*(\d)", lambda e: f"e{'-' if e.group(1) == '-' else ''}{e.group(2)}", text)
+
+
+def readable(text: str, digits: int | None = None) -> str:
+    """sympy text for people: u**2 -> u^2, 2*u -> 2·u; with ``digits``, decimals keep at most that many significant
+    digits and no padding (1512. -> 1512, 1100.00 -> 1100, 3.5e-05 -> 3.5e-5)."""
+    if digits is not None:
+        text = _DECIMAL.sub(lambda m: _short(m, digits), text)
+    return text.replace("**", "^").replace("*", "·")
+
+
+def equation_text(key: str, f, *, pretty: bool = False, digits: int | None = None) -> str:
+    """``'D(u) = <closed form>   [<units>]'`` for the selected form ``f`` (a DiscoveredFunction or an Expression);
+    ``pretty``: the :func:`readable` text (with ``digits``) rather than sympy's."""
+    text = readable(f.text, digits) if pretty else f.text
+    return f"{key}(u) = {text}   [{f.units or DEFAULT_UNITS.get(key, '')}]"
+
+
+def equation_latex(key: str, f) -> str:
+    """The equation as matplotlib mathtext: ``$D(u) = <LaTeX>$   [$<units>$]``."""
+    units = (f.units or DEFAULT_UNITS.get(key, "")).replace("µm²", r"\mu m^2")
+    return f"${key}(u) = {f.latex or f.text}$   [${units}$]"
 
 
 def complexity(expr: sp.Expr) -> int:
