@@ -10,6 +10,7 @@ import sympy as sp
 
 from napari_binn.jobs import CancelToken
 from napari_binn.symbolic import (
+    Equations,
     ExtrapolationWarning,
     FunctionSamples,
     discover_equations,
@@ -39,6 +40,22 @@ def logistic(u):
 @pytest.fixture(scope="module")
 def logistic_eq():
     return discover_equations({"G": FunctionSamples(UG, logistic(UG), name="G")}, backend="library")
+
+
+def assert_json_round_trip(eq: Equations) -> None:
+    """Equations -> JSON text -> Equations gives the same fronts, text, LaTeX and constants (and the same JSON)."""
+    text = json.dumps(eq.to_dict())
+    again = Equations.from_dict(json.loads(text))
+    assert json.dumps(again.to_dict()) == text
+    for key in ("D", "G"):
+        f, g = getattr(eq, key), getattr(again, key)
+        if f is None:
+            assert g is None
+            continue
+        assert [(r.expression.text, r.expression.latex, r.expression.constants) for r in g.front] == \
+            [(r.expression.text, r.expression.latex, r.expression.constants) for r in f.front]
+        u = np.linspace(*f.u_range, 7)
+        np.testing.assert_array_equal(g(u), f(u))
 
 
 # -- selection --------------------------------------------------------------------------------------------------
@@ -113,12 +130,15 @@ def test_operon_recovers_logistic_with_few_generations():
         e = discover_equations(samples, backend="operon", seeds=(0,), backend_options={**opts, "n_threads": n})
         fronts.append([sp.srepr(r.expression.sympy) for r in e.G.front])
     assert fronts[0] == fronts[1]
+    assert_json_round_trip(eq)
 
 
 # -- expression forms -------------------------------------------------------------------------------------------
 
 
 def test_numpy_callable_matches_sympy_and_text(logistic_eq):
+    assert_json_round_trip(logistic_eq)
+    assert_json_round_trip(Equations.from_forms(D=["700.0", "600.0 + 0.1*u"], G=["0.075 - 3.5e-5*u"], u_range=(0, 1)))
     g = logistic_eq.G
     ref = [float(g.sympy.subs(U, v)) for v in UG[::10]]
     np.testing.assert_allclose(g(UG[::10]), ref, rtol=1e-12)
@@ -371,6 +391,7 @@ def test_binn_curves_get_the_simplest_form_within_tolerance():
     for f in (eq.D, eq.G):  # both are straight lines within 1%: the selected forms must be too
         assert f.sympy.is_polynomial(u) and sp.degree(f.sympy, u) <= 1, f.table()
     assert np.allclose(eq.D(np.array([500.0, 1500.0])), [950.0, 1250.0], rtol=0.01)
+    assert_json_round_trip(eq)
 
 
 def test_huge_constants_do_not_break_canonicalisation():

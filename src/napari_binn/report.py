@@ -152,8 +152,7 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
     if result.qc is not None:
         parts.append("<h2>Quality control</h2><pre>" + esc(result.qc.table()) + "</pre>")
     for name, fit in result.mechanistic.items():
-        summary = fit.summary() if hasattr(fit, "summary") else str(fit.__dict__)
-        parts.append(f"<h2>Mechanistic fit: {esc(name)}</h2><pre>{esc(summary)}</pre>")
+        parts.append(f"<h2>Mechanistic fit: {esc(name)}</h2><pre>{esc(fit.summary())}</pre>")
     for png, desc in files.items():
         if png.endswith(".png"):
             parts.append(f"<h3>{esc(desc)}</h3><img src='{esc(png)}' alt='{esc(desc)}'>")

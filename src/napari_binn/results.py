@@ -8,17 +8,22 @@ Layout (schema ``SCHEMA_VERSION``)::
     density.tif          the density as an ImageJ TIFF calibrated in µm (box size) and hours
     simulations.npz      every simulated / surrogate array, keyed by model name (+ sim_<name>.tif)
     binn/                network weights (safetensors) and their JSON description
-    equations.json       discovered D(u), G(u): Pareto fronts, selected forms, constants with units
+    equations.json       discovered D(u), G(u): Pareto fronts (each row with its constants and units), selections
     equations.txt/.tex   the selected equations as plain text and LaTeX
-    mechanistic.json     refitted parameters, 95% intervals, AIC/BIC
+    mechanistic.json     refits: the model (expressions), parameters, 95% intervals, AIC/BIC
     metrics.json         the QC table (per-frame errors, N(t) errors)
     figures/*.png        D(u), G(u) with bands; N(t); observed / simulated / residual snapshots
     report.html          one page linking all of it
 
 Writing goes to a temporary sibling directory that is moved into place at the end, so a failure or Ctrl-C
 never leaves a half-written bundle. Loading reads only JSON, TOML, NumPy arrays without pickle, and safetensors:
-nothing in a bundle is executed. Expressions are rebuilt by a restricted parser (numbers, u, + - * / ** and a
-few named functions); anything else is refused.
+nothing in a bundle is executed. Expressions are rebuilt by the restricted parser of
+:mod:`napari_binn.symbolic.expression` (numbers, u, + - * / ** and a few named functions); anything else is refused.
+
+Each result type writes and reads its own part (``Equations.to_dict``/``from_dict``, ``MechanisticFit``'s,
+``BinnFit.save``/``load``, ``QCReport``'s); this module puts the parts in their files, so a loaded bundle is the
+result that was saved, and saving it again writes the same bytes. Schema 1 bundles (front rows without their
+constants, fits without ``n_evals``) are still read.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from .field import DensityField
 
 __all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every front row with its constants; mechanistic fits with n_evals and metadata
 _FORMAT = "napari-binn results bundle"
+#: metadata keys about the result in memory, not written to metadata.json ('bundle': where it was loaded from)
+_NOT_WRITTEN = ("bundle",)
 
 
 class BundleError(ValueError):
@@ -76,6 +83,10 @@ def _clean_json(obj: Any) -> Any:
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(_clean_json(data), indent=1, default=_json_default, allow_nan=False),
                     encoding="utf-8")
+
+
+def _why(exc: BaseException) -> str:
+    return f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
 
 
 def _safe_name(name: str) -> str:
@@ -151,7 +162,7 @@ def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
         files["binn/"] = "BINN network weights (safetensors) and description (JSON)"
     if result.equations is not None:
         eq = result.equations
-        _write_json(out / "equations.json", _equations_json(eq))
+        _write_json(out / "equations.json", eq.to_dict())
         text = [equation_text(k, f) for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
         (out / "equations.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
         tex = [f"{k}(u) = {f.latex}" for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
@@ -160,7 +171,7 @@ def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
         files["equations.txt"] = "the selected equations, plain text"
         files["equations.tex"] = "the selected equations, LaTeX"
     if result.mechanistic:
-        _write_json(out / "mechanistic.json", {name: _mechanistic_json(f) for name, f in result.mechanistic.items()})
+        _write_json(out / "mechanistic.json", {name: f.to_dict() for name, f in result.mechanistic.items()})
         files["mechanistic.json"] = "mechanistic refits: estimates, 95% intervals, AIC/BIC"
     metrics: dict[str, Any] = {"seconds": result.metadata.get("seconds", {}),
                                "warnings": result.metadata.get("warnings", []),
@@ -171,7 +182,7 @@ def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
         files["qc.txt"] = "the QC table, plain text"
     _write_json(out / "metrics.json", metrics)
     files["metrics.json"] = "QC metrics, stage timings, warnings"
-    _write_json(out / "metadata.json", result.metadata)
+    _write_json(out / "metadata.json", {k: v for k, v in result.metadata.items() if k not in _NOT_WRITTEN})
     files["metadata.json"] = "run metadata"
     if figures:
         from .report import write_figures, write_report
@@ -183,98 +194,48 @@ def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
     return files
 
 
-def _equations_json(eq) -> dict[str, Any]:
-    if isinstance(eq, LoadedEquations):
-        return eq.raw
-    out: dict[str, Any] = {"backend": eq.backend, "metadata": {k: v for k, v in eq.metadata.items()
-                                                               if isinstance(v, (str, int, float, list, bool))}}
-    for key, f in (("D", eq.D), ("G", eq.G)):
+# ------------------------------------------------------------------------------------------------ loading
+def _equations_schema1(d: dict[str, Any]) -> dict[str, Any]:
+    """equations.json of schema 1 in the layout of ``Equations.to_dict``: its front rows had text only, and the
+    selected row's constants were kept at the function level."""
+    out: dict[str, Any] = {"backend": d.get("backend", ""), "metadata": d.get("metadata", {})}
+    for key in ("D", "G"):
+        f = d.get(key)
         if f is None:
             continue
-        out[key] = {
-            "text": f.text, "latex": f.latex, "units": f.units, "u_units": f.u_units,
-            "u_range": list(f.u_range), "selection": f.selection, "selected": f.selected_index,
-            "notes": list(f.notes),
-            "constants": [{k: v for k, v in c.__dict__.items()} for c in f.constants],
-            "front": [{"complexity": r.complexity, "loss": r.loss, "score": r.score, "text": r.expression.text,
-                       "latex": r.expression.latex} for r in f.front],
-        }
+        selected = int(f.get("selected", 0))
+        rows = [{"complexity": r["complexity"], "loss": r.get("loss"), "score": r.get("score", 0.0),
+                 "expression": {"name": key, "text": r["text"], "units": f.get("units", ""), "u_range": f["u_range"],
+                                "loss": r.get("loss"), "complexity": r["complexity"],
+                                "constants": f.get("constants", []) if i == selected else []}}
+                for i, r in enumerate(f.get("front", []))]
+        out[key] = {"name": key, "units": f.get("units", ""), "u_units": f.get("u_units", "u"),
+                    "u_range": f["u_range"], "backend": d.get("backend", ""), "selection": f.get("selection", "best"),
+                    "selected": selected, "notes": f.get("notes", []), "front": rows}
     return out
 
 
-def _mechanistic_json(fit) -> dict[str, Any]:
-    return {"model": fit.model, "params": fit.params, "ci95": {k: list(v) for k, v in fit.ci95.items()},
-            "units": fit.units, "sigma": fit.sigma, "loglik": fit.loglik, "aic": fit.aic, "bic": fit.bic,
-            "n_obs": fit.n_obs, "n_params": fit.n_params, "converged": fit.converged, "message": fit.message,
-            "fixed": list(fit.fixed), "weighting": fit.weighting, "intervals": fit.intervals,
-            "expressions": fit.expressions}
-
-
-# ------------------------------------------------------------------------------------------------ loading
-class LoadedEquation:
-    """A closed form read back from a bundle: sympy expression, text, LaTeX, units, the u-range it was fitted on,
-    and its Pareto front (list of dicts). Callable on numpy arrays."""
-
-    def __init__(self, name: str, d: dict[str, Any]):
-        import sympy as sp
-
-        from .symbolic.expression import ExpressionError, parse_expression
-
-        self.name = name
-        try:
-            self.sympy = parse_expression(d["text"])
-        except ExpressionError as exc:
-            raise BundleError(str(exc)) from None
-        self.text = str(d["text"])
-        self.latex = str(d.get("latex", ""))
-        self.units = str(d.get("units", ""))
-        self.u_range = tuple(d.get("u_range", (math.nan, math.nan)))
-        self.front = list(d.get("front", []))
-        self.selected_index = int(d.get("selected", 0))
-        self.constants = list(d.get("constants", []))
-        self._fn = sp.lambdify([sp.Symbol("u", real=True)], self.sympy, modules="numpy")
-
-    def __call__(self, u):
-        u = np.asarray(u, dtype=float)
-        with np.errstate(all="ignore"):
-            return np.broadcast_to(np.asarray(self._fn(u), dtype=float), u.shape).copy()
-
-    def __repr__(self) -> str:
-        return f"{self.name}(u) = {self.text}  [{self.units}]"
-
-
-class LoadedEquations:
-    """Equations read back from a bundle (``.D``, ``.G`` are :class:`LoadedEquation` or None)."""
-
-    def __init__(self, d: dict[str, Any]):
-        self.raw = d
-        self.backend = d.get("backend", "")
-        self.metadata = d.get("metadata", {})
-        self.D = LoadedEquation("D", d["D"]) if "D" in d else None
-        self.G = LoadedEquation("G", d["G"]) if "G" in d else None
-
-    def __repr__(self) -> str:
-        return f"LoadedEquations(D: {self.D!r}; G: {self.G!r})"
-
-
-class LoadedFit:
-    """A mechanistic refit read back from a bundle (the numbers; no callables)."""
-
-    def __init__(self, d: dict[str, Any]):
-        self.__dict__.update(d)
-        self.aic = d.get("aic") if d.get("aic") is not None else math.nan
-        self.ci95 = {k: tuple(np.nan if x is None else x for x in v) for k, v in d.get("ci95", {}).items()}
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})") from None
 
 
 def load_results(directory: str | os.PathLike):
-    """Read a results bundle into a PipelineResult (equations and refits as read-only ``Loaded*`` objects).
+    """Read a results bundle into the PipelineResult it was written from: the same types as a fresh run
+    (Equations with their fronts and selections, MechanisticFit with intervals and a working model, BinnFit,
+    QCReport), so a loaded result can be refitted, simulated and saved again (save -> load -> save writes the same
+    files). ``metadata['bundle']`` says where it came from (not written back).
 
     Works for this schema version and older ones it knows; refuses newer schemas and non-bundles with a
     message that says why. Reads no pickle and executes nothing from the bundle.
     """
     from .binn import BinnFit
+    from .pde.mechanistic import MechanisticFit
     from .pipeline import PipelineConfig, PipelineResult
     from .qc import QCReport
+    from .symbolic import Equations
 
     d = Path(directory)
     manifest_path = d / "manifest.json"
@@ -282,10 +243,7 @@ def load_results(directory: str | os.PathLike):
         raise BundleError(f"{d} is not a directory: a results bundle is a directory with a manifest.json")
     if not manifest_path.is_file():
         raise BundleError(f"{d} has no manifest.json: it is not a napari-binn results bundle")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc})") from None
+    manifest = _read_json(manifest_path)
     if manifest.get("format") != _FORMAT:
         raise BundleError(f"{manifest_path} is not a napari-binn results bundle (format {manifest.get('format')!r})")
     version = manifest.get("schema_version")
@@ -309,17 +267,28 @@ def load_results(directory: str | os.PathLike):
             result.simulations = {names.get(k, k): z[k] for k in z.files}
     if (d / "binn").is_dir():
         result.fit = BinnFit.load(d / "binn")
-    if (d / "equations.json").is_file():
-        result.equations = LoadedEquations(json.loads((d / "equations.json").read_text(encoding="utf-8")))
-    if (d / "mechanistic.json").is_file():
-        mech = json.loads((d / "mechanistic.json").read_text(encoding="utf-8"))
-        result.mechanistic = {k: LoadedFit(v) for k, v in mech.items()}
+    path = d / "equations.json"
+    if path.is_file():
+        eq = _read_json(path)
+        try:
+            result.equations = Equations.from_dict(_equations_schema1(eq) if version == 1 else eq)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: {_why(exc)}") from None
+    path = d / "mechanistic.json"
+    if path.is_file():
+        if result.field is None:
+            raise BundleError(f"{path}: mechanistic fits need the density they were fitted to (field.npz)")
+        for name, fit in _read_json(path).items():
+            try:
+                result.mechanistic[name] = MechanisticFit.from_dict(fit, result.field, result.simulations.get(name))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"{path}, fit {name!r}: {_why(exc)}") from None
     if (d / "metrics.json").is_file():
-        metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        metrics = _read_json(d / "metrics.json")
         if "qc" in metrics:
             result.qc = QCReport.from_dict(metrics["qc"])
     if (d / "metadata.json").is_file():
-        result.metadata = json.loads((d / "metadata.json").read_text(encoding="utf-8"))
+        result.metadata = _read_json(d / "metadata.json")
     result.metadata["bundle"] = {"schema_version": version, "written_by": manifest.get("napari_binn_version")}
     return result
 

@@ -8,7 +8,7 @@ import pytest
 
 from napari_binn._napari._density_widget import DensityWidget
 from napari_binn._napari._reader import napari_get_reader
-from napari_binn._napari._results_widget import ResultsWidget, front_rows
+from napari_binn._napari._results_widget import ResultsWidget
 from napari_binn._napari._state import LAYER_NAMES, get_state
 from napari_binn._napari._training_widget import TrainingWidget
 from napari_binn._napari._writer import write_bundle
@@ -56,7 +56,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
     _idle(qtbot, res)
     eq = state.equations
     assert eq is not None and eq.D is not None
-    assert res.tables["D"].rowCount() == len(front_rows(eq.D))
+    assert res.tables["D"].rowCount() == len(eq.D.front)
     star_row = [r for r in range(res.tables["D"].rowCount()) if res.tables["D"].item(r, 0).text() == "★"]
     assert star_row == [eq.D.selected_index]
     assert not res.latex_labels["D"].pixmap().isNull()

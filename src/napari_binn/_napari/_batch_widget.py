@@ -117,8 +117,7 @@ def _describe(run: ShapeRun, result: Any) -> None:
     try:
         eq = result.equations
         refit = result.mechanistic.get("closed form (refitted)")
-        if eq is not None and refit is not None and result.metadata.get("closed_form_refitted") \
-                and hasattr(eq, "with_refit"):
+        if eq is not None and refit is not None and result.metadata.get("closed_form_refitted"):
             eq, run.refitted = eq.with_refit(refit), True  # the constants the data support
         for key in ("D", "G"):
             f = getattr(eq, key, None) if eq is not None else None

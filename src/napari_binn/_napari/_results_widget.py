@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -42,44 +41,12 @@ from ._common import (
 from ._plots import AsyncFigure, legend, style_axes
 from ._state import LAYER_NAMES, get_state, register_dock, register_state_id, unregister_dock
 
-__all__ = ["ResultsWidget", "front_rows", "pick_front_row"]
+__all__ = ["ResultsWidget"]
 
 _SIM_CLOSED = "closed-form equations"
 _SIM_LEARNED = "learned BINN D(u), G(u)"
 _SIM_REFIT = "closed form refitted to the data"
 _REFITTED = "closed form (refitted)"
-
-
-# ------------------------------------------------------------------------------------------------ equations
-def front_rows(f: Any) -> list[tuple[int, float, float, str, str]]:
-    """(complexity, loss, score, text, latex) of a Pareto front: discovered (core) or loaded (bundle) functions."""
-    rows = []
-    for r in f.front:
-        if isinstance(r, dict):
-            rows.append((int(r["complexity"]), float(r["loss"]), float(r.get("score", np.nan)), str(r["text"]),
-                         str(r.get("latex", r["text"]))))
-        else:
-            rows.append((r.complexity, r.loss, r.score, r.expression.text, r.expression.latex))
-    return rows
-
-
-def pick_front_row(f: Any, index: int) -> Any:
-    """A copy of ``f`` whose selected closed form is front row ``index`` (the user's pick)."""
-    if dataclasses.is_dataclass(f):
-        return dataclasses.replace(f, selected_index=int(index), selection="user pick")
-    from ..results import LoadedEquation
-
-    row = f.front[index]
-    return LoadedEquation(f.name, {"text": row["text"], "latex": row.get("latex", ""), "units": f.units,
-                                   "u_range": list(f.u_range), "front": f.front, "selected": int(index)})
-
-
-def _with_function(eq: Any, key: str, f: Any) -> Any:
-    if dataclasses.is_dataclass(eq):
-        return dataclasses.replace(eq, **{key: f})
-    new = copy.copy(eq)
-    setattr(new, key, f)
-    return new
 
 
 class ResultsWidget(QWidget):
@@ -275,7 +242,7 @@ class ResultsWidget(QWidget):
         f = getattr(eq, key, None) if eq is not None else None
         if f is None or row == f.selected_index:
             return
-        self.state.equations = _with_function(eq, key, pick_front_row(f, row))
+        self.state.equations = dataclasses.replace(eq, **{key: f.pick(row)})
         self.show_equations()
         show_info(f"{key}(u) = {getattr(self.state.equations, key).text}: simulate again to compare it.")
 
@@ -293,11 +260,10 @@ class ResultsWidget(QWidget):
             if f is None:
                 label.clear()
                 continue
-            rows = front_rows(f)
-            table.setRowCount(len(rows))
-            for i, (comp, loss, _score, text, _tex) in enumerate(rows):
+            table.setRowCount(len(f.front))
+            for i, r in enumerate(f.front):
                 chosen = i == f.selected_index
-                for j, val in enumerate(("★" if chosen else "", str(comp), f"{loss:.3g}", text)):
+                for j, val in enumerate(("★" if chosen else "", str(r.complexity), f"{r.loss:.3g}", r.expression.text)):
                     item = QTableWidgetItem(val)
                     if chosen:
                         font = QFont()
@@ -368,12 +334,8 @@ class ResultsWidget(QWidget):
             notify_exception(ValueError("No density field: extract one in the density dock (or open a bundle)."),
                              "Refit")
             return None
-        if eq is None or getattr(eq, "D", None) is None or getattr(eq, "G", None) is None:
+        if eq is None or eq.D is None or eq.G is None:
             notify_exception(ValueError("No equations: click 'Discover equations' first."), "Refit")
-            return None
-        if not hasattr(eq, "parameters") or not hasattr(eq.D, "front"):
-            notify_exception(ValueError("These equations were read from a bundle and cannot be refitted here: "
-                                        "click 'Discover equations' to rebuild them from the BINN first."), "Refit")
             return None
         fld = s.field
 

@@ -38,7 +38,7 @@ class BinnState:
     """What the three docks share (all GUI-free objects from the core).
 
     stack: the Stack the density came from. field: DensityField (u in its units, grid in µm, times in h).
-    fit: BinnFit. equations: Equations (or LoadedEquations from a bundle). simulations: name -> (T, Ny, Nx)
+    fit: BinnFit. equations: Equations. simulations: name -> (T, Ny, Nx)
     array in the field's units. qc: QCReport. source_layer: name of the image layer of the data.
     """
 

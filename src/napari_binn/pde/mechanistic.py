@@ -256,6 +256,54 @@ class MechanisticFit:
         est = ", ".join(f"{k}={v:.4g}" for k, v in self.params.items())
         return f"MechanisticFit({self.model}: {est}; AIC {self.aic:.5g}; converged={self.converged})"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the arrays, as plain types (results bundles keep ``predicted`` with the simulations;
+        ``residuals`` follow from it and the data). Intervals are [low, high] lists."""
+        return {"model": self.model, "params": dict(self.params),
+                "ci95": {k: [float(v[0]), float(v[1])] for k, v in self.ci95.items()}, "units": dict(self.units),
+                "sigma": self.sigma, "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "n_obs": self.n_obs,
+                "n_params": self.n_params, "converged": self.converged, "message": self.message,
+                "n_evals": self.n_evals, "fixed": list(self.fixed), "weighting": self.weighting,
+                "intervals": self.intervals, "expressions": dict(self.expressions), "metadata": self.metadata}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], field: DensityField,
+                  predicted: np.ndarray | None = None) -> MechanisticFit:
+        """Rebuild a fit from :meth:`to_dict` with a working model (``D(u)``, ``G(u)``, ``T(t)``).
+
+        field: the data it was fitted to (for the residuals). predicted: its simulated (T, Ny, Nx) density, or None
+        when the fit had none (all NaN). A built-in model is found by name; a sympy model is rebuilt from its
+        ``expressions`` by the restricted parser of :mod:`napari_binn.symbolic.expression` (nothing is executed).
+        Raises ValueError (an ExpressionError for an expression it refuses) when ``d`` does not describe a fit.
+        """
+        from ..symbolic.expression import as_float, parse_expression
+
+        expressions = {str(k): str(v) for k, v in d.get("expressions", {}).items()}
+        if d["model"] in MODEL_NAMES:
+            spec = _builtin_model(d["model"])
+        else:
+            spec = _sympy_model({k: parse_expression(v, parameters=True) for k, v in expressions.items()})
+        params = {str(k): as_float(v) for k, v in d["params"].items()}
+        if set(params) != set(spec.params):
+            raise ValueError(f"parameters {sorted(params)} do not match the model's {sorted(spec.params)}")
+        if predicted is None:
+            predicted = np.full(field.u.shape, np.nan)
+        predicted = np.where(field.mask[None], np.asarray(predicted, dtype=np.float64), np.nan)
+        residuals = np.where(field.observed[1:], predicted[1:] - field.u[1:], np.nan)
+        metadata = dict(d.get("metadata", {}))
+        if "t_h" in metadata:
+            metadata["t_h"] = np.asarray(metadata["t_h"], dtype=np.float64)
+        return cls(
+            model=str(d["model"]), params=params,
+            ci95={str(k): (as_float(v[0]), as_float(v[1])) for k, v in d.get("ci95", {}).items()},
+            units={str(k): str(v) for k, v in d.get("units", {}).items()}, residuals=residuals,
+            sigma=as_float(d.get("sigma")), loglik=as_float(d.get("loglik")), aic=as_float(d.get("aic")),
+            bic=as_float(d.get("bic")), n_obs=int(d.get("n_obs", 0)), n_params=int(d.get("n_params", 0)),
+            converged=bool(d.get("converged", False)), message=str(d.get("message", "")),
+            n_evals=int(d.get("n_evals", 0)), predicted=predicted, fixed=tuple(d.get("fixed", ())),
+            weighting=str(d.get("weighting", "ols")), intervals=d.get("intervals"), expressions=expressions,
+            metadata=metadata, _model=spec)
+
 
 # ----------------------------------------------------------------------------------------------- fitting
 

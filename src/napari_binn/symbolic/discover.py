@@ -18,6 +18,7 @@ from .expression import (
     FitResult,
     U,
     _integerize,
+    as_float,
     canonicalize,
     complexity,
     constant_units,
@@ -44,6 +45,15 @@ class FrontRow:
     loss: float
     score: float
     expression: Expression
+
+    def to_dict(self) -> dict:
+        return {"complexity": self.complexity, "loss": self.loss, "score": self.score,
+                "expression": self.expression.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FrontRow:
+        return cls(int(d["complexity"]), as_float(d.get("loss")), as_float(d.get("score")),
+                   Expression.from_dict(d["expression"]))
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,32 @@ class DiscoveredFunction:
         comps, losses = [r.complexity for r in self.front], [r.loss for r in self.front]
         return replace(self, selected_index=_pick(comps, losses, rule, self.loss_floor, self.significant),
                        selection=rule)
+
+    def pick(self, index: int) -> DiscoveredFunction:
+        """Copy whose selected form is front row ``index``, chosen by the user (selection ``'user pick'``)."""
+        if not 0 <= int(index) < len(self.front):
+            raise ValueError(f"{self.name}(u): no front row {index}; the front has {len(self.front)} rows.")
+        return replace(self, selected_index=int(index), selection="user pick")
+
+    def to_dict(self) -> dict:
+        """Plain types for JSON: the whole front (each row with its constants) and the selection; ``text`` and
+        ``latex`` repeat the selected form for people reading the file."""
+        return {"name": self.name, "text": self.text, "latex": self.latex, "units": self.units,
+                "u_units": self.u_units, "u_range": [float(v) for v in self.u_range], "backend": self.backend,
+                "selection": self.selection, "selected": self.selected_index, "notes": list(self.notes),
+                "loss_floor": self.loss_floor,
+                "significant": None if self.significant is None else list(self.significant),
+                "front": [row.to_dict() for row in self.front]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiscoveredFunction:
+        """Inverse of :meth:`to_dict`."""
+        lo, hi = d["u_range"]
+        significant = d.get("significant")
+        return cls(str(d["name"]), tuple(FrontRow.from_dict(r) for r in d["front"]), int(d["selected"]),
+                   str(d.get("selection", "best")), str(d.get("backend", "")), (as_float(lo), as_float(hi)),
+                   str(d.get("units", "")), str(d.get("u_units", "u")), tuple(d.get("notes", ())),
+                   as_float(d.get("loss_floor", 0.0)), None if significant is None else tuple(map(int, significant)))
 
     def table(self) -> str:
         """The Pareto front as a text table; the selected row is starred."""
@@ -221,25 +257,18 @@ class Equations:
         return fit_mechanistic(field, model, init=init, **kwargs)
 
     def to_dict(self) -> dict:
-        """JSON-safe summary (expressions as sympy strings) for results bundles."""
-        out = {"backend": self.backend, "metadata": {k: v for k, v in self.metadata.items() if _jsonable(v)}}
+        """Plain types for JSON (results bundles): backend, metadata (JSON-typed entries), and D and G with their
+        fronts; expressions as text, read back by the restricted parser."""
+        out: dict = {"backend": self.backend, "metadata": {k: v for k, v in self.metadata.items() if _jsonable(v)}}
         for key, f in self._functions():
-            out[key] = {
-                "selected": f.selected_index,
-                "selection": f.selection,
-                "u_range": list(f.u_range),
-                "units": f.units,
-                "u_units": f.u_units,
-                "notes": list(f.notes),
-                "front": [
-                    {"complexity": r.complexity, "loss": r.loss, "score": r.score, "expression": sp.srepr(r.expression.sympy)}
-                    for r in f.front
-                ],
-                "constants": [c.__dict__ for c in f.constants],
-                "text": f.text,
-                "latex": f.latex,
-            }
+            out[key] = f.to_dict()
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Equations:
+        """Inverse of :meth:`to_dict`; raises ExpressionError for expressions the restricted parser refuses."""
+        return cls(*(DiscoveredFunction.from_dict(d[key]) if d.get(key) is not None else None for key in ("D", "G")),
+                   str(d.get("backend", "")), dict(d.get("metadata", {})))
 
 
 def _pick(complexities, losses, rule, loss_floor, significant) -> int:

@@ -144,6 +144,11 @@ def equation_latex(key: str, f) -> str:
     return f"${key}(u) = {f.latex or f.text}$   [${units}$]"
 
 
+def as_float(value) -> float:
+    """A number read from JSON: None (how non-finite numbers are written) is NaN."""
+    return math.nan if value is None else float(value)
+
+
 def complexity(expr: sp.Expr) -> int:
     """Size of the expression tree, binary-operator style (PySR-like: a + b + c counts 5), where a fitted (Float)
     constant counts 2 (PySR's complexity_of_constants=2), so an extra free constant is never free."""
@@ -437,6 +442,17 @@ class Constant:
         err = "" if not math.isfinite(self.stderr) else f" ± {self.stderr:.2g}"
         return f"{self.name} = {self.value:.{self.digits}g}{err} {self.units}".rstrip()
 
+    def to_dict(self) -> dict:
+        """Plain types for JSON (a non-finite stderr stays a float: results bundles write it as null)."""
+        return {"name": self.name, "value": self.value, "stderr": self.stderr, "digits": self.digits,
+                "units": self.units}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Constant:
+        """Inverse of :meth:`to_dict` (null numbers read as NaN)."""
+        return cls(str(d["name"]), as_float(d["value"]), as_float(d.get("stderr")), int(d.get("digits", 6)),
+                   str(d.get("units", "")))
+
 
 @dataclass(frozen=True)
 class Expression:
@@ -504,6 +520,21 @@ class Expression:
             replace(c, value=float(v), digits=6, stderr=math.nan) for c, v in zip(self.constants, values)
         )
         return replace(self, sympy=new, constants=consts)
+
+    def to_dict(self) -> dict:
+        """Plain types for JSON: the closed form as text (and LaTeX, for people), its fit statistics and constants."""
+        return {"name": self.name, "text": self.text, "latex": self.latex, "units": self.units,
+                "u_range": [float(v) for v in self.u_range], "loss": self.loss, "complexity": self.complexity,
+                "constants": [c.to_dict() for c in self.constants]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Expression:
+        """Inverse of :meth:`to_dict`: the text is read by :func:`parse_expression` (numbers keep their written
+        digits, so the expression prints the same text again); raises ExpressionError for anything else."""
+        lo, hi = d.get("u_range", (math.nan, math.nan))
+        return cls(parse_expression(d["text"], precision=None), (as_float(lo), as_float(hi)), as_float(d.get("loss")),
+                   int(d["complexity"]), tuple(Constant.from_dict(c) for c in d.get("constants", ())),
+                   str(d.get("units", "")), str(d.get("name", "f")))
 
     def __repr__(self) -> str:
         return f"{self.name}(u) = {self.text}  [{self.units}; complexity {self.complexity}, loss {self.loss:.3g}]"
