@@ -7,6 +7,18 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One torch thread: on a small shared CPU, torch's default of one thread per core can be several times
+    slower (threads spin-waiting for each other), which would only slow these tests down."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny_pipeline_config():
     """A PipelineConfig of a few seconds: a 40-step BINN of two layers of 16, term-library discovery, 8-simulation
     refits without intervals."""

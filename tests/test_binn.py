@@ -297,3 +297,14 @@ def test_weak_term_is_trained_and_logged():
     assert any("weak" in rec for rec in fit.history[0])
     with pytest.raises(ValueError, match="weak_weight"):
         BinnConfig(weak_weight=-1.0)
+
+
+def test_with_steps_keeps_the_shares_of_the_phases():
+    cfg = BinnConfig(steps=18000, warmup_steps=16000, rates_only_steps=900)
+    short = cfg.with_steps(2000)
+    assert (short.steps, short.warmup_steps, short.rates_only_steps) == (2000, 1778, 100)
+    assert cfg.with_steps(18000) == cfg
+    tiny = BinnConfig(steps=10, warmup_steps=10).with_steps(1)
+    assert (tiny.steps, tiny.warmup_steps) == (1, 0)  # the PDE term always gets a step
+    with pytest.raises(ValueError, match="steps"):
+        cfg.with_steps(0)

@@ -118,3 +118,25 @@ def test_qc_printout_names_failed_simulations(capsys):
     result = SimpleNamespace(qc=None, metadata={"warnings": ["simulation 'closed form' failed: D(u) is not finite"]})
     _print_qc(SimpleNamespace(quiet=False), result)
     assert "note: simulation 'closed form' failed" in capsys.readouterr().out
+
+
+def test_fit_steps_keep_the_warmup_share_so_the_pde_term_trains(tmp_path, fkpp_field):
+    """--steps 2000 with the default 16000-step warm-up of 18000 steps: the warm-up keeps its share (1778 steps),
+    so the PDE term trains for the rest (it used to be clipped to 1999 data-only steps)."""
+    from napari_binn.pipeline import PipelineConfig, PipelineResult
+    from napari_binn.results import load_results, save_results
+
+    cfg = PipelineConfig()
+    cfg.binn = cfg.binn.replace(hidden=(8, 8), rate_hidden=(4,), n_collocation=64, batch_size=64, device="cpu",
+                                weak_weight=0.0)
+    assert (cfg.binn.steps, cfg.binn.warmup_steps) == (18000, 16000)
+    cfg.to_toml(tmp_path / "tiny.toml")
+    save_results(PipelineResult(cfg, field=fkpp_field), tmp_path / "density", figures=False)
+    out = tmp_path / "fit"
+    code = main(["fit", str(tmp_path / "density"), "--config", str(tmp_path / "tiny.toml"), "--steps", "2000",
+                 "--out", str(out), "--quiet"])
+    assert code == EXIT_OK
+    fit = load_results(out).fit
+    assert (fit.config.steps, fit.config.warmup_steps) == (2000, 1778)
+    pde_steps = [rec["step"] for rec in fit.history[0] if "pde" in rec]
+    assert pde_steps and min(pde_steps) <= 1800 and len(pde_steps) >= 4

@@ -126,15 +126,21 @@ def _config(args):
     from .pipeline import PipelineConfig
 
     cfg = PipelineConfig.from_toml(args.config) if getattr(args, "config", None) else PipelineConfig()
+    return _with_options(args, cfg)
+
+
+def _with_options(args, cfg):
+    """``cfg`` with the BINN options of the command line (--device, --seed, and --steps, which keeps the warm-up's
+    share of the steps: BinnConfig.with_steps)."""
     changes = {}
     if getattr(args, "device", None):
         changes["device"] = args.device
     if getattr(args, "seed", None) is not None:
         changes["seed"] = args.seed
-    if getattr(args, "steps", None):
-        changes["steps"] = args.steps
     if changes:
         cfg.binn = cfg.binn.replace(**changes)
+    if getattr(args, "steps", None):
+        cfg.binn = cfg.binn.with_steps(args.steps)
     return cfg
 
 
@@ -213,12 +219,7 @@ def cmd_demo(args) -> int:
     sample = spreading_sample(seed=args.seed or 0)
     stack = sample.rendered.stack
     _say(args, f"  images: {stack}")
-    if args.device:
-        cfg.binn = cfg.binn.replace(device=args.device)
-    if args.seed is not None:
-        cfg.binn = cfg.binn.replace(seed=args.seed)
-    if args.steps:
-        cfg.binn = cfg.binn.replace(steps=args.steps)
+    cfg = _with_options(args, cfg)
     result = _run(args, stack, cfg, _stages_from("density"), roi=sample.rendered.pixel_mask)
     fld = result.field
     drawn = _drawn_density(sample.rendered, fld) if fld is not None else None
@@ -433,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         sp.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train the BINN")
         sp.add_argument("--seed", type=int, help="random seed (same seed, same device: same result)")
-        sp.add_argument("--steps", type=int, help="BINN training steps (overrides the config)")
+        sp.add_argument("--steps", type=int, help="BINN training steps (overrides the config; the data-only warm-up "
+                                                  "keeps its share of the steps)")
         sp.add_argument("--quiet", action="store_true", help="no progress output")
         if stack:
             sp.add_argument("--roi", help="ROI: mask image (.tif/.png), polygons (.json, pixel row/col) or "

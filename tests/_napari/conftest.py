@@ -21,18 +21,6 @@ def tiny_field(T: int = 5, ny: int = 6, nx: int = 8, dx_um: float = 50.0):
     return DensityField(u, np.ones((ny, nx), bool), x, y, t, "cells/mm²", 2000.0, {})
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a small shared CPU, torch's default of one thread per core can be several times
-    slower (threads spin-waiting for each other), which would only slow these tests down."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_stack():
     """Rendered nuclei of :func:`tiny_field` at 2.5 µm/px (Stack (5, 120, 160), times 0..24 h)."""

@@ -28,6 +28,16 @@ def test_no_density_is_a_notification(trainer, monkeypatch):
     assert "No density" in shown[-1]
 
 
+def test_warmup_keeps_its_share_of_the_steps(trainer):
+    _, w = trainer
+    assert (w.steps.value, w.warmup.value) == (18000, 16000)
+    w.steps.value = 2000
+    assert w.warmup.value == 1778 and w.config().warmup_steps == 1778
+    w.warmup.value = 500  # the user's own warm-up is kept, and scaled from then on
+    w.steps.value = 4000
+    assert w.warmup.value == 1000
+
+
 def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_config):
     viewer, w = trainer
     get_state(viewer).field = tiny_density

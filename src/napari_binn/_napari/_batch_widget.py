@@ -370,10 +370,7 @@ class BatchWidget(QWidget):
             if results is not None:
                 cfg.symbolic = results.symbolic_config()
         cfg.density = copy.deepcopy(density_config)
-        steps = self.steps.value
-        share = cfg.binn.warmup_steps / max(cfg.binn.steps, 1)
-        cfg.binn = cfg.binn.replace(steps=steps, n_models=self.n_models.value,
-                                    warmup_steps=min(int(round(share * steps)), max(0, steps - 1)))
+        cfg.binn = cfg.binn.with_steps(self.steps.value).replace(n_models=self.n_models.value)
         return cfg
 
     def _plan(self, base: Any) -> tuple[Any, Any, list[Any], list[ShapeRun], dict[str, Any], list[str]]:

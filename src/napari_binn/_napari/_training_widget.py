@@ -68,7 +68,8 @@ class TrainingWidget(QWidget):
 
         # --- training
         self.steps = ispin(defaults.steps, 1, 1_000_000, label="Steps",
-                           tooltip="Adam steps per network (more = better fit, slower).")
+                           tooltip="Adam steps per network (more = better fit, slower). The warm-up (advanced "
+                                   "settings) keeps its share of the steps when they change.")
         self.n_models = ispin(defaults.n_models, 1, 20, label="Ensemble size",
                               tooltip="Ensemble size: several networks give uncertainty bands.")
         self.width = ispin(defaults.hidden[0], 4, 512, label="Network width",
@@ -91,7 +92,8 @@ class TrainingWidget(QWidget):
         # --- advanced
         self.advanced_toggle = CheckBox(text="Show advanced settings", value=False)
         self.warmup = ispin(defaults.warmup_steps, 0, 1_000_000, label="Warm-up steps",
-                            tooltip="Data-only steps before the PDE term starts.")
+                            tooltip="Data-only steps before the PDE term starts (part of the steps; at most "
+                                    "steps - 1 are used).")
         self.n_colloc = ispin(defaults.n_collocation, 1, 10_000_000, label="Collocation points",
                               tooltip="PDE collocation points per step.")
         self.batch = ispin(defaults.batch_size, 1, 10_000_000, label="Batch size", tooltip="Observed points per step.")
@@ -146,6 +148,8 @@ class TrainingWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.figure)
 
+        self._steps_before = self.steps.value
+        self.steps.changed.connect(self._steps_changed)
         self.advanced_toggle.changed.connect(self._show_advanced)
         self.train_btn.changed.connect(self.train)
         self.pause_btn.changed.connect(self.toggle_pause)
@@ -170,6 +174,14 @@ class TrainingWidget(QWidget):
     # ------------------------------------------------------------------------------------------ inputs
     def _show_advanced(self, show: bool) -> None:
         self.advanced.setVisible(bool(show))
+
+    def _steps_changed(self, steps: int) -> None:
+        """The step budget changed: the warm-up keeps its share of it (``BinnConfig.with_steps``)."""
+        from ..binn import BinnConfig
+
+        before = BinnConfig(steps=max(self._steps_before, 1), warmup_steps=self.warmup.value)
+        self._steps_before = steps
+        set_clamped(self.warmup, before.with_steps(max(int(steps), 1)).warmup_steps)
 
     @staticmethod
     def _device_text() -> str:
@@ -199,7 +211,7 @@ class TrainingWidget(QWidget):
             hidden=(self.width.value,) * self.depth.value, steps=self.steps.value,
             n_models=self.n_models.value, lr=self.lr.value, lr_final=min(1e-4, self.lr.value),
             pde_weight=self.pde_weight.value, seed=self.seed.value, device=self.device.value,
-            warmup_steps=min(self.warmup.value, max(0, self.steps.value - 1)),
+            warmup_steps=self.warmup.value,
             n_collocation=self.n_colloc.value, batch_size=self.batch.value,
             collocation=self.collocation.value, validation=self.validation.value,
             patience=self.patience.value, residual=self.residual.value, dtype=self.dtype.value,

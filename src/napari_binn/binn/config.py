@@ -158,6 +158,23 @@ class BinnConfig:
             raise ValueError(f"BinnConfig has no setting(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
+    def with_steps(self, steps: int) -> "BinnConfig":
+        """A validated copy with a budget of ``steps`` Adam steps whose phases keep their shares of it.
+
+        The way to change the budget (the command line's ``--steps``, the docks' step fields): the data-only
+        warm-up (``warmup_steps``) and the rates-only phase (``rates_only_steps``) are scaled by
+        ``steps / self.steps`` (rounded), and the warm-up stays below ``steps`` so the PDE term always trains.
+        ``replace(steps=...)`` changes the budget alone (a warm-up longer than the budget is cut to steps - 1 by
+        the training, which then fits the data term only).
+        """
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"BinnConfig: steps must be >= 1 (got {steps}); a fit needs at least one step")
+        scale = steps / self.steps
+        warmup = min(int(round(self.warmup_steps * scale)), steps - 1)
+        rates_only = min(int(round(self.rates_only_steps * scale)), steps - 1 - warmup)
+        return self.replace(steps=steps, warmup_steps=warmup, rates_only_steps=rates_only)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of JSON/TOML types (tuples become lists; None stays None)."""
         d = dataclasses.asdict(self)

@@ -477,6 +477,7 @@ def train_binn(field: DensityField, config: BinnConfig | None = None, *,
 
 def fit_binn(field: DensityField, config: BinnConfig | None = None, *, cancel: CancelToken | None = None,
              callback: Callable[[Progress], None] | None = None, **overrides: Any) -> BinnFit:
-    """Blocking form of :func:`train_binn`; ``overrides`` replace config fields (``steps=2000``, ...)."""
+    """Blocking form of :func:`train_binn`; ``overrides`` replace config fields as given (``n_models=5``, ...);
+    to change the step budget with the warm-up keeping its share, pass ``config.with_steps(n)``."""
     config = (config or BinnConfig()).replace(**overrides) if overrides else (config or BinnConfig())
     return run_job(train_binn(field, config, cancel=cancel), callback)
