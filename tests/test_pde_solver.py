@@ -188,6 +188,26 @@ def test_simulate_field_checks_grid():
         simulate_field(0.0, 0.1, field, dx_um=25.0)
 
 
+def test_simulate_accepts_a_density_field():
+    """From the field's initial state (unobserved boxes at 0), on its mask, grid and frame times."""
+    mask = _disc(12, 5)
+    u0 = np.where(mask, 300.0, np.nan)
+    u0[6, 6] = np.nan  # unobserved inside the ROI: starts at 0, like empty space
+    field = DensityField(np.stack([u0, u0, u0]), mask, np.arange(12) * 30.0, np.arange(12) * 30.0,
+                         np.array([0.0, 2.0, 5.0]), K=K)
+    sim = simulate(500.0, 0.05, field)
+    np.testing.assert_array_equal(sim, simulate(500.0, 0.05, field.initial_state(), mask, 30.0, field.t_h))
+    assert sim.shape == (3, 12, 12) and sim[0, 6, 6] == 0.0 and sim[2, 6, 6] > 0.0
+    np.testing.assert_allclose(simulate(500.0, 0.05, field, t_h=[0.0, 5.0])[1], sim[2], rtol=1e-4, equal_nan=True)
+    np.testing.assert_array_equal(simulate_field(500.0, 0.05, field).u, sim)
+    with pytest.raises(ValueError, match="first frame"):
+        simulate(500.0, 0.05, field, t_h=[1.0, 5.0])
+    with pytest.raises(ValueError, match="its own mask"):
+        simulate(500.0, 0.05, field, mask)
+    with pytest.raises(ValueError, match="give mask, dx_um, t_h"):
+        simulate(500.0, 0.05, u0)
+
+
 # --- bad input --------------------------------------------------------------------------------------------
 
 def _ok_args():

@@ -175,11 +175,6 @@ def surrogate_on_grid(fit: BinnFit, field_: DensityField) -> np.ndarray:
     return np.where(field_.mask[None], u, np.nan)
 
 
-def initial_condition(field_: DensityField) -> np.ndarray:
-    """Frame 0 with unobserved boxes inside the ROI set to 0 (as the mechanistic fit does)."""
-    return np.where(field_.mask & np.isfinite(field_.u[0]), field_.u[0], 0.0)
-
-
 def run_pipeline(
     data: Stack | DensityField | PipelineResult,
     config: PipelineConfig | None = None,
@@ -274,7 +269,6 @@ def _need(value: Any, stage: str, what: str) -> None:
 def _simulate_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelToken | None, index: int):
     fld = result.field
     sc = config.simulation
-    u0 = initial_condition(fld)
     runs: list[tuple[str, Any, Any, Any]] = []
     if result.fit is not None:
         result.simulations["BINN surrogate"] = surrogate_on_grid(result.fit, fld)
@@ -288,8 +282,7 @@ def _simulate_stage(result: PipelineResult, config: PipelineConfig, cancel: Canc
             return
         try:
             result.simulations[name] = yield from _tag(simulate_job(
-                D, G, u0, fld.mask, fld.dx_um, fld.t_h, T, rtol=sc.rtol, method=sc.method, cancel=cancel),
-                "simulate", index)
+                D, G, fld, T=T, rtol=sc.rtol, method=sc.method, cancel=cancel), "simulate", index)
         except (SimulationError, ValueError) as err:
             result.metadata["warnings"].append(f"simulation '{name}' failed: {err}")
             yield Progress("simulate", 0, None, f"simulation '{name}' failed: {err}",

@@ -318,9 +318,8 @@ class ResultsWidget(QWidget):
 
         def job(token):
             from ..pde import simulate_job
-            from ..pipeline import initial_condition
 
-            sim = yield from simulate_job(D, G, initial_condition(fld), fld.mask, fld.dx_um, fld.t_h, cancel=token)
+            sim = yield from simulate_job(D, G, fld, cancel=token)
             return name, sim
 
         return self._start(job, "Simulation", self._simulated)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
-from ..field import DensityField
+from ..field import DensityField, initial_state
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled
 from .solver import SimulationError, simulate
 
@@ -377,20 +377,14 @@ class _Problem:
         self.penalty = 10.0 * math.sqrt(float(np.mean(self.y ** 2)) + self.scale_u ** 2)
 
     def prepare_u0(self, u0: np.ndarray, warn: bool = False) -> np.ndarray:
-        """The initial condition actually simulated from a first frame: NaN/outside-mask boxes at 0, denoised
-        when ``initial='denoised'``, negative values at 0."""
-        u0 = np.array(u0, dtype=np.float64)
-        u0[~np.isfinite(u0) | ~self.field.mask] = 0.0
-        if self.initial == "denoised":
-            u0 = _denoise_initial(u0, self.field.mask)
-        if (u0 < 0).any():
-            if warn:
-                warnings.warn(
-                    f"first frame has {int((u0 < 0).sum())} negative boxes (noise); they start at 0",
-                    RuntimeWarning, stacklevel=5,
-                )
-            u0 = np.maximum(u0, 0.0)
-        return u0
+        """The initial condition simulated from a first frame: the fields' rule (:func:`initial_state`),
+        denoised when ``initial='denoised'``."""
+        denoise = self.initial == "denoised"
+        negative = 0 if denoise else int((np.where(self.field.mask & np.isfinite(u0), u0, 0.0) < 0).sum())
+        if warn and negative:
+            warnings.warn(f"first frame has {negative} negative boxes (noise); they start at 0",
+                          RuntimeWarning, stacklevel=5)
+        return initial_state(u0, self.field.mask, denoise=denoise)
 
     def residual_from(self, theta: np.ndarray, u0: np.ndarray) -> np.ndarray | None:
         """Weighted residuals at theta simulated from another initial condition u0 (no caching, does not touch
@@ -518,21 +512,6 @@ class _Problem:
     def loglik(self, ssr: float, logw: float) -> float:
         n = self.n
         return -0.5 * n * (math.log(2 * math.pi * max(ssr, 1e-300) / n) + 1.0) + logw
-
-
-def _denoise_initial(u0: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Zero the boxes of empty space that hold only noise: local mean (Gaussian, s.d. 1 box, normalised on the
-    mask) below 3 x its noise s.d.; the noise s.d. is a robust (MAD) estimate from u0 minus its local mean."""
-    from scipy.ndimage import gaussian_filter
-
-    w = mask.astype(np.float64)
-    local = gaussian_filter(np.where(mask, u0, 0.0), 1.0, mode="constant") / np.maximum(
-        gaussian_filter(w, 1.0, mode="constant"), 1e-12)
-    detail = (u0 - local)[mask]
-    # white noise of s.d. s: u - G*u has s.d. ~0.87 s, and G*u (G a 1-box Gaussian) has s.d. s / (2 sqrt(pi))
-    noise_sd = 1.4826 * float(np.median(np.abs(detail - np.median(detail)))) / 0.87
-    threshold = 3.0 * noise_sd / (2.0 * math.sqrt(math.pi))
-    return np.where(mask & (local > threshold), np.maximum(u0, 0.0), 0.0)
 
 
 def _fmt(p: Mapping[str, float]) -> str:

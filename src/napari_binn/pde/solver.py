@@ -350,8 +350,31 @@ def _validate(u0: Any, mask: Any, dx_um: Any, t_h: Any, rtol: float, atol: float
     return u0_arr, mask_arr, dx, t
 
 
-def simulate_job(D: Any, G: Any, u0: Any, mask: Any, dx_um: float, t_h: Any, T: Any = None, *,
-                 rtol: float = 1e-4, atol: float | None = None, method: str = "auto",
+def _arguments(u0: Any, mask: Any, dx_um: Any, t_h: Any) -> tuple[Any, Any, Any, Any]:
+    """(u0, mask, dx_um, t_h) of a call: as given, or from a DensityField ``u0``: its initial state
+    (``DensityField.initial_state``), mask, box size and frame times (``t_h`` may give other output times from its
+    first frame on; ``dx_um``, if given, must be its box size)."""
+    from ..field import DensityField
+
+    if not isinstance(u0, DensityField):
+        missing = [name for name, v in (("mask", mask), ("dx_um", dx_um), ("t_h", t_h)) if v is None]
+        if missing:
+            raise ValueError(f"give {', '.join(missing)} with an array u0, or simulate a DensityField")
+        return u0, mask, dx_um, t_h
+    field = u0
+    if mask is not None:
+        raise ValueError("a DensityField brings its own mask: restrict it with field.with_mask(mask) instead")
+    if dx_um is not None and not np.isclose(float(dx_um), field.dx_um, rtol=1e-6):
+        raise ValueError(f"dx_um = {dx_um} µm does not match the field's box size {field.dx_um:g} µm")
+    times = field.t_h if t_h is None else np.asarray(t_h, dtype=np.float64).reshape(-1)
+    if times.size and not np.isclose(times[0], field.t_h[0]):
+        raise ValueError(f"t_h[0] = {times[0]:g} h must be the time of the field's first frame "
+                         f"({field.t_h[0]:g} h), which the simulation starts from")
+    return field.initial_state(), field.mask, field.dx_um, times
+
+
+def simulate_job(D: Any, G: Any, u0: Any, mask: Any = None, dx_um: float | None = None, t_h: Any = None,
+                 T: Any = None, *, rtol: float = 1e-4, atol: float | None = None, method: str = "auto",
                  max_step_h: float | None = None, cancel: CancelToken | None = None,
                  ) -> Generator[Progress, None, np.ndarray]:
     """Generator form of :func:`simulate`: yields ``Progress(stage='simulate')`` after each output time
@@ -360,6 +383,7 @@ def simulate_job(D: Any, G: Any, u0: Any, mask: Any, dx_um: float, t_h: Any, T: 
     On cancel (checked between output times) it returns the frames computed so far with the remaining
     frames all NaN; the last event's ``data['cancelled']`` is True. Nothing is raised.
     """
+    u0, mask, dx_um, t_h = _arguments(u0, mask, dx_um, t_h)
     u0_arr, mask_arr, dx, t = _validate(u0, mask, dx_um, t_h, rtol, atol, method)
     grid = MaskedGrid(mask_arr, dx)
     y0 = grid.from_grid(u0_arr)
@@ -405,8 +429,8 @@ def simulate_job(D: Any, G: Any, u0: Any, mask: Any, dx_um: float, t_h: Any, T: 
     return out
 
 
-def simulate(D: Any, G: Any, u0: Any, mask: Any, dx_um: float, t_h: Any, T: Any = None, *,
-             rtol: float = 1e-4, atol: float | None = None, method: str = "auto",
+def simulate(D: Any, G: Any, u0: Any, mask: Any = None, dx_um: float | None = None, t_h: Any = None,
+             T: Any = None, *, rtol: float = 1e-4, atol: float | None = None, method: str = "auto",
              max_step_h: float | None = None) -> np.ndarray:
     """Solve u_t = T(t) [div(D(u) grad u) + G(u) u] inside ``mask`` with zero flux at its edge.
 
@@ -415,7 +439,9 @@ def simulate(D: Any, G: Any, u0: Any, mask: Any, dx_um: float, t_h: Any, T: Any 
     D : diffusivity D(u) in µm²/h; G : per-capita growth rate G(u) in 1/h (reaction G(u) u).
         Each may be a number, a vectorised numpy callable, a sympy expression in one symbol (``u``), or a
         torch module / tensor callable (evaluated batched, without autograd, on (N, 1) tensors).
-    u0 : (Ny, Nx) density at ``t_h[0]`` (values outside the mask are ignored; NaN inside is refused).
+    u0 : (Ny, Nx) density at ``t_h[0]`` (values outside the mask are ignored; NaN inside is refused), or a
+        :class:`~napari_binn.field.DensityField`: the simulation starts from its ``initial_state()`` (unobserved and
+        negative boxes at 0) on its mask and grid, with its frame times unless ``t_h`` is given.
     mask : (Ny, Nx) bool domain; any shape, disconnected pieces are independent no-flux domains.
     dx_um : box size in µm.  t_h : output times in hours, strictly increasing, ``t_h[0]`` = time of u0.
     T : optional delay factor T(t), dimensionless (number, callable of hours, sympy expression in ``t``).
@@ -437,27 +463,18 @@ def simulate(D: Any, G: Any, u0: Any, mask: Any, dx_um: float, t_h: Any, T: Any 
 
 def simulate_field(D: Any, G: Any, field: Any, t_h: Any = None, T: Any = None, *, dx_um: float | None = None,
                    **options: Any):
-    """Simulate from the first frame of a :class:`~napari_binn.field.DensityField` on its mask and grid.
+    """:func:`simulate` of a :class:`~napari_binn.field.DensityField`, returned as a new DensityField with the
+    same grid, units and K (``metadata['simulated'] = True``).
 
     ``t_h`` defaults to the field's frame times (``t_h[0]`` must equal ``field.t_h[0]``); ``dx_um``, if given,
-    must match the field's box size. Other keyword options go to :func:`simulate`. Returns a new
-    DensityField with the same grid, units and K (``metadata['simulated'] = True``).
+    must match the field's box size. Other keyword options go to :func:`simulate`.
     """
     from ..field import DensityField
 
     if not isinstance(field, DensityField):
         raise TypeError(f"field must be a DensityField; got {type(field).__name__}")
-    if dx_um is not None and not np.isclose(float(dx_um), field.dx_um, rtol=1e-6):
-        raise ValueError(f"dx_um = {dx_um} µm does not match the field's box size {field.dx_um:g} µm")
     times = field.t_h if t_h is None else np.asarray(t_h, dtype=np.float64)
-    if not np.isclose(times[0], field.t_h[0]):
-        raise ValueError(f"t_h[0] = {times[0]:g} h must be the time of the field's first frame "
-                         f"({field.t_h[0]:g} h), which is used as u0")
-    u0 = field.u[0]
-    if np.isnan(u0[field.mask]).any():
-        raise ValueError("the field's first frame has NaN boxes inside its mask; fill them or shrink the mask "
-                         "(field.with_mask(...)) before simulating")
-    u = simulate(D, G, u0, field.mask, field.dx_um, times, T, **options)
+    u = simulate(D, G, field, dx_um=dx_um, t_h=times, T=T, **options)
     meta = {"simulated": True, "source": field.metadata.get("source", field.metadata.get("name"))}
     return DensityField(u, field.mask.copy(), field.x_um.copy(), field.y_um.copy(), np.asarray(times, float),
                         field.units, field.K, meta)
