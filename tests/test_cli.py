@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_binn.cli import EXIT_ERROR, EXIT_OK, main, read_roi
+from napari_binn.cli import EXIT_ERROR, EXIT_OK, main
 
 
 def test_help_explains_units(capsys):
@@ -45,28 +45,6 @@ def test_extract_writes_a_bundle_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["extract", str(path), "--out", str(out), "--quiet"]) == EXIT_ERROR
     assert "exists" in capsys.readouterr().err
     assert main(["report", str(out), "--quiet"]) == EXIT_OK
-
-
-def test_roi_files(tmp_path):
-    import tifffile
-
-    csv_path = tmp_path / "shapes.csv"
-    csv_path.write_text("index,shape-type,vertex-index,axis-0,axis-1\n"
-                        "0,polygon,0,1,2\n0,polygon,1,1,20\n0,polygon,2,30,20\n"
-                        "1,rectangle,0,40,40\n1,rectangle,1,40,50\n1,rectangle,2,50,50\n1,rectangle,3,50,40\n")
-    polys = read_roi(csv_path)
-    assert len(polys) == 2 and polys[0].shape == (3, 2) and polys[1][2].tolist() == [50.0, 50.0]
-    plain = tmp_path / "vertices.csv"
-    plain.write_text("row,col\n0,0\n0,10\n10,10\n")
-    assert read_roi(plain)[0].shape == (3, 2)
-    mask = np.zeros((20, 20), np.uint8)
-    mask[5:10, 5:10] = 255
-    tifffile.imwrite(tmp_path / "m.tif", mask)
-    assert read_roi(tmp_path / "m.tif").sum() == 25
-    with pytest.raises(ValueError, match="does not exist"):
-        read_roi(tmp_path / "missing.json")
-    with pytest.raises(ValueError, match="mask image"):
-        read_roi(csv_path.with_suffix(".xyz").write_text("") or csv_path.with_suffix(".xyz"))
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):

@@ -9,11 +9,11 @@ from napari_binn.density import (
     extract_density_job,
     field_layer_transform,
     preview_frame,
-    roi_to_mask,
 )
 from napari_binn.field import DensityField
 from napari_binn.io import Stack
 from napari_binn.jobs import CancelToken, JobCancelled
+from napari_binn.roi import roi_to_mask
 from napari_binn.synthetic.render import render_microscopy
 
 PX = 2.0  # µm per pixel in these tests
@@ -158,14 +158,6 @@ def test_roi_shapes_mask_and_counts(name):
     sel = (pts[:, 0] == 1) & (pr >= r0) & (pr < r0 + 20) & (pc >= c0) & (pc < c0 + 20) & roi_mask[pr, pc]
     area = roi_mask[r0:r0 + 20, c0:c0 + 20].sum() * PX ** 2 * 1e-6
     assert field.u[1, i, j] == pytest.approx(sel.sum() / area)
-
-
-def test_two_rois_union_equals_mask_union():
-    shape = (200, 200)
-    polys = ROIS["two"](shape)
-    union = roi_to_mask(polys[0], shape)[0] | roi_to_mask(polys[1], shape)[0]
-    np.testing.assert_array_equal(roi_to_mask(polys, shape)[0], union)
-    assert not union[100, 100] and union[50, 50] and union[150, 150]
 
 
 def test_layer_transform_maps_box_centres_to_their_pixels():

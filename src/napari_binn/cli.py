@@ -7,8 +7,6 @@ Units everywhere: lengths in µm, times in hours, D(u) in µm²/h, G(u) in 1/h, 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -67,58 +65,6 @@ class _ProgressPrinter:
 def _say(args, text: str) -> None:
     if not getattr(args, "quiet", False):
         print(text, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------- ROI
-def read_roi(path: str | Path, image_shape: tuple[int, int] | None = None) -> Any:
-    """An ROI from a file: a mask image (TIFF/PNG; nonzero = inside), polygons in JSON ([[[row, col], ...], ...]
-    in pixels), or a CSV of vertices: napari's Shapes export (columns index, shape-type, vertex-index, axis-0,
-    axis-1[, axis-2]) or two columns row, col (one polygon)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"ROI file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff", ".png"):
-        import tifffile
-        from PIL import Image
-
-        mask = tifffile.imread(path) if suffix.startswith(".tif") else np.asarray(Image.open(path))
-        mask = np.asarray(mask)
-        if mask.ndim == 3:
-            mask = mask.max(axis=0) if mask.shape[0] < mask.shape[-1] else mask.max(axis=-1)
-        return mask != 0
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        polys = data["polygons"] if isinstance(data, dict) else data
-        arrays = [np.asarray(p, dtype=float) for p in polys]
-        if arrays and arrays[0].ndim == 1:
-            arrays = [np.asarray(polys, dtype=float)]
-        return arrays
-    if suffix == ".csv":
-        with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))
-        if not rows:
-            raise ValueError(f"ROI file {path} is empty")
-        header = [h.strip().lower() for h in rows[0]]
-        if "axis-0" in header:
-            idx = header.index("index")
-            axes = [i for i, h in enumerate(header) if h.startswith("axis-")]
-            ycol, xcol = axes[-2], axes[-1]  # the last two axes are (row, col)
-            shapes: dict[str, list[tuple[float, float]]] = {}
-            for r in rows[1:]:
-                shapes.setdefault(r[idx], []).append((float(r[ycol]), float(r[xcol])))
-            return [np.asarray(v) for v in shapes.values()]
-        start = 1 if not _is_number(rows[0][0]) else 0
-        return [np.asarray([[float(r[0]), float(r[1])] for r in rows[start:] if r], dtype=float)]
-    raise ValueError(f"ROI file {path}: use a mask image (.tif/.png), polygons (.json) or vertices (.csv)")
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -200,6 +146,12 @@ def _load_input(args, path: str):
     if stack.metadata.get("time_units") == "frames":
         raise ValueError(f"{path} does not say its frame interval: give it with --frame-interval-h (hours)")
     return stack
+
+
+def _roi(args) -> Any:
+    from .roi import read_roi
+
+    return read_roi(args.roi) if args.roi else None
 
 
 def _stages_from(start: str) -> tuple[str, ...]:
@@ -346,7 +298,7 @@ def _blank(expr):
 
 def cmd_extract(args) -> int:
     data = _load_input(args, args.input)
-    roi = read_roi(args.roi) if args.roi else None
+    roi = _roi(args)
     result = _run(args, data, _config(args), ("density",), roi=roi)
     _say(args, repr(result.field))
     _save(args, result)
@@ -357,7 +309,7 @@ def cmd_fit(args) -> int:
     from .pipeline import PipelineResult
 
     data = _load_input(args, args.input)
-    roi = read_roi(args.roi) if args.roi else None
+    roi = _roi(args)
     stages = ("binn",) if isinstance(data, PipelineResult) else ("density", "binn")
     result = _run(args, data, _config(args), stages, roi=roi)
     _say(args, repr(result.fit))
@@ -399,7 +351,7 @@ def cmd_report(args) -> int:
 def cmd_batch(args) -> int:
     out = Path(args.out)  # main() has refused an existing --out (without --overwrite) already
     cfg = _config(args)
-    roi = read_roi(args.roi) if args.roi else None
+    roi = _roi(args)
     status = EXIT_OK
     for path in args.inputs:
         name = Path(path).stem
@@ -439,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress output")
         if stack:
             sp.add_argument("--roi", help="ROI: mask image (.tif/.png), polygons (.json, pixel row/col) or "
-                                          "vertices (.csv, napari Shapes export)")
+                                          "vertices (.csv, napari Shapes export: rectangles, polygons, ellipses)")
             sp.add_argument("--pixel-size-um", type=float, help="pixel size in µm (if the file does not say)")
             sp.add_argument("--frame-interval-h", type=float, help="time between frames in hours (if the file does not say)")
             sp.add_argument("--channel", type=int, help="channel index for multichannel / RGB stacks")

@@ -32,6 +32,7 @@ from scipy import ndimage as ndi
 from .field import DensityField
 from .io import Stack
 from .jobs import CancelToken, JobCancelled, Progress, ProgressClock, is_cancelled, run_job
+from .roi import roi_to_mask
 
 __all__ = [
     "extract_density",
@@ -39,7 +40,6 @@ __all__ = [
     "preview_frame",
     "FramePreview",
     "field_layer_transform",
-    "roi_to_mask",
     "METHODS",
 ]
 
@@ -50,58 +50,8 @@ _MIN_BOXES = 3  # the ROI must span at least 3 x 3 boxes
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ROI and grid
+# Grid (ROIs: napari_binn.roi)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def roi_to_mask(roi: Any, image_shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
-    """Rasterise an ROI to a (Y, X) boolean pixel mask; returns (mask, warnings).
-
-    ``roi``: None (whole image), a boolean mask (Y, X), one polygon (N, 2) of (row, col) vertices in pixels
-    (napari order; extra leading columns such as time are ignored), or a list of polygons and/or masks (union).
-    A pixel is inside a polygon when its centre is.
-    """
-    from skimage.draw import polygon2mask
-
-    shape = tuple(int(s) for s in image_shape)
-    warnings: list[str] = []
-    if roi is None:
-        return np.ones(shape, bool), warnings
-    if isinstance(roi, np.ndarray) and (roi.dtype == bool or roi.shape == shape):
-        parts = [roi]
-    elif isinstance(roi, np.ndarray) and roi.ndim == 2:
-        parts = [roi]
-    elif isinstance(roi, (list, tuple)):
-        if len(roi) == 0:
-            raise ValueError("The ROI is empty (an empty list of shapes): draw a region or pass roi=None.")
-        parts = [np.asarray(p) for p in roi]
-    else:
-        raise ValueError(f"Unsupported ROI of type {type(roi).__name__}: pass a boolean mask (Y, X), "
-                         "a polygon (N, 2) of (row, col) pixel vertices, or a list of polygons.")
-    mask = np.zeros(shape, bool)
-    for part in parts:
-        part = np.asarray(part)
-        if part.dtype == bool or part.shape == shape:
-            if part.shape != shape:
-                raise ValueError(f"ROI mask shape {part.shape} does not match the image shape {shape}.")
-            mask |= part.astype(bool)
-            continue
-        if part.ndim != 2 or part.shape[1] < 2 or part.shape[0] < 3:
-            raise ValueError(f"An ROI polygon must be an (N >= 3, 2) array of (row, col) vertices; got shape "
-                             f"{part.shape}.")
-        verts = np.asarray(part[:, -2:], float)
-        if not np.all(np.isfinite(verts)):
-            raise ValueError("An ROI polygon has NaN or infinite vertices.")
-        lo, hi = verts.min(0), verts.max(0)
-        if hi[0] < -0.5 or hi[1] < -0.5 or lo[0] > shape[0] - 0.5 or lo[1] > shape[1] - 0.5:
-            raise ValueError(f"The ROI polygon (rows {lo[0]:.0f}..{hi[0]:.0f}, cols {lo[1]:.0f}..{hi[1]:.0f}) "
-                             f"lies outside the image ({shape[0]} x {shape[1]} pixels): draw it on the image.")
-        if lo[0] < -0.5 or lo[1] < -0.5 or hi[0] > shape[0] - 0.5 or hi[1] > shape[1] - 0.5:
-            warnings.append("The ROI extends beyond the image; it was clipped to the image.")
-        mask |= polygon2mask(shape, verts)
-    if not mask.any():
-        raise ValueError("The ROI is empty (it contains no pixel centre): draw a larger region or pass roi=None.")
-    return mask, warnings
 
 
 @dataclass

@@ -25,6 +25,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
+from ..roi import closed_shapes
 from ..symbolic.expression import readable
 from ._common import (
     CloseGuard,
@@ -42,7 +43,7 @@ from ._common import (
 )
 from ._state import find_dock, get_docks
 
-__all__ = ["BatchWidget", "ShapeRun", "closed_shapes", "run_shapes_job"]
+__all__ = ["BatchWidget", "ShapeRun", "run_shapes_job"]
 
 _WHAT = "Per-shape batch"
 
@@ -90,11 +91,6 @@ class _ShapeEvent:
     index: int
     progress: Any = None
     run: ShapeRun | None = None
-
-
-def closed_shapes(layer: Any) -> list[int]:
-    """Indices of the shapes of a Shapes layer that enclose an area (lines and paths do not)."""
-    return [i for i, kind in enumerate(layer.shape_type) if kind not in ("line", "path")]
 
 
 def _nt_error(qc: Any) -> tuple[float | None, str]:
@@ -340,7 +336,7 @@ class BatchWidget(QWidget):
             lines.append("ROI layer: none chosen. Choose a Shapes layer in the density dock's 'ROI layer' (or draw "
                          "one with 'New ROI layer'): each closed shape is one analysis.")
         else:
-            n = len(closed_shapes(shapes))
+            n = len(closed_shapes(shapes.shape_type))
             lines.append(f"ROI layer '{shapes.name}': {n} closed shape{'s' if n != 1 else ''} "
                          f"→ {n} analys{'e' if n != 1 else 'i'}s.")
         lines.append(f"Density: {dc.method}, {dc.box_um:g} µm boxes.")
@@ -384,7 +380,7 @@ class BatchWidget(QWidget):
         if shapes is None:
             raise ValueError("No ROI layer is chosen in the density dock: choose a Shapes layer in its 'ROI layer' "
                              "(or draw one with 'New ROI layer'); each closed shape is one analysis.")
-        numbers = closed_shapes(shapes)
+        numbers = closed_shapes(shapes.shape_type)
         if not numbers:
             raise ValueError(f"The ROI layer '{shapes.name}' has no closed shape: draw a rectangle, polygon or "
                              "ellipse around each region to analyse (lines and paths enclose no area).")

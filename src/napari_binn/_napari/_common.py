@@ -308,48 +308,29 @@ def layer_to_stack(layer: Any, *, channel: int = 0, pixel_size_um: float | None,
     return Stack(data, pixel_size_um, times, layer.name, meta)
 
 
-def _ellipse_polygon(corners: np.ndarray, n: int = 64) -> np.ndarray:
-    """Polygon of an axis-aligned or rotated ellipse given by napari's 4 bounding-box corners (row, col)."""
-    c = corners.mean(0)
-    a = (corners[1] - corners[0]) / 2.0
-    b = (corners[3] - corners[0]) / 2.0
-    ang = np.linspace(0, 2 * np.pi, n, endpoint=False)[:, None]
-    return c + np.cos(ang) * a + np.sin(ang) * b
-
-
 def shapes_to_roi(shapes: Any, image: Any, only: Any = None) -> tuple[list[np.ndarray] | None, list[str]]:
-    """ROI polygons in the image's pixel (row, col) frame from a Shapes layer; (None, note) when it is empty.
-    ``only``: indices of the shapes to use (default all).
+    """ROI polygons in the image's pixel (row, col) frame from a Shapes layer (:func:`napari_binn.roi.shapes_to_roi`
+    of its data and shape types); (None, notes) when it is empty or has no closed shape. ``only``: indices of the
+    shapes to use (default all).
 
     Shapes are mapped through world coordinates (each layer's scale and translate), so a Shapes layer drawn
     with another scale is converted correctly. Lines and paths enclose no area and are skipped with a note.
     """
-    notes: list[str] = []
+    from ..roi import shapes_to_roi as core_shapes_to_roi
+
     if shapes is None or len(shapes.data) == 0:
         return None, ["no ROI drawn: the whole image is analysed"]
     s_scale = np.asarray(shapes.scale[-2:], float)
     s_trans = np.asarray(shapes.translate[-2:], float)
     i_scale = np.asarray(image.scale[-2:], float)
     i_trans = np.asarray(image.translate[-2:], float)
+    notes: list[str] = []
     if not np.allclose(s_scale, i_scale) or not np.allclose(s_trans, i_trans):
         notes.append(f"the ROI layer's scale {tuple(s_scale)} differs from the image's {tuple(i_scale)}: "
                      "shapes were converted to image pixels through world coordinates")
-    polys: list[np.ndarray] = []
-    keep = set(range(len(shapes.data))) if only is None else set(only)
-    for i, (verts, kind) in enumerate(zip(shapes.data, shapes.shape_type)):
-        if i not in keep:
-            continue
-        v = np.asarray(verts, float)[:, -2:]
-        if kind in ("line", "path"):
-            notes.append(f"a {kind} encloses no area and was ignored")
-            continue
-        if kind == "ellipse":
-            v = _ellipse_polygon(v)
-        world = v * s_scale + s_trans
-        polys.append((world - i_trans) / i_scale)
-    if not polys:
-        return None, notes + ["no closed shape in the ROI layer: the whole image is analysed"]
-    return polys, notes
+    polys, more = core_shapes_to_roi(shapes.data, shapes.shape_type, only=only, scale=s_scale / i_scale,
+                                     offset=(s_trans - i_trans) / i_scale)
+    return polys, notes + more
 
 
 def upsert_image(viewer: Any, name: str, data: Any, **kwargs: Any) -> Any:
