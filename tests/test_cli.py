@@ -118,3 +118,21 @@ def test_fit_steps_keep_the_warmup_share_so_the_pde_term_trains(tmp_path, fkpp_f
     assert (fit.config.steps, fit.config.warmup_steps) == (2000, 1778)
     pde_steps = [rec["step"] for rec in fit.history[0] if "pde" in rec]
     assert pde_steps and min(pde_steps) <= 1800 and len(pde_steps) >= 4
+
+
+def test_batch_writes_each_input_and_reports_the_failing_one(tmp_path, fkpp_field, pipeline_config, capsys):
+    from napari_binn.pipeline import PipelineResult
+    from napari_binn.results import load_results, save_results
+
+    cfg = pipeline_config()
+    cfg.refit.candidates = 1
+    cfg.to_toml(tmp_path / "tiny.toml")
+    save_results(PipelineResult(cfg, field=fkpp_field), tmp_path / "one", figures=False)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{}")
+    out = tmp_path / "out"
+    code = main(["batch", str(tmp_path / "one"), str(tmp_path / "broken"), "--config", str(tmp_path / "tiny.toml"),
+                 "--out", str(out), "--quiet"])
+    assert code == EXIT_ERROR
+    assert "broken" in capsys.readouterr().err
+    assert load_results(out / "one").equations is not None and not (out / "broken").exists()

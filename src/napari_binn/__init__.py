@@ -20,6 +20,7 @@ _EXPORTS = {
     "discover_equations": "symbolic", "Equations": "symbolic",
     "PipelineConfig": "pipeline", "PipelineResult": "pipeline", "run_pipeline": "pipeline",
     "save_results": "results", "load_results": "results",
+    "BatchItem": "batch", "run_batch": "batch",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -38,6 +39,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .batch import BatchItem, run_batch
     from .binn import BinnConfig, fit_binn, train_binn
     from .density import extract_density
     from .field import DensityField

@@ -90,13 +90,12 @@ def _with_options(args, cfg):
     return cfg
 
 
-def _run(args, data, cfg, stages, roi=None):
-    """Run the pipeline with a progress printer. The first Ctrl-C cancels cooperatively (the running stage
-    returns its best partial result, which is then saved); a second one aborts."""
+def _drive(args, make_job, on_event=None, interrupted: str = "keeping the best result so far"):
+    """Run ``make_job(token)`` (a job generator) with a progress printer; returns (its result, whether it was
+    cancelled). The first Ctrl-C cancels cooperatively, a second one aborts. ``on_event`` also sees every event."""
     import signal
 
     from .jobs import CancelToken, run_job
-    from .pipeline import run_pipeline
 
     token = CancelToken()
     printer = _ProgressPrinter(args.quiet)
@@ -105,8 +104,13 @@ def _run(args, data, cfg, stages, roi=None):
         if token.cancelled:
             raise KeyboardInterrupt
         token.cancel()
-        sys.stderr.write("\ninterrupted: finishing the current step and keeping the best result so far "
-                         "(Ctrl-C again to abort without saving)\n")
+        sys.stderr.write(f"\ninterrupted: finishing the current step and {interrupted} (Ctrl-C again to abort "
+                         "without saving)\n")
+
+    def callback(ev) -> None:
+        if on_event is not None:
+            on_event(ev, printer)
+        printer(ev)
 
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -114,12 +118,21 @@ def _run(args, data, cfg, stages, roi=None):
     except ValueError:  # not the main thread: no signal handling
         previous = None
     try:
-        result = run_job(run_pipeline(data, cfg, roi=roi, stages=stages, cancel=token), printer)
+        result = run_job(make_job(token), callback)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         printer.done()
-    if token.cancelled:
+    return result, token.cancelled
+
+
+def _run(args, data, cfg, stages, roi=None):
+    """Run the pipeline with a progress printer; on Ctrl-C the running stage returns its best partial result,
+    which is then saved."""
+    from .pipeline import run_pipeline
+
+    result, cancelled = _drive(args, lambda token: run_pipeline(data, cfg, roi=roi, stages=stages, cancel=token))
+    if cancelled:
         result.metadata["cancelled_in"] = result.metadata.get("cancelled_in") or "interrupted"
     return result
 
@@ -131,21 +144,15 @@ def _save(args, result) -> None:
     _say(args, f"results bundle: {out}  (open {out / 'report.html'} in a browser, or the folder in napari)")
 
 
-def _load_input(args, path: str):
-    """A stack (TIFF, folder, glob) or a results bundle directory."""
-    from .io import read_stack
-    from .results import load_results
+def _read_options(args) -> dict[str, Any]:
+    return {"pixel_size_um": args.pixel_size_um, "frame_interval_h": args.frame_interval_h, "channel": args.channel}
 
-    p = Path(path)
-    if p.is_dir() and (p / "manifest.json").is_file():
-        return load_results(p)
-    stack = read_stack(path, pixel_size_um=args.pixel_size_um, frame_interval_h=args.frame_interval_h,
-                       channel=args.channel)
-    if stack.pixel_size_um is None:
-        raise ValueError(f"{path} does not say its pixel size: give it with --pixel-size-um (µm per pixel)")
-    if stack.metadata.get("time_units") == "frames":
-        raise ValueError(f"{path} does not say its frame interval: give it with --frame-interval-h (hours)")
-    return stack
+
+def _load_input(args, path: str):
+    """A stack (TIFF, folder, glob) or a results bundle directory (napari_binn.batch.load_input)."""
+    from .batch import load_input
+
+    return load_input(path, **_read_options(args))
 
 
 def _roi(args) -> Any:
@@ -349,27 +356,49 @@ def cmd_report(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    out = Path(args.out)  # main() has refused an existing --out (without --overwrite) already
-    cfg = _config(args)
-    roi = _roi(args)
-    status = EXIT_OK
-    for path in args.inputs:
-        name = Path(path).stem
-        _say(args, f"=== {path}")
-        try:
-            data = _load_input(args, path)
-            result = _run(args, data, cfg, _stages_from("density"), roi=roi)
-        except ValueError as err:
-            print(f"napari-binn: {path}: {err}", file=sys.stderr)
-            status = EXIT_ERROR
-            continue
-        from .results import save_results
+    """The whole pipeline on each input, one bundle each (``<out>/<input name>``), by the core's batch engine: a
+    failing input is reported and the others run; Ctrl-C stops the current input without writing it."""
+    from .batch import BatchItem, check_outputs, run_batch
 
-        save_results(result, out / name, overwrite=args.overwrite)
-        _print_equations(args, result)
-        if result.cancelled:
-            return EXIT_CANCELLED
-    return status
+    out = Path(args.out)  # main() has refused an existing --out (without --overwrite) already
+    cfg, roi = _config(args), _roi(args)
+    names = [Path(p).stem for p in args.inputs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"several inputs are named {', '.join(twice)}: their bundles would share a folder in {out}; "
+                         "rename or move them")
+    items = [BatchItem(name, path, cfg, out / name, roi=roi, read=_read_options(args), overwrite=args.overwrite)
+             for name, path in zip(names, args.inputs)]
+    check_outputs(items)
+
+    def on_event(ev, printer) -> None:
+        outcome = ev.data.get("outcome") if ev.stage == "batch" else None
+        if outcome is None:
+            return
+        printer.done()
+        if outcome.status == "running":
+            _say(args, f"=== {outcome.name} ({ev.data['item'] + 1} of {ev.data['n_items']})")
+        elif outcome.status == "done":
+            _say(args, f"  D(u) = {outcome.D}   [{outcome.D_units}]\n  G(u) = {outcome.G}   [{outcome.G_units}]"
+                       + (" (constants refitted to the data)" if outcome.refitted else "")
+                       + f"\n  results bundle: {outcome.out}")
+        elif outcome.status == "failed":
+            print(f"napari-binn batch: {outcome.name}: {outcome.message}", file=sys.stderr)
+
+    outcomes, cancelled = _drive(args, lambda token: run_batch(items, cancel=token), on_event,
+                                 interrupted="writing nothing for the current input")
+    done = [o for o in outcomes if o.written]
+    failed = [o for o in outcomes if o.status == "failed"]
+    left = [o for o in outcomes if o.status in ("stopped", "not run")]
+    summary = f"batch: {len(done)} of {len(outcomes)} written to {out}"
+    if failed:
+        summary += f"; failed: {', '.join(o.name for o in failed)}"
+    if left:
+        summary += f"; not finished (interrupted): {', '.join(o.name for o in left)}"
+    _say(args, summary)
+    if cancelled or left:
+        return EXIT_CANCELLED
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------ parser

@@ -3,18 +3,16 @@
 The image, calibration, ROI layer and density method are those of the Density extraction dock's current form
 (read through :meth:`DensityWidget.analysis_inputs`, never copied into a form of its own); the BINN settings are
 the training dock's (or the defaults) with this dock's steps and ensemble size; the equation discovery settings
-are the results dock's (or the defaults). Every shape runs :func:`napari_binn.pipeline.run_pipeline` in turn, in
-one background worker, and is saved with :func:`napari_binn.results.save_results` to ``<folder>/shape_<n>``.
+are the results dock's (or the defaults). Every shape is one item of the core's batch engine
+(:mod:`napari_binn.batch`, the same as ``napari-binn batch``), run in turn in one background worker and saved to
+``<folder>/shape_<n>``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 import weakref
-from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,8 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
+from ..batch import STAGE_NAMES, BatchItem, ItemOutcome, check_outputs
 from ..roi import closed_shapes
-from ..symbolic.expression import readable
 from ._common import (
     CloseGuard,
     JobHandle,
@@ -43,139 +41,9 @@ from ._common import (
 )
 from ._state import find_dock, get_docks
 
-__all__ = ["BatchWidget", "ShapeRun", "run_shapes_job"]
+__all__ = ["BatchWidget"]
 
 _WHAT = "Per-shape batch"
-
-#: Rough share of one shape's run time per pipeline stage: one progress bar over every shape.
-_STAGE_WEIGHT = {"density": 0.08, "binn": 0.62, "symbolic": 0.1, "simulate": 0.05, "refit": 0.14, "qc": 0.01}
-_STAGE_NAME = {"density": "density extraction", "binn": "BINN training", "symbolic": "equation discovery",
-               "simulate": "simulation", "refit": "refit against the data", "qc": "QC"}
-#: QC models whose N(t) error the table shows, first found first.
-_NT_MODELS = ("closed form (refitted)", "closed form", "learned D, G", "BINN surrogate")
-
-
-@dataclass
-class ShapeRun:
-    """One shape of the ROI layer and what its run gave (one table row).
-
-    number: the shape's number in the ROI layer (1-based, as its bundle folder ``shape_<number>``).
-    status: 'waiting' | 'running' | 'done' | 'failed' | 'stopped' (cancelled during its run, nothing written) |
-    'not run' (cancelled before it). D, G: the chosen equations as readable text, in ``D_units``, ``G_units``;
-    ``refitted``: with the constants refitted to the shape's density (else the symbolic regression's). nt_error:
-    mean |%| error of the total cell number N(t) of ``nt_model`` in the QC table. message: why it failed or
-    stopped.
-    """
-
-    number: int
-    folder: Path
-    status: str = "waiting"
-    D: str = ""
-    G: str = ""
-    D_units: str = "µm²/h"
-    G_units: str = "1/h"
-    refitted: bool = False
-    nt_error: float | None = None
-    nt_model: str = ""
-    message: str = ""
-
-    @property
-    def written(self) -> bool:
-        return self.status == "done"
-
-
-@dataclass
-class _ShapeEvent:
-    """What the worker hands to the GUI: a pipeline Progress event of run ``index``, or its updated row."""
-
-    index: int
-    progress: Any = None
-    run: ShapeRun | None = None
-
-
-def _nt_error(qc: Any) -> tuple[float | None, str]:
-    names = [m.name for m in qc.models] if qc is not None else []
-    for name in _NT_MODELS:
-        if name in names:
-            value = qc[name].mean_abs_count_error_pct
-            return (float(value) if np.isfinite(value) else None), name
-    return None, ""
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, (ValueError, FileExistsError, FileNotFoundError)) else \
-        f"{type(exc).__name__}: {exc}"
-
-
-def _describe(run: ShapeRun, result: Any) -> None:
-    """Fill a written shape's table text: the chosen equations (refitted constants when the refit ran) and the
-    N(t) error. A problem here only leaves the text empty: the bundle is written."""
-    try:
-        eq = result.equations
-        refit = result.mechanistic.get("closed form (refitted)")
-        if eq is not None and refit is not None and result.metadata.get("closed_form_refitted"):
-            eq, run.refitted = eq.with_refit(refit), True  # the constants the data support
-        for key in ("D", "G"):
-            f = getattr(eq, key, None) if eq is not None else None
-            setattr(run, key, readable(f.text, 4) if f is not None else "-")
-            if f is not None and f.units:
-                setattr(run, f"{key}_units", f.units)
-        run.nt_error, run.nt_model = _nt_error(result.qc)
-    except Exception as exc:  # noqa: BLE001 - display only
-        run.refitted = False
-        run.D = run.D or "?"
-        run.G = run.G or "?"
-        run.message = f"equations not shown ({_why(exc)}); see the bundle"
-
-
-def run_shapes_job(stack: Any, config: Any, rois: list[Any], runs: list[ShapeRun], *, cancel: Any = None,
-                   metadata: dict[str, Any] | None = None) -> Generator[_ShapeEvent, None, list[ShapeRun]]:
-    """Run the whole pipeline on ``stack`` once per ROI in ``rois`` and save each result to its run's folder.
-
-    Yields :class:`_ShapeEvent` (each pipeline event, and each row when it changes); returns the rows. A shape that
-    fails is recorded as failed and the next one runs; on cancel the current shape stops without writing and the
-    remaining ones are not run (bundles already written are kept).
-    """
-    from ..jobs import JobCancelled, is_cancelled
-    from ..pipeline import run_pipeline
-    from ..results import save_results
-
-    runs = [dataclasses.replace(r) for r in runs]
-    for k, (run, roi) in enumerate(zip(runs, rois)):
-        if is_cancelled(cancel):
-            break
-        run.status = "running"
-        yield _ShapeEvent(k, run=dataclasses.replace(run))
-        try:
-            job = run_pipeline(stack, config, roi=roi, cancel=cancel)
-            while True:
-                try:
-                    ev = next(job)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                yield _ShapeEvent(k, progress=ev)
-            if result.cancelled:
-                run.status = "stopped"
-                run.message = f"cancelled during {_STAGE_NAME.get(result.metadata['cancelled_in'], 'the run')}"
-            else:
-                result.metadata.update(metadata or {})
-                result.metadata["roi_shape"] = {"number": run.number,
-                                                "polygons_px": [np.asarray(p).tolist() for p in roi]}
-                if run.folder.is_dir() and not any(run.folder.iterdir()):
-                    run.folder.rmdir()  # an empty folder is replaced; a non-empty one is refused by save_results
-                save_results(result, run.folder)
-                run.status = "done"
-                _describe(run, result)
-        except JobCancelled as exc:
-            run.status, run.message = "stopped", f"cancelled ({exc})"
-        except Exception as exc:  # one shape failing must not stop the others
-            run.status, run.message = "failed", _why(exc)
-        yield _ShapeEvent(k, run=dataclasses.replace(run))
-    for run in runs:
-        if run.status == "waiting":
-            run.status = "not run"
-    return runs
 
 
 class BatchWidget(QWidget):
@@ -191,7 +59,8 @@ class BatchWidget(QWidget):
 
         self.viewer = napari_viewer
         self.job: JobHandle | None = None
-        self.runs: list[ShapeRun] = []
+        self.runs: list[ItemOutcome] = []  # one per shape, in table order
+        self.numbers: list[int] = []  # the shapes' numbers in the ROI layer (1-based)
         self._out: Path | None = None
         self._roi_layer = ""
         self._t0 = 0.0
@@ -369,8 +238,8 @@ class BatchWidget(QWidget):
         cfg.binn = cfg.binn.with_steps(self.steps.value).replace(n_models=self.n_models.value)
         return cfg
 
-    def _plan(self, base: Any) -> tuple[Any, Any, list[Any], list[ShapeRun], dict[str, Any], list[str]]:
-        """(stack, config, ROIs, rows, metadata, notes) of a run; ValueError/FileExistsError says what to fix."""
+    def _plan(self, base: Any) -> tuple[list[BatchItem], list[int], Any, list[str]]:
+        """(batch items, shape numbers, stack, notes) of a run; ValueError/FileExistsError says what to fix."""
         density = find_dock(self.viewer, "density")
         if density is None:
             raise ValueError("Open the Density extraction dock first (Plugins > napari-binn > Density extraction) "
@@ -380,8 +249,8 @@ class BatchWidget(QWidget):
         if shapes is None:
             raise ValueError("No ROI layer is chosen in the density dock: choose a Shapes layer in its 'ROI layer' "
                              "(or draw one with 'New ROI layer'); each closed shape is one analysis.")
-        numbers = closed_shapes(shapes.shape_type)
-        if not numbers:
+        indices = closed_shapes(shapes.shape_type)
+        if not indices:
             raise ValueError(f"The ROI layer '{shapes.name}' has no closed shape: draw a rectangle, polygon or "
                              "ellipse around each region to analyse (lines and paths enclose no area).")
         text = self.folder.line_edit.value.strip()
@@ -391,21 +260,17 @@ class BatchWidget(QWidget):
         out = Path(text).expanduser()
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} is a file, not a folder: choose a folder for the bundles.")
-        folders = [out / f"shape_{i + 1}" for i in numbers]
-        taken = [f for f in folders if f.exists() and (not f.is_dir() or any(f.iterdir()))]
-        if taken:
-            raise FileExistsError(f"{', '.join(f.name for f in taken)} already exist{'s' if len(taken) == 1 else ''}"
-                                  f" in {out} and {'is' if len(taken) == 1 else 'are'} not empty; nothing was "
-                                  "overwritten. Choose another output folder, or move those folders away.")
         cfg = self.pipeline_config(dc, base)
-        rois, notes = [], []
-        for i in numbers:
-            roi, shape_notes = shapes_to_roi(shapes, image, only=[i])
-            rois.append(roi)
-            notes += [n for n in shape_notes if n not in notes]
-        runs = [ShapeRun(i + 1, f) for i, f in zip(numbers, folders)]
         meta = {"source_layer": image.name, "roi_layer": shapes.name}
-        return stack, cfg, rois, runs, meta, notes
+        items, notes = [], []
+        for i in indices:
+            roi, shape_notes = shapes_to_roi(shapes, image, only=[i])
+            notes += [n for n in shape_notes if n not in notes]
+            shape = {"number": i + 1, "polygons_px": [np.asarray(p).tolist() for p in roi]}
+            items.append(BatchItem(f"shape_{i + 1}", stack, cfg, out / f"shape_{i + 1}", roi=roi,
+                                   metadata={**meta, "roi_shape": shape}))
+        check_outputs(items)
+        return items, [i + 1 for i in indices], stack, notes
 
     # ------------------------------------------------------------------------------------------ run
     def _run_clicked(self) -> None:
@@ -418,7 +283,7 @@ class BatchWidget(QWidget):
             show_info("The per-shape batch is already running: Cancel it first.")
             return None
         try:
-            stack, cfg, rois, runs, meta, notes = self._plan(config if not isinstance(config, bool) else None)
+            items, numbers, stack, notes = self._plan(config if not isinstance(config, bool) else None)
         except (ValueError, FileExistsError) as exc:
             notify_exception(exc, _WHAT)
             return None
@@ -433,17 +298,20 @@ class BatchWidget(QWidget):
         def job(token):
             import torch
 
+            from ..batch import run_batch
+
             if int(torch.get_num_threads()) != threads:  # torch may start with fewer threads in a Qt worker
                 torch.set_num_threads(threads)
-            return run_shapes_job(stack, cfg, rois, runs, cancel=token, metadata=meta)
+            return run_batch(items, cancel=token)
 
-        self.runs = runs
-        self._out = runs[0].folder.parent
-        self._roi_layer = meta["roi_layer"]
+        self.runs = [ItemOutcome(item.name, item.out) for item in items]
+        self.numbers = numbers
+        self._out = items[0].out.parent
+        self._roi_layer = items[0].metadata["roi_layer"]
         self._shown_result = False
         self._fill_table()
         self.progress.setValue(0)
-        self.status.setText(f"Starting {len(runs)} run{'s' if len(runs) != 1 else ''}…")
+        self.status.setText(f"Starting {len(items)} run{'s' if len(items) != 1 else ''}…")
         self._t0 = time.perf_counter()
         self._set_running(True)
         self.job = JobHandle(job, what=_WHAT, on_event=self._event, on_result=self._done,
@@ -461,57 +329,52 @@ class BatchWidget(QWidget):
             self.status.setText("Cancelling: the current shape stops at its next step (bundles already written "
                                 "are kept)…")
 
-    def _event(self, ev: _ShapeEvent) -> None:
-        n = max(len(self.runs), 1)
-        if ev.run is not None:
-            self.runs[ev.index] = ev.run
-            self._set_row(ev.index)
-            if ev.run.status in ("done", "failed", "stopped"):
-                self.progress.setValue(int(100 * (ev.index + 1) / n))
-        p = ev.progress
-        if p is None or self.job is None or self.job.token.cancelled:
+    def _event(self, ev: Any) -> None:
+        """A batch event: an item's outcome changed (its row), or a pipeline step of the running item."""
+        k, n = ev.data["item"], max(len(self.runs), 1)
+        outcome = ev.data.get("outcome")
+        if outcome is not None:
+            self.runs[k] = outcome
+            self._set_row(k)
+            if outcome.status in ("done", "failed", "stopped"):
+                self.progress.setValue(int(100 * (k + 1) / n))
             return
-        stage = p.data.get("pipeline_stage", p.stage)
-        done = 0.0
-        for name, weight in _STAGE_WEIGHT.items():
-            if name == stage:
-                done += weight * (p.fraction or 0.0)
-                break
-            done += weight
-        fraction = min(1.0, (ev.index + done) / n)
-        self.progress.setValue(int(100 * fraction))
-        elapsed = time.perf_counter() - self._t0
-        eta = elapsed * (1.0 - fraction) / fraction if fraction > 0.02 else None
-        run = self.runs[ev.index]
-        label = f" (shape {run.number} of the layer)" if run.number != ev.index + 1 else ""
-        self.status.setText(f"Shape {ev.index + 1} of {n}{label}: {_STAGE_NAME.get(stage, stage)}: {p.message} "
-                            f"— ETA {fmt_seconds(eta)}")
+        if self.job is None or self.job.token.cancelled:
+            return
+        self.progress.setValue(int(100 * ev.data["batch_fraction"]))
+        number = self.numbers[k]
+        label = f" (shape {number} of the layer)" if number != k + 1 else ""
+        stage = ev.data.get("pipeline_stage", ev.stage)
+        self.status.setText(f"Shape {k + 1} of {n}{label}: {STAGE_NAMES.get(stage, stage)}: {ev.message} "
+                            f"— ETA {fmt_seconds(ev.data.get('batch_eta_s'))}")
 
-    def _done(self, runs: list[ShapeRun]) -> None:
+    def _done(self, runs: list[ItemOutcome]) -> None:
         self.runs = list(runs)
         self._shown_result = True
         self._fill_table()
         self._row_selected()
         written = [r for r in self.runs if r.written]
-        failed = [r for r in self.runs if r.status == "failed"]
-        stopped = [r for r in self.runs if r.status == "stopped"]
-        skipped = [r for r in self.runs if r.status == "not run"]
+
+        def numbers(status: str) -> list[int]:
+            return [n for n, r in zip(self.numbers, self.runs) if r.status == status]
+
+        failed, stopped, skipped = numbers("failed"), numbers("stopped"), numbers("not run")
         where = f" in {self._out}" if self._out is not None else ""
         kept = (f"{len(written)} bundle{'s' if len(written) != 1 else ''} written{where} "
-                f"({', '.join(r.folder.name for r in written)})" if written else "no bundle written")
+                f"({', '.join(r.out.name for r in written)})" if written else "no bundle written")
         elapsed = fmt_seconds(time.perf_counter() - self._t0)
         if stopped or skipped or (self.job is not None and self.job.token.cancelled):
             parts = [f"Cancelled: {kept}"]
-            parts += [f"shape {r.number} stopped before it finished (nothing written)" for r in stopped]
+            parts += [f"shape {n} stopped before it finished (nothing written)" for n in stopped]
             if skipped:
-                parts.append(f"shape{'s' if len(skipped) != 1 else ''} {_numbers(skipped)} not run")
+                parts.append(f"shape{'s' if len(skipped) != 1 else ''} {_listed(skipped)} not run")
             self.status.setText("; ".join(parts) + ".")
             show_info(self.status.text())
             return
         self.progress.setValue(100)
         text = f"Done in {elapsed}: {kept}."
         if failed:
-            text += (f" Shape{'s' if len(failed) != 1 else ''} {_numbers(failed)} failed (see the table; the "
+            text += (f" Shape{'s' if len(failed) != 1 else ''} {_listed(failed)} failed (see the table; the "
                      "others ran).")
         if written:
             text += " Select a row and open it in the results dock to see its layers and plots."
@@ -530,17 +393,17 @@ class BatchWidget(QWidget):
             self._set_row(i)
 
     def _set_row(self, i: int) -> None:
-        run = self.runs[i]
+        run, number = self.runs[i], self.numbers[i]
         if self.table.columnSpan(i, 1) > 1:
             self.table.setSpan(i, 1, 1, 1)
-        cells = [str(run.number)]
-        tips = [f"shape {run.number} of the ROI layer"]
+        cells = [str(number)]
+        tips = [f"shape {number} of the ROI layer"]
         if run.written:
             nt = f"{run.nt_error:.2f} %" if run.nt_error is not None else "-"
-            cells += [run.D, run.G, nt, run.folder.name]
+            cells += [run.D, run.G, nt, run.out.name]
             tips += [f"D(u) = {run.D}   [{run.D_units}]", f"G(u) = {run.G}   [{run.G_units}]",
                      f"N(t) error of '{run.nt_model}'" if run.nt_model else "no simulation to compare",
-                     str(run.folder)]
+                     str(run.out)]
         else:
             text = {"waiting": "waiting", "running": "running…", "failed": f"failed: {run.message}",
                     "stopped": f"stopped: {run.message}; nothing written",
@@ -565,18 +428,18 @@ class BatchWidget(QWidget):
             self.detail.setText("Click a row to see its equations in full and select its shape in the ROI layer." if
                                 self.runs else "")
             return
-        run = self.runs[rows[0]]
+        run, number = self.runs[rows[0]], self.numbers[rows[0]]
         if run.written:
             nt = (f"N(t) error of the {run.nt_model}: {run.nt_error:.2f} %." if run.nt_error is not None else
                   "No simulation to compare N(t) with.")
             how = " (constants refitted to the data)" if run.refitted else ""
-            self.detail.setText(f"Shape {run.number}{how}: D(u) = {run.D} {run.D_units};  G(u) = {run.G} "
-                                f"{run.G_units}. {nt} Bundle: {run.folder}")
+            self.detail.setText(f"Shape {number}{how}: D(u) = {run.D} {run.D_units};  G(u) = {run.G} "
+                                f"{run.G_units}. {nt} Bundle: {run.out}")
         else:
-            self.detail.setText(f"Shape {run.number}: {self.table.item(rows[0], 1).text()}")
+            self.detail.setText(f"Shape {number}: {self.table.item(rows[0], 1).text()}")
         layer = self.viewer.layers[self._roi_layer] if self._roi_layer in self.viewer.layers else None
-        if layer is not None and hasattr(layer, "selected_data") and run.number <= len(layer.data):
-            layer.selected_data = {run.number - 1}
+        if layer is not None and hasattr(layer, "selected_data") and number <= len(layer.data):
+            layer.selected_data = {number - 1}
             layer.refresh()
 
     # ------------------------------------------------------------------------------------------ open
@@ -592,10 +455,10 @@ class BatchWidget(QWidget):
     def open_row(self, i: int) -> JobHandle | None:
         run = self.runs[i] if 0 <= i < len(self.runs) else None
         if run is None or not run.written:
-            why = f"shape {run.number} has no bundle ({run.status})" if run is not None else "no such row"
+            why = f"shape {self.numbers[i]} has no bundle ({run.status})" if run is not None else "no such row"
             notify_exception(ValueError(f"{why}: choose a row with a bundle folder."), "Opening a shape's bundle")
             return None
-        return self.open_bundle(run.folder)
+        return self.open_bundle(run.out)
 
     def open_bundle(self, path: str | Path) -> JobHandle | None:
         """Open ``path`` with the results dock's own open-bundle path (opening that dock when needed)."""
@@ -641,6 +504,7 @@ class BatchWidget(QWidget):
         super().closeEvent(event)
 
 
-def _numbers(runs: list[ShapeRun]) -> str:
-    nums = [str(r.number) for r in runs]
+def _listed(numbers: list[int]) -> str:
+    """'2', '1 and 3', '1, 2 and 4'."""
+    nums = [str(n) for n in numbers]
     return nums[0] if len(nums) == 1 else ", ".join(nums[:-1]) + " and " + nums[-1]

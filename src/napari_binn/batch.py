@@ -1,0 +1,241 @@
+"""Batches: the whole pipeline on many inputs, one results bundle each, with one failure policy.
+
+A batch is a list of :class:`BatchItem`, each a plain, picklable description of one analysis (input, ROI,
+configuration, output folder, name), so the items can also run elsewhere (e.g. as dask.distributed tasks) through
+the one function :func:`run_item`. The policy, in :func:`run_item_job` only:
+
+- each item is isolated: one that fails is reported (name and error) and the others still run;
+- a finished item's bundle is written as soon as it finishes (atomically: ``save_results`` writes a temporary
+  folder and moves it into place), so a cancel or a crash later leaves every written bundle valid;
+- a cancelled item writes nothing (status 'stopped'); the items after it are not run ('not run').
+
+The command line (``napari-binn batch``) and the per-shape batch dock both drive :func:`run_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .jobs import CancelToken, JobCancelled, Progress, is_cancelled, run_job
+
+__all__ = ["BatchItem", "ItemOutcome", "load_input", "check_outputs", "run_item", "run_item_job", "run_batch",
+           "STAGE_NAMES"]
+
+#: What each pipeline stage is called in messages.
+STAGE_NAMES = {"density": "density extraction", "binn": "BINN training", "symbolic": "equation discovery",
+               "simulate": "simulation", "refit": "refit against the data", "qc": "QC"}
+#: Rough share of one item's run time per stage, for one progress fraction over the whole batch.
+_STAGE_SHARE = {"density": 0.08, "binn": 0.62, "symbolic": 0.1, "simulate": 0.05, "refit": 0.14, "qc": 0.01}
+#: QC models whose N(t) error an outcome reports, first found first.
+_NT_MODELS = ("closed form (refitted)", "closed form", "learned D, G", "BINN surrogate")
+
+
+@dataclass
+class BatchItem:
+    """One analysis of a batch.
+
+    name: how reports call it. data: a stack (TIFF file, folder of frames or glob) or a results bundle folder (its
+    density is reused), or an in-memory Stack or DensityField. config: the PipelineConfig of its run. out: the
+    bundle folder to write. roi: an ROI as ``extract_density`` takes it, or an ROI file (``napari_binn.roi``).
+    read: ``read_stack`` options for a path (pixel_size_um, frame_interval_h, channel). overwrite: replace an
+    existing ``out``. metadata: added to the result's metadata (e.g. which shape of an ROI layer it is).
+    """
+
+    name: str
+    data: Any
+    config: Any
+    out: Path
+    roi: Any = None
+    read: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ItemOutcome:
+    """What running one item gave (one row of a batch report).
+
+    status: 'waiting' | 'running' | 'done' (bundle written) | 'failed' | 'stopped' (cancelled during its run,
+    nothing written) | 'not run' (cancelled before it). message: why it failed or stopped. D, G: the chosen
+    equations as readable text in ``D_units``, ``G_units``; ``refitted``: with the constants refitted to the data
+    (else the symbolic regression's). nt_error: mean |%| error of the total cell number N(t) of ``nt_model``.
+    seconds: its run time.
+    """
+
+    name: str
+    out: Path
+    status: str = "waiting"
+    message: str = ""
+    D: str = ""
+    G: str = ""
+    D_units: str = "µm²/h"
+    G_units: str = "1/h"
+    refitted: bool = False
+    nt_error: float | None = None
+    nt_model: str = ""
+    seconds: float = 0.0
+
+    @property
+    def written(self) -> bool:
+        return self.status == "done"
+
+
+def load_input(data: Any, *, pixel_size_um: float | None = None, frame_interval_h: float | None = None,
+               channel: int | None = None) -> Any:
+    """The input of an analysis: a results bundle folder (read as a PipelineResult) or a stack path (read as a
+    calibrated Stack: ValueError when its pixel size or frame interval is unknown and not given); in-memory
+    inputs (Stack, DensityField, PipelineResult) are returned as they are."""
+    if not isinstance(data, (str, Path)):
+        return data
+    from .io import read_stack
+    from .results import load_results
+
+    path = Path(data)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return load_results(path)
+    stack = read_stack(data, pixel_size_um=pixel_size_um, frame_interval_h=frame_interval_h, channel=channel)
+    if stack.pixel_size_um is None:
+        raise ValueError(f"{data} does not say its pixel size: give it (µm per pixel; --pixel-size-um on the "
+                         "command line)")
+    if stack.metadata.get("time_units") == "frames":
+        raise ValueError(f"{data} does not say its frame interval: give it (hours; --frame-interval-h on the "
+                         "command line)")
+    return stack
+
+
+def check_outputs(items: Sequence[BatchItem]) -> None:
+    """Refuse a batch before it starts when an item's folder exists, is not empty and may not be overwritten
+    (FileExistsError naming them); an empty folder is used."""
+    taken = [it.out for it in items if not it.overwrite and it.out.exists()
+             and (not it.out.is_dir() or any(it.out.iterdir()))]
+    if taken:
+        names = ", ".join(p.name for p in taken)
+        one = len(taken) == 1
+        raise FileExistsError(f"{names} already exist{'s' if one else ''} in {taken[0].parent} and "
+                              f"{'is' if one else 'are'} not empty; nothing was overwritten. Choose another output "
+                              "folder, or move those folders away.")
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, (ValueError, FileExistsError, FileNotFoundError)) else \
+        f"{type(exc).__name__}: {exc}"
+
+
+def _describe(outcome: ItemOutcome, result: Any) -> None:
+    """Fill a written item's report: the chosen equations (refitted constants when the refit ran) and the N(t)
+    error. A problem here only leaves the text short: the bundle is written."""
+    from .symbolic.expression import readable
+
+    try:
+        eq = result.equations
+        refit = result.mechanistic.get("closed form (refitted)")
+        if eq is not None and refit is not None and result.metadata.get("closed_form_refitted"):
+            eq, outcome.refitted = eq.with_refit(refit), True  # the constants the data support
+        for key in ("D", "G"):
+            f = getattr(eq, key, None) if eq is not None else None
+            setattr(outcome, key, readable(f.text, 4) if f is not None else "-")
+            if f is not None and f.units:
+                setattr(outcome, f"{key}_units", f.units)
+        names = [m.name for m in result.qc.models] if result.qc is not None else []
+        model = next((name for name in _NT_MODELS if name in names), "")
+        if model:
+            value = result.qc[model].mean_abs_count_error_pct
+            outcome.nt_error, outcome.nt_model = (float(value) if np.isfinite(value) else None), model
+    except Exception as exc:  # noqa: BLE001 - the report only
+        outcome.refitted = False
+        outcome.D, outcome.G = outcome.D or "?", outcome.G or "?"
+        outcome.message = f"equations not shown ({_why(exc)}); see the bundle"
+
+
+def run_item_job(item: BatchItem, cancel: CancelToken | None = None) -> Generator[Progress, None, ItemOutcome]:
+    """Run one item (read its input, every pipeline stage, write its bundle); yields the pipeline's events and
+    returns its :class:`ItemOutcome`. The failure policy of every batch: an error becomes a 'failed' outcome
+    naming it (never raised), a cancel a 'stopped' one that wrote nothing."""
+    from .pipeline import run_pipeline
+    from .results import save_results
+    from .roi import read_roi
+
+    outcome = ItemOutcome(item.name, Path(item.out), status="running")
+    t0 = time.perf_counter()
+    try:
+        data = load_input(item.data, **item.read)
+        roi = read_roi(item.roi) if isinstance(item.roi, (str, Path)) else item.roi
+        result = yield from run_pipeline(data, item.config, roi=roi, cancel=cancel)
+        if result.cancelled:
+            outcome.status = "stopped"
+            outcome.message = f"cancelled during {STAGE_NAMES.get(result.metadata['cancelled_in'], 'the run')}"
+        else:
+            result.metadata.update(item.metadata)
+            if outcome.out.is_dir() and not any(outcome.out.iterdir()):
+                outcome.out.rmdir()  # an empty folder is replaced; a non-empty one is refused by save_results
+            save_results(result, outcome.out, overwrite=item.overwrite)
+            outcome.status = "done"
+            _describe(outcome, result)
+    except JobCancelled as exc:
+        outcome.status, outcome.message = "stopped", f"cancelled ({exc})"
+    except Exception as exc:  # one item failing must not stop the others
+        outcome.status, outcome.message = "failed", _why(exc)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def run_item(item: BatchItem, cancel: CancelToken | None = None) -> ItemOutcome:
+    """Blocking :func:`run_item_job`: the function a batch runs per item (picklable inputs and output)."""
+    return run_job(run_item_job(item, cancel))
+
+
+def run_batch(items: Sequence[BatchItem], *, cancel: CancelToken | None = None
+              ) -> Generator[Progress, None, list[ItemOutcome]]:
+    """Run the items in turn (:func:`run_item_job`); returns their outcomes, in order.
+
+    Yields each item's pipeline events with ``data`` holding ``item`` (its index), ``n_items``, ``item_name``,
+    ``batch_fraction`` (of the whole batch, from rough stage shares) and ``batch_eta_s``; and, whenever an item
+    starts or ends, a ``Progress(stage='batch')`` whose ``data['outcome']`` is a copy of its outcome.
+    """
+    n = len(items)
+    outcomes = [ItemOutcome(it.name, Path(it.out)) for it in items]
+    t0 = time.perf_counter()
+
+    def report(k: int, done: int) -> Progress:
+        o = outcomes[k]
+        text = f"{o.name}: {o.status}" + (f" ({o.message})" if o.message else "")
+        return Progress("batch", done, n, text, time.perf_counter() - t0,
+                        data={"item": k, "n_items": n, "outcome": dataclasses.replace(o)})
+
+    for k, item in enumerate(items):
+        if is_cancelled(cancel):
+            break
+        outcomes[k].status = "running"
+        yield report(k, k)
+        job = run_item_job(item, cancel)
+        while True:
+            try:
+                ev = next(job)
+            except StopIteration as stop:
+                outcomes[k] = stop.value
+                break
+            stage = ev.data.get("pipeline_stage", ev.stage)
+            share = 0.0
+            for name, weight in _STAGE_SHARE.items():
+                if name == stage:
+                    share += weight * (ev.fraction or 0.0)
+                    break
+                share += weight
+            fraction = min(1.0, (k + share) / n)
+            elapsed = time.perf_counter() - t0
+            eta = elapsed * (1.0 - fraction) / fraction if fraction > 0.02 else None
+            yield Progress(ev.stage, ev.step, ev.total, ev.message, ev.elapsed_s, ev.eta_s,
+                           {**ev.data, "item": k, "n_items": n, "item_name": item.name, "batch_fraction": fraction,
+                            "batch_eta_s": eta})
+        yield report(k, k + 1)
+    for outcome in outcomes:
+        if outcome.status == "waiting":
+            outcome.status = "not run"
+    return outcomes
