@@ -40,7 +40,7 @@ def _preview_idle(qtbot, dens: DensityWidget) -> None:
 
 def _errors(monkeypatch) -> list[str]:
     shown: list[str] = []
-    monkeypatch.setattr("napari_binn._napari._common.show_error", lambda m: shown.append(m))
+    monkeypatch.setattr("napari_binn._napari._workers.show_error", lambda m: shown.append(m))
     return shown
 
 

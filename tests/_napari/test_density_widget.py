@@ -62,7 +62,7 @@ def test_bad_input_is_a_notification(make_napari_viewer, qtbot, monkeypatch):
     viewer = make_napari_viewer()
     w = DensityWidget(viewer)
     shown = []
-    monkeypatch.setattr("napari_binn._napari._common.show_error", lambda m: shown.append(m))
+    monkeypatch.setattr("napari_binn._napari._workers.show_error", lambda m: shown.append(m))
     assert w.extract() is None  # no image layer
     assert shown and "No image layer" in shown[-1]
     viewer.add_image(np.zeros((32, 32)), name="single")
@@ -77,7 +77,7 @@ def test_bad_input_is_a_notification(make_napari_viewer, qtbot, monkeypatch):
 def test_roi_from_shapes_with_another_scale():
     from types import SimpleNamespace
 
-    from napari_binn._napari._common import shapes_to_roi
+    from napari_binn._napari._layers import shapes_to_roi
 
     image = SimpleNamespace(scale=(1.0, 2.5, 2.5), translate=(0.0, 0.0, 0.0))
     # a Shapes layer in µm (scale 1): a rectangle 0..100 µm and an ellipse; a line is ignored

@@ -24,7 +24,7 @@ def test_results_dock_needs_inputs(make_napari_viewer, monkeypatch):
     viewer = make_napari_viewer()
     w = ResultsWidget(viewer)
     shown = []
-    monkeypatch.setattr("napari_binn._napari._common.show_error", lambda m: shown.append(m))
+    monkeypatch.setattr("napari_binn._napari._workers.show_error", lambda m: shown.append(m))
     assert w.discover() is None and "No trained BINN" in shown[-1]
     assert w.simulate() is None and "No density" in shown[-1]
     assert w.export() is None and "bundle folder" in shown[-1]

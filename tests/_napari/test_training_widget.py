@@ -9,7 +9,8 @@ import pytest
 from qtpy.QtCore import QTimer
 
 from napari_binn._napari._state import get_state
-from napari_binn._napari._training_widget import TrainingWidget, headless_torch_threads
+from napari_binn._napari._training_widget import TrainingWidget
+from napari_binn._napari._workers import headless_torch_threads
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def trainer(make_napari_viewer):
 def test_no_density_is_a_notification(trainer, monkeypatch):
     _, w = trainer
     shown = []
-    monkeypatch.setattr("napari_binn._napari._common.show_error", lambda m: shown.append(m))
+    monkeypatch.setattr("napari_binn._napari._workers.show_error", lambda m: shown.append(m))
     assert w.train() is None
     assert "No density" in shown[-1]
 

@@ -25,21 +25,10 @@ from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidget
 
 from ..batch import STAGE_NAMES, BatchItem, ItemOutcome, check_outputs
 from ..roi import closed_shapes
-from ._common import (
-    CloseGuard,
-    JobHandle,
-    align_labels,
-    fmt_seconds,
-    form,
-    ispin,
-    notify_exception,
-    row,
-    section,
-    shapes_to_roi,
-    show_info,
-    wrap_label,
-)
+from ._forms import align_labels, fmt_seconds, form, ispin, row, section, wrap_label
+from ._layers import shapes_to_roi
 from ._state import find_dock, get_docks
+from ._workers import CloseGuard, JobHandle, notify_exception, show_info
 
 __all__ = ["BatchWidget"]
 
@@ -291,17 +280,9 @@ class BatchWidget(QWidget):
             show_info(f"ROI: {note}.")
         if stack.metadata.get("time_units") == "frames":
             show_info("Frame interval unknown: times are frame indices, so rates are per frame, not per hour.")
-        from ._training_widget import headless_torch_threads
-
-        threads = headless_torch_threads()
-
         def job(token):
-            import torch
-
             from ..batch import run_batch
 
-            if int(torch.get_num_threads()) != threads:  # torch may start with fewer threads in a Qt worker
-                torch.set_num_threads(threads)
             return run_batch(items, cancel=token)
 
         self.runs = [ItemOutcome(item.name, item.out) for item in items]
@@ -315,7 +296,7 @@ class BatchWidget(QWidget):
         self._t0 = time.perf_counter()
         self._set_running(True)
         self.job = JobHandle(job, what=_WHAT, on_event=self._event, on_result=self._done,
-                             on_finished=self._finished)
+                             on_finished=self._finished, torch_threads=True)
         return self.job
 
     def _set_running(self, running: bool) -> None:

@@ -10,29 +10,18 @@ from magicgui.widgets import ComboBox, Label, PushButton
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
-from ._common import (
-    CloseGuard,
-    JobHandle,
-    align_labels,
-    fmt_seconds,
-    form,
-    fspin,
+from ._forms import align_labels, fmt_seconds, form, fspin, ispin, row, section, set_clamped, wrap_label
+from ._layers import (
     image_layers,
-    ispin,
     layer_to_stack,
-    notify_exception,
-    row,
-    section,
-    set_clamped,
     shapes_layers,
     shapes_to_roi,
-    show_info,
-    show_warning,
+    show_density,
     upsert_image,
     upsert_points,
-    wrap_label,
 )
 from ._state import LAYER_NAMES, get_state, register_dock, unregister_dock
+from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
 
 __all__ = ["DensityWidget"]
 
@@ -406,20 +395,7 @@ class DensityWidget(QWidget):
         self.status.setText(f"{ev.message} — ETA {fmt_seconds(ev.eta_s)}")
 
     def _extract_done(self, fld: Any, stack: Any, image: Any) -> None:
-        from ..density import field_layer_transform
-
-        (sy, sx), (ty, tx) = field_layer_transform(fld)
-        it = tuple(float(v) for v in image.translate)
-        finite = fld.u[np.isfinite(fld.u)]
-        hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        layer = upsert_image(
-            self.viewer, LAYER_NAMES["density"], fld.u, scale=(float(image.scale[0]), sy, sx),
-            translate=(it[0], ty + it[-2], tx + it[-1]), colormap="magma", opacity=0.5, contrast_limits=(0.0, hi),
-            metadata={"napari_binn_output": "density", "units": fld.units, "times_h": fld.t_h.tolist(),
-                      "napari_binn_state": id(self.state),
-                      "source_layer": image.name, "box_um": fld.dx_um},
-        )
-        layer.colorbar.visible = True
+        layer = show_density(self.viewer, fld, image, napari_binn_state=id(self.state), source_layer=image.name)
         for name in (LAYER_NAMES["preview"], LAYER_NAMES["nuclei"]):
             if name in self.viewer.layers:
                 self.viewer.layers[name].visible = False

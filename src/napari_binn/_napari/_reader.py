@@ -130,21 +130,13 @@ def read_bundle_layers(path: str | os.PathLike | Sequence[str | os.PathLike]) ->
     The time axis is scaled by 1 (frame index), as for stacks. Each layer's ``metadata['napari_binn_bundle']``
     holds the bundle path: the napari-binn Results dock then restores the equations, tables and plots.
     """
-    from ..density import field_layer_transform
     from ..results import load_results
-    from ._state import LAYER_NAMES
+    from ._layers import density_layer_kwargs
 
     target = Path(path if isinstance(path, (str, os.PathLike)) else list(path)[0])
     result = load_results(target)
-    layers: list[LayerData] = []
-    fld = result.field
-    if fld is None:
+    if result.field is None:
         raise ValueError(f"{target}: the bundle has no density field to show (field.npz is missing)")
-    (sy, sx), (ty, tx) = field_layer_transform(fld)
-    common = {"scale": (1.0, sy, sx), "translate": (0.0, ty, tx)}
     # the loaded result rides along so that the Results dock does not read the bundle a second time
-    meta = {"napari_binn_bundle": str(target), "napari_binn_result": result, "units": fld.units,
-            "times_h": fld.t_h.tolist()}
-    layers.append((fld.u, {"name": LAYER_NAMES["density"], "colormap": "magma", "opacity": 0.5,
-                           "metadata": {**meta, "napari_binn_output": "density"}, **common}, "image"))
-    return layers
+    kwargs = density_layer_kwargs(result.field, napari_binn_bundle=str(target), napari_binn_result=result)
+    return [(result.field.u, kwargs, "image")]

@@ -23,23 +23,11 @@ from qtpy.QtWidgets import (
 )
 
 from ..symbolic.expression import equation_latex, equation_text
-from ._common import (
-    CloseGuard,
-    JobHandle,
-    align_labels,
-    fmt_seconds,
-    form,
-    ispin,
-    notify_exception,
-    row,
-    section,
-    show_info,
-    show_warning,
-    upsert_image,
-    wrap_label,
-)
+from ._forms import align_labels, fmt_seconds, form, ispin, row, section, wrap_label
+from ._layers import density_layer_kwargs, show_density, upsert_image
 from ._plots import AsyncFigure, legend, style_axes
 from ._state import LAYER_NAMES, get_state, register_dock, register_state_id, unregister_dock
+from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
 
 __all__ = ["ResultsWidget"]
 
@@ -390,10 +378,8 @@ class ResultsWidget(QWidget):
         if LAYER_NAMES["density"] in self.viewer.layers:
             ly = self.viewer.layers[LAYER_NAMES["density"]]
             return tuple(ly.scale), tuple(ly.translate)
-        from ..density import field_layer_transform
-
-        (sy, sx), (ty, tx) = field_layer_transform(self.state.field)
-        return (1.0, sy, sx), (0.0, ty, tx)
+        kwargs = density_layer_kwargs(self.state.field)
+        return kwargs["scale"], kwargs["translate"]
 
     def show_simulation(self, name: str | None = None) -> None:
         """Simulated, residual and contour layers over the data; QC table; plots."""
@@ -540,23 +526,9 @@ class ResultsWidget(QWidget):
             s.qc = compare(s.field, s.simulations)
         fld = s.field
         if fld is not None:
-            from ..density import field_layer_transform
-
             source = fld.metadata.get("source", "")
             image = self.viewer.layers[source] if source and source in self.viewer.layers else None
-            (sy, sx), (ty, tx) = field_layer_transform(fld)
-            it = tuple(image.translate) if image is not None else (0.0, 0.0, 0.0)
-            finite = fld.u[np.isfinite(fld.u)]
-            hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-            upsert_image(self.viewer, LAYER_NAMES["density"], fld.u,
-                         scale=(float(image.scale[0]) if image is not None else 1.0, sy, sx),
-                         translate=(it[0], ty + it[-2], tx + it[-1]), colormap="magma", opacity=0.5,
-                         contrast_limits=(0.0, hi), metadata={"napari_binn_output": "density", "units": fld.units,
-                                                              "napari_binn_bundle": bundle,
-                                                              "napari_binn_state": id(s),
-                                                              "times_h": fld.t_h.tolist()})
-            if LAYER_NAMES["density"] in self.viewer.layers:
-                self.viewer.layers[LAYER_NAMES["density"]].colorbar.visible = True
+            show_density(self.viewer, fld, image, napari_binn_bundle=bundle, napari_binn_state=id(s))
             if image is None:
                 show_warning(f"The image this result was computed from ({source or 'unknown'!r}) is not open: the "
                              "layers are placed in µm; open that image to see them over it.")

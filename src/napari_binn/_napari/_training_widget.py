@@ -12,38 +12,12 @@ from matplotlib.ticker import NullFormatter
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
-from ._common import (
-    CloseGuard,
-    JobHandle,
-    align_labels,
-    fmt_seconds,
-    form,
-    fspin,
-    ispin,
-    notify_exception,
-    row,
-    section,
-    set_clamped,
-    show_info,
-    show_warning,
-    wrap_label,
-)
+from ._forms import align_labels, fmt_seconds, form, fspin, ispin, row, section, set_clamped, wrap_label
 from ._plots import BG, AsyncFigure, legend, style_axes
 from ._state import get_state, register_dock, unregister_dock
+from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
 
-__all__ = ["TrainingWidget", "headless_torch_threads"]
-
-_HEADLESS_THREADS: int | None = None
-
-
-def headless_torch_threads() -> int:
-    """torch's intra-op thread count as seen from the main thread (what a headless run uses)."""
-    global _HEADLESS_THREADS
-    if _HEADLESS_THREADS is None:
-        import torch
-
-        _HEADLESS_THREADS = int(torch.get_num_threads())
-    return _HEADLESS_THREADS
+__all__ = ["TrainingWidget"]
 
 
 class TrainingWidget(QWidget):
@@ -60,9 +34,7 @@ class TrainingWidget(QWidget):
         self.viewer = napari_viewer
         self.state = get_state(napari_viewer)
         self.job: JobHandle | None = None
-        self.worker_threads: int | None = None  # torch threads seen inside the last worker
         defaults = BinnConfig()
-        headless_torch_threads()
 
         self.field_label = wrap_label()
 
@@ -171,6 +143,11 @@ class TrainingWidget(QWidget):
         self._guard = CloseGuard(self, self.shutdown)
         register_dock(self.viewer, "training", self)
 
+    @property
+    def worker_threads(self) -> int | None:
+        """torch's thread count the last training's worker thread started with (None before any)."""
+        return self.job.worker_threads if self.job is not None else None
+
     # ------------------------------------------------------------------------------------------ inputs
     def _show_advanced(self, show: bool) -> None:
         self.advanced.setVisible(bool(show))
@@ -250,16 +227,9 @@ class TrainingWidget(QWidget):
         except ValueError as exc:
             notify_exception(exc, "Training settings")
             return None
-        threads = headless_torch_threads()
-
         def job(token):
-            import torch
-
             from ..binn import train_binn
 
-            self.worker_threads = int(torch.get_num_threads())
-            if self.worker_threads != threads:  # torch may start with fewer threads in a Qt worker thread
-                torch.set_num_threads(threads)
             return train_binn(fld, cfg, cancel=token)
 
         self._cfg = cfg
@@ -272,7 +242,7 @@ class TrainingWidget(QWidget):
         self.status.setText("Starting…")
         self._set_running(True)
         self.job = JobHandle(job, what="Training", on_event=self._event, on_result=self._done,
-                             on_finished=lambda: self._set_running(False))
+                             on_finished=lambda: self._set_running(False), torch_threads=True)
         return self.job
 
     def _set_running(self, running: bool) -> None:
