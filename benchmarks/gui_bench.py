@@ -56,7 +56,7 @@ def in_gui(viewer, widget, field, config, app) -> tuple[float, int | None]:
 
     from napari_binn._napari._state import get_state
 
-    get_state(viewer).field = field
+    get_state(viewer).update(field=field)
     marks: list[tuple[float, int]] = []
     job = widget.train(config)
     original = job._on_event

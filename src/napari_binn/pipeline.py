@@ -66,11 +66,13 @@ class SymbolicConfig:
 @dataclass
 class SimulationConfig:
     """Forward simulation. rtol: relative tolerance. method: 'auto' | 'rkc' | 'bdf' | 'radau'.
-    learned: also simulate with the BINN's learned networks (not only the closed forms)."""
+    learned: simulate with the BINN's learned networks. closed_form: simulate the selected closed forms.
+    (The BINN surrogate itself is always compared with the data when there is a BINN.)"""
 
     rtol: float = 1e-4
     method: str = "auto"
     learned: bool = True
+    closed_form: bool = True
 
 
 @dataclass
@@ -130,9 +132,10 @@ class PipelineConfig:
         return cls.from_dict(read_toml(path))
 
 
-@dataclass
+@dataclass(eq=False)
 class PipelineResult:
-    """Everything a run produced. Stages not run (or cancelled) leave their entries None / empty.
+    """Everything a run produced. Stages not run (or cancelled) leave their entries None / empty. Two results are
+    equal only when they are the same object (their arrays and fits have no meaningful ``==``).
 
     field: the density data. fit: the BINN. equations: discovered closed forms (after the refit stage, the forms
     the BIC chose, with the symbolic fit's constants; the refitted constants are in
@@ -275,8 +278,9 @@ def _simulate_stage(result: PipelineResult, config: PipelineConfig, cancel: Canc
         if sc.learned:
             T = result.fit.T if result.fit.config.use_delay else None
             runs.append(("learned D, G", result.fit.D, result.fit.G, T))
-    if result.equations is not None and result.equations.D is not None and result.equations.G is not None:
-        runs.append(("closed form", result.equations.D.sympy, result.equations.G.sympy, None))
+    eq = result.equations
+    if sc.closed_form and eq is not None and eq.D is not None and eq.G is not None:
+        runs.append(("closed form", eq.D.sympy, eq.G.sympy, None))
     for name, D, G, T in runs:
         if is_cancelled(cancel):
             return

@@ -82,7 +82,10 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
     assert resid.colormap.name == "bwr"
     assert resid.contrast_limits[0] == pytest.approx(-resid.contrast_limits[1])
     assert LAYER_NAMES["contour"] in viewer.layers
-    assert res.qc_table.rowCount() == 1 and res.qc_table.item(0, 0).text() == "closed form"
+    # the pipeline's simulate stage: the chosen model, and the BINN surrogate (not a simulation) for comparison
+    assert [res.qc_table.item(i, 0).text() for i in range(res.qc_table.rowCount())] == ["BINN surrogate",
+                                                                                         "closed form"]
+    assert viewer.layers[LAYER_NAMES["simulated"]].metadata["model"] == "closed form"
     qtbot.waitUntil(lambda: res.figure.draws >= 1 and not res.figure.busy, timeout=20000)
 
     # export the bundle
@@ -94,6 +97,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
                  "metrics.json", "report.html"):
         assert (out / name).exists(), name
     assert f"D(u) = {state.equations.D.text}" in (out / "equations.txt").read_text()
+    assert "steps = 30" in (out / "config.toml").read_text()  # the training dock's settings
     # the writer contribution writes the same result from the layers' metadata
     written = write_bundle(str(tmp_path / "via_writer"), [layer.as_layer_data_tuple()])
     assert (tmp_path / "via_writer" / "manifest.json").is_file() and written
@@ -116,7 +120,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
         assert f"D(u) = {readable(text)}" in viewer2.canvas.overlays.text.text
         assert res2.tables["G"].rowCount() >= 1
         # the dock's own "Open bundle" (worker) restores the same
-        s2.equations = None
+        s2.update(equations=None)
         res2.open_bundle(str(out))
         _idle(qtbot, res2)
         assert s2.equations is not None and s2.equations.D.text == text
@@ -137,10 +141,9 @@ def test_refit_against_the_data(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     res = ResultsWidget(viewer)
     state = get_state(viewer)
-    state.field = field
-    state.equations = Equations.from_forms(D=["700.0", "700.0*exp(-0.0002*u) + 0.1*u"],
-                                           G=["0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"],
-                                           u_range=(0.0, 2000.0))
+    state.update(field=field, equations=Equations.from_forms(D=["700.0", "700.0*exp(-0.0002*u) + 0.1*u"],
+                                                             G=["0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"],
+                                                             u_range=(0.0, 2000.0)))
     res.sim_model.value = "closed form refitted to the data"
     res.simulate()
     _idle(qtbot, res, timeout=120000)
@@ -152,4 +155,53 @@ def test_refit_against_the_data(make_napari_viewer, qtbot):
     assert "closed form (refitted)" in names and "fisher_kpp" in names
     assert viewer.layers[LAYER_NAMES["simulated"]].metadata["model"] == "closed form (refitted)"
     assert "candidate form(s) compared by BIC" in res.status.text()
+    res.shutdown()
+
+
+def test_reopened_bundle_is_refitted_simulated_and_exported_as_the_cli_does(make_napari_viewer, qtbot, tmp_path):
+    """A bundle opened in the results dock is refitted (its own configuration), simulated again and exported; the
+    export holds the mechanistic refits, with intervals equal to those of 'napari-binn simulate' on that bundle."""
+    import json
+
+    from napari_binn.cli import main
+    from napari_binn.pipeline import PipelineConfig, PipelineResult
+    from napari_binn.results import load_results, save_results
+    from napari_binn.symbolic import Equations
+    from napari_binn.synthetic.models import make_synthetic
+
+    field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(6, 8),
+                              dx_um=50.0, times_h=np.linspace(0, 24, 4), noise=0.05, seed=1)
+    cfg = PipelineConfig()
+    cfg.refit.candidates, cfg.refit.intervals, cfg.refit.max_evals = 1, "wald", 60
+    eq = Equations.from_forms(D=["700.0"], G=["0.075 - 3.5e-5*u"], u_range=(0.0, 2000.0))
+    bundle = save_results(PipelineResult(cfg, field=field, equations=eq), tmp_path / "bundle", figures=False)
+    assert main(["simulate", str(bundle), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+
+    viewer = make_napari_viewer()
+    res = ResultsWidget(viewer)
+    state = get_state(viewer)
+    res.open_bundle(bundle)
+    _idle(qtbot, res)
+    assert state.config.refit.intervals == "wald"
+    res.sim_model.value = "closed form refitted to the data"
+    res.simulate()
+    _idle(qtbot, res, timeout=120000)
+    assert "closed form (refitted)" in state.mechanistic
+    res.sim_model.value = "closed-form equations"
+    res.simulate()
+    _idle(qtbot, res)
+    assert "closed form" in state.simulations
+    res.bundle_path.value = str(tmp_path / "gui")
+    res.export()
+    _idle(qtbot, res)
+
+    cli = json.loads((tmp_path / "cli" / "mechanistic.json").read_text())
+    gui = json.loads((tmp_path / "gui" / "mechanistic.json").read_text())
+    assert set(gui) == set(cli) == {"closed form (refitted)", "fisher_kpp"}
+    for name in cli:
+        assert gui[name]["ci95"] == cli[name]["ci95"] and gui[name]["params"] == cli[name]["params"]
+        assert all(lo is not None and lo < hi for lo, hi in gui[name]["ci95"].values())
+    again = load_results(tmp_path / "gui")
+    assert again.mechanistic["closed form (refitted)"].ci95 == state.mechanistic["closed form (refitted)"].ci95
+    assert {"closed form", "closed form (refitted)", "fisher_kpp"} <= set(again.simulations)
     res.shutdown()

@@ -41,7 +41,7 @@ def test_warmup_keeps_its_share_of_the_steps(trainer):
 
 def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_config):
     viewer, w = trainer
-    get_state(viewer).field = tiny_density
+    get_state(viewer).update(field=tiny_density)
     assert "5 frames" in w.field_label.text()
     job = w.train(tiny_config())
     qtbot.waitUntil(lambda: get_state(viewer).fit is not None, timeout=60000)
@@ -59,7 +59,7 @@ def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_co
 
 def test_stop_keeps_best_model(trainer, qtbot, tiny_density, tiny_config):
     viewer, w = trainer
-    get_state(viewer).field = tiny_density
+    get_state(viewer).update(field=tiny_density)
     job = w.train(tiny_config(steps=100000))
     qtbot.waitUntil(lambda: len(w._history.get("data", [])) >= 2, timeout=60000)
     w.toggle_pause()
@@ -77,7 +77,7 @@ def test_close_viewer_mid_training(make_napari_viewer, qtbot, capfd, tiny_densit
     viewer = make_napari_viewer()
     w = TrainingWidget(viewer)
     viewer.window.add_dock_widget(w)
-    get_state(viewer).field = tiny_density
+    get_state(viewer).update(field=tiny_density)
     job = w.train(tiny_config(steps=100000))
     qtbot.waitUntil(lambda: len(w._history.get("data", [])) >= 1, timeout=60000)
     viewer.close()
@@ -89,7 +89,7 @@ def test_close_viewer_mid_training(make_napari_viewer, qtbot, capfd, tiny_densit
 
 def test_event_loop_stays_responsive(trainer, qtbot, tiny_density, tiny_config):
     viewer, w = trainer
-    get_state(viewer).field = tiny_density
+    get_state(viewer).update(field=tiny_density)
     gaps: list[float] = []
     last = [time.perf_counter()]
 
@@ -120,7 +120,7 @@ def test_event_loop_stays_responsive(trainer, qtbot, tiny_density, tiny_config):
 
 def test_closing_the_dock_stops_training(trainer, qtbot, tiny_density, tiny_config):
     viewer, w = trainer
-    get_state(viewer).field = tiny_density
+    get_state(viewer).update(field=tiny_density)
     job = w.train(tiny_config(steps=100000))
     qtbot.waitUntil(lambda: len(w._history.get("data", [])) >= 1, timeout=60000)
     viewer.window.remove_dock_widget(w)  # what the dock's close button does

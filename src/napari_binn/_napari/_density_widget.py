@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import napari
@@ -385,7 +386,7 @@ class DensityWidget(QWidget):
         self.progress.setValue(0)
         self.status.setText("Extracting…")
         self._extract_job = JobHandle(job, what="Density extraction", on_event=self._extract_event,
-                                      on_result=lambda fld: self._extract_done(fld, stack, image),
+                                      on_result=lambda fld: self._extract_done(fld, stack, image, dc),
                                       on_finished=self._extract_finished)
         return self._extract_job
 
@@ -394,14 +395,16 @@ class DensityWidget(QWidget):
             self.progress.setValue(int(100 * ev.fraction))
         self.status.setText(f"{ev.message} — ETA {fmt_seconds(ev.eta_s)}")
 
-    def _extract_done(self, fld: Any, stack: Any, image: Any) -> None:
+    def _extract_done(self, fld: Any, stack: Any, image: Any, dc: Any) -> None:
         layer = show_density(self.viewer, fld, image, napari_binn_state=id(self.state), source_layer=image.name)
         for name in (LAYER_NAMES["preview"], LAYER_NAMES["nuclei"]):
             if name in self.viewer.layers:
                 self.viewer.layers[name].visible = False
-        self.state.source_layer = image.name
-        self.state.stack = stack
-        self.state.field = fld
+        state = self.state
+        state.source_layer = image.name
+        state.stack = stack
+        state.update(field=fld, config=dataclasses.replace(state.config, density=dc),
+                     metadata={**state.metadata, "source_layer": image.name})
         warn = fld.metadata.get("warnings", [])
         cancelled = fld.metadata.get("cancelled")
         self.status.setText(

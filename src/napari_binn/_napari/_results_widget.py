@@ -143,8 +143,7 @@ class ResultsWidget(QWidget):
         self.export_btn.changed.connect(self.export)
         self.open_btn.changed.connect(self._open_clicked)
 
-        for name in ("field", "fit", "equations", "simulations", "qc"):
-            getattr(self.state.events, name).connect(self._state_changed)
+        self.state.events.result.connect(self._state_changed)
         self.viewer.layers.events.inserted.connect(self._layer_inserted)
         self._guard = CloseGuard(self, self.shutdown)
         register_dock(self.viewer, "results", self)
@@ -208,17 +207,18 @@ class ResultsWidget(QWidget):
             notify_exception(ValueError("No trained BINN: train one in the training dock first (or open a results "
                                         "bundle)."), "Equation discovery")
             return None
-        backend, maxc, rule = self.backend.value, self.max_complexity.value, self.selection.value
+        sc = self.symbolic_config()
 
         def job(token):
             from ..symbolic import discover_equations_job
 
-            return discover_equations_job(fit, backend=backend, max_complexity=maxc, selection=rule, cancel=token)
+            return discover_equations_job(fit, backend=sc.backend, max_complexity=sc.max_complexity,
+                                          selection=sc.selection, cancel=token)
 
-        return self._start(job, "Equation discovery", self._discovered)
+        return self._start(job, "Equation discovery", lambda eq: self._discovered(eq, sc))
 
-    def _discovered(self, eq: Any) -> None:
-        self.state.equations = eq
+    def _discovered(self, eq: Any, sc: Any) -> None:
+        self.state.update(equations=eq, config=dataclasses.replace(self.state.config, symbolic=sc))
         self.progress.setValue(100)
         self.status.setText(f"Equations found with {eq.backend}. Click a table row to choose another form; "
                             "then Simulate.")
@@ -230,7 +230,7 @@ class ResultsWidget(QWidget):
         f = getattr(eq, key, None) if eq is not None else None
         if f is None or row == f.selected_index:
             return
-        self.state.equations = dataclasses.replace(eq, **{key: f.pick(row)})
+        self.state.update(equations=dataclasses.replace(eq, **{key: f.pick(row)}))
         self.show_equations()
         show_info(f"{key}(u) = {getattr(self.state.equations, key).text}: simulate again to compare it.")
 
@@ -281,7 +281,8 @@ class ResultsWidget(QWidget):
 
     # ------------------------------------------------------------------------------------------ simulation
     def simulate(self) -> JobHandle | None:
-        """Forward simulation from the first observed frame, in a worker; then layers, N(t) and QC."""
+        """Forward simulation of the chosen model from the data's initial state, in a worker: the pipeline's
+        'simulate' and 'qc' stages on the shared result; then layers, N(t) and QC."""
         s = self.state
         if s.field is None:
             notify_exception(ValueError("No density field: extract one in the density dock (or open a bundle)."),
@@ -296,25 +297,21 @@ class ResultsWidget(QWidget):
                 notify_exception(ValueError("No equations: click 'Discover equations' first, or simulate the "
                                             "learned BINN."), "Simulation")
                 return None
-            D, G, name = eq.D.sympy, eq.G.sympy, "closed form"
+            name, which = "closed form", {"learned": False, "closed_form": True}
         else:
             if s.fit is None:
                 notify_exception(ValueError("No trained BINN: train one in the training dock first."), "Simulation")
                 return None
-            D, G, name = s.fit.D, s.fit.G, "learned D, G"
-        fld = s.field
-
-        def job(token):
-            from ..pde import simulate_job
-
-            sim = yield from simulate_job(D, G, fld, cancel=token)
-            return name, sim
-
-        return self._start(job, "Simulation", self._simulated)
+            name, which = "learned D, G", {"learned": True, "closed_form": False}
+        start = s.result
+        config = dataclasses.replace(start.config, simulation=dataclasses.replace(start.config.simulation, **which))
+        return self._run_stages(("simulate", "qc"), start, config, "Simulation",
+                                lambda res: self._simulated(res, name))
 
     def refit(self) -> JobHandle | None:
-        """Refit candidate closed forms against the density in a worker (the pipeline's refit stage), keep the
-        BIC's choice with its refitted constants, and show its simulation next to a Fisher-KPP fit."""
+        """Refit candidate closed forms against the density in a worker (the pipeline's 'refit' and 'qc' stages on
+        the shared result, with its configuration), keep the BIC's choice with its refitted constants, and show its
+        simulation next to the reference model's."""
         s = self.state
         eq = s.equations
         if s.field is None:
@@ -324,32 +321,32 @@ class ResultsWidget(QWidget):
         if eq is None or eq.D is None or eq.G is None:
             notify_exception(ValueError("No equations: click 'Discover equations' first."), "Refit")
             return None
-        fld = s.field
+        start = s.result
+        return self._run_stages(("refit", "qc"), start, start.config, "Refit against the data",
+                                lambda res: self._refitted(res, start))
 
+    def _run_stages(self, stages: tuple[str, ...], start: Any, config: Any, what: str, on_result: Any):
         def job(token):
-            from ..pipeline import PipelineConfig, PipelineResult, run_pipeline
+            from ..pipeline import run_pipeline
 
-            cfg = PipelineConfig()
-            res = yield from run_pipeline(PipelineResult(cfg, field=fld, equations=eq), cfg, stages=("refit",),
-                                          cancel=token)
-            return res
+            return run_pipeline(start, config, stages=stages, cancel=token)
 
-        return self._start(job, "Refit against the data", self._refitted)
+        return self._start(job, what, on_result)
 
-    def _refitted(self, res: Any) -> None:
-        from ..qc import compare
-
+    def _keep(self, res: Any, **parts: Any) -> None:
+        """Put what a pipeline run of this dock made into the shared result (the run's configuration stays this
+        dock's choice of model, not the shared one)."""
         s = self.state
+        s.update(simulations=res.simulations, mechanistic=res.mechanistic, qc=res.qc,
+                 metadata={**s.metadata, **res.metadata}, **parts)
+
+    def _refitted(self, res: Any, start: Any) -> None:
         fit = res.mechanistic.get(_REFITTED)
-        if fit is None or _REFITTED not in res.simulations:
+        if fit is None or fit is start.mechanistic.get(_REFITTED) or _REFITTED not in res.simulations:
             show_warning("The refit did not finish (cancelled, or no candidate could be simulated); the equations "
                          "are unchanged.")
             return
-        s.equations = res.equations.with_refit(fit)
-        sims = dict(s.simulations)
-        sims.update(res.simulations)
-        s.simulations = sims
-        s.qc = compare(s.field, sims, aic={k: m.aic for k, m in res.mechanistic.items()})
+        self._keep(res, equations=res.equations.with_refit(fit))
         self.progress.setValue(100)
         self.show_equations()
         self.show_simulation(_REFITTED)
@@ -359,15 +356,12 @@ class ResultsWidget(QWidget):
         self.status.setText(f"Refitted against the data ({n} candidate form(s) compared by BIC): {consts}. "
                             "Next: export the bundle.")
 
-    def _simulated(self, out: tuple[str, np.ndarray]) -> None:
-        from ..qc import compare
-
-        name, sim = out
-        s = self.state
-        sims = dict(s.simulations)
-        sims[name] = sim
-        s.simulations = sims
-        s.qc = compare(s.field, sims)
+    def _simulated(self, res: Any, name: str) -> None:
+        if name not in res.simulations:
+            failed = [w for w in res.metadata.get("warnings", []) if f"'{name}' failed" in w]
+            show_warning(f"Simulation: {failed[-1] if failed else 'cancelled'}")
+            return
+        self._keep(res)
         self.progress.setValue(100)
         self.show_simulation(name)
         self.status.setText(f"Simulated '{name}': layers '{LAYER_NAMES['simulated']}' and "
@@ -464,17 +458,9 @@ class ResultsWidget(QWidget):
             return None
         return Path(text).expanduser()
 
-    def current_result(self) -> Any:
-        """The shared state as a core PipelineResult (what a bundle stores)."""
-        from ..pipeline import PipelineConfig, PipelineResult
-
-        s = self.state
-        config = PipelineConfig(binn=s.fit.config) if s.fit is not None else PipelineConfig()
-        return PipelineResult(config, s.field, s.fit, s.equations, dict(s.simulations), {}, s.qc,
-                              {"source_layer": s.source_layer})
-
     def export(self) -> JobHandle | None:
-        """Write the results bundle (data, networks, equations, simulations, QC, figures, report) in a worker."""
+        """Write the shared result as a bundle (data, networks, equations, simulations, refits, QC, figures,
+        report) in a worker."""
         target = self._bundle_dir()
         if target is None:
             return None
@@ -482,7 +468,7 @@ class ResultsWidget(QWidget):
             notify_exception(ValueError("Nothing to export yet: extract a density and train a BINN first."),
                              "Export")
             return None
-        result, overwrite = self.current_result(), self.overwrite.value
+        result, overwrite = self.state.result, self.overwrite.value
 
         def job(token):
             from ..results import save_results
@@ -517,13 +503,11 @@ class ResultsWidget(QWidget):
         """Put a loaded PipelineResult into the shared state and show it (layers aligned in µm)."""
         s = self.state
         s.bundle = bundle
-        s.field, s.fit, s.equations = result.field, result.fit, result.equations
-        s.simulations = dict(result.simulations)
-        s.qc = result.qc
-        if s.qc is None and s.field is not None and s.simulations:
+        if result.qc is None and result.field is not None and result.simulations:
             from ..qc import compare
 
-            s.qc = compare(s.field, s.simulations)
+            result = dataclasses.replace(result, qc=compare(result.field, result.simulations))
+        s.result = result
         fld = s.field
         if fld is not None:
             source = fld.metadata.get("source", "")
@@ -566,8 +550,7 @@ class ResultsWidget(QWidget):
         self.figure.shutdown()
         try:
             self.viewer.layers.events.inserted.disconnect(self._layer_inserted)
-            for name in ("field", "fit", "equations", "simulations", "qc"):
-                getattr(self.state.events, name).disconnect(self._state_changed)
+            self.state.events.result.disconnect(self._state_changed)
         except (TypeError, ValueError, RuntimeError):
             pass
 

@@ -1,8 +1,11 @@
-"""Shared, evented state of the napari-binn docks: one instance per viewer.
+"""Shared, evented state of the napari-binn docks: one instance per viewer, holding one core PipelineResult.
 
-The density dock sets ``stack``/``field``, the training dock ``fit``, the results dock ``equations``,
-``simulations`` and ``qc``; each dock listens to ``state.events.<name>`` so a result made in one dock appears
-in the next without re-selecting anything.
+The docks' work is one :class:`~napari_binn.pipeline.PipelineResult` (``state.result``): the density dock puts in
+the field, the training dock the BINN, the results dock the equations, simulations, mechanistic refits and QC, each
+with its settings in ``result.config``. A dock replaces the result with :meth:`BinnState.update` (never changes it
+in place), so ``state.events.result`` tells the others and a result made in one dock appears in the next without
+re-selecting anything; exporting writes exactly this result (``save_results``), and opening a bundle makes it the
+result.
 
 The open docks of a viewer are also registered here (:func:`register_dock`, :func:`find_dock`), so a dock can read
 another's current form (the per-shape batch dock runs with the density dock's settings) without any copy of it.
@@ -10,6 +13,7 @@ another's current form (the per-shape batch dock runs with the density dock's se
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -32,24 +36,66 @@ LAYER_NAMES = {
 }
 
 
+def _empty_result() -> Any:
+    from .. import __version__
+    from ..pipeline import PipelineConfig, PipelineResult
+
+    return PipelineResult(PipelineConfig(), metadata={"napari_binn_version": __version__})
+
+
 @evented
 @dataclass(eq=False)
 class BinnState:
-    """What the three docks share (all GUI-free objects from the core).
+    """What the docks share (GUI-free objects from the core).
 
-    stack: the Stack the density came from. field: DensityField (u in its units, grid in µm, times in h).
-    fit: BinnFit. equations: Equations. simulations: name -> (T, Ny, Nx)
-    array in the field's units. qc: QCReport. source_layer: name of the image layer of the data.
+    result: the PipelineResult of the docks' work (field: DensityField; fit: BinnFit; equations: Equations;
+    simulations: name -> (T, Ny, Nx) array in the field's units; mechanistic: name -> MechanisticFit; qc:
+    QCReport; config: the PipelineConfig the docks ran with). Read its parts with the shortcuts below; change them
+    with :meth:`update`. stack: the Stack the density came from. source_layer: name of the image layer of the
+    data. bundle: the bundle the result was opened from or last exported to.
     """
 
+    result: Any = dc_field(default_factory=_empty_result)
     stack: Any = None
-    field: Any = None
-    fit: Any = None
-    equations: Any = None
-    simulations: dict = dc_field(default_factory=dict)
-    qc: Any = None
     source_layer: str = ""
     bundle: str = ""
+
+    def update(self, **parts: Any) -> None:
+        """Replace parts of the shared result (``field=``, ``fit=``, ``equations=``, ``simulations=``,
+        ``mechanistic=``, ``qc=``, ``config=``, ``metadata=``): one new PipelineResult, one ``events.result``."""
+        self.result = dataclasses.replace(self.result, **parts)
+
+    @property
+    def config(self) -> Any:
+        return self.result.config
+
+    @property
+    def field(self) -> Any:
+        return self.result.field
+
+    @property
+    def fit(self) -> Any:
+        return self.result.fit
+
+    @property
+    def equations(self) -> Any:
+        return self.result.equations
+
+    @property
+    def simulations(self) -> dict:
+        return self.result.simulations
+
+    @property
+    def mechanistic(self) -> dict:
+        return self.result.mechanistic
+
+    @property
+    def qc(self) -> Any:
+        return self.result.qc
+
+    @property
+    def metadata(self) -> dict:
+        return self.result.metadata
 
 
 _STATES: "weakref.WeakKeyDictionary[Any, BinnState]" = weakref.WeakKeyDictionary()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -138,8 +139,9 @@ class TrainingWidget(QWidget):
         self._redraw_timer.timeout.connect(self._redraw)
         self._u_label()
 
-        self.state.events.field.connect(self._field_changed)
-        self._field_changed(self.state.field)
+        self._shown_field: Any = None
+        self.state.events.result.connect(self._result_changed)
+        self._result_changed(self.state.result)
         self._guard = CloseGuard(self, self.shutdown)
         register_dock(self.viewer, "training", self)
 
@@ -169,6 +171,12 @@ class TrainingWidget(QWidget):
             return f"found: {dev.type}" + (f" ({note.replace('auto: ', '')})" if note else "")
         except Exception as exc:  # pragma: no cover - informational only
             return f"device check failed: {exc}"
+
+    def _result_changed(self, result: Any) -> None:
+        """The shared result changed: follow its density field."""
+        if result.field is not self._shown_field or self._shown_field is None:
+            self._shown_field = result.field
+            self._field_changed(result.field)
 
     def _field_changed(self, fld: Any) -> None:
         self.K.native.setSuffix(f" {fld.units}" if fld is not None and fld.units else "")
@@ -301,7 +309,7 @@ class TrainingWidget(QWidget):
         self._redraw_timer.stop()
         self._dirty_losses = self._dirty_rates = False
         cancelled = bool(fit.metadata.get("cancelled"))
-        self.state.fit = fit
+        self.state.update(fit=fit, config=dataclasses.replace(self.state.config, binn=self._cfg))
         self.progress.setValue(100)
         self.status.setText(("Stopped: kept the best model so far. " if cancelled else "Training done. ")
                             + f"{fit.n_models} network(s) in {fmt_seconds(time.perf_counter() - self._t0)}. "
@@ -338,7 +346,7 @@ class TrainingWidget(QWidget):
             self.job.stop(detach=True)
         self.figure.shutdown()
         try:
-            self.state.events.field.disconnect(self._field_changed)
+            self.state.events.result.disconnect(self._result_changed)
         except (TypeError, ValueError, RuntimeError):
             pass
 

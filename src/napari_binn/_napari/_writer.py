@@ -1,7 +1,7 @@
 """napari writer contribution: save the napari-binn results of the viewer as a results bundle folder.
 
 No Qt here. The layers napari-binn makes carry ``metadata['napari_binn_state']``, the id of the viewer's shared
-state, from which the whole result (density, BINN, equations, simulations, QC) is written by ``save_results``.
+state, whose one result (density, BINN, equations, simulations, refits, QC, configuration) ``save_results`` writes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ def write_bundle(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str
 
     Raises ValueError when none of the layers was made by napari-binn (select the density or simulated layer).
     """
-    from ..pipeline import PipelineConfig, PipelineResult
     from ..results import save_results
     from ._state import find_state
 
@@ -29,10 +28,7 @@ def write_bundle(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str
     if state is None or (state.field is None and state.fit is None):
         raise ValueError("None of the selected layers holds a napari-binn result: select the 'density' or "
                          "'simulated density' layer made by the napari-binn docks, then File > Save Selected Layers.")
-    config = PipelineConfig(binn=state.fit.config) if state.fit is not None else PipelineConfig()
-    result = PipelineResult(config, state.field, state.fit, state.equations, dict(state.simulations), {}, state.qc,
-                            {"source_layer": state.source_layer})
     target = Path(path)
     if target.suffix and not target.exists():  # napari may append an extension to the name typed
         target = target.with_suffix("")
-    return [str(save_results(result, target, overwrite=False))]
+    return [str(save_results(state.result, target, overwrite=False))]
