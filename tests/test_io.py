@@ -1,4 +1,5 @@
-"""Tests for napari_binn.io: read_stack, write_stack_tiff, the shipped sample, and the napari reader."""
+"""Tests for napari_binn.io: read_stack, write_stack_tiff and the shipped sample (the napari reader:
+_napari/test_reader.py)."""
 
 from __future__ import annotations
 
@@ -453,58 +454,3 @@ def test_scratch_sample_loads():
     data_dir = Path(nio.__file__).parent / "data"
     assert (data_dir / "LICENSE_scratch_phase_contrast.txt").read_text().startswith("MIT License")
     assert sum(f.stat().st_size for f in data_dir.iterdir()) <= 2 * 2**20
-
-
-# ---------------------------------------------------------------- napari reader (no napari import needed)
-
-
-def test_napari_reader_layer_data(tmp_path):
-    from napari_binn._napari._reader import napari_get_reader
-
-    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
-    path = write_stack_tiff(tmp_path / "cal.tif", _stack(), 0.65, [0, 1, 2, 3])
-    reader = napari_get_reader(str(path))
-    assert callable(reader)
-    [(data, kwargs, kind)] = reader(str(path))
-    assert kind == "image" and data.shape == (4, 12, 10)
-    assert kwargs["name"] == "cal" and kwargs["scale"] == (1.0, 0.65, 0.65)
-    np.testing.assert_array_equal(kwargs["metadata"]["times_h"], [0, 1, 2, 3])
-    assert kwargs["metadata"]["pixel_size_um"] == 0.65
-
-
-def test_napari_reader_unknown_pixel_size_and_channels(tmp_path):
-    from napari_binn._napari._reader import napari_get_reader
-
-    plain = tmp_path / "plain.tif"
-    tifffile.imwrite(plain, _stack(), photometric="minisblack")
-    [(_, kwargs, _)] = napari_get_reader(str(plain))(str(plain))
-    assert kwargs["scale"] == (1.0, 1.0, 1.0)
-    assert _has(kwargs["metadata"]["warnings"], "scale is 1 per pixel")
-    tc = tmp_path / "tc.tif"
-    data = np.random.default_rng(6).integers(0, 500, (4, 2, 6, 5), dtype=np.uint16)
-    tifffile.imwrite(tc, data, imagej=True, metadata={"axes": "TCYX"})
-    layers = napari_get_reader([str(tc)])([str(tc)])
-    assert [layer[1]["name"] for layer in layers] == ["tc [channel 0]", "tc [channel 1]"]
-    np.testing.assert_array_equal(np.asarray(layers[1][0]), data[:, 1])
-    with pytest.raises(ValueError, match="no time axis"):
-        flat = tmp_path / "flat.tif"
-        tifffile.imwrite(flat, np.zeros((5, 5), np.uint8))
-        napari_get_reader(str(flat))(str(flat))
-
-
-def test_lazy_stack_displays_in_napari_model(tmp_path):
-    pytest.importorskip("napari")
-    from napari.components import ViewerModel
-    from napari.layers import Layer
-
-    from napari_binn._napari._reader import stack_to_layer_data
-
-    data = np.random.default_rng(7).integers(0, 500, (5, 2, 16, 12), dtype=np.uint16)
-    path = tmp_path / "tc.tif"
-    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TCYX"}, compression="zlib", resolution=(2, 2))
-    stack = _quiet_read(path, channel=1, lazy=True)
-    viewer = ViewerModel()
-    layer = viewer.add_layer(Layer.create(*stack_to_layer_data(stack)))
-    viewer.dims.set_point(0, 3)
-    np.testing.assert_array_equal(np.asarray(layer._slice.image.raw), data[3, 1])
-    assert tuple(layer.scale) == (1.0, 1.0, 1.0)  # no unit in the file: 1 per pixel

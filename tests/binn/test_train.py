@@ -1,0 +1,105 @@
+"""The training engine: determinism, cancel, pause, the divergence guard, bad input, masks, options."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_binn.binn import BinnConfig, fit_binn
+from napari_binn.field import DensityField
+from napari_binn.jobs import CancelToken
+
+
+def test_same_seed_same_result(binn_field, tiny):
+    f = binn_field()
+    cfg = BinnConfig(steps=15, seed=3, **tiny)
+    a, b = fit_binn(f, cfg), fit_binn(f, cfg)
+    c = fit_binn(f, cfg.replace(seed=4))
+    u = np.linspace(0, 1, 5)
+    assert np.array_equal(a.D(u), b.D(u)) and np.array_equal(a.G(u), b.G(u))
+    assert not np.array_equal(a.D(u), c.D(u))
+
+
+def test_cancel_mid_run_returns_finite_best_model(binn_field, tiny):
+    f = binn_field()
+    token = CancelToken()
+
+    def cb(ev):
+        if ev.step >= 20:
+            token.cancel()
+
+    fit = fit_binn(f, BinnConfig(steps=10_000, **tiny), cancel=token, callback=cb)
+    assert fit.metadata["cancelled"] is True
+    assert fit.metadata["members"][0]["steps_done"] < 100
+    u = np.linspace(0, 1, 5)
+    assert np.all(np.isfinite(fit.D(u))) and np.all(np.isfinite(fit.G(u)))
+
+
+def test_pause_and_resume(binn_field, tiny):
+    f = binn_field()
+    token = CancelToken()
+    token.pause()
+    timer = threading.Timer(0.6, token.resume)
+    events = []
+    timer.start()
+    start = time.perf_counter()
+    fit = fit_binn(f, BinnConfig(steps=10, **tiny), cancel=token, callback=events.append)
+    assert time.perf_counter() - start >= 0.5
+    assert any(e.data.get("paused") for e in events)
+    assert not fit.metadata["cancelled"] and fit.metadata["members"][0]["steps_done"] == 10
+
+
+def test_divergence_guard_restores_and_never_returns_nan(binn_field, tiny):
+    f = binn_field()
+    events = []
+    fit = fit_binn(f, BinnConfig(steps=30, lr=1e5, lr_final=1e5, max_restarts=3, activation="silu", **tiny),
+                   callback=events.append)
+    div = [e for e in events if "divergence" in e.data]
+    assert div and "diverged" in div[0].message
+    for m in fit.members:
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert np.all(np.isfinite(fit.D(np.linspace(0, 1, 5))))
+
+
+def test_bad_input(binn_field, tiny):
+    f = binn_field()
+    with pytest.raises(ValueError, match="at least 3 frames"):
+        fit_binn(DensityField(f.u[:2], f.mask, f.x_um, f.y_um, f.t_h[:2]), BinnConfig(steps=2, **tiny))
+    with pytest.raises(ValueError, match="no observed"):
+        fit_binn(DensityField(np.full_like(f.u, np.nan), f.mask, f.x_um, f.y_um, f.t_h),
+                 BinnConfig(steps=2, **tiny))
+    for const in (0.0, 3.0):
+        with pytest.raises(ValueError, match="nothing to learn"):
+            fit_binn(DensityField(np.full_like(f.u, const), f.mask, f.x_um, f.y_um, f.t_h),
+                     BinnConfig(steps=2, **tiny))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            fit_binn(f, BinnConfig(steps=2, **{**tiny, "device": "cuda"}))
+        events = []
+        fit = fit_binn(f, BinnConfig(steps=2, **{**tiny, "device": "auto"}), callback=events.append)
+        assert fit.device == "cpu" and "no GPU" in fit.metadata["device_note"]
+        assert "no GPU" in events[0].message
+
+
+def test_nan_values_are_masked_out(binn_field, tiny):
+    f = binn_field()
+    u = f.u.copy()
+    u[:, 2:4, 2:4] = np.nan
+    g = DensityField(u, f.mask, f.x_um, f.y_um, f.t_h, units="fraction")
+    fit = fit_binn(g, BinnConfig(steps=10, **tiny))
+    assert fit.metadata["n_observed"] == np.isfinite(u).sum()
+    assert np.all(np.isfinite(fit.D(np.linspace(0, 1, 5))))
+
+
+def test_noflux_constraints_and_adaptive_options_run(binn_field, tiny):
+    f = binn_field()
+    mask = f.mask.copy()
+    mask[:, :2] = False
+    g = f.with_mask(mask)
+    fit = fit_binn(g, BinnConfig(steps=12, noflux_weight=1.0, monotone_D=True, monotone_G=True,
+                                 collocation="adaptive", adaptive_every=4, validation="frames",
+                                 lbfgs_steps=20, residual="autograd", **tiny))
+    terms = fit.history[0][-2]
+    assert {"noflux", "constraint", "pde"} <= set(terms)
