@@ -9,29 +9,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_binn.io import Stack, StackWarning, read_stack, write_stack_tiff
+from napari_binn.io import StackWarning, read_stack, write_stack_tiff
 
-
-def _stack(T=4, Y=12, X=10, dtype=np.uint16, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(10, 1000, size=(T, Y, X)).astype(dtype)
-
-
-def _quiet_read(*args, **kwargs) -> Stack:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StackWarning)
-        return read_stack(*args, **kwargs)
-
-
-def _has(warnings_list, text):
-    return any(text.lower() in w.lower() for w in warnings_list)
+STACK = np.random.default_rng(0).integers(10, 1000, size=(4, 12, 10)).astype(np.uint16)
 
 
 def test_napari_reader_layer_data(tmp_path):
     from napari_binn._napari._reader import napari_get_reader
 
     assert napari_get_reader(str(tmp_path / "notes.txt")) is None
-    path = write_stack_tiff(tmp_path / "cal.tif", _stack(), 0.65, [0, 1, 2, 3])
+    path = write_stack_tiff(tmp_path / "cal.tif", STACK, 0.65, [0, 1, 2, 3])
     reader = napari_get_reader(str(path))
     assert callable(reader)
     [(data, kwargs, kind)] = reader(str(path))
@@ -45,10 +32,10 @@ def test_napari_reader_unknown_pixel_size_and_channels(tmp_path):
     from napari_binn._napari._reader import napari_get_reader
 
     plain = tmp_path / "plain.tif"
-    tifffile.imwrite(plain, _stack(), photometric="minisblack")
+    tifffile.imwrite(plain, STACK, photometric="minisblack")
     [(_, kwargs, _)] = napari_get_reader(str(plain))(str(plain))
     assert kwargs["scale"] == (1.0, 1.0, 1.0)
-    assert _has(kwargs["metadata"]["warnings"], "scale is 1 per pixel")
+    assert any("scale is 1 per pixel" in w for w in kwargs["metadata"]["warnings"])
     tc = tmp_path / "tc.tif"
     data = np.random.default_rng(6).integers(0, 500, (4, 2, 6, 5), dtype=np.uint16)
     tifffile.imwrite(tc, data, imagej=True, metadata={"axes": "TCYX"})
@@ -71,7 +58,9 @@ def test_lazy_stack_displays_in_napari_model(tmp_path):
     data = np.random.default_rng(7).integers(0, 500, (5, 2, 16, 12), dtype=np.uint16)
     path = tmp_path / "tc.tif"
     tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TCYX"}, compression="zlib", resolution=(2, 2))
-    stack = _quiet_read(path, channel=1, lazy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StackWarning)
+        stack = read_stack(path, channel=1, lazy=True)
     viewer = ViewerModel()
     layer = viewer.add_layer(Layer.create(*stack_to_layer_data(stack)))
     viewer.dims.set_point(0, 3)
