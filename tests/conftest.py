@@ -42,8 +42,8 @@ def pipeline_config():
 
 @pytest.fixture(scope="session")
 def fkpp_field():
-    """Fisher–KPP (D = 800 µm²/h, r = 0.08 /h, K = 2000 cells/mm²) scratch on 10 x 12 boxes of 50 µm, 5 frames over
-    24 h, noise-free."""
+    """Fisher–KPP (D = 800 µm²/h, r = 0.08 /h, K = 2000 cells/mm²) scratch on 10 x 12 boxes of 50 µm, 5 frames
+    over 24 h, noise-free."""
     from napari_binn.synthetic.models import make_synthetic
 
     fld, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(10, 12),

@@ -251,7 +251,8 @@ class ResultsWidget(QWidget):
             table.setRowCount(len(f.front))
             for i, r in enumerate(f.front):
                 chosen = i == f.selected_index
-                for j, val in enumerate(("★" if chosen else "", str(r.complexity), f"{r.loss:.3g}", r.expression.text)):
+                cells = ("★" if chosen else "", str(r.complexity), f"{r.loss:.3g}", r.expression.text)
+                for j, val in enumerate(cells):
                     item = QTableWidgetItem(val)
                     if chosen:
                         font = QFont()
