@@ -272,20 +272,31 @@ def run_on_cluster(items: Sequence[BatchItem], todo: Sequence[int], outcomes: li
     fractions = {k: 0.0 for k in todo}
     try:
         client.subscribe_topic(topic, lambda event: inbox.put(event[1]))
-        threads = sum(client.nthreads().values()) or 1
+        threads = _threads(client)
         if members == "auto":
             members = len(todo) < threads and any(items[k].config.binn.n_models > 1 for k in todo)
-        futures = {}
-        for k in todo:
-            key = f"napari-binn-item-{k}-{batch}"
-            futures[client.submit(run_remote_item, items[k], k, topic, stop, bool(members), task, key=key,
-                                  pure=False, retries=1)] = k
-        pending = distributed.as_completed(list(futures), loop=client.loop)
+        waiting = list(todo)
+        futures: dict[Any, int] = {}
+        pending = distributed.as_completed([], loop=client.loop)
         finished = set(range(n)) - set(todo)
         told = False
+
+        def submit_more() -> None:
+            # no more items in flight than worker threads: an item waits here, not in a worker's queue, so a worker
+            # that dies takes only the item it was running with it
+            while waiting and sum(k not in finished for k in futures.values()) < threads:
+                k = waiting.pop(0)
+                future = client.submit(run_remote_item, items[k], k, topic, stop, bool(members), task,
+                                       key=f"napari-binn-item-{k}-{batch}", pure=False, retries=1)
+                futures[future] = k
+                pending.add(future)
+
+        submit_more()
+        asked = time.monotonic()
         while not pending.is_empty():
             if not told and is_cancelled(cancel):
                 told = True
+                waiting.clear()  # never sent: 'not run'
                 RemoteCancel(stop).cancel(client)  # running items stop at their next step, writing nothing
                 client.cancel([f for f, k in futures.items() if outcomes[k].status == "waiting"])
             try:
@@ -322,12 +333,24 @@ def run_on_cluster(items: Sequence[BatchItem], todo: Sequence[int], outcomes: li
                 fractions[k] = 1.0
                 finished.add(k)
                 yield report(k, len(finished))
+            if waiting and not told:
+                if time.monotonic() - asked > 2.0:  # the cluster may grow or shrink (adaptive clusters)
+                    threads, asked = _threads(client), time.monotonic()
+                submit_more()
     finally:
         try:
             client.unsubscribe_topic(topic)
         except Exception:  # noqa: BLE001
             pass
         close()
+
+
+def _threads(client) -> int:
+    """Worker threads of the cluster now (at least 1: an adaptive cluster may start with none)."""
+    try:
+        return max(1, sum(client.nthreads().values()))
+    except Exception:  # noqa: BLE001
+        return 1
 
 
 def _outcome_of(future: Any, item: BatchItem, before: ItemOutcome) -> ItemOutcome:
