@@ -40,6 +40,12 @@ __all__ = ["connect", "run_on_cluster", "run_remote_item", "DaskMembers", "Remot
 EXTRA = "napari-binn[distributed]"
 #: Seconds to wait for a scheduler given by address.
 CONNECT_TIMEOUT_S = 5.0
+#: dask settings of a local cluster: one retry for a task whose worker died (dask allows three); no statistical
+#: profiler in the workers (it samples every thread's stack every 10 ms, and the training loop, many small torch
+#: calls that hold the GIL, then ran about 3x slower); a calmer memory monitor; quiet logs.
+LOCAL_CONFIG = {"distributed.scheduler.allowed-failures": 1, "distributed.worker.profile.enabled": False,
+                "distributed.worker.memory.monitor-interval": "1s", "distributed.admin.tick.interval": "1s",
+                "distributed.admin.system-monitor.interval": "5s", "logging.distributed": "error"}
 _POLL_S = 0.5  # how often a task asks whether the batch was cancelled
 _EVENT_S = 0.5  # at most this often a task reports progress (and at every stage change)
 
@@ -79,8 +85,7 @@ def connect(cluster: Any = "local", workers: int | None = None, *, timeout_s: fl
         n = int(workers or os.cpu_count() or 1)
         if n < 1:
             raise ValueError(f"workers must be at least 1 (got {workers})")
-        # one retry for a task whose worker died (the default allows three), no dashboard, quiet logs
-        with dask.config.set({"distributed.scheduler.allowed-failures": 1, "logging.distributed": "error"}):
+        with dask.config.set(LOCAL_CONFIG):
             local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                              dashboard_address=None, silence_logs=40)
             client = distributed.Client(local, set_as_default=False)
