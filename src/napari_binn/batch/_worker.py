@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -16,9 +18,25 @@ class TorchOneThread(WorkerPlugin):
     def setup(self, worker) -> None:  # noqa: D401 - dask's API
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[name] = "1"
+        _malloc_for_training()
         try:
             import torch
         except ImportError:  # pragma: no cover - torch is a dependency
             return
         torch.set_num_threads(1)
         import napari_binn.pipeline  # noqa: F401 - imported once at start, not in the first item's time
+
+
+def _malloc_for_training() -> None:
+    """Undo, in a running worker, what dask's MALLOC_TRIM_THRESHOLD_ does to glibc: it also freezes the mmap
+    threshold at 128 KiB, so every batch-sized tensor of a training loop is mmap'd, zeroed and unmapped again
+    (about half of a task's time in the kernel). Fixed thresholds of 32 MiB (mmap) and 128 MiB (trim) instead;
+    nothing outside glibc (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 2 ** 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 2 ** 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -42,15 +42,11 @@ EXTRA = "napari-binn[distributed]"
 CONNECT_TIMEOUT_S = 5.0
 #: dask settings of a local cluster: one retry for a task whose worker died (dask allows three); no statistical
 #: profiler in the workers (it samples every thread's stack every 10 ms, and the training loop, many small torch
-#: calls that hold the GIL, then ran slower); a calmer memory monitor; quiet logs; and glibc's own malloc tuning:
-#: dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which also freezes glibc's mmap threshold at 128 KiB, so every
-#: batch-sized tensor of the training loop was an mmap + munmap + fresh zeroed pages (half the task's time was
-#: system time, ~2x slower); the BLAS libraries stay on one thread.
+#: calls that hold the GIL, then ran slower); a calmer memory monitor; quiet logs. (glibc's malloc thresholds, which
+#: dask's MALLOC_TRIM_THRESHOLD_ freezes, are set by the worker plugin, on any cluster: ``_worker.py``.)
 LOCAL_CONFIG = {"distributed.scheduler.allowed-failures": 1, "distributed.worker.profile.enabled": False,
                 "distributed.worker.memory.monitor-interval": "1s", "distributed.admin.tick.interval": "1s",
-                "distributed.admin.system-monitor.interval": "5s", "logging.distributed": "error",
-                "distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1,
-                                                        "OPENBLAS_NUM_THREADS": 1}}
+                "distributed.admin.system-monitor.interval": "5s", "logging.distributed": "error"}
 _POLL_S = 0.5  # how often a task asks whether the batch was cancelled
 _EVENT_S = 0.5  # at most this often a task reports progress (and at every stage change)
 
