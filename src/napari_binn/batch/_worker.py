@@ -8,7 +8,7 @@ import sys
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["TorchOneThread"]
+__all__ = ["TorchOneThread", "IgnoreCtrlC"]
 
 
 class TorchOneThread(WorkerPlugin):
@@ -25,6 +25,19 @@ class TorchOneThread(WorkerPlugin):
             return
         torch.set_num_threads(1)
         import napari_binn.pipeline  # noqa: F401 - imported once at start, not in the first item's time
+
+
+class IgnoreCtrlC(WorkerPlugin):
+    """A local cluster's workers ignore SIGINT: Ctrl-C in the terminal reaches the whole process group, and is the
+    client's to handle (it cancels the batch cooperatively), not a reason for every worker to die mid-task. (Not
+    for a cluster started elsewhere, whose workers' Ctrl-C is their owner's.)"""
+
+    def setup(self, worker) -> None:  # noqa: D401 - dask's API
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _malloc_for_training() -> None:

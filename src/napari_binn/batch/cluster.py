@@ -91,6 +91,9 @@ def connect(cluster: Any = "local", workers: int | None = None, *, timeout_s: fl
                                              dashboard_address=None, silence_logs=40)
             client = distributed.Client(local, set_as_default=False)
         _register_plugin(client)
+        from ._worker import IgnoreCtrlC
+
+        client.register_plugin(IgnoreCtrlC(), name="napari-binn-ignore-ctrl-c")
 
         def close() -> None:
             client.close()
