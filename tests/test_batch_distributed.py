@@ -113,3 +113,28 @@ def test_an_unreachable_scheduler_is_a_clear_error_within_seconds():
     assert time.perf_counter() - t0 < 8
     with pytest.raises(ValueError, match="tcp://host:port"):
         connect("127.0.0.1:8786")
+
+
+def test_the_command_line_on_a_running_cluster(tmp_path, client, fkpp_field, pipeline_config, capsys):
+    """napari-binn batch --scheduler ADDRESS: the same engine through an address (here the module's cluster)."""
+    import csv
+
+    from napari_binn.cli import EXIT_OK, main
+    from napari_binn.pipeline import PipelineResult
+    from napari_binn.results import save_results
+
+    cfg = _config(pipeline_config, n_models=1)
+    cfg.to_toml(tmp_path / "tiny.toml")
+    for name in ("B03", "B04"):
+        save_results(PipelineResult(cfg, field=fkpp_field), tmp_path / "in" / name, figures=False)
+    out = tmp_path / "out"
+    code = main(["batch", str(tmp_path / "in" / "B03"), str(tmp_path / "in" / "B04"), "--config",
+                 str(tmp_path / "tiny.toml"), "--out", str(out), "--scheduler", client.scheduler.address])
+    assert code == EXIT_OK
+    text = capsys.readouterr().out
+    assert f"running on the dask cluster at {client.scheduler.address}" in text and "2 of 2 written" in text
+    with open(out / "summary.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["name"], r["well"], r["status"]) for r in rows] == [("B03", "B03", "done"), ("B04", "B04", "done")]
+    assert (out / "plate.png").is_file() and bundle_complete(out / "B03") and bundle_complete(out / "B04")
+    assert client.status == "running"  # a cluster given by address is not closed
