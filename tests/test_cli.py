@@ -176,3 +176,20 @@ def test_batch_refuses_duplicate_names_and_unreachable_schedulers(tmp_path, caps
     assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--scheduler", "localhost",
                  "--quiet"]) == EXIT_ERROR
     assert "tcp://host:port" in capsys.readouterr().err
+
+
+def test_batch_each_shape_is_one_item_per_input_and_shape(tmp_path):
+    from napari_binn.cli import batch_items, build_parser
+
+    (tmp_path / "rois.json").write_text(json.dumps([[[0, 0], [0, 9], [9, 9]], [[10, 10], [10, 19], [19, 19]]]))
+    args = build_parser().parse_args(["batch", "B03.tif", "C04.tif", "--roi", str(tmp_path / "rois.json"),
+                                      "--each-shape", "--out", str(tmp_path / "out")])
+    from napari_binn.roi import read_roi
+
+    items = batch_items(args, None, read_roi(args.roi))
+    assert [it.name for it in items] == ["B03_roi1", "B03_roi2", "C04_roi1", "C04_roi2"]
+    assert [it.data for it in items] == ["B03.tif", "B03.tif", "C04.tif", "C04.tif"]
+    assert len(items[1].roi) == 1 and items[1].roi[0][0].tolist() == [10.0, 10.0]
+    assert items[3].out == tmp_path / "out" / "C04_roi2" and items[3].metadata["roi_shape"]["number"] == 2
+    with pytest.raises(ValueError, match="--each-shape needs --roi with shapes"):
+        batch_items(args, None, None)

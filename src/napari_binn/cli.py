@@ -408,18 +408,34 @@ def _report_batch(args, folder: Path) -> int:
     return EXIT_OK
 
 
+def batch_items(args, cfg, roi) -> list:
+    """The batch's items: one per input, or with --each-shape one per input and shape of --roi (named
+    ``<input>_roi<n>``, n = the shape's number in the file)."""
+    from .batch import BatchItem, item_names
+
+    out = Path(args.out)
+    names = item_names(args.inputs)
+    if not getattr(args, "each_shape", False):
+        return [BatchItem(name, path, cfg, out / name, roi=roi, read=_read_options(args), overwrite=args.overwrite)
+                for name, path in zip(names, args.inputs)]
+    if not isinstance(roi, list) or not roi:
+        raise ValueError("--each-shape needs --roi with shapes: a JSON file of polygons or a napari Shapes CSV "
+                         "(a mask image is one region)")
+    return [BatchItem(f"{name}_roi{k + 1}", path, cfg, out / f"{name}_roi{k + 1}", roi=[shape],
+                      read=_read_options(args), overwrite=args.overwrite,
+                      metadata={"roi_shape": {"number": k + 1, "polygons_px": np.asarray(shape).tolist()}})
+            for name, path in zip(names, args.inputs) for k, shape in enumerate(roi)]
+
+
 def cmd_batch(args) -> int:
     """The whole pipeline on each input, one bundle each (``<out>/<input name>``), by the core's batch engine (here
     or on a dask cluster), then ``<out>/summary.csv``: a failing input is reported and the others run; Ctrl-C
     stops the running inputs without writing them (bundles already written stay)."""
-    from .batch import BatchItem, check_batch_folder, item_names, run_batch
+    from .batch import check_batch_folder, run_batch
     from .batch.summary import write_summary
 
     out = Path(args.out)  # an existing folder is checked here (check_batch_folder), not in main()
-    cfg, roi = _config(args), _roi(args)
-    names = item_names(args.inputs)
-    items = [BatchItem(name, path, cfg, out / name, roi=roi, read=_read_options(args), overwrite=args.overwrite)
-             for name, path in zip(names, args.inputs)]
+    items = batch_items(args, _config(args), _roi(args))
     keep = check_batch_folder(out, items, overwrite=args.overwrite, resume=args.resume)
     cluster, workers = _batch_where(args, len(items) - sum(keep))
     if sum(keep):
@@ -528,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "tcp://host:8786 (default: $DASK_SCHEDULER_ADDRESS)")
     sp.add_argument("--resume", action="store_true", help="keep the inputs whose bundle in --out is complete and "
                                                           "run the rest")
+    sp.add_argument("--each-shape", action="store_true", help="one analysis per input and shape of --roi (JSON or "
+                                                              "Shapes CSV), named <input>_roi<n>")
     sp.set_defaults(func=cmd_batch)
     return p
 
