@@ -121,3 +121,16 @@ def test_names_folders_and_the_plate_summary(tmp_path):
     assert rows[0]["constants_from"] == "refit to the data" and rows[1]["constants_from"] == "symbolic regression"
     page = write_summary_html(folder).read_text(encoding="utf-8")
     assert "plate.png" in page and "no pixel size" in page and "2 of 3 items written" in page
+
+
+def test_without_dask_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from napari_binn.cli import EXIT_ERROR, main
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask.distributed were not installed
+    items = [BatchItem("a", None, None, tmp_path / "a")]
+    with pytest.raises(ImportError, match=r"napari-binn\[distributed\]"):
+        run_job(run_batch(items, cluster="local"))
+    assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--workers", "2"]) == EXIT_ERROR
+    assert "napari-binn[distributed]" in capsys.readouterr().err
