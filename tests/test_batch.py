@@ -66,3 +66,71 @@ def test_items_and_outcomes_are_plain_and_outputs_are_checked(tmp_path, fkpp_fie
         check_outputs([item])
     item.overwrite = True
     check_outputs([item])
+
+
+def test_names_folders_and_the_plate_summary(tmp_path):
+    import csv
+    import json
+
+    from napari_binn.batch import bundle_complete, check_batch_folder, item_names
+    from napari_binn.batch.summary import well_of, write_summary, write_summary_html
+
+    assert item_names(["x/A01.tif", "y/A02.tif", "z/stack/"]) == ["A01", "A02", "stack"]
+    with pytest.raises(ValueError, match="same name.*A01.*x/A01.tif, y/A01.tif"):
+        item_names(["x/A01.tif", "y/A01.tif"])
+    assert [well_of(n) for n in ("plate1_B03_roi1", "B3", "C12-left", "shape_1", "Exp1a", "Q01", "A25", "xB03")] \
+        == ["B03", "B03", "C12", "", "", "", "", ""]
+
+    folder = tmp_path / "run"
+    items = [BatchItem(n, None, None, folder / n) for n in ("B03", "C04")]
+    assert check_batch_folder(folder, items) == [False, False]  # no folder yet
+    (folder / "B03").mkdir(parents=True)
+    (folder / "B03" / "manifest.json").write_text(json.dumps({"files": {"field.npz": ""}, "cancelled_in": None}))
+    (folder / "B03" / "field.npz").write_text("")
+    (folder / "C04").mkdir()
+    (folder / "C04" / "manifest.json").write_text(json.dumps({"files": {}, "cancelled_in": "binn"}))
+    (folder / ".C04.partial-abc").mkdir()
+    assert bundle_complete(folder / "B03") and not bundle_complete(folder / "C04")
+    with pytest.raises(FileExistsError, match="already holds files.*--overwrite.*--resume"):
+        check_batch_folder(folder, items)
+    assert check_batch_folder(folder, items, resume=True) == [True, False]
+    assert items[1].overwrite and not items[0].overwrite  # the cancelled bundle is written again
+    assert not (folder / ".C04.partial-abc").exists()
+    (folder / "C04" / "manifest.json").unlink()
+    (folder / "C04" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a results bundle"):
+        check_batch_folder(folder, items, resume=True)
+
+    outcomes = [
+        ItemOutcome("plate1_B03_roi1", folder / "B03", status="done", D="420", G="0.08 - 4e-5*u", refitted=True,
+                    nt_error=2.5, nt_model="closed form (refitted)", seconds=3.0,
+                    constants={"D_0": [420.0, 400.0, 440.0, "µm²/h"], "G_0": [0.08, 0.07, 0.09, "1/h"]}),
+        ItemOutcome("plate1_B03_roi2", folder / "B03b", status="done", D="380", G="0.07", nt_error=3.5,
+                    constants={"D_0": [380.0, None, None, ""]}),
+        ItemOutcome("plate1_C04", folder / "C04", status="failed", message="no pixel size"),
+    ]
+    files = write_summary(folder, outcomes)
+    assert [f.name for f in files] == ["summary.csv", "plate.png"] and (folder / "plate.png").stat().st_size > 1000
+    with open(folder / "summary.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["name"], r["well"], r["status"]) for r in rows] == [
+        ("plate1_B03_roi1", "B03", "done"), ("plate1_B03_roi2", "B03", "done"), ("plate1_C04", "C04", "failed")]
+    assert (rows[0]["D_0"], rows[0]["D_0_ci95_lo"], rows[0]["D_0_ci95_hi"], rows[0]["D_0_units"]) == \
+        ("420", "400", "440", "µm²/h")
+    assert rows[1]["D_0_ci95_lo"] == "" and rows[1]["G_0"] == "" and rows[2]["error"] == "no pixel size"
+    assert rows[0]["constants_from"] == "refit to the data" and rows[1]["constants_from"] == "symbolic regression"
+    page = write_summary_html(folder).read_text(encoding="utf-8")
+    assert "plate.png" in page and "no pixel size" in page and "2 of 3 items written" in page
+
+
+def test_without_dask_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from napari_binn.cli import EXIT_ERROR, main
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask.distributed were not installed
+    items = [BatchItem("a", None, None, tmp_path / "a")]
+    with pytest.raises(ImportError, match=r"napari-binn\[distributed\]"):
+        run_job(run_batch(items, cluster="local"))
+    assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--workers", "2"]) == EXIT_ERROR
+    assert "napari-binn[distributed]" in capsys.readouterr().err

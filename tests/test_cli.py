@@ -1,5 +1,6 @@
 """The command line on small files: help, each bad-input path, ROI files and a stage run."""
 
+import csv
 import json
 
 import numpy as np
@@ -132,7 +133,63 @@ def test_batch_writes_each_input_and_reports_the_failing_one(tmp_path, fkpp_fiel
     (tmp_path / "broken" / "manifest.json").write_text("{}")
     out = tmp_path / "out"
     code = main(["batch", str(tmp_path / "one"), str(tmp_path / "broken"), "--config", str(tmp_path / "tiny.toml"),
-                 "--out", str(out), "--quiet"])
+                 "--out", str(out), "--workers", "1", "--quiet"])
     assert code == EXIT_ERROR
     assert "broken" in capsys.readouterr().err
     assert load_results(out / "one").equations is not None and not (out / "broken").exists()
+    with open(out / "summary.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["name"], r["status"]) for r in rows] == [("one", "done"), ("broken", "failed")]
+    assert rows[0]["D"] and rows[0]["D_0"] and rows[0]["nt_error_pct"] and rows[1]["error"]
+
+    # the folder holds files now: refused without --overwrite or --resume, naming both
+    again = ["batch", str(tmp_path / "one"), str(tmp_path / "broken"), "--config", str(tmp_path / "tiny.toml"),
+             "--out", str(out), "--workers", "1", "--quiet"]
+    capsys.readouterr()
+    assert main(again) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "--overwrite" in err and "--resume" in err
+    # --resume keeps the complete bundle (not rewritten) and runs the failing input again
+    stamp = (out / "one" / "manifest.json").stat().st_mtime_ns
+    assert main(again + ["--resume"]) == EXIT_ERROR
+    assert (out / "one" / "manifest.json").stat().st_mtime_ns == stamp
+    with open(out / "summary.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["name"], r["status"]) for r in rows] == [("one", "done"), ("broken", "failed")] and rows[0]["D"]
+
+    # the batch report: the table on stdout, summary.html with a link to each bundle's report
+    capsys.readouterr()
+    assert main(["report", str(out)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "one" in text and "failed" in text and "summary.html" in text
+    assert 'href="one/report.html"' in (out / "summary.html").read_text(encoding="utf-8")
+
+
+def test_batch_refuses_duplicate_names_and_unreachable_schedulers(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    code = main(["batch", str(tmp_path / "a" / "s1.tif"), str(tmp_path / "b" / "s1.tif"), "--out",
+                 str(tmp_path / "out"), "--quiet"])
+    assert code == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "same name" in err and "s1" in err and str(tmp_path / "b" / "s1.tif") in err
+    assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--scheduler", "localhost",
+                 "--quiet"]) == EXIT_ERROR
+    assert "tcp://host:port" in capsys.readouterr().err
+
+
+def test_batch_each_shape_is_one_item_per_input_and_shape(tmp_path):
+    from napari_binn.cli import batch_items, build_parser
+
+    (tmp_path / "rois.json").write_text(json.dumps([[[0, 0], [0, 9], [9, 9]], [[10, 10], [10, 19], [19, 19]]]))
+    args = build_parser().parse_args(["batch", "B03.tif", "C04.tif", "--roi", str(tmp_path / "rois.json"),
+                                      "--each-shape", "--out", str(tmp_path / "out")])
+    from napari_binn.roi import read_roi
+
+    items = batch_items(args, None, read_roi(args.roi))
+    assert [it.name for it in items] == ["B03_roi1", "B03_roi2", "C04_roi1", "C04_roi2"]
+    assert [it.data for it in items] == ["B03.tif", "B03.tif", "C04.tif", "C04.tif"]
+    assert len(items[1].roi) == 1 and items[1].roi[0][0].tolist() == [10.0, 10.0]
+    assert items[3].out == tmp_path / "out" / "C04_roi2" and items[3].metadata["roi_shape"]["number"] == 2
+    with pytest.raises(ValueError, match="--each-shape needs --roi with shapes"):
+        batch_items(args, None, None)

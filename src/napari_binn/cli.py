@@ -347,6 +347,9 @@ def cmd_simulate(args) -> int:
 def cmd_report(args) -> int:
     from .results import load_results
 
+    folder = Path(args.input)
+    if folder.is_dir() and (folder / "summary.csv").is_file() and not (folder / "manifest.json").exists():
+        return _report_batch(args, folder)
     result = load_results(args.input)
     _print_equations(args, result)
     _print_qc(args, result)
@@ -355,21 +358,92 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-def cmd_batch(args) -> int:
-    """The whole pipeline on each input, one bundle each (``<out>/<input name>``), by the core's batch engine: a
-    failing input is reported and the others run; Ctrl-C stops the current input without writing it."""
-    from .batch import BatchItem, check_outputs, run_batch
+def _batch_where(args, n_to_run: int) -> tuple[Any, int | None]:
+    """(cluster, workers) of ``run_batch`` from --scheduler / DASK_SCHEDULER_ADDRESS and --workers: an address;
+    'local' with N worker processes (default: the cores, at most one per input to run); None (here, one input after
+    another) for one worker, or by default when dask.distributed is not installed."""
+    import os
 
-    out = Path(args.out)  # main() has refused an existing --out (without --overwrite) already
-    cfg, roi = _config(args), _roi(args)
-    names = [Path(p).stem for p in args.inputs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"several inputs are named {', '.join(twice)}: their bundles would share a folder in {out}; "
-                         "rename or move them")
-    items = [BatchItem(name, path, cfg, out / name, roi=roi, read=_read_options(args), overwrite=args.overwrite)
-             for name, path in zip(names, args.inputs)]
-    check_outputs(items)
+    scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    if scheduler:
+        if args.workers:
+            _say(args, "note: --workers is ignored with a scheduler address (that cluster has its own workers)")
+        _need_distributed(f"--scheduler {scheduler}")
+        return scheduler, None
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1 (got {args.workers})")
+    workers = args.workers or min(os.cpu_count() or 1, max(n_to_run, 1))
+    if workers <= 1:
+        return None, None
+    if args.workers is None:
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            _say(args, "note: running the inputs one after another; install napari-binn[distributed] to run them "
+                       "on every core")
+            return None, None
+    _need_distributed(f"--workers {workers}")
+    return "local", workers
+
+
+def _need_distributed(what: str) -> None:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{what} needs dask.distributed, which is not installed: pip install "
+                         "'napari-binn[distributed]' (or run with --workers 1)") from None
+
+
+def _report_batch(args, folder: Path) -> int:
+    """A batch folder: its summary as a table, and summary.html (with the plate heat map) rendered."""
+    from .batch.summary import read_summary, write_summary_html
+
+    _, rows = read_summary(folder)
+    for r in rows:
+        what = (f"D(u) = {r['D']}; G(u) = {r['G']}; N(t) error {r['nt_error_pct'] or '-'} %" if r["status"] == "done"
+                else f"{r['status']}: {r['error']}")
+        _say(args, f"{r['name']:<24} {r['well'] or '':<4} {what}")
+    page = write_summary_html(folder)
+    _say(args, f"batch report: {page}")
+    return EXIT_OK
+
+
+def batch_items(args, cfg, roi) -> list:
+    """The batch's items: one per input, or with --each-shape one per input and shape of --roi (named
+    ``<input>_roi<n>``, n = the shape's number in the file)."""
+    from .batch import BatchItem, item_names
+
+    out = Path(args.out)
+    names = item_names(args.inputs)
+    if not getattr(args, "each_shape", False):
+        return [BatchItem(name, path, cfg, out / name, roi=roi, read=_read_options(args), overwrite=args.overwrite)
+                for name, path in zip(names, args.inputs)]
+    if not isinstance(roi, list) or not roi:
+        raise ValueError("--each-shape needs --roi with shapes: a JSON file of polygons or a napari Shapes CSV "
+                         "(a mask image is one region)")
+    return [BatchItem(f"{name}_roi{k + 1}", path, cfg, out / f"{name}_roi{k + 1}", roi=[shape],
+                      read=_read_options(args), overwrite=args.overwrite,
+                      metadata={"roi_shape": {"number": k + 1, "polygons_px": np.asarray(shape).tolist()}})
+            for name, path in zip(names, args.inputs) for k, shape in enumerate(roi)]
+
+
+def cmd_batch(args) -> int:
+    """The whole pipeline on each input, one bundle each (``<out>/<input name>``), by the core's batch engine (here
+    or on a dask cluster), then ``<out>/summary.csv``: a failing input is reported and the others run; Ctrl-C
+    stops the running inputs without writing them (bundles already written stay)."""
+    from .batch import check_batch_folder, run_batch
+    from .batch.summary import write_summary
+
+    out = Path(args.out)  # an existing folder is checked here (check_batch_folder), not in main()
+    items = batch_items(args, _config(args), _roi(args))
+    keep = check_batch_folder(out, items, overwrite=args.overwrite, resume=args.resume)
+    cluster, workers = _batch_where(args, len(items) - sum(keep))
+    if sum(keep):
+        _say(args, f"--resume: {sum(keep)} of {len(items)} bundles are complete and kept")
+    if cluster is not None:
+        where = f"a local dask cluster of {workers} workers" if cluster == "local" else f"the dask cluster at {cluster}"
+        _say(args, f"running on {where}")
+    running = cluster is not None
 
     def on_event(ev, printer) -> None:
         outcome = ev.data.get("outcome") if ev.stage == "batch" else None
@@ -377,16 +451,20 @@ def cmd_batch(args) -> int:
             return
         printer.done()
         if outcome.status == "running":
-            _say(args, f"=== {outcome.name} ({ev.data['item'] + 1} of {ev.data['n_items']})")
+            if not running:
+                _say(args, f"=== {outcome.name} ({ev.data['item'] + 1} of {ev.data['n_items']})")
         elif outcome.status == "done":
-            _say(args, f"  D(u) = {outcome.D}   [{outcome.D_units}]\n  G(u) = {outcome.G}   [{outcome.G_units}]"
-                       + (" (constants refitted to the data)" if outcome.refitted else "")
+            head = f"=== {outcome.name}: " + (outcome.message or "done") + "\n" if running or outcome.message else ""
+            _say(args, head + f"  D(u) = {outcome.D}   [{outcome.D_units}]\n  G(u) = {outcome.G}   "
+                       f"[{outcome.G_units}]" + (" (constants refitted to the data)" if outcome.refitted else "")
                        + f"\n  results bundle: {outcome.out}")
         elif outcome.status == "failed":
             print(f"napari-binn batch: {outcome.name}: {outcome.message}", file=sys.stderr)
 
-    outcomes, cancelled = _drive(args, lambda token: run_batch(items, cancel=token), on_event,
-                                 interrupted="writing nothing for the current input")
+    outcomes, cancelled = _drive(args, lambda token: run_batch(items, cancel=token, cluster=cluster, workers=workers,
+                                                               resume=args.resume), on_event,
+                                 interrupted="writing nothing for the inputs still running")
+    summary_files = write_summary(out, outcomes)
     done = [o for o in outcomes if o.written]
     failed = [o for o in outcomes if o.status == "failed"]
     left = [o for o in outcomes if o.status in ("stopped", "not run")]
@@ -395,7 +473,8 @@ def cmd_batch(args) -> int:
         summary += f"; failed: {', '.join(o.name for o in failed)}"
     if left:
         summary += f"; not finished (interrupted): {', '.join(o.name for o in left)}"
-    _say(args, summary)
+    _say(args, summary + f"\nsummary: {', '.join(str(f) for f in summary_files)}  (napari-binn report {out} "
+               "renders summary.html)")
     if cancelled or left:
         return EXIT_CANCELLED
     return EXIT_ERROR if failed else EXIT_OK
@@ -446,16 +525,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("input", help="a results bundle with equations (and/or a BINN)")
     common(sp, stack=False)
     sp.set_defaults(func=cmd_simulate, pixel_size_um=None, frame_interval_h=None, channel=None)
-    sp = sub.add_parser("report", help="print a bundle's equations and QC table (and re-write it with --out)",
+    sp = sub.add_parser("report", help="print a bundle's equations and QC table (and re-write it with --out); on a "
+                                       "batch folder, its summary (and summary.html)",
                         epilog=_EPILOG)
-    sp.add_argument("input", help="a results bundle")
+    sp.add_argument("input", help="a results bundle, or a batch folder (summary.csv)")
     sp.add_argument("--out", help="write a fresh copy of the bundle (figures and report.html) here")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_report)
     sp = sub.add_parser("batch", help="the whole pipeline on several stacks, one bundle each", epilog=_EPILOG)
-    sp.add_argument("inputs", nargs="+", help="stacks (TIFF files, folders or globs)")
+    sp.add_argument("inputs", nargs="+", help="stacks (TIFF files, folders or globs) or bundles; a name carrying a "
+                                              "well (plate1_B03.tif) puts the item on the plate heat map")
     common(sp)
+    sp.add_argument("--workers", type=int, help="local worker processes (default: one per core, at most one per "
+                                                "input; 1 runs the inputs one after another in this process). "
+                                                "Needs napari-binn[distributed] for more than 1")
+    sp.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing dask cluster: its scheduler address, "
+                                                           "tcp://host:8786 (default: $DASK_SCHEDULER_ADDRESS)")
+    sp.add_argument("--resume", action="store_true", help="keep the inputs whose bundle in --out is complete and "
+                                                          "run the rest")
+    sp.add_argument("--each-shape", action="store_true", help="one analysis per input and shape of --roi (JSON or "
+                                                              "Shapes CSV), named <input>_roi<n>")
     sp.set_defaults(func=cmd_batch)
     return p
 
@@ -465,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = getattr(args, "out", None)
-        if out and Path(out).exists() and not getattr(args, "overwrite", False):
+        if out and Path(out).exists() and not getattr(args, "overwrite", False) and not hasattr(args, "resume"):
             # refuse before any work is done, not after minutes of training
             raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
         return int(args.func(args))

@@ -185,6 +185,7 @@ def run_pipeline(
     roi: Any = None,
     stages: Sequence[str] = STAGES,
     cancel: CancelToken | None = None,
+    members: Any = None,
 ) -> Generator[Progress, None, PipelineResult]:
     """Run the requested ``stages`` as one job; yields stage-tagged Progress, returns a PipelineResult.
 
@@ -192,7 +193,8 @@ def run_pipeline(
     'binn'), or a previous PipelineResult (its finished stages are reused; only ``stages`` are redone, e.g.
     ``stages=('symbolic', 'simulate', 'refit', 'qc')`` re-discovers equations from a saved BINN).
     Cancel: the running stage returns its best partial result, later stages are skipped, and
-    ``result.metadata['cancelled_in']`` names the stage.
+    ``result.metadata['cancelled_in']`` names the stage. members: where the BINN's ensemble members train
+    (``train_binn``'s ``members``: None here, one after another).
     """
     config = config or PipelineConfig()
     unknown = [s for s in stages if s not in STAGES]
@@ -236,7 +238,8 @@ def run_pipeline(
             warnings += list(result.field.metadata.get("warnings", []))
         elif stage == "binn":
             _need(result.field, "binn", "a density field")
-            result.fit = yield from _tag(train_binn(result.field, config.binn, cancel=cancel), stage, index)
+            result.fit = yield from _tag(train_binn(result.field, config.binn, cancel=cancel,
+                                                         members=members), stage, index)
         elif stage == "symbolic":
             _need(result.fit, "symbolic", "a trained BINN")
             sc = config.symbolic

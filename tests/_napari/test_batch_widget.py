@@ -172,3 +172,40 @@ def test_closing_the_dock_while_running_stops_the_worker(viewer_with_stack, qtbo
     viewer.window.remove_dock_widget(dock)
     assert job.token.cancelled and not job.thread_alive
     dens.shutdown()
+
+
+def test_run_on_choices_and_per_shape_progress(viewer_with_stack, qtbot, tmp_path, monkeypatch):
+    from napari_binn._napari._batch_widget import RUN_ON
+    from napari_binn.batch import ItemOutcome
+    from napari_binn.jobs import Progress
+
+    viewer = viewer_with_stack
+    errors = _errors(monkeypatch)
+    dens, batch = DensityWidget(viewer), BatchWidget(viewer)
+    _two_rectangles(dens)
+    batch.folder.value = str(tmp_path / "out")
+    labels = list(RUN_ON)
+    assert batch.where()[0] is None and not batch.address.enabled
+    batch.run_on.value = labels[1]
+    assert batch.where()[0] == "local"
+    batch.run_on.value = labels[2]
+    assert batch.address.enabled
+    assert batch.run() is None and "scheduler's address" in errors[-1]
+    batch.address.value = "10.0.0.5:8786"
+    assert batch.run() is None and "tcp://host:port" in errors[-1]
+    batch.address.value = "tcp://10.0.0.5:8786"
+    assert batch.where() == ("tcp://10.0.0.5:8786", "on the dask cluster at tcp://10.0.0.5:8786")
+
+    # rows show each running shape's own progress (several run at once on a cluster)
+    batch.runs = [ItemOutcome(f"shape_{n}", tmp_path / f"shape_{n}", status="running") for n in (1, 2)]
+    batch.numbers = [1, 2]
+    batch._fill_table()
+    batch.job = type("Job", (), {"token": type("T", (), {"cancelled": False})()})()
+    for k, (frac, stage) in enumerate(((0.4, "binn"), (0.9, "refit"))):
+        batch._event(Progress(stage, 0, None, "…", data={"item": k, "n_items": 2, "pipeline_stage": stage,
+                                                          "item_fraction": frac, "batch_fraction": 0.5}))
+    assert batch.table.item(0, 1).text() == "running… 40% (BINN training)"
+    assert batch.table.item(1, 1).text() == "running… 90% (refit against the data)"
+    batch.job = None
+    dens.shutdown()
+    batch.shutdown()

@@ -103,3 +103,22 @@ def test_noflux_constraints_and_adaptive_options_run(binn_field, tiny):
                                  lbfgs_steps=20, residual="autograd", **tiny))
     terms = fit.history[0][-2]
     assert {"noflux", "constraint", "pde"} <= set(terms)
+
+
+def test_members_trained_one_by_one_assemble_to_the_serial_fit(binn_field, tiny):
+    """train_member + assemble_fit (what dask tasks run) give the fit a serial train_binn gives, in any order."""
+    from napari_binn.binn import assemble_fit, train_member
+
+    fld = binn_field()
+    cfg = BinnConfig(steps=15, n_models=2, seed=3, weak_weight=0.1, **tiny)
+    serial = fit_binn(fld, cfg)
+    members = [train_member(fld, cfg, i) for i in (1, 0)]
+    assert [m.seed for m in members] == [4, 3]
+    fit = assemble_fit(fld, cfg, members)
+    u = np.linspace(0.05, 0.6, 7)
+    np.testing.assert_array_equal(fit.D_ensemble(u), serial.D_ensemble(u))
+    np.testing.assert_array_equal(fit.u(100.0, 50.0, 3.0), serial.u(100.0, 50.0, 3.0))
+    assert fit.metadata["seeds"] == serial.metadata["seeds"] == [3, 4] and not fit.metadata["cancelled"]
+    assert fit.history == serial.history
+    with pytest.raises(ValueError, match="outside the ensemble"):
+        train_member(fld, cfg, 2)

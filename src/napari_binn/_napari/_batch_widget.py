@@ -4,8 +4,9 @@ The image, calibration, ROI layer and density method are those of the Density ex
 (read through :meth:`DensityWidget.analysis_inputs`, never copied into a form of its own); the BINN settings are
 the training dock's (or the defaults) with this dock's steps and ensemble size; the equation discovery settings
 are the results dock's (or the defaults). Every shape is one item of the core's batch engine
-(:mod:`napari_binn.batch`, the same as ``napari-binn batch``), run in turn in one background worker and saved to
-``<folder>/shape_<n>``.
+(:mod:`napari_binn.batch`, the same as ``napari-binn batch``), run from one background worker (here, one shape
+after another; on a local dask cluster, one shape per core; or on an existing dask cluster: "Run on") and saved to
+``<folder>/shape_<n>``, with ``<folder>/summary.csv`` at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import FileEdit, PushButton
+from magicgui.widgets import ComboBox, FileEdit, LineEdit, PushButton
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
@@ -33,6 +34,10 @@ from ._workers import CloseGuard, JobHandle, notify_exception, show_info
 __all__ = ["BatchWidget"]
 
 _WHAT = "Per-shape batch"
+#: "Run on" choices: (label, cluster argument of run_batch; "address" = the address field).
+RUN_ON = {"this computer, one shape at a time": None,
+          "this computer, every core (local dask cluster)": "local",
+          "a dask cluster (scheduler address)": "address"}
 
 
 class BatchWidget(QWidget):
@@ -52,6 +57,7 @@ class BatchWidget(QWidget):
         self.numbers: list[int] = []  # the shapes' numbers in the ROI layer (1-based)
         self._out: Path | None = None
         self._roi_layer = ""
+        self._item_progress: dict[int, tuple[float, str]] = {}  # running shapes: (fraction, stage)
         self._t0 = 0.0
         self._shown_result = False
         self._density_hooked: Any = None
@@ -77,7 +83,18 @@ class BatchWidget(QWidget):
                                    "is open, else the defaults.")
         self.n_models = ispin(defaults.n_models, 1, 20, label="Ensemble size",
                               tooltip="Networks per shape (several give uncertainty bands).")
-        self.run_form = form(self.folder, self.steps, self.n_models)
+        self.run_on = ComboBox(choices=list(RUN_ON), value=next(iter(RUN_ON)), label="Run on",
+                               tooltip="Where the shapes run: here one after another; on every core of this computer "
+                                       "(a local dask cluster, one shape per core; needs napari-binn[distributed]); "
+                                       "or on an existing dask cluster given by its scheduler address. The results "
+                                       "are the same.")
+        self.address = LineEdit(value="", label="Scheduler",
+                                tooltip="The dask scheduler's address, tcp://host:8786 (what the scheduler prints "
+                                        "when it starts). The workers must be able to import napari-binn.")
+        self.address.native.setPlaceholderText("tcp://host:8786")
+        self.address.enabled = False
+        self.run_on.changed.connect(lambda v: setattr(self.address, "enabled", RUN_ON[v] == "address"))
+        self.run_form = form(self.folder, self.steps, self.n_models, self.run_on, self.address)
         self.run_btn = PushButton(text="Run each shape")
         self.cancel_btn = PushButton(text="Cancel", enabled=False)
         self.progress = QProgressBar()
@@ -261,6 +278,27 @@ class BatchWidget(QWidget):
         check_outputs(items)
         return items, [i + 1 for i in indices], stack, notes
 
+    def where(self) -> tuple[Any, str]:
+        """(run_batch's ``cluster``, a description) of the "Run on" choice; ValueError says what is missing."""
+        cluster = RUN_ON[self.run_on.value]
+        if cluster is None:
+            return None, "here, one shape at a time"
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise ValueError("Running on a dask cluster needs dask.distributed, which is not installed: pip install "
+                             "'napari-binn[distributed]', or choose 'Run on: this computer, one shape at a time'."
+                             ) from None
+        if cluster == "local":
+            return "local", "on a local dask cluster (one worker per core)"
+        address = self.address.value.strip()
+        if not address:
+            raise ValueError("Give the dask scheduler's address (tcp://host:8786), or choose another 'Run on'.")
+        if "://" not in address:
+            raise ValueError(f"'{address}' is not a dask scheduler address: give it as tcp://host:port "
+                             "(e.g. tcp://10.0.0.5:8786).")
+        return address, f"on the dask cluster at {address}"
+
     # ------------------------------------------------------------------------------------------ run
     def _run_clicked(self) -> None:
         self.run()
@@ -273,6 +311,7 @@ class BatchWidget(QWidget):
             return None
         try:
             items, numbers, stack, notes = self._plan(config if not isinstance(config, bool) else None)
+            cluster, where = self.where()
         except (ValueError, FileExistsError) as exc:
             notify_exception(exc, _WHAT)
             return None
@@ -283,7 +322,7 @@ class BatchWidget(QWidget):
         def job(token):
             from ..batch import run_batch
 
-            return run_batch(items, cancel=token)
+            return run_batch(items, cancel=token, cluster=cluster)
 
         self.runs = [ItemOutcome(item.name, item.out) for item in items]
         self.numbers = numbers
@@ -292,7 +331,8 @@ class BatchWidget(QWidget):
         self._shown_result = False
         self._fill_table()
         self.progress.setValue(0)
-        self.status.setText(f"Starting {len(items)} run{'s' if len(items) != 1 else ''}…")
+        self._item_progress = {}
+        self.status.setText(f"Starting {len(items)} run{'s' if len(items) != 1 else ''} {where}…")
         self._t0 = time.perf_counter()
         self._set_running(True)
         self.job = JobHandle(job, what=_WHAT, on_event=self._event, on_result=self._done,
@@ -307,8 +347,8 @@ class BatchWidget(QWidget):
         """Stop: the current shape stops at its next step without writing; bundles already written are kept."""
         if self.job is not None and self.job.running:
             self.job.token.cancel()
-            self.status.setText("Cancelling: the current shape stops at its next step (bundles already written "
-                                "are kept)…")
+            self.status.setText("Cancelling: running shapes stop at their next step, the others are not run "
+                                "(bundles already written are kept)…")
 
     def _event(self, ev: Any) -> None:
         """A batch event: an item's outcome changed (its row), or a pipeline step of the running item."""
@@ -316,13 +356,21 @@ class BatchWidget(QWidget):
         outcome = ev.data.get("outcome")
         if outcome is not None:
             self.runs[k] = outcome
+            self._item_progress.pop(k, None)
             self._set_row(k)
             if outcome.status in ("done", "failed", "stopped"):
-                self.progress.setValue(int(100 * (k + 1) / n))
+                ended = sum(r.status in ("done", "failed", "stopped") for r in self.runs)
+                self.progress.setValue(max(self.progress.value(), int(100 * ended / n)))
             return
         if self.job is None or self.job.token.cancelled:
             return
         self.progress.setValue(int(100 * ev.data["batch_fraction"]))
+        stage_now = ev.data.get("pipeline_stage", ev.stage)
+        before = self._item_progress.get(k)
+        self._item_progress[k] = (float(ev.data.get("item_fraction", 0.0)), STAGE_NAMES.get(stage_now, stage_now))
+        if before is None or int(100 * before[0]) != int(100 * self._item_progress[k][0]) or before[1] != \
+                self._item_progress[k][1]:
+            self._set_row(k)
         number = self.numbers[k]
         label = f" (shape {number} of the layer)" if number != k + 1 else ""
         stage = ev.data.get("pipeline_stage", ev.stage)
@@ -331,7 +379,15 @@ class BatchWidget(QWidget):
 
     def _done(self, runs: list[ItemOutcome]) -> None:
         self.runs = list(runs)
+        self._item_progress = {}
         self._shown_result = True
+        if self._out is not None and any(r.written for r in self.runs):
+            try:
+                from ..batch.summary import write_summary
+
+                write_summary(self._out, self.runs)
+            except Exception as exc:  # noqa: BLE001 - the bundles are written; the summary is extra
+                notify_exception(exc, f"{_WHAT} (summary.csv)")
         self._fill_table()
         self._row_selected()
         written = [r for r in self.runs if r.written]
@@ -386,7 +442,11 @@ class BatchWidget(QWidget):
                      f"N(t) error of '{run.nt_model}'" if run.nt_model else "no simulation to compare",
                      str(run.out)]
         else:
-            text = {"waiting": "waiting", "running": "running…", "failed": f"failed: {run.message}",
+            running = "running…"
+            if i in self._item_progress:
+                frac, stage = self._item_progress[i]
+                running = f"running… {100 * frac:.0f}% ({stage})"
+            text = {"waiting": "waiting", "running": running, "failed": f"failed: {run.message}",
                     "stopped": f"stopped: {run.message}; nothing written",
                     "not run": "not run (cancelled before it)"}.get(run.status, run.status)
             cells += [text, "", "", "-"]

@@ -8,7 +8,8 @@ from .fit import BinnFit, PhysicalRate
 from .nets import BinnModel
 from .residual import residual_autograd, residual_fast
 from .scaling import Scales, default_bounds
-from .train import fit_binn, resolve_device, train_binn
+from .train import MemberResult, assemble_fit, fit_binn, resolve_device, train_binn, train_member
 
-__all__ = ["BinnConfig", "BinnFit", "BinnModel", "PhysicalRate", "Scales", "default_bounds", "fit_binn",
-           "resolve_device", "residual_autograd", "residual_fast", "train_binn"]
+__all__ = ["BinnConfig", "BinnFit", "BinnModel", "MemberResult", "PhysicalRate", "Scales", "assemble_fit",
+           "default_bounds", "fit_binn", "resolve_device", "residual_autograd", "residual_fast", "train_binn",
+           "train_member"]

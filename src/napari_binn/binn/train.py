@@ -18,7 +18,7 @@ from .residual import residual_autograd, residual_fast
 from .scaling import Scales, default_bounds
 from .weak import WeakForm, build_weak_form, weak_loss
 
-__all__ = ["train_binn", "fit_binn", "resolve_device"]
+__all__ = ["train_binn", "fit_binn", "resolve_device", "train_member", "assemble_fit", "MemberResult"]
 
 _STAGE = "train"
 _EXPLODE = 1e3  # a loss this many times the running loss counts as divergence
@@ -402,8 +402,92 @@ class _Member:
             self.model.load_state_dict(before)
 
 
+@dataclass
+class MemberResult:
+    """One trained ensemble member, plain and picklable (what a worker sends back): its index and seed, the
+    network's state dict on the CPU, its loss history and its status (steps done, best validation loss,
+    cancelled, ...)."""
+
+    index: int
+    seed: int
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    status: dict[str, Any]
+
+
+def _weak_form(data: _Data, config: BinnConfig, device: torch.device, dtype: torch.dtype) -> WeakForm | None:
+    """The weak-form windows (they depend on the data only: built once, shared by the members)."""
+    if config.weak_weight <= 0:
+        return None
+    u_hat, mask, xh, yh, th = data.grid
+    return build_weak_form(u_hat, mask, xh, yh, th, half_boxes=config.weak_half_boxes,
+                           half_frames=config.weak_half_frames, device=device, dtype=dtype)
+
+
+def _dtype(config: BinnConfig) -> torch.dtype:
+    return torch.float64 if config.dtype == "float64" else torch.float32
+
+
+def _member_job(data: _Data, config: BinnConfig, index: int, device: torch.device, weak: WeakForm | None,
+                cancel: CancelToken | None) -> Generator[tuple[str, Any], None, MemberResult]:
+    """Train member ``index`` (seed ``config.seed + index``); yields its ('log'|'snapshot'|...) tuples and returns
+    its :class:`MemberResult`. The one way a member is trained, in a serial run and on a worker alike."""
+    seed = config.seed + index
+    member = _Member(data, config, seed, device, _dtype(config), weak)
+    status = yield from member.run(cancel)
+    state = {k: v.detach().to("cpu").clone() for k, v in member.model.state_dict().items()}
+    return MemberResult(index, seed, state, member.history, status)
+
+
+def train_member(field: DensityField, config: BinnConfig, index: int, *,
+                 cancel: CancelToken | None = None) -> MemberResult:
+    """Train ensemble member ``index`` of ``config`` on ``field`` (blocking; a pure function of the field, the
+    configuration and the member's seed ``config.seed + index``): what a dask task of an ensemble runs.
+    :func:`assemble_fit` puts members back together; a serial :func:`train_binn` trains the same members the same
+    way, so the fit is the same wherever its members ran (same device, same torch thread count)."""
+    config.validate()
+    if not 0 <= index < config.n_models:
+        raise ValueError(f"member index {index} is outside the ensemble (n_models = {config.n_models})")
+    data = _prepare(field, config)
+    device, _ = resolve_device(config.device)
+    job = _member_job(data, config, index, device, _weak_form(data, config, device, _dtype(config)), cancel)
+    while True:
+        try:
+            next(job)
+        except StopIteration as stop:
+            return stop.value
+
+
+def assemble_fit(field: DensityField, config: BinnConfig, members: list[MemberResult]) -> BinnFit:
+    """The :class:`BinnFit` of trained members (from :func:`train_member`, in any order; they are sorted by
+    index): the same fit a serial :func:`train_binn` returns for them."""
+    if not members:
+        raise ValueError("assemble_fit needs at least one trained member")
+    data = _prepare(field, config)
+    _, note = resolve_device(config.device)
+    return _fit_from(data, config, members, "cpu", note)
+
+
+def _fit_from(data: _Data, config: BinnConfig, members: list[MemberResult], device: str, note: str) -> BinnFit:
+    """Every step after the members are trained, in one place for the serial and the distributed paths: the
+    networks rebuilt from their state dicts (on the CPU, in index order), the fit's metadata."""
+    members = sorted(members, key=lambda m: m.index)
+    models = []
+    for m in members:
+        with torch.random.fork_rng(devices=[]):  # building a network must not move the global random state
+            model = build_model(config, data.scales, data.bounds, data.d_init).to(dtype=_dtype(config))
+        model.load_state_dict(m.state)
+        models.append(model)
+    statuses = [m.status for m in members]
+    cancelled = any(s.get("cancelled") for s in statuses) or len(members) < config.n_models
+    metadata = {"cancelled": cancelled, "device_note": note, "members": statuses,
+                "n_observed": int(data.u.size), "seeds": [m.seed for m in members]}
+    return BinnFit(models, data.scales, config, data.bounds, data.units, data.u_range, data.u_hist,
+                   [m.history for m in members], device, metadata)
+
+
 def train_binn(field: DensityField, config: BinnConfig | None = None, *,
-               cancel: CancelToken | None = None) -> Generator[Progress, None, BinnFit]:
+               cancel: CancelToken | None = None, members: Any = None) -> Generator[Progress, None, BinnFit]:
     """Train a BINN (or an ensemble of ``config.n_models``) on ``field``; a job generator.
 
     Yields :class:`~napari_binn.jobs.Progress` events (stage ``"train"``) with ``data`` holding ``model``
@@ -411,64 +495,70 @@ def train_binn(field: DensityField, config: BinnConfig | None = None, *,
     and every ``snapshot_every`` steps ``snapshot = {"u_grid", "D", "G"}`` in physical units (density units,
     µm²/h, 1/h). Divergence restarts and the device choice are reported as events too. Returns a
     :class:`BinnFit`; a cancelled job returns the best model so far with ``metadata["cancelled"] = True``.
+
+    members: where the ensemble members train. None: here, one after another. Otherwise an object with
+    ``run(field, config, indices, cancel)``, an iterator of :class:`MemberResult` in the order they finish
+    (e.g. :class:`napari_binn.batch.cluster.DaskMembers`: one dask task per member); the fit is the same.
     """
     config = config or BinnConfig()
     config.validate()
     data = _prepare(field, config)
     device, note = resolve_device(config.device)
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    dtype = _dtype(config)
     per_model = config.steps + config.lbfgs_steps
     clock = ProgressClock(config.n_models * per_model)
-    yield clock.event(_STAGE, 0, f"training {config.n_models} BINN(s) on {device.type}"
+    where = device.type if members is None else f"{type(members).__name__}"
+    yield clock.event(_STAGE, 0, f"training {config.n_models} BINN(s) on {where}"
                       + (f" ({note})" if note else ""), device=device.type, device_note=note,
                       bounds=dict(data.bounds), K=data.scales.K)
-    weak = None
-    if config.weak_weight > 0:
-        u_hat, mask, xh, yh, th = data.grid
-        weak = build_weak_form(u_hat, mask, xh, yh, th, half_boxes=config.weak_half_boxes,
-                               half_frames=config.weak_half_frames, device=device, dtype=dtype)
-        n_win = 0 if weak is None else weak.n_windows
-        yield clock.event(_STAGE, 0, f"weak form: {n_win} space-time windows" if n_win else
-                          f"weak form off: no fully observed window of {2 * config.weak_half_boxes + 1}² boxes "
-                          f"x {2 * config.weak_half_frames + 1} frames inside the ROI (lower weak_half_boxes "
-                          "or weak_half_frames)", weak_windows=n_win)
-    members, histories, statuses = [], [], []
-    for i in range(config.n_models):
-        member = _Member(data, config, config.seed + i, device, dtype, weak)
-        offset = i * per_model
-        job = member.run(cancel)
-        while True:
-            try:
-                kind, payload = next(job)
-            except StopIteration as stop:
-                statuses.append(stop.value)
+    results: list[MemberResult] = []
+    if members is not None:
+        for res in members.run(field, config, list(range(config.n_models)), cancel):
+            results.append(res)
+            yield clock.event(_STAGE, len(results) * per_model, f"model {res.index + 1}/{config.n_models} trained "
+                              f"({len(results)} of {config.n_models} done)", model=res.index,
+                              val=res.status.get("best_val"))
+        device_type = "cpu"
+    else:
+        weak = _weak_form(data, config, device, dtype)
+        if config.weak_weight > 0:
+            n_win = 0 if weak is None else weak.n_windows
+            yield clock.event(_STAGE, 0, f"weak form: {n_win} space-time windows" if n_win else
+                              f"weak form off: no fully observed window of {2 * config.weak_half_boxes + 1}² boxes "
+                              f"x {2 * config.weak_half_frames + 1} frames inside the ROI (lower weak_half_boxes "
+                              "or weak_half_frames)", weak_windows=n_win)
+        for i in range(config.n_models):
+            offset = i * per_model
+            job = _member_job(data, config, i, device, weak, cancel)
+            last_step = 0
+            while True:
+                try:
+                    kind, payload = next(job)
+                except StopIteration as stop:
+                    results.append(stop.value)
+                    break
+                if kind == "log":
+                    last_step = payload["step"]
+                    s = offset + payload["step"]
+                    losses = {k: payload[k] for k in ("data", "pde", "weak", "noflux", "constraint") if k in payload}
+                    yield clock.event(_STAGE, s, f"model {i + 1}/{config.n_models} step {payload['step']}: "
+                                      f"loss {payload['loss']:.3g}", model=i, losses=losses, loss=payload["loss"],
+                                      val=payload.get("val"), lr=payload.get("lr"))
+                elif kind == "snapshot":
+                    yield clock.event(_STAGE, offset + last_step, f"model {i + 1}: D(u), G(u) snapshot", model=i,
+                                      snapshot=payload)
+                elif kind == "divergence":
+                    msg = (f"model {i + 1}: loss diverged at step {payload['step']} ({payload['loss']:.3g}); "
+                           + ("too many restarts, keeping the best checkpoint" if payload["give_up"] else
+                              f"restored the best checkpoint, learning rate lowered to {payload['lr']:.3g}"))
+                    yield clock.event(_STAGE, offset + payload["step"], msg, model=i, divergence=payload)
+                elif kind == "paused":
+                    yield clock.event(_STAGE, offset + payload["step"], "paused", model=i, paused=True)
+            if results[-1].status["cancelled"]:
                 break
-            if kind == "log":
-                s = offset + payload["step"]
-                losses = {k: payload[k] for k in ("data", "pde", "weak", "noflux", "constraint") if k in payload}
-                yield clock.event(_STAGE, s, f"model {i + 1}/{config.n_models} step {payload['step']}: "
-                                  f"loss {payload['loss']:.3g}", model=i, losses=losses, loss=payload["loss"],
-                                  val=payload.get("val"), lr=payload.get("lr"))
-            elif kind == "snapshot":
-                yield clock.event(_STAGE, offset + member.history[-1]["step"] if member.history else offset,
-                                  f"model {i + 1}: D(u), G(u) snapshot", model=i, snapshot=payload)
-            elif kind == "divergence":
-                msg = (f"model {i + 1}: loss diverged at step {payload['step']} ({payload['loss']:.3g}); "
-                       + ("too many restarts, keeping the best checkpoint" if payload["give_up"] else
-                          f"restored the best checkpoint, learning rate lowered to {payload['lr']:.3g}"))
-                yield clock.event(_STAGE, offset + payload["step"], msg, model=i, divergence=payload)
-            elif kind == "paused":
-                yield clock.event(_STAGE, offset + payload["step"], "paused", model=i, paused=True)
-        member.model.to("cpu")
-        members.append(member.model)
-        histories.append(member.history)
-        if statuses[-1]["cancelled"]:
-            break
-    cancelled = any(s["cancelled"] for s in statuses)
-    metadata = {"cancelled": cancelled, "device_note": note, "members": statuses,
-                "n_observed": int(data.u.size), "seeds": [config.seed + i for i in range(len(members))]}
-    fit = BinnFit(members, data.scales, config, data.bounds, data.units, data.u_range, data.u_hist,
-                  histories, device.type, metadata)
+        device_type = device.type
+    fit = _fit_from(data, config, results, device_type, note)
+    cancelled = bool(fit.metadata["cancelled"])
     yield clock.event(_STAGE, clock.total,
                       "cancelled: returning the best model so far" if cancelled else "training done",
                       done=True, cancelled=cancelled)

@@ -1,20 +1,22 @@
-"""Batches: the whole pipeline on many inputs, one results bundle each, with one failure policy.
+"""Batch items: one analysis each (plain, picklable), their names and folders, and the one per-item run.
 
 A batch is a list of :class:`BatchItem`, each a plain, picklable description of one analysis (input, ROI,
-configuration, output folder, name), so the items can also run elsewhere (e.g. as dask.distributed tasks) through
-the one function :func:`run_item`. The policy, in :func:`run_item_job` only:
+configuration, output folder, name), so the items can run here or as dask.distributed tasks through the one
+function :func:`run_item_job`. The policy, in :func:`run_item_job` only:
 
 - each item is isolated: one that fails is reported (name and error) and the others still run;
 - a finished item's bundle is written as soon as it finishes (atomically: ``save_results`` writes a temporary
   folder and moves it into place), so a cancel or a crash later leaves every written bundle valid;
 - a cancelled item writes nothing (status 'stopped'); the items after it are not run ('not run').
 
-The command line (``napari-binn batch``) and the per-shape batch dock both drive :func:`run_batch`.
+The command line (``napari-binn batch``) and the per-shape batch dock both drive ``napari_binn.batch.run_batch``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import re
+import shutil
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .jobs import CancelToken, JobCancelled, Progress, is_cancelled, run_job
+from ..jobs import CancelToken, JobCancelled, Progress, run_job
 
-__all__ = ["BatchItem", "ItemOutcome", "load_input", "check_outputs", "run_item", "run_item_job", "run_batch",
-           "STAGE_NAMES"]
+__all__ = ["BatchItem", "ItemOutcome", "load_input", "check_outputs", "check_batch_folder", "item_names",
+           "bundle_complete", "outcome_of_bundle", "run_item", "run_item_job", "STAGE_NAMES"]
 
 #: What each pipeline stage is called in messages.
 STAGE_NAMES = {"density": "density extraction", "binn": "BINN training", "symbolic": "equation discovery",
@@ -66,7 +68,9 @@ class ItemOutcome:
     nothing written) | 'not run' (cancelled before it). message: why it failed or stopped. D, G: the chosen
     equations as readable text in ``D_units``, ``G_units``; ``refitted``: with the constants refitted to the data
     (else the symbolic regression's). nt_error: mean |%| error of the total cell number N(t) of ``nt_model``.
-    seconds: its run time.
+    seconds: its run time. constants: the chosen forms' constants, ``{name: [value, ci95 low, ci95 high, units]}``
+    (refitted to the data, with their 95% intervals when the refit gave them; else the symbolic fit's, no
+    intervals: None).
     """
 
     name: str
@@ -81,6 +85,7 @@ class ItemOutcome:
     nt_error: float | None = None
     nt_model: str = ""
     seconds: float = 0.0
+    constants: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def written(self) -> bool:
@@ -94,8 +99,8 @@ def load_input(data: Any, *, pixel_size_um: float | None = None, frame_interval_
     inputs (Stack, DensityField, PipelineResult) are returned as they are."""
     if not isinstance(data, (str, Path)):
         return data
-    from .io import read_stack
-    from .results import load_results
+    from ..io import read_stack
+    from ..results import load_results
 
     path = Path(data)
     if path.is_dir() and (path / "manifest.json").is_file():
@@ -131,13 +136,19 @@ def _why(exc: BaseException) -> str:
 def _describe(outcome: ItemOutcome, result: Any) -> None:
     """Fill a written item's report: the chosen equations (refitted constants when the refit ran) and the N(t)
     error. A problem here only leaves the text short: the bundle is written."""
-    from .symbolic.expression import readable
+    from ..symbolic.expression import readable
 
     try:
         eq = result.equations
         refit = result.mechanistic.get("closed form (refitted)")
         if eq is not None and refit is not None and result.metadata.get("closed_form_refitted"):
             eq, outcome.refitted = eq.with_refit(refit), True  # the constants the data support
+            for name, value in result.metadata["closed_form_refitted"].items():
+                lo, hi = (refit.ci95 or {}).get(name, (None, None))
+                outcome.constants[name] = [float(value), _num(lo), _num(hi), (refit.units or {}).get(name, "")]
+        elif eq is not None and eq.D is not None and eq.G is not None:
+            _, init = eq.parameters()
+            outcome.constants = {name: [float(v), None, None, ""] for name, v in init.items()}
         for key in ("D", "G"):
             f = getattr(eq, key, None) if eq is not None else None
             setattr(outcome, key, readable(f.text, 4) if f is not None else "-")
@@ -154,20 +165,30 @@ def _describe(outcome: ItemOutcome, result: Any) -> None:
         outcome.message = f"equations not shown ({_why(exc)}); see the bundle"
 
 
-def run_item_job(item: BatchItem, cancel: CancelToken | None = None) -> Generator[Progress, None, ItemOutcome]:
+def _num(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def run_item_job(item: BatchItem, cancel: CancelToken | None = None, members: Any = None
+                 ) -> Generator[Progress, None, ItemOutcome]:
     """Run one item (read its input, every pipeline stage, write its bundle); yields the pipeline's events and
     returns its :class:`ItemOutcome`. The failure policy of every batch: an error becomes a 'failed' outcome
-    naming it (never raised), a cancel a 'stopped' one that wrote nothing."""
-    from .pipeline import run_pipeline
-    from .results import save_results
-    from .roi import read_roi
+    naming it (never raised), a cancel a 'stopped' one that wrote nothing. members: where its BINN's ensemble
+    members train (``run_pipeline``'s ``members``)."""
+    from ..pipeline import run_pipeline
+    from ..results import save_results
+    from ..roi import read_roi
 
     outcome = ItemOutcome(item.name, Path(item.out), status="running")
     t0 = time.perf_counter()
     try:
         data = load_input(item.data, **item.read)
         roi = read_roi(item.roi) if isinstance(item.roi, (str, Path)) else item.roi
-        result = yield from run_pipeline(data, item.config, roi=roi, cancel=cancel)
+        result = yield from run_pipeline(data, item.config, roi=roi, cancel=cancel, members=members)
         if result.cancelled:
             outcome.status = "stopped"
             outcome.message = f"cancelled during {STAGE_NAMES.get(result.metadata['cancelled_in'], 'the run')}"
@@ -191,51 +212,81 @@ def run_item(item: BatchItem, cancel: CancelToken | None = None) -> ItemOutcome:
     return run_job(run_item_job(item, cancel))
 
 
-def run_batch(items: Sequence[BatchItem], *, cancel: CancelToken | None = None
-              ) -> Generator[Progress, None, list[ItemOutcome]]:
-    """Run the items in turn (:func:`run_item_job`); returns their outcomes, in order.
+# ---------------------------------------------------------------------------------------------- naming, folders
+def item_names(inputs: Sequence[str | Path]) -> list[str]:
+    """The item names of input paths (their file or folder name without its suffix); ValueError naming the
+    duplicates when two inputs would share a name (their bundles would share a folder)."""
+    names = [Path(str(p).rstrip("/\\")).stem or str(p) for p in inputs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        which = "; ".join(f"{n}: " + ", ".join(str(p) for p, m in zip(inputs, names) if m == n) for n in twice)
+        raise ValueError(f"several inputs have the same name ({which}): their bundles would share a folder; "
+                         "rename them or run them in separate batches")
+    return names
 
-    Yields each item's pipeline events with ``data`` holding ``item`` (its index), ``n_items``, ``item_name``,
-    ``batch_fraction`` (of the whole batch, from rough stage shares) and ``batch_eta_s``; and, whenever an item
-    starts or ends, a ``Progress(stage='batch')`` whose ``data['outcome']`` is a copy of its outcome.
+
+def bundle_complete(path: str | Path) -> bool:
+    """True when ``path`` is a results bundle that finished: its manifest is there, names no cancelled stage and
+    every file it lists exists (bundles are moved into place whole, so this is what --resume trusts)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if manifest.get("cancelled_in"):
+        return False
+    return all((path / name).exists() for name in manifest.get("files", {}))
+
+
+#: Files a batch writes into its folder besides the bundles.
+SUMMARY_FILES = ("summary.csv", "summary.html", "plate.png")
+
+
+def check_batch_folder(folder: str | Path, items: Sequence[BatchItem], *, overwrite: bool = False,
+                       resume: bool = False) -> list[bool]:
+    """Refuse a batch folder that already holds files unless ``overwrite`` or ``resume`` (FileExistsError naming
+    some of them); returns, per item, whether --resume keeps its complete bundle (so it is not run).
+
+    resume: complete bundles are kept; an item folder that is an unfinished bundle (or empty) is replaced, and
+    any other file in an item's folder is refused. overwrite: every item's bundle is (re)written; other files in
+    the folder are left alone. Leftover temporary folders of an interrupted run are removed in both cases.
     """
-    n = len(items)
-    outcomes = [ItemOutcome(it.name, Path(it.out)) for it in items]
-    t0 = time.perf_counter()
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder: choose a folder for the batch")
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    visible = [e for e in entries if not e.startswith(".")]
+    if visible and not (overwrite or resume):
+        shown = ", ".join(visible[:5]) + (f" and {len(visible) - 5} more" if len(visible) > 5 else "")
+        raise FileExistsError(f"the batch folder {folder} already holds files ({shown}); nothing was overwritten. "
+                              "Pass --overwrite to write every item again, --resume to keep the complete bundles "
+                              "and run the rest, or choose another folder.")
+    keep = []
+    for item in items:
+        out = Path(item.out)
+        done = resume and bundle_complete(out)
+        if resume and not done and out.exists():
+            if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+                raise FileExistsError(f"{out} holds files that are not a results bundle; nothing was overwritten. "
+                                      "Move them away, or pass --overwrite.")
+            item.overwrite = True  # an unfinished bundle of an earlier run: written again
+        if overwrite:
+            item.overwrite = True
+        keep.append(done)
+    if overwrite or resume:
+        for item in items:  # temporary folders of a run that was killed before it could move them into place
+            for left in Path(item.out).parent.glob(f".{Path(item.out).name}.partial-*"):
+                shutil.rmtree(left, ignore_errors=True)
+    return keep
 
-    def report(k: int, done: int) -> Progress:
-        o = outcomes[k]
-        text = f"{o.name}: {o.status}" + (f" ({o.message})" if o.message else "")
-        return Progress("batch", done, n, text, time.perf_counter() - t0,
-                        data={"item": k, "n_items": n, "outcome": dataclasses.replace(o)})
 
-    for k, item in enumerate(items):
-        if is_cancelled(cancel):
-            break
-        outcomes[k].status = "running"
-        yield report(k, k)
-        job = run_item_job(item, cancel)
-        while True:
-            try:
-                ev = next(job)
-            except StopIteration as stop:
-                outcomes[k] = stop.value
-                break
-            stage = ev.data.get("pipeline_stage", ev.stage)
-            share = 0.0
-            for name, weight in _STAGE_SHARE.items():
-                if name == stage:
-                    share += weight * (ev.fraction or 0.0)
-                    break
-                share += weight
-            fraction = min(1.0, (k + share) / n)
-            elapsed = time.perf_counter() - t0
-            eta = elapsed * (1.0 - fraction) / fraction if fraction > 0.02 else None
-            yield Progress(ev.stage, ev.step, ev.total, ev.message, ev.elapsed_s, ev.eta_s,
-                           {**ev.data, "item": k, "n_items": n, "item_name": item.name, "batch_fraction": fraction,
-                            "batch_eta_s": eta})
-        yield report(k, k + 1)
-    for outcome in outcomes:
-        if outcome.status == "waiting":
-            outcome.status = "not run"
-    return outcomes
+def outcome_of_bundle(item: BatchItem) -> ItemOutcome:
+    """The outcome of an item whose complete bundle an earlier run wrote (read back for the summary)."""
+    from ..results import load_results
+
+    outcome = ItemOutcome(item.name, Path(item.out), status="done", message="kept from an earlier run (--resume)")
+    try:
+        _describe(outcome, load_results(item.out))
+    except Exception as exc:  # noqa: BLE001 - the summary only; the bundle stays as it is
+        outcome.message = f"kept from an earlier run; not read back ({_why(exc)})"
+    return outcome
