@@ -52,7 +52,9 @@ class SymbolicConfig:
     """Equation discovery. backend: 'operon' | 'library' | 'pysr'. operators: None = the backend's default set.
     max_complexity: largest expression size. seeds: one search per seed, fronts merged. selection: 'best'
     (PySR's rule) | 'accuracy' | 'score'. n_samples: densities sampled between the ``quantiles`` of the
-    observed density."""
+    observed density. forms_D / forms_G: library forms fitted alongside the backend and offered to the refit
+    stage (D: constant, linear, proportional, power, exponential, saturating; G: zero, constant, logistic, allee,
+    gompertz, richards; None = all, [] = none)."""
 
     backend: str = "operon"
     operators: list[str] | None = None
@@ -61,6 +63,8 @@ class SymbolicConfig:
     selection: str = "best"
     n_samples: int = 200
     quantiles: list[float] = dc_field(default_factory=lambda: [0.05, 0.95])
+    forms_D: list[str] | None = None
+    forms_G: list[str] | None = None
 
 
 @dataclass
@@ -243,7 +247,7 @@ def run_pipeline(
             result.equations = yield from _tag(discover_equations_job(
                 result.fit, backend=sc.backend, operators=sc.operators, max_complexity=sc.max_complexity,
                 seeds=tuple(sc.seeds), selection=sc.selection, n_samples=sc.n_samples,
-                quantiles=tuple(sc.quantiles), cancel=cancel), stage, index)
+                quantiles=tuple(sc.quantiles), forms_D=sc.forms_D, forms_G=sc.forms_G, cancel=cancel), stage, index)
         elif stage == "simulate":
             _need(result.field, "simulate", "a density field")
             yield from _simulate_stage(result, config, cancel, index)

@@ -248,10 +248,11 @@ class ResultsWidget(QWidget):
             if f is None:
                 label.clear()
                 continue
-            table.setRowCount(len(f.front))
-            for i, r in enumerate(f.front):
+            table.setRowCount(len(f.rows))  # the Pareto front, then the library forms (named)
+            for i, r in enumerate(f.rows):
                 chosen = i == f.selected_index
-                cells = ("★" if chosen else "", str(r.complexity), f"{r.loss:.3g}", r.expression.text)
+                text = r.expression.text + (f"   [{r.form}]" if r.form else "")
+                cells = ("★" if chosen else "", str(r.complexity), f"{r.loss:.3g}", text)
                 for j, val in enumerate(cells):
                     item = QTableWidgetItem(val)
                     if chosen:

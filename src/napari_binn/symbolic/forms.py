@@ -115,7 +115,11 @@ def _logistic_start(u, y):
 def _allee_start(u, y):
     K = 1.2 * _span(u)
     r = max(float(np.max(np.abs(y))), 1e-12)
-    return [(r, 1.0 / K, 1.0 / (f * _span(u))) for f in (0.1, 0.3)]
+    out = []
+    for f in (0.1, 0.3):
+        A = f * _span(u)
+        out.append((r / A, r / (K * A), A))
+    return out
 
 
 def _gompertz_start(u, y):
@@ -158,8 +162,8 @@ FORMS_G: dict[str, Form] = {f.name: f for f in (
     Form("constant", "G", _a, ("a",), lambda u, y: [(_mean(y),)], ((-_INF, _INF),), "r"),
     Form("logistic", "G", _a - _b * U, ("a", "b"), _logistic_start, ((-_INF, _INF), (-_INF, _INF)),
          "r (1 - u/K) (two constants: r, r/K)"),
-    Form("allee", "G", _a * (1 - _b * U) * (_c * U - 1), ("a", "b", "c"), _allee_start,
-         ((0.0, _INF), (0.0, _INF), (0.0, _INF)), "r (1 - u/K) (u/A - 1)"),
+    Form("allee", "G", (_a - _b * U) * (U - _c), ("a", "b", "c"), _allee_start,
+         ((0.0, _INF), (0.0, _INF), (0.0, _INF)), "r (1 - u/K) (u/A - 1) (three constants: r/A, r/(K A), A)"),
     Form("gompertz", "G", _a - _b * sp.log(U), ("a", "b"), _gompertz_start, ((-_INF, _INF), (-_INF, _INF)),
          "r ln(K/u) (two constants: r ln K, r)"),
     Form("richards", "G", _a - _b * U**_m, ("a", "b", "m"), _richards_start,
