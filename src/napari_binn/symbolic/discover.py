@@ -516,8 +516,9 @@ def _discover_one(s: FunctionSamples, *, backend, operators, max_complexity, see
     for c in library:
         if any(c is f for f in front):
             continue
-        row = FrontRow(c.complexity, c.fit.loss, math.nan,
-                       _expression(c.fit, c.fit.stderr, s, u_range, c.complexity, name=s.name), c.form)
+        expr = _expression(c.fit, c.fit.stderr, s, u_range, c.complexity, name=s.name)
+        expr = replace(expr, constants=tuple(replace(k, stderr=math.nan) for k in expr.constants))  # not estimated
+        row = FrontRow(c.complexity, c.fit.loss, math.nan, expr, c.form)
         if row.expression.text not in texts:  # e.g. Richards with exponent 1 is the logistic form
             texts.add(row.expression.text)
             lib_rows.append(row)

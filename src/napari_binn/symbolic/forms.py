@@ -308,17 +308,21 @@ def is_admissible(kind: str, expr, u_max: float) -> tuple[bool, str]:
     return True, ""
 
 
-def pde_safe(expr, u_floor: float):
+def pde_safe(expr, u_floor: float, values: dict | None = None):
     """For the solver, which evaluates G at empty boxes (u = 0): ``expr`` with u replaced by max(u, u_floor) when
-    it is not finite at u = 0 (e.g. Gompertz's log u); unchanged otherwise. The reaction G(u)·u keeps its
-    limit 0 up to a term of order u_floor."""
+    it is not finite at u = 0 (e.g. Gompertz's log u); unchanged otherwise. ``values``: numbers for the other
+    symbols (a parametrized form's constants) for that check. The floor is written as a rational number, so it is
+    never a free constant of a refit; the reaction G(u)·u keeps its limit 0 up to a term of order u_floor."""
     expr = sp.sympify(expr)
+    values = values or {}
+    subs = {sym: sp.Float(float(values.get(sym.name, 1.0))) for sym in expr.free_symbols if sym.name != "u"}
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         try:
-            v = complex(sp.lambdify([U], expr, modules="numpy")(np.array([0.0]))[0])
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError, IndexError):
+            v = complex(sp.N(expr.xreplace(subs).xreplace({U: sp.Integer(0)})))
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             v = complex(math.nan)
-    if np.isfinite(v.real) and v.imag == 0:
+    if np.isfinite(v.real) and np.isfinite(v.imag) and v.imag == 0:
         return expr
-    return expr.xreplace({U: sp.Max(U, sp.Float(float(u_floor), 6))})
+    floor = sp.Rational(f"{float(u_floor):.3g}") if u_floor > 0 else sp.Rational(1, 10**9)
+    return expr.xreplace({U: sp.Max(U, floor)})
