@@ -64,6 +64,7 @@ def test_refit_reselects_the_true_forms_by_bic(pipeline_config):
     cfg = pipeline_config()
     cfg.refit.max_evals = 100
     cfg.refit.reference_model = ""
+    cfg.refit.holdout_frames = 0  # the BIC choice (the held-out choice is tested below)
     res = PipelineResult(cfg, field=field, equations=eq)
     res = run_job(run_pipeline(res, cfg, stages=("refit",)))
     assert res.equations.D.selection == "bic"

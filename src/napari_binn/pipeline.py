@@ -98,7 +98,8 @@ class RefitConfig:
     admissible library forms) is refitted on the earlier frames and predicts the held-out ones; a candidate is
     excluded when a one-sided paired t test over 4 x 4-box blocks says it predicts worse than the best by more
     than ``holdout_margin`` (a fraction of the best's squared error) at ``holdout_level``; the headline is the one with the fewest constants among those not excluded (the others are
-    the alternatives the data cannot exclude), then refitted on all frames. 0 = choose by BIC instead."""
+    the alternatives the data cannot exclude), then refitted on all frames. 0 = choose by BIC instead; with
+    ``candidates`` = 1 only the symbolic selection is refitted either way."""
 
     closed_form: bool = True
     reference_model: str = "fisher_kpp"
@@ -314,7 +315,7 @@ def _candidate_indices(f, n: int) -> list[int]:
     """Up to ``n`` rows of a front no more complex than the selected one: the selected row, the simplest row (a
     constant, usually) and the rows with the highest PySR score between them."""
     sel = f.selected_index
-    simpler = sorted((i for i, row in enumerate(f.front) if row.complexity < f.front[sel].complexity),
+    simpler = sorted((i for i, row in enumerate(f.front) if row.complexity < f.rows[sel].complexity),
                      key=lambda i: f.front[i].complexity)
     picked = [sel] + simpler[:1]
     picked += sorted(simpler[1:], key=lambda i: -f.front[i].score)[: max(n - 2, 0)]
@@ -533,6 +534,25 @@ def alternatives_text(eq: Equations | None) -> list[str]:
     return out
 
 
+def determined_text(fit: BinnFit | None, tolerance: float = 0.25) -> list[str]:
+    """One line per learned function: the density range where the data determine it (``BinnFit.determined_range``)."""
+    if fit is None:
+        return []
+    unit = fit.units.get("u", "u")
+    lo, hi = fit.u_range["q05"], fit.u_range["q95"]
+    out = []
+    for key in ("D", "G"):
+        rng = fit.determined_range(key, tolerance)
+        band = "ensemble band" if fit.band_sd(key, fit.u_grid(3)) is not None else "no band (a single model)"
+        if rng is None:
+            out.append(f"{key}(u) is not determined anywhere on the observed u in [{lo:.4g}, {hi:.4g}] {unit} "
+                       f"(band ±2 sd wider than {tolerance:.0%} of it; {band})")
+        else:
+            out.append(f"{key}(u) is determined for u in [{rng[0]:.4g}, {rng[1]:.4g}] {unit} of the observed "
+                       f"[{lo:.4g}, {hi:.4g}] ({band} ±2 sd within {tolerance:.0%})")
+    return out
+
+
 def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelToken | None, index: int):
     fld = result.field
     rc = config.refit
@@ -546,7 +566,7 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
     eq = result.equations
     if rc.closed_form and eq is not None and eq.D is not None and eq.G is not None and not is_cancelled(cancel):
         start = None
-        if rc.holdout_frames > 0:
+        if rc.holdout_frames > 0 and rc.candidates > 1:
             eq, start = yield from _select_by_holdout(result, eq, rc, {**kw, "intervals": None}, cancel, index)
             result.equations = eq
         elif rc.candidates > 1:
