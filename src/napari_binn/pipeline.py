@@ -236,6 +236,8 @@ def run_pipeline(
         return False
 
     for index, stage in enumerate(STAGES):
+        if "refit" in stages and result.field is not None:  # fail before the long stages, not after them
+            check_holdout(config.refit, result.field.n_frames)
         if stage not in stages:
             continue
         if stop(stage):
@@ -383,7 +385,10 @@ HOLDOUT_BLOCK = 4
 
 
 def check_holdout(rc: RefitConfig, n_frames: int) -> None:
-    """ValueError naming ``refit.holdout_frames`` / ``refit.holdout_level`` and their allowed values."""
+    """ValueError naming ``refit.holdout_frames`` / ``refit.holdout_level`` / ``refit.holdout_margin`` and their
+    allowed values, when the held-out choice will run (closed forms refitted, more than one candidate)."""
+    if not rc.closed_form or rc.candidates <= 1:
+        return
     h = rc.holdout_frames
     if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h <= n_frames - 2:
         raise ValueError(f"refit.holdout_frames = {h!r}: allowed values are the integers 0 (choose by BIC) to "
