@@ -29,7 +29,7 @@ from .pde.mechanistic import MechanisticFit, fit_mechanistic_job
 from .qc import QCReport, compare
 from .symbolic import Equations, discover_equations_job
 from .symbolic.expression import free_floats
-from .symbolic.forms import n_constants, pde_safe
+from .symbolic.forms import check_form_names, n_constants, pde_safe
 from .symbolic.selection import block_errors, heldout_choice
 
 __all__ = ["DensityConfig", "SymbolicConfig", "SimulationConfig", "RefitConfig", "PipelineConfig",
@@ -225,6 +225,9 @@ def run_pipeline(
         result, stack = PipelineResult(config), data
     else:
         raise TypeError(f"run_pipeline needs a Stack, a DensityField or a PipelineResult; got {type(data).__name__}")
+    if "symbolic" in stages:  # bad form names are refused before any stage runs
+        check_form_names("D", config.symbolic.forms_D)
+        check_form_names("G", config.symbolic.forms_G)
     result.metadata.setdefault("napari_binn_version", __version__)
     timings = result.metadata.setdefault("seconds", {})
     warnings = result.metadata.setdefault("warnings", [])
