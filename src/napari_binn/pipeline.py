@@ -550,14 +550,16 @@ def determined_text(fit: BinnFit | None, tolerance: float = 0.25) -> list[str]:
     lo, hi = fit.u_range["q05"], fit.u_range["q95"]
     out = []
     for key in ("D", "G"):
+        if fit.band_sd(key, fit.u_grid(3)) is None:
+            out.append(f"{key}(u): no band (a single BINN; train n_models >= 2 to see where the data determine it)")
+            continue
         rng = fit.determined_range(key, tolerance)
-        band = "ensemble band" if fit.band_sd(key, fit.u_grid(3)) is not None else "no band (a single model)"
         if rng is None:
             out.append(f"{key}(u) is not determined anywhere on the observed u in [{lo:.4g}, {hi:.4g}] {unit} "
-                       f"(band ±2 sd wider than {tolerance:.0%} of it; {band})")
+                       f"(its ± 2 sd band is wider than {tolerance:.0%} of it)")
         else:
             out.append(f"{key}(u) is determined for u in [{rng[0]:.4g}, {rng[1]:.4g}] {unit} of the observed "
-                       f"[{lo:.4g}, {hi:.4g}] ({band} ±2 sd within {tolerance:.0%})")
+                       f"[{lo:.4g}, {hi:.4g}] (± 2 sd band within {tolerance:.0%})")
     return out
 
 
