@@ -132,3 +132,12 @@ def test_paired_test_and_blocks():
     assert e.shape == (4,) and e.sum() == 2 * 6 * 8  # 2 x 2 blocks with boxes; outside the mask does not count
     obs[0, 0, 0] = np.nan
     assert block_errors(pred, obs, mask, block=4).sum() == 2 * 6 * 8 - 1
+
+
+def test_heldout_rule_breaks_ties_by_expression_size_then_error():
+    base = np.linspace(1.0, 2.0, 12)
+    # same constants, indistinguishable errors: the smaller expression wins even with a slightly larger error
+    head, excluded, _, _ = heldout_choice([base * 1.002, base], [2, 2], complexities=[7, 8])
+    assert excluded == [False, False] and head == 0
+    head, _, _, _ = heldout_choice([base * 1.002, base], [2, 2])
+    assert head == 1  # without sizes: the lower error

@@ -97,7 +97,7 @@ class RefitConfig:
     holdout_frames: the last frames held out to choose the form: every candidate (the front rows above and the
     admissible library forms) is refitted on the earlier frames and predicts the held-out ones; a candidate is
     excluded when a one-sided paired t test over 4 x 4-box blocks says it predicts worse than the best by more
-    than ``holdout_margin`` (a fraction of the best's squared error) at ``holdout_level``; the headline is the one with the fewest constants among those not excluded (the others are
+    than ``holdout_margin`` (a fraction of the best's squared error) at ``holdout_level``; the headline is the one with the fewest constants among those not excluded (then the smallest expression; the others are
     the alternatives the data cannot exclude), then refitted on all frames. 0 = choose by BIC instead; with
     ``candidates`` = 1 only the symbolic selection is refitted either way."""
 
@@ -499,8 +499,9 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             continue
         consts = [n_constants(eq.D.rows[i].expression.sympy) + n_constants(eq.G.rows[j].expression.sympy)
                   for i, j in avail]
+        sizes = [eq.D.rows[i].complexity + eq.G.rows[j].complexity for i, j in avail]
         head, excluded, pvals, totals = heldout_choice([cache[ij][0] for ij in avail], consts, rc.holdout_level,
-                                                       rc.holdout_margin)
+                                                       rc.holdout_margin, sizes)
         if head is None:
             continue
         pos = 0 if key == "D" else 1

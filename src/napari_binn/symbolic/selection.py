@@ -130,14 +130,15 @@ def paired_worse_pvalue(errors: np.ndarray, best: np.ndarray, margin: float = 0.
 
 
 def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[int], level: float = 0.05,
-                   margin: float = 0.05):
+                   margin: float = 0.05, complexities: Sequence[int] | None = None):
     """The held-out selection rule: which candidates the data exclude, and the headline among the rest.
 
     errors: per candidate, its per-block held-out squared errors (:func:`block_errors`), or None when it could
     not be fitted or simulated (always excluded). The best is the lowest total error; a candidate is excluded
     when a one-sided paired t test over blocks says it is worse than the best by more than the fraction
     ``margin`` of the best's error, at ``level``. The headline is the
-    candidate with the fewest constants among those not excluded (ties: the lowest total error), so a form with
+    candidate with the fewest constants among those not excluded (ties: the smaller expression, ``complexities``,
+    then the lowest total error: equal-size forms within the test's reach differ only by noise), so a form with
     more constants than the data support is never the headline.
 
     Returns (headline index, excluded flags, p-values (NaN for failed), total errors (inf for failed)).
@@ -160,5 +161,6 @@ def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[in
         pvals.append(p)
         excluded.append(p < level)
     keep = [i for i in range(len(totals)) if not excluded[i]]
-    head = min(keep, key=lambda i: (int(n_constants[i]), totals[i], i))
+    size = list(complexities) if complexities is not None else [0] * len(totals)
+    head = min(keep, key=lambda i: (int(n_constants[i]), int(size[i]), totals[i], i))
     return head, excluded, pvals, totals.tolist()
