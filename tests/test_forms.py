@@ -141,3 +141,12 @@ def test_heldout_rule_breaks_ties_by_expression_size_then_error():
     assert excluded == [False, False] and head == 0
     head, _, _, _ = heldout_choice([base * 1.002, base], [2, 2])
     assert head == 1  # without sizes: the lower error
+
+
+def test_a_floored_form_reads_back_from_text():
+    """A Gompertz G held at a floor for the solver is written as text in bundles (mechanistic fits) and read back."""
+    from napari_binn.symbolic.expression import parse_expression
+
+    safe = pde_safe(sp.sympify("0.3 - 0.04*log(u)", locals={"u": U}), 0.0033)
+    again = parse_expression(str(safe), parameters=True)
+    assert sp.simplify(again - safe) == 0 and again.has(sp.Max)

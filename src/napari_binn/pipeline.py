@@ -324,7 +324,7 @@ def _candidate_indices(f, n: int) -> list[int]:
                      key=lambda i: f.front[i].complexity)
     picked = [sel] + simpler[:1]
     picked += sorted(simpler[1:], key=lambda i: -f.front[i].score)[: max(n - 2, 0)]
-    return sorted(picked[: max(n, 1)], key=lambda i: f.front[i].complexity)
+    return sorted(picked[: max(n, 1)], key=lambda i: f.rows[i].complexity)
 
 
 def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float, kw: dict[str, Any],
