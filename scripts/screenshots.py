@@ -189,6 +189,8 @@ def bands(bundle: Path, out: Path) -> None:
     viewer = napari.Viewer(title="napari-binn: bands")
     viewer.window.resize(1750, 1050)
     _, res = viewer.window.add_plugin_dock_widget("napari-binn", "Equations and results")
+    viewer.open_sample("napari-binn", "synthetic_scratch")
+    viewer.layers[1].visible = False
     viewer.open(str(bundle), plugin="napari-binn")
     wait(lambda: get_state(viewer).equations is not None)
     viewer.dims.set_current_step(0, 6)

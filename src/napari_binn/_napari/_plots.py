@@ -20,7 +20,7 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QLabel, QSizePolicy
 
-__all__ = ["AsyncFigure", "style_axes", "latex_pixmap", "rate_bands", "draw_band", "FG", "BG"]
+__all__ = ["AsyncFigure", "style_axes", "latex_pixmap", "rate_bands", "draw_band", "fit_ylim", "FG", "BG"]
 
 FG = "#d0d4da"
 BG = "#262930"
@@ -60,15 +60,30 @@ def draw_band(ax: Any, u: np.ndarray, mean: np.ndarray, sd: Any, determined: Any
     u, mean = np.asarray(u, float), np.asarray(mean, float)
     if sd is not None:
         sd = np.asarray(sd, float)
-        ax.fill_between(u, mean - 2 * sd, mean + 2 * sd, color=color, alpha=0.3, lw=0, label="learned ± 2 sd")
+        ax.fill_between(u, mean - 2 * sd, mean + 2 * sd, color=color, alpha=0.3, lw=0, label="± 2 sd")
     lo, hi = (determined if determined is not None else (np.nan, np.nan))
     spans = [(u[0], u[-1])] if determined is None else [(u[0], lo), (hi, u[-1])]
     labelled = False
     for a, b in spans:
         if b > a:
             ax.axvspan(a, b, color=grey, alpha=0.35, lw=0, zorder=0,
-                       label=None if labelled else "not determined by the data")
+                       label=None if labelled else "undetermined")
             labelled = True
+
+
+def fit_ylim(ax: Any, curves: list[np.ndarray], nonnegative: bool = False) -> None:
+    """y-limits from the curves (not from a band that may be far wider): their range with a margin, so a wide
+    band is cut at the frame rather than flattening the curves."""
+    vals = np.concatenate([np.ravel(np.asarray(c, float)) for c in curves]) if curves else np.array([])
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
+        return
+    lo, hi = float(vals.min()), float(vals.max())
+    pad = max(0.3 * (hi - lo), 0.15 * max(abs(lo), abs(hi)), 1e-12)
+    low = lo - pad
+    if nonnegative and lo >= 0:
+        low = max(low, 0.0)
+    ax.set_ylim(low, hi + pad)
 
 
 class AsyncFigure(QLabel):

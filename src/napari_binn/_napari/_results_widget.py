@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 from ..symbolic.expression import equation_latex, equation_text
 from ._forms import align_labels, fmt_seconds, form, ispin, row, section, wrap_label
 from ._layers import density_layer_kwargs, show_density, upsert_image
-from ._plots import AsyncFigure, draw_band, legend, rate_bands, style_axes
+from ._plots import AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import LAYER_NAMES, get_state, register_dock, register_state_id, unregister_dock
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
 
@@ -615,7 +615,9 @@ def _plot_results(fig: Any, rates: dict[str, Any], counts: dict[str, Any], units
             draw_band(ax, rates["learned"][0], rates["learned"][idx], band[0], band[1], color="C0")
         for (name, vals), style in zip(rates.items(), ("-", "--")):
             ax.plot(vals[0], vals[idx], style, lw=1.6, label=name)
-        legend(ax)
+        fit_ylim(ax, [vals[idx] for vals in rates.values()], nonnegative=idx == 1)
+        if idx == 1:  # one legend for both rate panels (they share the entries)
+            legend(ax)
     n_unit = "cells" if units == "cells/mm²" else f"{units}·mm²"
     style_axes(ax_n, "N(t) in the ROI", "time (h)", n_unit)
     for name, (t, n) in counts.items():

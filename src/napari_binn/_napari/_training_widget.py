@@ -14,7 +14,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
 from ._forms import align_labels, fmt_seconds, form, fspin, ispin, row, section, set_clamped, wrap_label
-from ._plots import BG, AsyncFigure, draw_band, legend, rate_bands, style_axes
+from ._plots import BG, AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import get_state, register_dock, unregister_dock
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
 
@@ -386,6 +386,7 @@ def _plot_training(fig: Any, history: dict[str, np.ndarray], snapshot: tuple | N
             if band is not None:  # mean ± 2 sd of the networks, the densities the data leave open greyed
                 draw_band(ax, u, ens.mean(0), band[0], band[1])
             ax.plot(u, ens.mean(0), color="tab:orange", lw=1.8, label=f"learned (mean of {ens.shape[0]})")
+            fit_ylim(ax, [ens.mean(0)], nonnegative=idx == 1)
         else:
             for member in finished:
                 ax.plot(member[0], member[idx], color="0.6", lw=1.0)
