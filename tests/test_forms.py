@@ -134,13 +134,18 @@ def test_paired_test_and_blocks():
     assert block_errors(pred, obs, mask, block=4).sum() == 2 * 6 * 8 - 1
 
 
-def test_heldout_rule_breaks_ties_by_expression_size_then_error():
+def test_heldout_rule_breaks_ties_by_expression_size_within_the_margin():
     base = np.linspace(1.0, 2.0, 12)
-    # same constants, indistinguishable errors: the smaller expression wins even with a slightly larger error
+    # same constants, errors within the margin: the smaller expression wins even with a slightly larger error
     head, excluded, _, _ = heldout_choice([base * 1.002, base], [2, 2], complexities=[7, 8])
     assert excluded == [False, False] and head == 0
     head, _, _, _ = heldout_choice([base * 1.002, base], [2, 2])
     assert head == 1  # without sizes: the lower error
+    # beyond the margin (but not excluded by the test, here too noisy) the lower error wins despite its size
+    rng = np.random.default_rng(1)
+    noisy = base * (1.08 + 0.6 * rng.standard_normal(12))
+    head, excluded, _, _ = heldout_choice([noisy, base], [1, 1], complexities=[2, 3])
+    assert excluded == [False, False] and np.sum(noisy) > 1.05 * np.sum(base) and head == 1
 
 
 def test_a_floored_form_reads_back_from_text():

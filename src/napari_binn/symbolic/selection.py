@@ -137,9 +137,10 @@ def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[in
     not be fitted or simulated (always excluded). The best is the lowest total error; a candidate is excluded
     when a one-sided paired t test over blocks says it is worse than the best by more than the fraction
     ``margin`` of the best's error, at ``level``. The headline is the
-    candidate with the fewest constants among those not excluded (ties: the smaller expression, ``complexities``,
-    then the lowest total error: equal-size forms within the test's reach differ only by noise), so a form with
-    more constants than the data support is never the headline.
+    candidate with the fewest constants among those not excluded; among those with as many constants, the ones
+    whose total error is within ``margin`` of the lowest of them count as equal and the smallest expression
+    (``complexities``) wins, then the lowest error. So a form with more constants than the data support is never
+    the headline.
 
     Returns (headline index, excluded flags, p-values (NaN for failed), total errors (inf for failed)).
     """
@@ -161,6 +162,11 @@ def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[in
         pvals.append(p)
         excluded.append(p < level)
     keep = [i for i in range(len(totals)) if not excluded[i]]
+    fewest = min(int(n_constants[i]) for i in keep)
+    tied = [i for i in keep if int(n_constants[i]) == fewest]
+    lowest = min(totals[i] for i in tied)
+    # as many constants: those within the margin of the lowest error of them are equivalent; the smallest wins
+    near = [i for i in tied if totals[i] <= (1.0 + float(margin)) * lowest]
     size = list(complexities) if complexities is not None else [0] * len(totals)
-    head = min(keep, key=lambda i: (int(n_constants[i]), int(size[i]), totals[i], i))
+    head = min(near, key=lambda i: (int(size[i]), totals[i], i))
     return head, excluded, pvals, totals.tolist()
