@@ -34,7 +34,7 @@ def render() -> str:
         unset = [k for k, v in data.items() if v is None]
         lines += ["Defaults:", "", "```toml", tomli_w.dumps({f.name: defaults}).rstrip(), "```", ""]
         if unset:
-            lines += ["Derived from the data unless set: " + ", ".join(f"`{k}`" for k in unset) + ".", ""]
+            lines += ["Unset by default (the description above says what unset means, e.g. derived from the data): " + ", ".join(f"`{k}`" for k in unset) + ".", ""]
     return "\n".join(lines)
 
 

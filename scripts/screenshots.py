@@ -2,7 +2,7 @@
 
     xvfb-run -a -s "-screen 0 1800x1100x24" .venv/bin/python scripts/screenshots.py [--out docs/images]
         [--steps 8000] [--warmup 1000] [--pde-weight 1] [--models 2] [--box-um 100] [--backend operon]
-        [--only-batch]
+        [--only-batch] [--bands BUNDLE]
 
 Opens the synthetic sample (File > Open Sample > napari-binn), draws an ROI, previews, extracts, trains with the
 demo's settings, discovers, refits the candidate forms against the data, simulates, exports and re-opens the
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--backend", default="operon")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--only-batch", action="store_true", help="only the per-shape batch screenshot")
+    parser.add_argument("--bands", metavar="BUNDLE", default="",
+                        help="only 10_bands.png: the results dock on a saved bundle (train it with n_models >= 2)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,6 +46,9 @@ def main() -> None:
     level = settings.gui_notification_level
     settings.gui_notification_level = "warning"  # no info toasts over the pictures (restored at the end)
     try:
+        if args.bands:
+            bands(Path(args.bands), out)
+            return
         if not args.only_batch:
             run(args, out)
         per_shape(args, out)
@@ -172,6 +177,28 @@ def run(args: argparse.Namespace, out: Path) -> None:
     shot("08_bundle_reopened.png")
     res2.shutdown()
     viewer2.close()
+
+
+def bands(bundle: Path, out: Path) -> None:
+    """The results dock on a bundle of an ensemble fit: D(u), G(u) with their ± 2 sd bands, the densities the data
+    leave undetermined greyed, and the library rows in the tables."""
+    import napari
+
+    from napari_binn._napari._state import get_state
+
+    viewer = napari.Viewer(title="napari-binn: bands")
+    viewer.window.resize(1750, 1050)
+    _, res = viewer.window.add_plugin_dock_widget("napari-binn", "Equations and results")
+    viewer.open_sample("napari-binn", "synthetic_scratch")
+    viewer.layers[1].visible = False
+    viewer.open(str(bundle), plugin="napari-binn")
+    wait(lambda: get_state(viewer).equations is not None)
+    viewer.dims.set_current_step(0, 6)
+    viewer.reset_view()
+    pump(3.0)
+    save_window(viewer, out / "10_bands.png")
+    res.shutdown()
+    viewer.close()
 
 
 def per_shape(args: argparse.Namespace, out: Path) -> None:

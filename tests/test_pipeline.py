@@ -64,6 +64,7 @@ def test_refit_reselects_the_true_forms_by_bic(pipeline_config):
     cfg = pipeline_config()
     cfg.refit.max_evals = 100
     cfg.refit.reference_model = ""
+    cfg.refit.holdout_frames = 0  # the BIC choice (the held-out choice is tested below)
     res = PipelineResult(cfg, field=field, equations=eq)
     res = run_job(run_pipeline(res, cfg, stages=("refit",)))
     assert res.equations.D.selection == "bic"
@@ -77,3 +78,84 @@ def test_refit_reselects_the_true_forms_by_bic(pipeline_config):
     cfg.refit.candidates = 1
     res1 = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
     assert res1.equations.D.selected_index == 2 and "refit_candidates" not in res1.metadata
+
+
+def _noisy_fkpp(frames=5):
+    from napari_binn.synthetic.models import make_synthetic
+
+    field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(10, 12),
+                              dx_um=50.0, times_h=np.linspace(0, 24, frames), noise=0.05, seed=0)
+    return field
+
+
+def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_config):
+    """Wrong symbolic selections plus library-style candidates: the held-out choice keeps the simplest form the
+    late frames cannot exclude (D constant, G linear), excludes the ones that predict clearly worse, and writes the
+    rest as alternatives."""
+    from napari_binn.pipeline import alternatives_text
+    from napari_binn.symbolic.discover import Equations
+
+    field = _noisy_fkpp()
+    eq = Equations.from_forms(D=["700.0", "600.0 + 0.1*u", "700.0*exp(-0.0002*u) + 0.1*u"],
+                              G=["0.05", "0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"],
+                              u_range=(0.0, 2000.0))
+    cfg = pipeline_config()
+    cfg.refit.max_evals, cfg.refit.reference_model, cfg.refit.holdout_frames = 60, "", 2
+    res = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit", "qc")))
+    out = res.equations
+    assert out.D.selection == "held-out"
+    assert out.D.text == "700.000000000000" and out.G.text == "0.075 - 3.5e-5*u"
+    hold = res.metadata["holdout"]
+    assert hold["frames"] == 2 and hold["n_blocks"] >= 6
+    g = {c["form"]: c for c in hold["G"]["candidates"]}
+    assert [c["excluded"] for c in g.values() if c["n_constants"] == 1] == [True]  # constant growth: clearly worse
+    assert not g["0.075 - 3.5e-5*u"]["excluded"] and hold["G"]["headline"] == "0.075 - 3.5e-5*u"
+    assert set(out.metadata["alternatives"]["G"]) == {c for c, v in g.items() if not v["excluded"]} - {
+        "0.075 - 3.5e-5*u"}
+    assert res.metadata["closed_form_refitted"]["D_0"] == pytest.approx(800.0, rel=0.1)
+    assert "closed form (refitted)" in [m.name for m in res.qc.models]
+    lines = alternatives_text(out)
+    assert all("cannot tell apart" in line for line in lines)
+
+
+def test_holdout_frames_errors(pipeline_config):
+    field = _noisy_fkpp(frames=4)
+    from napari_binn.symbolic.discover import Equations
+
+    eq = Equations.from_forms(D=["700.0", "600.0 + 0.1*u"], G=["0.05", "0.075 - 3.5e-5*u"], u_range=(0.0, 2000.0))
+    for bad in (3, 7, -1, 1.5):
+        cfg = pipeline_config()
+        cfg.refit.holdout_frames = bad
+        with pytest.raises(ValueError, match=r"refit\.holdout_frames.*0 \(choose by BIC\) to 2"):
+            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    cfg = pipeline_config()
+    cfg.refit.holdout_frames, cfg.refit.holdout_level = 1, 0.0
+    with pytest.raises(ValueError, match=r"refit\.holdout_level"):
+        run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    # checked before training, as soon as the field is known
+    cfg = pipeline_config()
+    cfg.refit.holdout_frames = 3
+    with pytest.raises(ValueError, match=r"refit\.holdout_frames"):
+        run_job(run_pipeline(field, cfg))
+    cfg = pipeline_config()
+    cfg.symbolic.forms_D, cfg.refit.holdout_frames = ["gompertz"], 1
+    with pytest.raises(ValueError, match=r"symbolic\.forms_D.*'gompertz'"):
+        run_job(run_pipeline(field, cfg, stages=("binn", "symbolic")), lambda ev: pytest.fail(
+            "a bad form name must be refused before training"))
+
+
+def test_singular_candidate_never_costs_the_closed_form_row(pipeline_run, pipeline_config):
+    """G samples that 5/u fits best: discovery drops it (a/u's reaction does not vanish at u = 0), so the closed form
+    simulates and its QC row is there."""
+    from napari_binn.symbolic import FunctionSamples, discover_equations
+
+    result = pipeline_run[0]
+    u = np.linspace(200.0, 1900.0, 60)
+    samples = {"D": FunctionSamples(u, np.full_like(u, 800.0), name="D", u_max=2000.0),
+               "G": FunctionSamples(u, 0.03 + 5.0 / u, name="G", u_max=2000.0)}
+    eq = discover_equations(samples, backend="library")
+    assert "/u" not in eq.G.text.replace(" ", "") and any("not admissible" in n for n in eq.G.notes)
+    cfg = pipeline_config()
+    res = run_job(run_pipeline(PipelineResult(cfg, field=result.field, fit=result.fit, equations=eq), cfg,
+                               stages=("simulate", "qc")))
+    assert "closed form" in [m.name for m in res.qc.models]

@@ -159,3 +159,31 @@ def test_schema1_fixture_is_unchanged():
     manifest = json.loads((DATA / "bundle_schema1" / "manifest.json").read_text())
     assert manifest["schema_version"] == 1
     assert not (DATA / "bundle_schema1" / "figures").exists()  # written with figures=False
+
+
+def test_alternatives_and_library_rows_survive_a_bundle(result, tmp_path):
+    """The held-out choice's alternatives (equations metadata), its table (run metadata) and the library rows are
+    written and read back unchanged."""
+    eq = result.equations
+    assert eq.D.library or eq.G.library
+    alts = {"D": ["800.0 [constant]"], "G": ["0.08 - 4e-5*u [logistic]", "0.3 - 0.04*log(u) [gompertz]"]}
+    from dataclasses import replace
+
+    from napari_binn.pipeline import PipelineResult
+
+    res = PipelineResult(result.config, result.field, result.fit, replace(eq, metadata={**eq.metadata,
+                         "alternatives": alts}), dict(result.simulations), dict(result.mechanistic), result.qc,
+                         dict(result.metadata))
+    first = save_results(res, tmp_path / "first", figures=False)
+    loaded = load_results(first)
+    assert loaded.equations.metadata["alternatives"] == alts
+    assert loaded.metadata["holdout"] == json.loads(json.dumps(result.metadata["holdout"]))
+    for key in ("D", "G"):
+        assert [r.form for r in getattr(loaded.equations, key).rows] == [r.form for r in getattr(eq, key).rows]
+    second = save_results(loaded, tmp_path / "second", figures=False)
+    a, b = _files(first), _files(second)
+    assert [name for name in a if a[name] != b.get(name)] == []
+    from napari_binn.report import write_report
+
+    write_report(loaded, tmp_path, {})
+    assert "cannot tell apart" in (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -229,13 +229,20 @@ def _print_equations(args, result) -> None:
     eq = result.equations
     if eq is None:
         return
-    how = ("forms chosen by BIC among the Pareto candidates, shown with the symbolic fit's constants"
-           if eq.D is not None and eq.D.selection == "bic" else "selected forms")
+    how = {"bic": "forms chosen by BIC among the Pareto candidates, shown with the symbolic fit's constants",
+           "held-out": "forms chosen by held-out frames among the Pareto candidates and library forms, shown with "
+                       "the symbolic fit's constants"}.get(getattr(eq.D, "selection", ""), "selected forms")
     _say(args, f"\ndiscovered equations (symbolic regression of the learned D(u), G(u); {how}):")
     for key in ("D", "G"):
         f = getattr(eq, key, None)
         if f is not None:
             _say(args, f"  {equation_text(key, f)}")
+    from .pipeline import alternatives_text, determined_text
+
+    for line in alternatives_text(eq):
+        _say(args, f"  {line}")
+    for line in determined_text(result.fit):
+        _say(args, f"  {line}")
     refit = result.metadata.get("closed_form_refitted")
     mech = result.mechanistic.get("closed form (refitted)")
     if mech is not None and refit:

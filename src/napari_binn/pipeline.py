@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sympy as sp
 
 from . import __version__
 from ._config_io import from_dict, read_toml, to_dict, write_toml
@@ -27,6 +28,9 @@ from .pde import SimulationError, simulate_job
 from .pde.mechanistic import MechanisticFit, fit_mechanistic_job
 from .qc import QCReport, compare
 from .symbolic import Equations, discover_equations_job
+from .symbolic.expression import free_floats
+from .symbolic.forms import check_form_names, n_constants, pde_safe
+from .symbolic.selection import block_errors, heldout_choice
 
 __all__ = ["DensityConfig", "SymbolicConfig", "SimulationConfig", "RefitConfig", "PipelineConfig",
            "PipelineResult", "run_pipeline", "STAGES"]
@@ -52,7 +56,9 @@ class SymbolicConfig:
     """Equation discovery. backend: 'operon' | 'library' | 'pysr'. operators: None = the backend's default set.
     max_complexity: largest expression size. seeds: one search per seed, fronts merged. selection: 'best'
     (PySR's rule) | 'accuracy' | 'score'. n_samples: densities sampled between the ``quantiles`` of the
-    observed density."""
+    observed density. forms_D / forms_G: library forms fitted alongside the backend and offered to the refit
+    stage (D: constant, linear, proportional, power, exponential, saturating; G: zero, constant, logistic, allee,
+    gompertz, richards; None = all, [] = none)."""
 
     backend: str = "operon"
     operators: list[str] | None = None
@@ -61,6 +67,8 @@ class SymbolicConfig:
     selection: str = "best"
     n_samples: int = 200
     quantiles: list[float] = dc_field(default_factory=lambda: [0.05, 0.95])
+    forms_D: list[str] | None = None
+    forms_G: list[str] | None = None
 
 
 @dataclass
@@ -85,7 +93,13 @@ class RefitConfig:
     between; first D with G fixed, then G with the chosen D, then D again), as the 2020 BINN paper chose among its
     guided mechanistic models; 1 = refit only the symbolic selection. bic_margin: among the candidates, the
     simplest form (expression size) whose BIC is within this of the lowest is kept, so a more complex form needs
-    strong evidence (a BIC difference above 6, Kass & Raftery 1995)."""
+    strong evidence (a BIC difference above 6, Kass & Raftery 1995); used when ``holdout_frames`` is 0.
+    holdout_frames: the last frames held out to choose the form: every candidate (the front rows above and the
+    admissible library forms) is refitted on the earlier frames and predicts the held-out ones; a candidate is
+    excluded when a one-sided paired t test over 4 x 4-box blocks says it predicts worse than the best by more
+    than ``holdout_margin`` (a fraction of the best's squared error) at ``holdout_level``; the headline is the one with the fewest constants among those not excluded (then the smallest expression; the others are
+    the alternatives the data cannot exclude), then refitted on all frames. 0 = choose by BIC instead; with
+    ``candidates`` = 1 only the symbolic selection is refitted either way."""
 
     closed_form: bool = True
     reference_model: str = "fisher_kpp"
@@ -94,6 +108,9 @@ class RefitConfig:
     max_evals: int = 200
     candidates: int = 6
     bic_margin: float = 6.0
+    holdout_frames: int = 3
+    holdout_level: float = 0.05
+    holdout_margin: float = 0.05
 
 
 @dataclass
@@ -210,6 +227,9 @@ def run_pipeline(
         result, stack = PipelineResult(config), data
     else:
         raise TypeError(f"run_pipeline needs a Stack, a DensityField or a PipelineResult; got {type(data).__name__}")
+    if "symbolic" in stages:  # bad form names are refused before any stage runs
+        check_form_names("D", config.symbolic.forms_D)
+        check_form_names("G", config.symbolic.forms_G)
     result.metadata.setdefault("napari_binn_version", __version__)
     timings = result.metadata.setdefault("seconds", {})
     warnings = result.metadata.setdefault("warnings", [])
@@ -221,6 +241,8 @@ def run_pipeline(
         return False
 
     for index, stage in enumerate(STAGES):
+        if "refit" in stages and result.field is not None:  # fail before the long stages, not after them
+            check_holdout(config.refit, result.field.n_frames)
         if stage not in stages:
             continue
         if stop(stage):
@@ -246,7 +268,7 @@ def run_pipeline(
             result.equations = yield from _tag(discover_equations_job(
                 result.fit, backend=sc.backend, operators=sc.operators, max_complexity=sc.max_complexity,
                 seeds=tuple(sc.seeds), selection=sc.selection, n_samples=sc.n_samples,
-                quantiles=tuple(sc.quantiles), cancel=cancel), stage, index)
+                quantiles=tuple(sc.quantiles), forms_D=sc.forms_D, forms_G=sc.forms_G, cancel=cancel), stage, index)
         elif stage == "simulate":
             _need(result.field, "simulate", "a density field")
             yield from _simulate_stage(result, config, cancel, index)
@@ -283,7 +305,8 @@ def _simulate_stage(result: PipelineResult, config: PipelineConfig, cancel: Canc
             runs.append(("learned D, G", result.fit.D, result.fit.G, T))
     eq = result.equations
     if sc.closed_form and eq is not None and eq.D is not None and eq.G is not None:
-        runs.append(("closed form", eq.D.sympy, eq.G.sympy, None))
+        floor = _u_floor(fld)
+        runs.append(("closed form", pde_safe(eq.D.sympy, floor), pde_safe(eq.G.sympy, floor), None))
     for name, D, G, T in runs:
         if is_cancelled(cancel):
             return
@@ -300,11 +323,11 @@ def _candidate_indices(f, n: int) -> list[int]:
     """Up to ``n`` rows of a front no more complex than the selected one: the selected row, the simplest row (a
     constant, usually) and the rows with the highest PySR score between them."""
     sel = f.selected_index
-    simpler = sorted((i for i, row in enumerate(f.front) if row.complexity < f.front[sel].complexity),
+    simpler = sorted((i for i, row in enumerate(f.front) if row.complexity < f.rows[sel].complexity),
                      key=lambda i: f.front[i].complexity)
     picked = [sel] + simpler[:1]
     picked += sorted(simpler[1:], key=lambda i: -f.front[i].score)[: max(n - 2, 0)]
-    return sorted(picked[: max(n, 1)], key=lambda i: f.front[i].complexity)
+    return sorted(picked[: max(n, 1)], key=lambda i: f.rows[i].complexity)
 
 
 def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float, kw: dict[str, Any],
@@ -363,9 +386,191 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
     return pair(current["D"], current["G"])
 
 
+#: grid boxes per side of the spatial blocks over which the held-out test pairs candidates' errors
+HOLDOUT_BLOCK = 4
+
+
+def check_holdout(rc: RefitConfig, n_frames: int) -> None:
+    """ValueError naming ``refit.holdout_frames`` / ``refit.holdout_level`` / ``refit.holdout_margin`` and their
+    allowed values, when the held-out choice will run (closed forms refitted, more than one candidate)."""
+    if not rc.closed_form or rc.candidates <= 1:
+        return
+    h = rc.holdout_frames
+    if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h <= n_frames - 2:
+        raise ValueError(f"refit.holdout_frames = {h!r}: allowed values are the integers 0 (choose by BIC) to "
+                         f"{max(n_frames - 2, 0)} for this field of {n_frames} frames (the candidates are refitted on "
+                         "the frames before the held-out ones, and that needs at least 2)")
+    if not 0.0 < float(rc.holdout_level) < 1.0:
+        raise ValueError(f"refit.holdout_level = {rc.holdout_level!r}: allowed values are in (0, 1), e.g. 0.05")
+    if not 0.0 <= float(rc.holdout_margin) < 1.0:
+        raise ValueError(f"refit.holdout_margin = {rc.holdout_margin!r}: allowed values are in [0, 1), e.g. 0.05")
+
+
+def _u_floor(fld: DensityField) -> float:
+    """The density below which a closed form singular at u = 0 (e.g. Gompertz's log u) is held constant in the
+    solver: 1e-6 of the largest observed density."""
+    with np.errstate(all="ignore"):
+        top = float(np.nanmax(np.where(fld.mask[None], fld.u, np.nan))) if np.any(fld.observed) else 1.0
+    return 1e-6 * top if np.isfinite(top) and top > 0 else 1e-9
+
+
+def solver_model(eq: Equations, fld: DensityField) -> tuple[dict[str, Any], dict[str, float]]:
+    """``eq.parameters()`` made safe for the solver at empty boxes (see :func:`~napari_binn.symbolic.forms.pde_safe`)."""
+    model, init = eq.parameters()
+    floor = _u_floor(fld)
+    return {k: pde_safe(v, floor, init) for k, v in model.items()}, init
+
+
+def _row_label(f, i: int) -> str:
+    row = f.rows[i]
+    return row.expression.text + (f" [{row.form}]" if row.form else "")
+
+
+def _holdout_candidates(f, n: int) -> list[int]:
+    """Rows of ``f.rows`` the held-out test compares: the front's candidates (as for the BIC choice), the front rows
+    that are library forms, and the library rows; one per distinct text, fewest constants first."""
+    idx = [f.selected_index] + _candidate_indices(f, n) + [i for i, r in enumerate(f.front) if r.form]
+    idx += list(range(len(f.front), len(f.rows)))
+    out, seen = [], set()
+    for i in idx:  # one per structure: the refit re-estimates the constants anyway
+        expr = f.rows[i].expression.sympy
+        shape = sp.srepr(expr.xreplace({c: sp.Symbol("c") for c in free_floats(expr)}))
+        if shape not in seen:
+            seen.add(shape)
+            out.append(i)
+    return sorted(out, key=lambda i: (n_constants(f.rows[i].expression.sympy), f.rows[i].complexity, i))
+
+
+def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, kw: dict[str, Any],
+                       cancel: CancelToken | None, index: int):
+    """Choose D and G by how well they predict the held-out last frames (see :class:`RefitConfig`).
+
+    Coordinate-wise as the BIC choice: every candidate D with G at its symbolic selection, then every candidate G
+    with the chosen D, then D again with the chosen G. Each candidate pair is refitted (fit_mechanistic, no
+    intervals) on the frames before the held-out ones and simulated over all frames; its held-out squared
+    errors are summed in 4 x 4-box blocks; :func:`~napari_binn.symbolic.selection.heldout_choice` excludes the
+    ones a paired test finds worse than the best and keeps the one with the fewest constants. Returns
+    (equations re-selected, with ``metadata['alternatives']``; the headline's held-out fit's constants as the
+    start of the final refit)."""
+    from dataclasses import replace
+
+    fld = result.field
+    n_t, h = fld.n_frames, int(rc.holdout_frames)
+    train = DensityField(fld.u[: n_t - h], fld.mask, fld.x_um, fld.y_um, fld.t_h[: n_t - h], fld.units, fld.K,
+                         dict(fld.metadata))
+    late = fld.u[n_t - h:]
+    cands = {"D": _holdout_candidates(eq.D, rc.candidates), "G": _holdout_candidates(eq.G, rc.candidates)}
+    current = {"D": eq.D.selected_index, "G": eq.G.selected_index}
+    for key in ("D", "G"):
+        if current[key] not in cands[key]:
+            cands[key].insert(0, current[key])
+    cache: dict[tuple[int, int], tuple[Any, dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
+    total = 2 * len(cands["D"]) + len(cands["G"]) - 2
+
+    def pair(i: int, j: int) -> Equations:
+        return replace(eq, D=replace(eq.D, selected_index=i, selection="held-out"),
+                       G=replace(eq.G, selected_index=j, selection="held-out"))
+
+    def evaluate(ij: tuple[int, int]):
+        cand = pair(*ij)
+        model, init = solver_model(cand, fld)
+        yield Progress("refit", len(cache), total, f"held-out candidate {len(cache) + 1}/{total}: "
+                       f"D = {cand.D.text}; G = {cand.G.text}", data={"pipeline_stage": "refit", "stage_index": index})
+        rec: dict[str, Any] = {"D": _row_label(eq.D, ij[0]), "G": _row_label(eq.G, ij[1])}
+        errors = None
+        try:
+            fit = yield from _tag(fit_mechanistic_job(train, model, init=init, cancel=cancel, **kw), "refit", index)
+            pred = yield from _tag(simulate_job(fit.D, fit.G, fld, rtol=kw.get("rtol", 1e-4)), "refit", index)
+            errors = block_errors(pred[n_t - h:], late, fld.mask, HOLDOUT_BLOCK)
+            rec.update(params={p: float(v) for p, v in fit.params.items()},
+                       heldout_sse=float(np.sum(errors)) if np.all(np.isfinite(errors)) else None,
+                       train_bic=float(fit.bic) if np.isfinite(fit.bic) else None)
+        except Exception as err:  # a candidate that cannot be fitted or simulated is excluded, not fatal
+            rec["error"] = str(err)
+        cache[ij] = (errors, rec)
+        rows.append(rec)
+
+    chosen: dict[str, dict[str, Any]] = {}
+    for key in ("D", "G", "D"):  # D again only costs fits when G changed (pairs are not refitted twice)
+        options = [(i, current["G"]) if key == "D" else (current["D"], i) for i in cands[key]]
+        for ij in options:
+            if ij not in cache and not is_cancelled(cancel):
+                yield from evaluate(ij)
+        avail = [ij for ij in options if ij in cache]
+        if not avail:
+            continue
+        consts = [n_constants(eq.D.rows[i].expression.sympy) + n_constants(eq.G.rows[j].expression.sympy)
+                  for i, j in avail]
+        sizes = [eq.D.rows[i].complexity + eq.G.rows[j].complexity for i, j in avail]
+        head, excluded, pvals, totals = heldout_choice([cache[ij][0] for ij in avail], consts, rc.holdout_level,
+                                                       rc.holdout_margin, sizes)
+        if head is None:
+            continue
+        pos = 0 if key == "D" else 1
+        f = eq.D if key == "D" else eq.G
+        current = {"D": avail[head][0], "G": avail[head][1]}
+        chosen[key] = {
+            "headline": _row_label(f, avail[head][pos]),
+            "alternatives": [_row_label(f, ij[pos]) for k, ij in enumerate(avail) if not excluded[k] and k != head],
+            "candidates": [{"form": _row_label(f, ij[pos]), "n_constants": n_constants(f.rows[ij[pos]].expression.sympy),
+                            "heldout_sse": totals[k] if np.isfinite(totals[k]) else None,
+                            "p_worse": None if not np.isfinite(pvals[k]) else float(pvals[k]),
+                            "excluded": bool(excluded[k])} for k, ij in enumerate(avail)],
+            "with": _row_label(eq.G if key == "D" else eq.D, avail[head][1 - pos]),
+        }
+    result.metadata["refit_candidates"] = rows
+    n_blocks = next((len(e) for e, _ in cache.values() if e is not None), 0)
+    result.metadata["holdout"] = {"frames": h, "level": float(rc.holdout_level),
+                                  "margin": float(rc.holdout_margin), "block_boxes": HOLDOUT_BLOCK,
+                                  "n_blocks": n_blocks, "test": "one-sided paired t test over blocks", **chosen}
+    final = (current["D"], current["G"])
+    if final not in cache or cache[final][0] is None:
+        return eq, None
+    out = pair(current["D"], current["G"])
+    alternatives = {k: v["alternatives"] for k, v in chosen.items()}
+    out = replace(out, metadata={**out.metadata, "alternatives": alternatives})
+    return out, cache[final][1].get("params")
+
+
+def alternatives_text(eq: Equations | None) -> list[str]:
+    """'the data cannot tell apart: ...' lines for D and G (empty when the held-out test excluded every other form)."""
+    alts = (eq.metadata.get("alternatives") if eq is not None else None) or {}
+    out = []
+    for key in ("D", "G"):
+        f = getattr(eq, key, None)
+        if alts.get(key) and f is not None:
+            head = f.selected.text + (f" [{f.selected_row.form}]" if f.selected_row.form else "")
+            out.append(f"{key}(u): the data cannot tell apart: {head} (headline, fewest constants); "
+                       + "; ".join(alts[key]))
+    return out
+
+
+def determined_text(fit: BinnFit | None, tolerance: float = 0.25) -> list[str]:
+    """One line per learned function: the density range where the data determine it (``BinnFit.determined_range``)."""
+    if fit is None:
+        return []
+    unit = fit.units.get("u", "u")
+    lo, hi = fit.u_range["q05"], fit.u_range["q95"]
+    out = []
+    for key in ("D", "G"):
+        if fit.band_sd(key, fit.u_grid(3)) is None:
+            out.append(f"{key}(u): no band (a single BINN; train n_models >= 2 to see where the data determine it)")
+            continue
+        rng = fit.determined_range(key, tolerance)
+        if rng is None:
+            out.append(f"{key}(u) is not determined anywhere on the observed u in [{lo:.4g}, {hi:.4g}] {unit} "
+                       f"(its ± 2 sd band is wider than {tolerance:.0%} of it)")
+        else:
+            out.append(f"{key}(u) is determined for u in [{rng[0]:.4g}, {rng[1]:.4g}] {unit} of the observed "
+                       f"[{lo:.4g}, {hi:.4g}] (± 2 sd band within {tolerance:.0%})")
+    return out
+
+
 def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelToken | None, index: int):
     fld = result.field
     rc = config.refit
+    check_holdout(rc, fld.n_frames)
     kw = dict(weighting=rc.weighting, intervals=None if rc.intervals == "none" else rc.intervals,
               max_evals=rc.max_evals, rtol=config.simulation.rtol)
     if rc.reference_model:
@@ -374,11 +579,17 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
         result.simulations[rc.reference_model] = fit.predicted
     eq = result.equations
     if rc.closed_form and eq is not None and eq.D is not None and eq.G is not None and not is_cancelled(cancel):
-        if rc.candidates > 1:
+        start = None
+        if rc.holdout_frames > 0 and rc.candidates > 1:
+            eq, start = yield from _select_by_holdout(result, eq, rc, {**kw, "intervals": None}, cancel, index)
+            result.equations = eq
+        elif rc.candidates > 1:
             eq = yield from _select_by_bic(result, eq, rc.candidates, rc.bic_margin, {**kw, "intervals": None},
                                            cancel, index)
             result.equations = eq
-        model, init = eq.parameters()
+        model, init = solver_model(eq, fld)
+        if start:  # the held-out fit's constants are closer to the data than the curve fit's
+            init = {k: float(start.get(k, v)) for k, v in init.items()}
         fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel, **kw), "refit", index)
         result.mechanistic["closed form (refitted)"] = fit
         if fit.converged or np.isfinite(fit.loglik):

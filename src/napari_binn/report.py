@@ -30,8 +30,14 @@ def _rates_figure(result, path: Path) -> None:
         ens = fit.D_ensemble(u) if key == "D" else fit.G_ensemble(u)
         mean = ens.mean(0)
         ax.plot(u, mean, color="C0", lw=2, label=f"BINN (mean of {ens.shape[0]})")
-        if ens.shape[0] > 1:
-            ax.fill_between(u, ens.min(0), ens.max(0), color="C0", alpha=0.25, label="ensemble range")
+        sd = fit.band_sd(key, u)
+        if sd is not None:
+            ax.fill_between(u, mean - 2 * sd, mean + 2 * sd, color="C0", alpha=0.25, lw=0, label="BINN ± 2 sd")
+        det = fit.determined_range(key)
+        for a, b in ([(u[0], u[-1])] if det is None else [(u[0], det[0]), (det[1], u[-1])]):
+            if b > a:
+                ax.axvspan(a, b, color="0.55", alpha=0.3, lw=0, zorder=0.5,
+                           label="not determined" if a == u[0] or det is None else None)
         f = getattr(eq, key, None) if eq is not None else None
         if f is not None:
             with np.errstate(all="ignore"):
@@ -145,6 +151,19 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
             if f is not None:
                 parts.append(esc(equation_text(key, f)) + "\n")
         parts.append("</pre>")
+        from .pipeline import alternatives_text, determined_text
+
+        notes = alternatives_text(eq) + determined_text(result.fit)
+        if notes:
+            parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+        holdout = result.metadata.get("holdout")
+        if isinstance(holdout, dict) and holdout.get("frames"):
+            parts.append(f"<p>Forms chosen by the last {holdout['frames']} frames held out: candidates refitted on the "
+                         f"earlier frames predict them; a candidate is excluded when a one-sided paired t test over "
+                         f"{holdout.get('n_blocks', '?')} blocks of {holdout.get('block_boxes', 4)} x "
+                         f"{holdout.get('block_boxes', 4)} boxes finds it worse than the best by more than "
+                         f"{100 * float(holdout.get('margin', 0)):.0f}% at level {holdout.get('level')}; the headline "
+                         "has the fewest constants among the rest.</p>")
         refit = result.metadata.get("closed_form_refitted")
         if refit:
             parts.append("<p>Constants refitted against the data: " +

@@ -56,7 +56,7 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
     _idle(qtbot, res)
     eq = state.equations
     assert eq is not None and eq.D is not None
-    assert res.tables["D"].rowCount() == len(eq.D.front)
+    assert res.tables["D"].rowCount() == len(eq.D.rows)  # the front, then the library forms
     star_row = [r for r in range(res.tables["D"].rowCount()) if res.tables["D"].item(r, 0).text() == "★"]
     assert star_row == [eq.D.selected_index]
     assert not res.latex_labels["D"].pixmap().isNull()

@@ -63,3 +63,27 @@ def test_load_fit_saved_before_the_softplus_D_network(tmp_path, binn_field, tiny
     u = np.linspace(0, 1, 9)
     assert again.config.D_output == "log"
     assert np.array_equal(fit.D(u), again.D(u))
+
+
+def test_bands_and_determined_range(binn_field, tiny):
+    f = binn_field()
+    fit = fit_binn(f, BinnConfig(steps=10, n_models=2, **tiny))
+    u = fit.u_grid(31)
+    for key in ("D", "G"):
+        sd = fit.band_sd(key, u)
+        ens = fit.D_ensemble(u) if key == "D" else fit.G_ensemble(u)
+        np.testing.assert_allclose(sd, ens.std(0, ddof=1), rtol=1e-12, atol=1e-300)
+        lo, hi = fit.determined_range(key, tolerance=1e9)  # everything is determined at a huge tolerance
+        assert (lo, hi) == pytest.approx((fit.u_range["q05"], fit.u_range["q95"]))
+        assert fit.determined_range(key, tolerance=1e-12) is None  # nothing at a vanishing one
+    # a refinement's band, when there is one, is preferred
+    fit.metadata["refine"] = {"u": [0.0, 1.0], "D_sd": [0.0, 2.0]}
+    np.testing.assert_allclose(fit.band_sd("D", np.array([0.25, 0.5])), [0.5, 1.0])
+    assert fit.band_sd("G", u) is not None  # no G band in the refinement: the ensemble's
+    with pytest.raises(ValueError, match="'D' or 'G'"):
+        fit.band_sd("T", u)
+    with pytest.raises(ValueError, match="tolerance"):
+        fit.determined_range("D", tolerance=0)
+    single = fit_binn(f, BinnConfig(steps=5, n_models=1, **tiny))
+    assert single.band_sd("D", u) is None  # no spread is known
+    assert single.determined_range("D") == pytest.approx((single.u_range["q05"], single.u_range["q95"]))

@@ -20,7 +20,7 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QLabel, QSizePolicy
 
-__all__ = ["AsyncFigure", "style_axes", "latex_pixmap", "FG", "BG"]
+__all__ = ["AsyncFigure", "style_axes", "latex_pixmap", "rate_bands", "draw_band", "fit_ylim", "FG", "BG"]
 
 FG = "#d0d4da"
 BG = "#262930"
@@ -40,6 +40,50 @@ def style_axes(ax: Any, title: str = "", xlabel: str = "", ylabel: str = "") -> 
 def legend(ax: Any) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, frameon=False, labelcolor=FG)
+
+
+def rate_bands(fit: Any, u: np.ndarray, tolerance: float = 0.25) -> dict[str, tuple[Any, Any]]:
+    """{'D': (sd or None, determined range or None), 'G': ...} of a BinnFit at densities ``u`` (GUI thread: cheap
+    network evaluations; the plot thread only draws)."""
+    out = {}
+    for key in ("D", "G"):
+        try:
+            out[key] = (fit.band_sd(key, u), fit.determined_range(key, tolerance))
+        except (AttributeError, ValueError):
+            out[key] = (None, None)
+    return out
+
+
+def draw_band(ax: Any, u: np.ndarray, mean: np.ndarray, sd: Any, determined: Any, color: str = "tab:orange",
+              *, grey: str = "#8a8f98") -> None:
+    """The learned curve's band (mean ± 2 sd) and, greyed, the densities outside its determined range."""
+    u, mean = np.asarray(u, float), np.asarray(mean, float)
+    if sd is not None:
+        sd = np.asarray(sd, float)
+        ax.fill_between(u, mean - 2 * sd, mean + 2 * sd, color=color, alpha=0.3, lw=0, label="± 2 sd")
+    lo, hi = (determined if determined is not None else (np.nan, np.nan))
+    spans = [(u[0], u[-1])] if determined is None else [(u[0], lo), (hi, u[-1])]
+    labelled = False
+    for a, b in spans:
+        if b > a:
+            ax.axvspan(a, b, color=grey, alpha=0.35, lw=0, zorder=0,
+                       label=None if labelled else "undetermined")
+            labelled = True
+
+
+def fit_ylim(ax: Any, curves: list[np.ndarray], nonnegative: bool = False) -> None:
+    """y-limits from the curves (not from a band that may be far wider): their range with a margin, so a wide
+    band is cut at the frame rather than flattening the curves."""
+    vals = np.concatenate([np.ravel(np.asarray(c, float)) for c in curves]) if curves else np.array([])
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
+        return
+    lo, hi = float(vals.min()), float(vals.max())
+    pad = max(0.3 * (hi - lo), 0.15 * max(abs(lo), abs(hi)), 1e-12)
+    low = lo - pad
+    if nonnegative and lo >= 0:
+        low = max(low, 0.0)
+    ax.set_ylim(low, hi + pad)
 
 
 class AsyncFigure(QLabel):

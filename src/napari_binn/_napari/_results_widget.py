@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 from ..symbolic.expression import equation_latex, equation_text
 from ._forms import align_labels, fmt_seconds, form, ispin, row, section, wrap_label
 from ._layers import density_layer_kwargs, show_density, upsert_image
-from ._plots import AsyncFigure, legend, style_axes
+from ._plots import AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import LAYER_NAMES, get_state, register_dock, register_state_id, unregister_dock
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
 
@@ -248,10 +248,11 @@ class ResultsWidget(QWidget):
             if f is None:
                 label.clear()
                 continue
-            table.setRowCount(len(f.front))
-            for i, r in enumerate(f.front):
+            table.setRowCount(len(f.rows))  # the Pareto front, then the library forms (named)
+            for i, r in enumerate(f.rows):
                 chosen = i == f.selected_index
-                cells = ("★" if chosen else "", str(r.complexity), f"{r.loss:.3g}", r.expression.text)
+                text = r.expression.text + (f"   [{r.form}]" if r.form else "")
+                cells = ("★" if chosen else "", str(r.complexity), f"{r.loss:.3g}", text)
                 for j, val in enumerate(cells):
                     item = QTableWidgetItem(val)
                     if chosen:
@@ -427,9 +428,11 @@ class ResultsWidget(QWidget):
         s = self.state
         rates: dict[str, Any] = {}
         u = None
+        bands: dict[str, Any] = {}
         if s.fit is not None:
             u = s.fit.u_grid(101)
             rates["learned"] = (u, s.fit.D(u), s.fit.G(u))
+            bands = rate_bands(s.fit, u)
         eq = s.equations
         if eq is not None and eq.D is not None and eq.G is not None:
             if u is None:
@@ -449,7 +452,7 @@ class ResultsWidget(QWidget):
                 counts[name] = (fld.t_h, total_count(sim, fld.mask, fld.dx_um, fld.units))
             units = fld.units
         if rates or counts:
-            self.figure.render(_plot_results, rates, counts, units)
+            self.figure.render(_plot_results, rates, counts, units, bands)
 
     # ------------------------------------------------------------------------------------------ bundles
     def _bundle_dir(self) -> Path | None:
@@ -598,16 +601,23 @@ def _text_overlay(viewer: Any) -> Any:
     return getattr(viewer, "text_overlay", None)
 
 
-def _plot_results(fig: Any, rates: dict[str, Any], counts: dict[str, Any], units: str) -> None:
-    """D(u), G(u) and N(t) panels (plot thread)."""
+def _plot_results(fig: Any, rates: dict[str, Any], counts: dict[str, Any], units: str,
+                  bands: dict[str, Any] | None = None) -> None:
+    """D(u), G(u) (the learned curve's ± 2 sd band, the undetermined densities greyed) and N(t) panels (plot
+    thread)."""
     ax_d, ax_g, ax_n = fig.subplots(1, 3)
     fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.2, wspace=0.5)
     u_label = f"u ({units})" if units else "u"
     for ax, idx, title, unit in ((ax_d, 1, "D(u)", "µm²/h"), (ax_g, 2, "G(u)", "1/h")):
         style_axes(ax, title, u_label, unit)
+        band = (bands or {}).get(title[0])
+        if band is not None and "learned" in rates:
+            draw_band(ax, rates["learned"][0], rates["learned"][idx], band[0], band[1], color="C0")
         for (name, vals), style in zip(rates.items(), ("-", "--")):
             ax.plot(vals[0], vals[idx], style, lw=1.6, label=name)
-        legend(ax)
+        fit_ylim(ax, [vals[idx] for vals in rates.values()], nonnegative=idx == 1)
+        if idx == 1:  # one legend for both rate panels (they share the entries)
+            legend(ax)
     n_unit = "cells" if units == "cells/mm²" else f"{units}·mm²"
     style_axes(ax_n, "N(t) in the ROI", "time (h)", n_unit)
     for name, (t, n) in counts.items():

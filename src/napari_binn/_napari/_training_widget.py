@@ -14,7 +14,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
 from ._forms import align_labels, fmt_seconds, form, fspin, ispin, row, section, set_clamped, wrap_label
-from ._plots import BG, AsyncFigure, legend, style_axes
+from ._plots import BG, AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import get_state, register_dock, unregister_dock
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
 
@@ -333,7 +333,7 @@ class TrainingWidget(QWidget):
 
     def _plot_fit(self, fit: Any) -> None:
         u = fit.u_grid(101)
-        final = (u, fit.D_ensemble(u), fit.G_ensemble(u))
+        final = (u, fit.D_ensemble(u), fit.G_ensemble(u), rate_bands(fit, u))
         history = {k: np.asarray(v, float) for k, v in self._history.items()}
         self.figure.render(_plot_training, history, None, [], self._u_label(), final)
 
@@ -369,7 +369,7 @@ def _thin(points: np.ndarray, n: int = 300) -> np.ndarray:
 def _plot_training(fig: Any, history: dict[str, np.ndarray], snapshot: tuple | None, finished: list[tuple],
                    u_label: str, final: tuple | None = None) -> None:
     """Loss terms (log scale), D(u) and G(u): the current network, finished ones in grey, or the final ensemble
-    (mean and min-max band). Runs in the plot thread."""
+    (mean, ± 2 sd band, undetermined densities greyed). Runs in the plot thread."""
     ax_l, ax_d, ax_g = fig.subplots(3, 1)
     fig.subplots_adjust(left=0.17, right=0.97, top=0.95, bottom=0.08, hspace=0.75)
     style_axes(ax_l, "Loss terms (scaled units)", "step", "loss")
@@ -382,10 +382,11 @@ def _plot_training(fig: Any, history: dict[str, np.ndarray], snapshot: tuple | N
         style_axes(ax, title, u_label, unit)
         if final is not None:
             u, ens = final[0], final[idx]
-            if ens.shape[0] > 1:
-                ax.fill_between(u, ens.min(0), ens.max(0), color="tab:orange", alpha=0.3,
-                                label=f"range of {ens.shape[0]} networks")
-            ax.plot(u, ens.mean(0), color="tab:orange", lw=1.8, label="learned")
+            band = final[3].get("D" if idx == 1 else "G") if len(final) > 3 else None
+            if band is not None:  # mean ± 2 sd of the networks, the densities the data leave open greyed
+                draw_band(ax, u, ens.mean(0), band[0], band[1])
+            ax.plot(u, ens.mean(0), color="tab:orange", lw=1.8, label=f"learned (mean of {ens.shape[0]})")
+            fit_ylim(ax, [ens.mean(0)], nonnegative=idx == 1)
         else:
             for member in finished:
                 ax.plot(member[0], member[idx], color="0.6", lw=1.0)

@@ -148,6 +148,51 @@ class BinnFit:
         """Ensemble standard deviation of G(u), 1/h (zeros for a single model)."""
         return self.G_ensemble(u).std(0)
 
+    def band_sd(self, kind: str, u) -> np.ndarray | None:
+        """Standard deviation of the learned ``kind`` ('D', µm²/h, or 'G', 1/h) at densities ``u``: how well the
+        data determine it. A forward-solver refinement's band (``metadata['refine']``: ``u`` grid with ``D_sd`` /
+        ``G_sd``) is preferred when present; else the spread of the ensemble members (n_models > 1); None for a
+        single model with no refinement band (no spread is known)."""
+        if kind not in ("D", "G"):
+            raise ValueError(f"band_sd: kind must be 'D' or 'G'; got {kind!r}")
+        u = np.asarray(u, dtype=np.float64)
+        refine = self.metadata.get("refine") if isinstance(self.metadata, dict) else None
+        if isinstance(refine, dict) and refine.get(f"{kind}_sd") is not None and refine.get("u") is not None:
+            grid = np.asarray(refine["u"], dtype=np.float64).ravel()
+            sd = np.asarray(refine[f"{kind}_sd"], dtype=np.float64).ravel()
+            if grid.size == sd.size and grid.size >= 2 and np.all(np.diff(grid) > 0):
+                return np.interp(u, grid, sd)
+        if self.n_models < 2:
+            return None
+        return self._rates(u, kind).std(0, ddof=1)
+
+    def determined_range(self, kind: str, tolerance: float = 0.25, n: int = 201) -> tuple[float, float] | None:
+        """The density range (units of u) where the learned ``kind`` is determined by the data: inside the observed
+        densities' central 90% (``u_range`` q05..q95: where there are data) and where the band is narrow,
+        2·band_sd / max(|f(u)|, 0.1·max|f|) < ``tolerance`` (f the ensemble mean; the floor keeps a G that
+        crosses zero from counting as undetermined at its root). The longest such stretch, or None when there
+        is none. With a single model (no band) it is the data range alone."""
+        if not 0 < float(tolerance):
+            raise ValueError(f"determined_range: tolerance must be > 0 (a relative band width); got {tolerance}")
+        u = self.u_grid(n, central=True)
+        sd = self.band_sd(kind, u)
+        if sd is None:
+            return float(u[0]), float(u[-1])
+        f = self.D(u) if kind == "D" else self.G(u)
+        scale = np.maximum(np.abs(f), 0.1 * max(float(np.max(np.abs(f))), 1e-300))
+        ok = 2.0 * sd / scale < float(tolerance)
+        best, start = None, None
+        for i, flag in enumerate(np.append(ok, False)):
+            if flag and start is None:
+                start = i
+            elif not flag and start is not None:
+                if best is None or i - start > best[1] - best[0]:
+                    best = (start, i)
+                start = None
+        if best is None:
+            return None
+        return float(u[best[0]]), float(u[best[1] - 1])
+
     def T(self, t_h) -> np.ndarray:
         """Delay factor T(t) in (0, 1] at times ``t_h`` (ones when the fit has no delay network)."""
         t = np.asarray(t_h, dtype=np.float64)

@@ -28,7 +28,9 @@ from .expression import (
     round_significant,
     snap_constants,
     supported_digits,
+    weighted_mse,
 )
+from .forms import check_form_names, fit_forms, is_admissible
 from .samples import FunctionSamples, samples_from_fit
 from .selection import SELECTION_RULES, front_scores, pareto_indices, select_index, significant_indices
 
@@ -39,26 +41,33 @@ DEFAULT_MAX_COMPLEXITY = 25
 
 @dataclass(frozen=True)
 class FrontRow:
-    """One member of a Pareto front: complexity, weighted MSE loss ((value units)²), PySR score, expression."""
+    """One member of a Pareto front: complexity, weighted MSE loss ((value units)²), PySR score, expression;
+    ``form``: the library form's name when the row is one (see :mod:`~napari_binn.symbolic.forms`)."""
 
     complexity: int
     loss: float
     score: float
     expression: Expression
+    form: str = ""
 
     def to_dict(self) -> dict:
-        return {"complexity": self.complexity, "loss": self.loss, "score": self.score,
-                "expression": self.expression.to_dict()}
+        out = {"complexity": self.complexity, "loss": self.loss, "score": self.score,
+               "expression": self.expression.to_dict()}
+        if self.form:
+            out["form"] = self.form
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> FrontRow:
         return cls(int(d["complexity"]), as_float(d.get("loss")), as_float(d.get("score")),
-                   Expression.from_dict(d["expression"]))
+                   Expression.from_dict(d["expression"]), str(d.get("form", "")))
 
 
 @dataclass(frozen=True)
 class DiscoveredFunction:
-    """The discovery result for one function (D or G): its Pareto front and the selected closed form."""
+    """The discovery result for one function (D or G): its Pareto front, the fitted library forms that are
+    admissible (``library``), and the selected closed form. ``selected_index`` counts the front's rows, then the
+    library's (``rows``)."""
 
     name: str
     front: tuple[FrontRow, ...]
@@ -71,11 +80,29 @@ class DiscoveredFunction:
     notes: tuple[str, ...] = ()
     loss_floor: float = 0.0
     significant: tuple[int, ...] | None = None
+    library: tuple[FrontRow, ...] = ()
+
+    @property
+    def rows(self) -> tuple[FrontRow, ...]:
+        """The front's rows, then the library's: what ``selected_index`` and :meth:`pick` count."""
+        return self.front + self.library
+
+    @property
+    def selected_row(self) -> FrontRow:
+        return self.rows[self.selected_index]
 
     @property
     def selected(self) -> Expression:
         """The selected closed form."""
-        return self.front[self.selected_index].expression
+        return self.rows[self.selected_index].expression
+
+    def with_row(self, index: int, row: FrontRow) -> DiscoveredFunction:
+        """Copy with row ``index`` (of ``rows``) replaced."""
+        n = len(self.front)
+        if index < n:
+            return replace(self, front=self.front[:index] + (row,) + self.front[index + 1:])
+        k = index - n
+        return replace(self, library=self.library[:k] + (row,) + self.library[k + 1:])
 
     @property
     def sympy(self) -> sp.Expr:
@@ -104,9 +131,10 @@ class DiscoveredFunction:
                        selection=rule)
 
     def pick(self, index: int) -> DiscoveredFunction:
-        """Copy whose selected form is front row ``index``, chosen by the user (selection ``'user pick'``)."""
-        if not 0 <= int(index) < len(self.front):
-            raise ValueError(f"{self.name}(u): no front row {index}; the front has {len(self.front)} rows.")
+        """Copy whose selected form is row ``index`` of ``rows`` (front, then library), chosen by the user
+        (selection ``'user pick'``)."""
+        if not 0 <= int(index) < len(self.rows):
+            raise ValueError(f"{self.name}(u): no row {index}; the front and library have {len(self.rows)} rows.")
         return replace(self, selected_index=int(index), selection="user pick")
 
     def to_dict(self) -> dict:
@@ -117,7 +145,8 @@ class DiscoveredFunction:
                 "selection": self.selection, "selected": self.selected_index, "notes": list(self.notes),
                 "loss_floor": self.loss_floor,
                 "significant": None if self.significant is None else list(self.significant),
-                "front": [row.to_dict() for row in self.front]}
+                "front": [row.to_dict() for row in self.front],
+                **({"library": [row.to_dict() for row in self.library]} if self.library else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> DiscoveredFunction:
@@ -127,7 +156,8 @@ class DiscoveredFunction:
         return cls(str(d["name"]), tuple(FrontRow.from_dict(r) for r in d["front"]), int(d["selected"]),
                    str(d.get("selection", "best")), str(d.get("backend", "")), (as_float(lo), as_float(hi)),
                    str(d.get("units", "")), str(d.get("u_units", "u")), tuple(d.get("notes", ())),
-                   as_float(d.get("loss_floor", 0.0)), None if significant is None else tuple(map(int, significant)))
+                   as_float(d.get("loss_floor", 0.0)), None if significant is None else tuple(map(int, significant)),
+                   tuple(FrontRow.from_dict(r) for r in d.get("library", ())))
 
     def table(self) -> str:
         """The Pareto front as a text table; the selected row is starred."""
@@ -138,9 +168,16 @@ class DiscoveredFunction:
         ]
         for i, row in enumerate(self.front):
             mark = "*" if i == self.selected_index else " "
+            form = f"   [{row.form}]" if row.form else ""
             lines.append(
-                f" {mark} {row.complexity:>10d}  {row.loss:>10.3g}  {row.score:>7.3f}  {row.expression.text}"
+                f" {mark} {row.complexity:>10d}  {row.loss:>10.3g}  {row.score:>7.3f}  {row.expression.text}{form}"
             )
+        if self.library:
+            lines.append("   library forms:")
+        for i, row in enumerate(self.library, start=len(self.front)):
+            mark = "*" if i == self.selected_index else " "
+            lines.append(f" {mark} {row.complexity:>10d}  {row.loss:>10.3g}  {'':>7}  {row.expression.text}"
+                         f"   [{row.form}]")
         lines += [f"   {c}" for c in self.constants]
         lines += [f"   note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -224,9 +261,7 @@ class Equations:
             _, values_now = f.selected.parametrized(key)
             new_values = [given.get(name, v) for name, v in values_now.items()]
             expr = f.selected.with_constants(new_values)
-            front = list(f.front)
-            front[f.selected_index] = replace(front[f.selected_index], expression=expr)
-            out[key] = replace(f, front=tuple(front))
+            out[key] = f.with_row(f.selected_index, replace(f.selected_row, expression=expr))
         return replace(self, D=out.get("D", self.D), G=out.get("G", self.G))
 
     def with_refit(self, fit) -> Equations:
@@ -311,6 +346,7 @@ def _as_samples(fit_or_samples, n_samples, quantiles) -> dict[str, FunctionSampl
 class _Candidate:
     fit: FitResult
     complexity: int
+    form: str = ""
 
 
 def _prepare(expr: sp.Expr, u, y, w) -> _Candidate | None:
@@ -338,7 +374,40 @@ def _polish(cand: _Candidate, u, y, w) -> _Candidate:
         return cand
     if not math.isfinite(fit.loss):
         return cand
-    return _Candidate(fit, complexity(fit.expr))
+    return _Candidate(fit, complexity(fit.expr), cand.form)
+
+
+def _library_candidates(s: FunctionSamples, names, u, y, w) -> list[_Candidate]:
+    """The library's forms fitted to the curve, as candidates (each keeps its form name)."""
+    out = []
+    for ff in fit_forms(s, names):
+        expr = _integerize(sp.expand_log(ff.expr, force=True))
+        try:  # the form's own (bounded) fit: an unbounded refit could leave the form's biology (A > 0, ...)
+            with np.errstate(all="ignore"):
+                pred = np.broadcast_to(np.asarray(sp.lambdify([U], expr, modules="numpy")(u), dtype=float), u.shape)
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            continue
+        nf = len(free_floats(expr))
+        fit = FitResult(expr, weighted_mse(pred, y, w), np.array([float(f) for f in free_floats(expr)]),
+                        np.zeros(nf))  # zero spread: the constants keep 6 digits
+        if math.isfinite(fit.loss):
+            out.append(_Candidate(fit, complexity(fit.expr), ff.name))
+    return out
+
+
+def _admissible(cands: list[_Candidate], kind: str, u_max: float, notes: list[str]) -> list[_Candidate]:
+    """Candidates that can be the PDE's D or G on [0, u_max]; the others are dropped with one note."""
+    keep, dropped = [], []
+    for c in cands:
+        ok, why = is_admissible(kind, c.fit.expr, u_max)
+        if ok:
+            keep.append(c)
+        else:
+            dropped.append(f"{sp.sstr(c.fit.expr)} ({why})")
+    if dropped:
+        shown = "; ".join(dropped[:3]) + (f"; and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        notes.append(f"{kind}: {len(dropped)} candidate(s) excluded as not admissible on [0, {u_max:.4g}]: {shown}")
+    return keep
 
 
 def _front(cands: list[_Candidate], loss_floor: float) -> list[_Candidate]:
@@ -382,7 +451,7 @@ def _expression(fit: FitResult, spread, s: FunctionSamples, u_range, comp, *, na
 
 
 def _discover_one(s: FunctionSamples, *, backend, operators, max_complexity, seeds, selection, options, cancel,
-                  clock, step, prune, tolerance=0.0):
+                  clock, step, prune, tolerance=0.0, forms=None):
     s = s.cleaned()
     u, y, w = s.u, s.value, s.fit_weights()
     notes = list(s.notes)
@@ -414,8 +483,20 @@ def _discover_one(s: FunctionSamples, *, backend, operators, max_complexity, see
         cand = _prepare(expr, u, y, w)
         if cand is not None:
             cands.append(cand)
+    kind = s.name if s.name in ("D", "G") else None
+    library: list[_Candidate] = []
+    if kind is not None and (forms is None or len(forms)) and not is_cancelled(cancel):
+        library = _library_candidates(s, forms, u, y, w)
+    u_max = float(s.u_max) if s.u_max is not None and math.isfinite(s.u_max) else float(np.max(u))
+    if kind is not None:  # a closed form that breaks the PDE on the observed densities is never selected
+        cands = _admissible(cands, kind, u_max, notes)
+        library = _admissible(library, kind, u_max, notes)
+    if not cands:
+        cands = [_Candidate(refit_constants(sp.Float(float(np.average(y, weights=w)), 15), u, y, w), 2)]
     polished = [_polish(c, u, y, w) for c in _front(cands, loss_floor)]
-    front = _front(polished + _front(cands, loss_floor), loss_floor)
+    if kind is not None:
+        polished = _admissible(polished, kind, u_max, [])
+    front = _front(polished + _front(cands, loss_floor) + library, loss_floor)
     comps = [c.complexity for c in front]
     losses = [c.fit.loss for c in front]
     significant = None
@@ -430,11 +511,22 @@ def _discover_one(s: FunctionSamples, *, backend, operators, max_complexity, see
     for i, c in enumerate(front):
         spread = _constant_spread(c.fit, s, u, y, w) if i == idx else c.fit.stderr
         rows.append(FrontRow(c.complexity, c.fit.loss, float(scores[i]),
-                             _expression(c.fit, spread, s, u_range, c.complexity, name=s.name)))
+                             _expression(c.fit, spread, s, u_range, c.complexity, name=s.name), c.form))
+    lib_rows, texts = [], {r.expression.text for r in rows}
+    for c in library:
+        if any(c is f for f in front):
+            continue
+        expr = _expression(c.fit, c.fit.stderr, s, u_range, c.complexity, name=s.name)
+        expr = replace(expr, constants=tuple(replace(k, stderr=math.nan) for k in expr.constants))  # not estimated
+        row = FrontRow(c.complexity, c.fit.loss, math.nan, expr, c.form)
+        if row.expression.text not in texts:  # e.g. Richards with exponent 1 is the logistic form
+            texts.add(row.expression.text)
+            lib_rows.append(row)
+    lib_rows = tuple(lib_rows)
     return DiscoveredFunction(
         name=s.name, front=tuple(rows), selected_index=idx, selection=selection, backend=backend,
         u_range=u_range, units=s.units, u_units=s.u_units, notes=tuple(notes), loss_floor=loss_floor,
-        significant=significant,
+        significant=significant, library=lib_rows,
     )
 
 
@@ -451,6 +543,8 @@ def discover_equations_job(
     backend_options: dict | None = None,
     prune: bool = True,
     tolerance: float | None = None,
+    forms_D: Sequence[str] | None = None,
+    forms_G: Sequence[str] | None = None,
     cancel: CancelToken | None = None,
 ) -> Generator[Progress, None, Equations]:
     """Generator form of :func:`discover_equations`: yields a Progress per backend run, returns Equations."""
@@ -459,6 +553,7 @@ def discover_equations_job(
     if selection not in SELECTION_RULES:
         raise ValueError(f"Unknown selection rule {selection!r}; choose one of {', '.join(SELECTION_RULES)}.")
     ops = check_operators(backend, operators)
+    forms = {"D": check_form_names("D", forms_D), "G": check_form_names("G", forms_G)}
     if int(max_complexity) < 3:
         raise ValueError(f"max_complexity={max_complexity} is too small; use at least 3 (e.g. 25).")
     seeds = tuple(int(x) for x in seeds) or (0,)
@@ -479,11 +574,12 @@ def discover_equations_job(
         found[key] = yield from _discover_one(
             s, backend=backend, operators=ops, max_complexity=int(max_complexity), seeds=seeds,
             selection=selection, options=backend_options or {}, cancel=cancel, clock=clock, step=step,
-            prune=prune, tolerance=float(tolerance),
+            prune=prune, tolerance=float(tolerance), forms=forms.get(key),
         )
     metadata = {
         "backend": backend, "operators": list(ops), "max_complexity": int(max_complexity), "seeds": list(seeds),
-        "selection": selection, "seconds": time.perf_counter() - t0, "cancelled": bool(is_cancelled(cancel)),
+        "selection": selection, "forms": {k: list(v) for k, v in forms.items()},
+        "seconds": time.perf_counter() - t0, "cancelled": bool(is_cancelled(cancel)),
     }
     return Equations(D=found.get("D"), G=found.get("G"), backend=backend, metadata=metadata)
 
@@ -501,6 +597,10 @@ def discover_equations(fit_or_samples, **kwargs) -> Equations:
     look-alikes). backend_options: extra backend settings (operon: population_size, generations,
     optimizer_iterations, n_threads, library_candidates=True merges the term library's candidates into the
     GP front).
+    forms_D, forms_G: library forms fitted alongside the backend (see :mod:`~napari_binn.symbolic.forms`; None =
+    all, [] = none): they join the Pareto front when they are on it and are kept in ``library`` for the refit
+    stage's held-out choice. Candidates that are not admissible for the PDE on [0, max observed u] (D negative or
+    infinite, G whose reaction G·u does not vanish at u = 0) are excluded before selection, with a note.
     tolerance: relative RMS error below which two closed forms count as equally accurate, so the simplest is
     kept: default 1% for a BinnFit (a network's curve is not known better; its ensemble spread raises the
     floor further), 0 for raw samples.

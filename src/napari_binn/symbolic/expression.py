@@ -50,7 +50,7 @@ class ExpressionError(ValueError):
 
 # -- the restricted parser ---------------------------------------------------------------------------------------
 
-_FUNCTIONS = frozenset({"exp", "log", "sqrt", "Abs", "sign", "tanh", "pi", "E"})
+_FUNCTIONS = frozenset({"exp", "log", "sqrt", "Abs", "sign", "tanh", "Max", "Min", "pi", "E"})
 _TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|[-+*/^(),]))")
 _PARAMETER = re.compile(r"[A-Za-z]\w{0,15}")
 
@@ -64,7 +64,7 @@ def _literal_digits(literal: str) -> int:
 def parse_expression(text: str, *, parameters: bool = False, precision: int | None = 15) -> sp.Expr:
     """Read a closed form written as text, refusing anything but arithmetic; nothing in ``text`` is executed.
 
-    Allowed: numbers, ``u`` (the density, :data:`U`), ``t``, + - * / ** ^, parentheses and exp, log, sqrt, Abs,
+    Allowed: numbers, ``u`` (the density, :data:`U`), ``t``, + - * / ** ^, parentheses and exp, log, sqrt, Abs, Max, Min,
     sign, tanh, pi, E; with ``parameters`` also names such as ``D_0`` or ``r`` (real symbols). Decimal numbers
     become sympy Floats of ``precision`` significant digits (15, sympy's default); ``precision=None`` keeps the
     digits each number is written with (``840.4`` -> 4), so that text napari-binn printed reads back to an

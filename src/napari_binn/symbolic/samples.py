@@ -26,6 +26,7 @@ class FunctionSamples:
     sigma: per-point uncertainty of ``value`` (same units), e.g. the BINN ensemble spread; None = unknown.
     ensemble: optional (n_models, n) values of individual ensemble members, used for constant uncertainties.
     name: 'D' or 'G' (or any label); units: units of ``value``; u_units: units of ``u``.
+    u_max: the largest observed density (closed forms must be admissible on [0, u_max]); None = max of ``u``.
     """
 
     u: np.ndarray
@@ -37,6 +38,7 @@ class FunctionSamples:
     units: str = ""
     u_units: str = "u"
     notes: list[str] = field(default_factory=list)
+    u_max: float | None = None
 
     def __post_init__(self) -> None:
         self.u = np.asarray(self.u, dtype=float).ravel()
@@ -97,6 +99,7 @@ class FunctionSamples:
             units=self.units,
             u_units=self.u_units,
             notes=notes,
+            u_max=self.u_max,
         )
 
     def fit_weights(self) -> np.ndarray:
@@ -148,6 +151,8 @@ def samples_from_fit(
         weight = np.maximum(weight, 1e-3 * weight.max())  # every sampled density keeps a little say
     else:
         weight = None
+    rng = getattr(fit, "u_range", None)
+    u_max = float(rng["max"]) if isinstance(rng, dict) and "max" in rng else None
     out = {}
     for name in ("D", "G"):
         mean = _call(getattr(fit, name), u)
@@ -158,6 +163,11 @@ def samples_from_fit(
             sigma = ensemble.std(axis=0, ddof=1)
         else:
             ensemble = None
+        band = getattr(fit, "band_sd", None)
+        if callable(band):  # the fit's own band (a forward refinement's, when it has one) is the better sigma
+            sd = band(name, u)
+            if sd is not None and np.all(np.isfinite(sd)):
+                sigma = np.asarray(sd, dtype=float)
         out[name] = FunctionSamples(
             u=u,
             value=mean,
@@ -167,5 +177,6 @@ def samples_from_fit(
             name=name,
             units=units.get(name, DEFAULT_UNITS[name]),
             u_units=units.get("u", "u"),
+            u_max=u_max,
         )
     return out

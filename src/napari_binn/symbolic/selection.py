@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["SELECTION_RULES", "pareto_indices", "front_scores", "select_index", "significant_indices"]
+__all__ = ["SELECTION_RULES", "pareto_indices", "front_scores", "select_index", "significant_indices",
+           "block_errors", "paired_worse_pvalue", "heldout_choice"]
 
 SELECTION_RULES = ("best", "accuracy", "score")
 
@@ -74,3 +76,97 @@ def significant_indices(losses, n_constants, n_effective: float, *, loss_floor: 
         if n_effective * math.log(losses[j] / losses[i]) > penalty * added:
             keep.append(i)
     return keep
+
+
+def block_errors(predicted: np.ndarray, observed: np.ndarray, mask: np.ndarray, block: int = 4) -> np.ndarray:
+    """Squared prediction errors summed per spatial block of ``block`` x ``block`` grid boxes (and over frames).
+
+    predicted, observed: (T, Ny, Nx) (e.g. the held-out frames); mask: (Ny, Nx). Boxes outside the mask or
+    unobserved (NaN data) do not count; a non-finite prediction at an observed box makes its block inf. Returns
+    the errors of the blocks that hold at least one observed box, in a fixed (row-major) order, so two candidates'
+    arrays pair block by block.
+    """
+    predicted = np.asarray(predicted, dtype=float)
+    observed = np.asarray(observed, dtype=float)
+    if predicted.shape != observed.shape:
+        raise ValueError(f"block_errors: predicted {predicted.shape} and observed {observed.shape} differ")
+    if int(block) < 1:
+        raise ValueError(f"block_errors: block must be >= 1 boxes; got {block}")
+    seen = np.asarray(mask, dtype=bool)[None] & np.isfinite(observed)
+    with np.errstate(invalid="ignore"):
+        sq = np.where(seen, (predicted - observed) ** 2, 0.0)
+    sq = np.where(seen & ~np.isfinite(sq), np.inf, sq)
+    _, ny, nx = observed.shape
+    out = []
+    for y0 in range(0, ny, block):
+        for x0 in range(0, nx, block):
+            if seen[:, y0:y0 + block, x0:x0 + block].any():
+                out.append(float(sq[:, y0:y0 + block, x0:x0 + block].sum()))
+    return np.asarray(out)
+
+
+def paired_worse_pvalue(errors: np.ndarray, best: np.ndarray, margin: float = 0.0) -> float:
+    """One-sided p-value of a paired t test over blocks that ``errors`` exceed ``best``'s by more than the
+    fraction ``margin`` (differences errors - (1 + margin)·best).
+
+    Small p: the candidate predicts the held-out frames worse than the best by more than the margin, in a way
+    the block-to-block variation cannot explain (the margin keeps a consistent but negligible difference, as on
+    noise-free data, from excluding a form). Fewer than 3 blocks: 1 (no test possible: nothing is excluded).
+    A candidate with an infinite error (failed prediction) gets 0.
+    """
+    from scipy import stats
+
+    errors, best = np.asarray(errors, dtype=float), np.asarray(best, dtype=float)
+    if errors.shape != best.shape:
+        raise ValueError("paired_worse_pvalue: the two error arrays must pair block by block")
+    if not np.all(np.isfinite(errors)):
+        return 0.0
+    d = errors - (1.0 + float(margin)) * best
+    if d.size < 3:
+        return 1.0
+    if np.all(d == d[0]):
+        return 0.0 if d[0] > 0 else 1.0
+    return float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue)
+
+
+def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[int], level: float = 0.05,
+                   margin: float = 0.05, complexities: Sequence[int] | None = None):
+    """The held-out selection rule: which candidates the data exclude, and the headline among the rest.
+
+    errors: per candidate, its per-block held-out squared errors (:func:`block_errors`), or None when it could
+    not be fitted or simulated (always excluded). The best is the lowest total error; a candidate is excluded
+    when a one-sided paired t test over blocks says it is worse than the best by more than the fraction
+    ``margin`` of the best's error, at ``level``. The headline is the
+    candidate with the fewest constants among those not excluded; among those with as many constants, the ones
+    whose total error is within ``margin`` of the lowest of them count as equal and the smallest expression
+    (``complexities``) wins, then the lowest error. So a form with more constants than the data support is never
+    the headline.
+
+    Returns (headline index, excluded flags, p-values (NaN for failed), total errors (inf for failed)).
+    """
+    if not 0 < float(level) < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    totals = np.array([np.inf if e is None or not np.all(np.isfinite(e)) else float(np.sum(e)) for e in errors])
+    if len(totals) == 0:
+        raise ValueError("heldout_choice needs at least one candidate")
+    if not np.any(np.isfinite(totals)):
+        return None, [True] * len(totals), [math.nan] * len(totals), totals.tolist()
+    b = int(np.argmin(totals))
+    pvals, excluded = [], []
+    for i, e in enumerate(errors):
+        if e is None or not np.isfinite(totals[i]):
+            pvals.append(math.nan)
+            excluded.append(True)
+            continue
+        p = 1.0 if i == b else paired_worse_pvalue(e, errors[b], margin)
+        pvals.append(p)
+        excluded.append(p < level)
+    keep = [i for i in range(len(totals)) if not excluded[i]]
+    fewest = min(int(n_constants[i]) for i in keep)
+    tied = [i for i in keep if int(n_constants[i]) == fewest]
+    lowest = min(totals[i] for i in tied)
+    # as many constants: those within the margin of the lowest error of them are equivalent; the smallest wins
+    near = [i for i in tied if totals[i] <= (1.0 + float(margin)) * lowest]
+    size = list(complexities) if complexities is not None else [0] * len(totals)
+    head = min(near, key=lambda i: (int(size[i]), totals[i], i))
+    return head, excluded, pvals, totals.tolist()
