@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .errors import BundleError, OutputError
 from .field import DensityField
 
 __all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError"]
@@ -48,10 +49,6 @@ SCHEMA_VERSION = 2  # 2: every front row with its constants; mechanistic fits wi
 _FORMAT = "napari-binn results bundle"
 #: metadata keys about the result in memory, not written to metadata.json ('bundle': where it was loaded from)
 _NOT_WRITTEN = ("bundle",)
-
-
-class BundleError(ValueError):
-    """A directory that is not a readable results bundle (the message says exactly why)."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
