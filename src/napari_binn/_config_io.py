@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import tomli_w
 
+from .errors import ConfigError
+
 C = TypeVar("C")
 
 
@@ -40,12 +42,12 @@ def _plain(value: Any) -> Any:
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build dataclass ``cls`` from ``data``; unknown keys raise ValueError naming them and the valid ones."""
     if not isinstance(data, dict):
-        raise ValueError(f"[{where or cls.__name__}] must be a table, got {type(data).__name__}")
+        raise ConfigError(f"[{where or cls.__name__}] must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         section = f"[{where}] " if where else ""
-        raise ValueError(
+        raise ConfigError(
             f"{section}unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
@@ -86,4 +88,4 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None

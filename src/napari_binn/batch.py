@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError
 from .jobs import CancelToken, JobCancelled, Progress, is_cancelled, run_job
 
 __all__ = ["BatchItem", "ItemOutcome", "load_input", "check_outputs", "run_item", "run_item_job", "run_batch",
@@ -102,10 +103,10 @@ def load_input(data: Any, *, pixel_size_um: float | None = None, frame_interval_
         return load_results(path)
     stack = read_stack(data, pixel_size_um=pixel_size_um, frame_interval_h=frame_interval_h, channel=channel)
     if stack.pixel_size_um is None:
-        raise ValueError(f"{data} does not say its pixel size: give it (µm per pixel; --pixel-size-um on the "
+        raise InputError(f"{data} does not say its pixel size: give it (µm per pixel; --pixel-size-um on the "
                          "command line)")
     if stack.metadata.get("time_units") == "frames":
-        raise ValueError(f"{data} does not say its frame interval: give it (hours; --frame-interval-h on the "
+        raise InputError(f"{data} does not say its frame interval: give it (hours; --frame-interval-h on the "
                          "command line)")
     return stack
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
 from . import __version__
 from ._config_io import from_dict, read_toml, to_dict, write_toml
 from .binn import BinnConfig, BinnFit, train_binn
@@ -119,7 +120,7 @@ class PipelineConfig:
         cfg = from_dict(cls, d)
         unknown = sorted(set(binn) - {f for f in BinnConfig.__dataclass_fields__})
         if unknown:
-            raise ValueError(f"[binn] unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+            raise ConfigError(f"[binn] unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
                              f"{', '.join(sorted(BinnConfig.__dataclass_fields__))}")
         cfg.binn = BinnConfig.from_dict(binn)
         return cfg

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from .errors import InputError
 
 __all__ = ["read_roi", "shapes_to_roi", "closed_shapes", "ellipse_polygon", "roi_to_mask", "CLOSED_SHAPES"]
 
@@ -54,7 +55,7 @@ def shapes_to_roi(data: Sequence[Any], shape_types: Sequence[str], *, only: Any 
     whole image is analysed.
     """
     if len(data) != len(shape_types):
-        raise ValueError(f"{len(data)} shapes but {len(shape_types)} shape types")
+        raise InputError(f"{len(data)} shapes but {len(shape_types)} shape types")
     scale, offset = np.asarray(scale, float), np.asarray(offset, float)
     keep = set(range(len(data))) if only is None else {int(i) for i in only}
     polys: list[np.ndarray] = []
@@ -67,7 +68,7 @@ def shapes_to_roi(data: Sequence[Any], shape_types: Sequence[str], *, only: Any 
             notes.append(f"a {kind} encloses no area and was ignored")
             continue
         if kind not in CLOSED_SHAPES:
-            raise ValueError(f"shape {i + 1} has an unknown shape type {kind!r}; use one of {', '.join(CLOSED_SHAPES)}")
+            raise InputError(f"shape {i + 1} has an unknown shape type {kind!r}; use one of {', '.join(CLOSED_SHAPES)}")
         if kind == "ellipse":
             v = ellipse_polygon(v)
         polys.append(v * scale + offset)
@@ -83,7 +84,7 @@ def read_roi(path: str | Path) -> Any:
     (one polygon). Lines and paths enclose no area: a file with one is refused (ValueError naming it)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"ROI file {path} does not exist")
+        raise InputError(f"ROI file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff", ".png"):
         import tifffile
@@ -103,7 +104,7 @@ def read_roi(path: str | Path) -> Any:
         return arrays
     if suffix == ".csv":
         return _read_csv(path)
-    raise ValueError(f"ROI file {path}: use a mask image (.tif/.png), polygons (.json) or vertices (.csv)")
+    raise InputError(f"ROI file {path}: use a mask image (.tif/.png), polygons (.json) or vertices (.csv)")
 
 
 def roi_to_mask(roi: Any, image_shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
@@ -125,34 +126,34 @@ def roi_to_mask(roi: Any, image_shape: tuple[int, int]) -> tuple[np.ndarray, lis
         parts = [roi]
     elif isinstance(roi, (list, tuple)):
         if len(roi) == 0:
-            raise ValueError("The ROI is empty (an empty list of shapes): draw a region or pass roi=None.")
+            raise InputError("The ROI is empty (an empty list of shapes): draw a region or pass roi=None.")
         parts = [np.asarray(p) for p in roi]
     else:
-        raise ValueError(f"Unsupported ROI of type {type(roi).__name__}: pass a boolean mask (Y, X), "
+        raise InputError(f"Unsupported ROI of type {type(roi).__name__}: pass a boolean mask (Y, X), "
                          "a polygon (N, 2) of (row, col) pixel vertices, or a list of polygons.")
     mask = np.zeros(shape, bool)
     for part in parts:
         part = np.asarray(part)
         if part.dtype == bool or part.shape == shape:
             if part.shape != shape:
-                raise ValueError(f"ROI mask shape {part.shape} does not match the image shape {shape}.")
+                raise InputError(f"ROI mask shape {part.shape} does not match the image shape {shape}.")
             mask |= part.astype(bool)
             continue
         if part.ndim != 2 or part.shape[1] < 2 or part.shape[0] < 3:
-            raise ValueError(f"An ROI polygon must be an (N >= 3, 2) array of (row, col) vertices; got shape "
+            raise InputError(f"An ROI polygon must be an (N >= 3, 2) array of (row, col) vertices; got shape "
                              f"{part.shape}.")
         verts = np.asarray(part[:, -2:], float)
         if not np.all(np.isfinite(verts)):
-            raise ValueError("An ROI polygon has NaN or infinite vertices.")
+            raise InputError("An ROI polygon has NaN or infinite vertices.")
         lo, hi = verts.min(0), verts.max(0)
         if hi[0] < -0.5 or hi[1] < -0.5 or lo[0] > shape[0] - 0.5 or lo[1] > shape[1] - 0.5:
-            raise ValueError(f"The ROI polygon (rows {lo[0]:.0f}..{hi[0]:.0f}, cols {lo[1]:.0f}..{hi[1]:.0f}) "
+            raise InputError(f"The ROI polygon (rows {lo[0]:.0f}..{hi[0]:.0f}, cols {lo[1]:.0f}..{hi[1]:.0f}) "
                              f"lies outside the image ({shape[0]} x {shape[1]} pixels): draw it on the image.")
         if lo[0] < -0.5 or lo[1] < -0.5 or hi[0] > shape[0] - 0.5 or hi[1] > shape[1] - 0.5:
             warnings.append("The ROI extends beyond the image; it was clipped to the image.")
         mask |= polygon2mask(shape, verts)
     if not mask.any():
-        raise ValueError("The ROI is empty (it contains no pixel centre): draw a larger region or pass roi=None.")
+        raise InputError("The ROI is empty (it contains no pixel centre): draw a larger region or pass roi=None.")
     return mask, warnings
 
 
@@ -160,7 +161,7 @@ def _read_csv(path: Path) -> list[np.ndarray]:
     with path.open(newline="") as fh:
         rows = [r for r in csv.reader(fh) if r]
     if not rows:
-        raise ValueError(f"ROI file {path} is empty")
+        raise InputError(f"ROI file {path} is empty")
     header = [h.strip().lower() for h in rows[0]]
     if "axis-0" not in header:  # two columns: one polygon of (row, col) vertices
         start = 0 if _is_number(rows[0][0]) else 1
@@ -177,7 +178,7 @@ def _read_csv(path: Path) -> list[np.ndarray]:
     shape_types = list(types.values())
     for number, t in enumerate(shape_types, start=1):
         if t in ("line", "path"):
-            raise ValueError(f"ROI file {path}: shape {number} is a {t}, which encloses no area; remove it or draw a "
+            raise InputError(f"ROI file {path}: shape {number} is a {t}, which encloses no area; remove it or draw a "
                              "rectangle, polygon or ellipse")
     polys, _ = shapes_to_roi([np.asarray(v) for v in shapes.values()], shape_types)
     return polys
