@@ -27,12 +27,13 @@ class NapariBinnError(ValueError):
         self.key = key
 
     def __str__(self) -> str:
-        where = ""
-        if self.file is not None and self.file not in self.message:
-            where = f"in {self.file}"
+        """The message, prefixed with where (``in <file>: <key>: ``) when the message does not say it already."""
+        where = []
+        if self.file is not None and os.path.basename(self.file) not in self.message:
+            where.append(f"in {self.file}")
         if self.key is not None and self.key not in self.message:
-            where += (": " if where else "") + str(self.key)
-        return f"{where}: {self.message}" if where else self.message
+            where.append(str(self.key))
+        return ": ".join([*where, self.message])
 
 
 class BundleError(NapariBinnError):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import BundleError, OutputError
+from .errors import BundleError, NapariBinnError, OutputError
 from .field import DensityField
 
 __all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError"]
@@ -212,11 +212,48 @@ def _equations_schema1(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, kind: type = dict) -> Any:
+    """The JSON in ``path``, which must be a ``kind`` (a dict: an object)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})", file=path) from None
+    if not isinstance(data, kind):
+        raise BundleError(f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}, not "
+                          f"{type(data).__name__}", file=path)
+    return data
+
+
+def _malformed() -> tuple[type[BaseException], ...]:
+    """What reading a malformed part raises (a missing key, a wrong type, a corrupt archive or tensor file)."""
+    import zipfile
+
+    kinds: list[type[BaseException]] = [KeyError, TypeError, ValueError, AttributeError, IndexError, OSError,
+                                        RuntimeError, EOFError, zipfile.BadZipFile]
+    try:
+        from safetensors import SafetensorError
+        kinds.append(SafetensorError)
+    except ImportError:  # pragma: no cover - older safetensors
+        pass
+    return tuple(kinds)
+
+
+class _Part:
+    """``with _Part(path, key):`` turns a failure while reading one part of a bundle into a BundleError naming
+    the file (and the entry); the project's own errors pass through (they say already what is wrong)."""
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
+        self.path, self.key = path, key
+
+    def __enter__(self) -> _Part:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, NapariBinnError) or not isinstance(exc, _malformed()):
+            return False
+        where = f"{self.path}" + (f", {self.key}" if self.key else "")
+        raise BundleError(f"{where}: {_why(exc)}: the file is damaged or was not written by napari-binn",
+                          file=self.path, key=self.key) from None
 
 
 def load_results(directory: str | os.PathLike):
@@ -226,66 +263,94 @@ def load_results(directory: str | os.PathLike):
     files). ``metadata['bundle']`` says where it came from (not written back).
 
     Works for this schema version and older ones it knows; refuses newer schemas and non-bundles with a
-    message that says why. Reads no pickle and executes nothing from the bundle.
+    message that says why. Reads no pickle and executes nothing from the bundle. Any damaged file raises
+    :class:`~napari_binn.errors.BundleError` naming the file (and the entry).
     """
+    d = Path(directory)
+    version, manifest = _read_manifest(d)
+    with _Part(d / "config.toml"):
+        result = _load_parts(d, version)
+    result.metadata["bundle"] = {"schema_version": version, "written_by": manifest.get("napari_binn_version"),
+                                 "partial": bool(manifest.get("partial", False))}
+    return result
+
+
+def _read_manifest(d: Path) -> tuple[int, dict]:
+    manifest_path = d / "manifest.json"
+    if not d.is_dir():
+        raise BundleError(f"{d} is not a directory: a results bundle is a directory with a manifest.json", file=d)
+    if not manifest_path.is_file():
+        raise BundleError(f"{d} has no manifest.json: it is not a napari-binn results bundle", file=manifest_path)
+    manifest = _read_json(manifest_path)
+    if manifest.get("format") != _FORMAT:
+        raise BundleError(f"{manifest_path} is not a napari-binn results bundle (format {manifest.get('format')!r})",
+                          file=manifest_path, key="format")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{manifest_path}: unknown bundle schema version {version!r} (schema_version must be a "
+                          f"whole number from 1 to {SCHEMA_VERSION})", file=manifest_path, key="schema_version")
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"{d} was written with bundle schema_version {version} by napari-binn "
+                          f"{manifest.get('napari_binn_version')}; this napari-binn ({__version__}) reads schema "
+                          f"<= {SCHEMA_VERSION}: upgrade napari-binn to open it", file=manifest_path,
+                          key="schema_version")
+    return version, manifest
+
+
+def _load_parts(d: Path, version: int):
     from .binn import BinnFit
     from .pde.mechanistic import MechanisticFit
     from .pipeline import PipelineConfig, PipelineResult
     from .qc import QCReport
     from .symbolic import Equations
 
-    d = Path(directory)
-    manifest_path = d / "manifest.json"
-    if not d.is_dir():
-        raise BundleError(f"{d} is not a directory: a results bundle is a directory with a manifest.json")
-    if not manifest_path.is_file():
-        raise BundleError(f"{d} has no manifest.json: it is not a napari-binn results bundle")
-    manifest = _read_json(manifest_path)
-    if manifest.get("format") != _FORMAT:
-        raise BundleError(f"{manifest_path} is not a napari-binn results bundle (format {manifest.get('format')!r})")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or version < 1:
-        raise BundleError(f"{d}: unknown bundle schema version {version!r}")
-    if version > SCHEMA_VERSION:
-        raise BundleError(f"{d} was written with bundle schema {version} by napari-binn "
-                          f"{manifest.get('napari_binn_version')}; this napari-binn ({__version__}) reads schema "
-                          f"<= {SCHEMA_VERSION}: upgrade napari-binn to open it")
     config = PipelineConfig.from_toml(d / "config.toml") if (d / "config.toml").is_file() else PipelineConfig()
     result = PipelineResult(config)
     if (d / "field.npz").is_file():
-        with np.load(d / "field.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("u", "mask", "x_um", "y_um", "t_h")}
-        info = json.loads((d / "field.json").read_text(encoding="utf-8")) if (d / "field.json").is_file() else {}
-        result.field = DensityField(arrays["u"], arrays["mask"], arrays["x_um"], arrays["y_um"], arrays["t_h"],
-                                    info.get("units", "cells/mm²"), info.get("K"), info.get("metadata", {}))
+        with _Part(d / "field.npz"):
+            with np.load(d / "field.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("u", "mask", "x_um", "y_um", "t_h")}
+        info = _read_json(d / "field.json") if (d / "field.json").is_file() else {}
+        with _Part(d / "field.json"):
+            result.field = DensityField(arrays["u"], arrays["mask"], arrays["x_um"], arrays["y_um"], arrays["t_h"],
+                                        info.get("units", "cells/mm²"), info.get("K"), info.get("metadata", {}))
     if (d / "simulations.npz").is_file():
-        names = json.loads((d / "simulations.json").read_text(encoding="utf-8"))["names"]
-        with np.load(d / "simulations.npz", allow_pickle=False) as z:
-            result.simulations = {names.get(k, k): z[k] for k in z.files}
+        if not (d / "simulations.json").is_file():
+            raise BundleError(f"{d} has simulations.npz without simulations.json (the models' names)",
+                              file=d / "simulations.json")
+        names = _read_json(d / "simulations.json")
+        with _Part(d / "simulations.json", "names"):
+            names = dict(names["names"])
+        with _Part(d / "simulations.npz"):
+            with np.load(d / "simulations.npz", allow_pickle=False) as z:
+                result.simulations = {names.get(k, k): z[k] for k in z.files}
     if (d / "binn").is_dir():
-        result.fit = BinnFit.load(d / "binn")
+        with _Part(d / "binn" / "binn_fit.json"):
+            result.fit = BinnFit.load(d / "binn")
     path = d / "equations.json"
     if path.is_file():
         eq = _read_json(path)
-        try:
+        for key in ("D", "G"):
+            if eq.get(key) is not None and not isinstance(eq[key], dict):
+                raise BundleError(f"{path}: {key} must be an object (a closed form with its Pareto front), not "
+                                  f"{type(eq[key]).__name__} {eq[key]!r}", file=path, key=key)
+        with _Part(path):
             result.equations = Equations.from_dict(_equations_schema1(eq) if version == 1 else eq)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{path}: {_why(exc)}") from None
     path = d / "mechanistic.json"
     if path.is_file():
         if result.field is None:
-            raise BundleError(f"{path}: mechanistic fits need the density they were fitted to (field.npz)")
+            raise BundleError(f"{path}: mechanistic fits need the density they were fitted to (field.npz is missing)",
+                              file=d / "field.npz")
         for name, fit in _read_json(path).items():
-            try:
+            with _Part(path, f"fit {name!r}"):
+                if not isinstance(fit, dict):
+                    raise TypeError(f"a fit must be an object, not {type(fit).__name__}")
                 result.mechanistic[name] = MechanisticFit.from_dict(fit, result.field, result.simulations.get(name))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise BundleError(f"{path}, fit {name!r}: {_why(exc)}") from None
     if (d / "metrics.json").is_file():
         metrics = _read_json(d / "metrics.json")
         if "qc" in metrics:
-            result.qc = QCReport.from_dict(metrics["qc"])
+            with _Part(d / "metrics.json", "qc"):
+                result.qc = QCReport.from_dict(metrics["qc"])
     if (d / "metadata.json").is_file():
         result.metadata = _read_json(d / "metadata.json")
-    result.metadata["bundle"] = {"schema_version": version, "written_by": manifest.get("napari_binn_version")}
     return result
-
