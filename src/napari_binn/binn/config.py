@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +114,7 @@ class BinnConfig:
         """Raise ValueError naming the first inconsistent setting and what to do about it."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"BinnConfig: {msg}")
+                raise ConfigError(f"[binn] {msg}")
 
         need(len(self.hidden) >= 1 and all(h > 0 for h in self.hidden),
              f"hidden must be one or more positive widths; got {self.hidden}")
@@ -190,4 +191,9 @@ class BinnConfig:
         if unknown:
             raise ConfigError(f"unknown BinnConfig key(s) {unknown}; valid keys: "
                              f"{[f.name for f in dataclasses.fields(cls)]}")
+        from .._config_io import check_type
+
+        hints = typing.get_type_hints(cls)
+        for name, value in d.items():
+            check_type(hints[name], value, f"binn.{name}")
         return cls(**d)
