@@ -475,6 +475,21 @@ def _check_stack(stack: Any, allow_unknown_pixel_size: bool) -> tuple[float, lis
     return float(px), warnings
 
 
+def _check_not_blank(stack: Stack) -> None:
+    """Refuse a stack whose every frame is blank (one value, or NaN/inf only): there is nothing to count. Lazy
+    stacks are checked on their first, middle and last frames."""
+    T = stack.n_frames
+    frames = range(T) if isinstance(stack.data, np.ndarray) else sorted({0, T // 2, T - 1})
+    for t in frames:
+        frame = stack.frame(t)
+        values = frame[np.isfinite(frame)] if np.issubdtype(frame.dtype, np.floating) else frame
+        if values.size and values.min() != values.max():
+            return
+    raise InputError(f"every frame of the stack {stack.name!r} is blank (one value everywhere, or only NaN/inf): "
+                     "there are no cells to count; check the file, or choose the channel with the nuclei "
+                     "(channel= / --channel)")
+
+
 def extract_density_job(
     stack: Stack,
     roi: Any = None,
@@ -509,6 +524,8 @@ def extract_density_job(
     """
     px, warnings = _check_stack(stack, allow_unknown_pixel_size)
     p = _parse_params(method, px, params)
+    if method != "points":  # points come with their own coordinates; the stack only gives the grid
+        _check_not_blank(stack)
     T, Y, X = stack.shape
     roi_mask, roi_warn = roi_to_mask(roi, (Y, X))
     warnings += roi_warn

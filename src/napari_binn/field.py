@@ -90,6 +90,9 @@ class DensityField:
         T, ny, nx = self.u.shape
         if self.mask.shape != (ny, nx):
             raise InputError(f"mask shape {self.mask.shape} does not match the grid {(ny, nx)}")
+        if not self.mask.any():
+            raise InputError("the mask is all False: a density field needs at least one box inside its domain "
+                             "(draw or choose a non-empty ROI)")
         if self.x_um.shape != (nx,) or self.y_um.shape != (ny,):
             raise InputError(
                 f"x_um/y_um lengths {self.x_um.shape}/{self.y_um.shape} do not match the grid {(ny, nx)}"

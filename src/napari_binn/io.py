@@ -77,8 +77,16 @@ class Stack:
         shape = tuple(self.data.shape)
         if len(shape) != 3:
             raise InputError(f"Stack.data must be (T, Y, X); got shape {shape}")
+        if 0 in shape:
+            raise InputError(f"the stack is empty (shape {shape}): it needs frames of at least one pixel")
         if self.times_h.shape != (shape[0],):
             raise InputError(f"{self.times_h.size} frame times for {shape[0]} frames")
+        if not np.all(np.isfinite(self.times_h)):
+            raise InputError("frame times (times_h) must be finite numbers of hours")
+        px = self.pixel_size_um
+        if px is not None and not (isinstance(px, (int, float, np.number)) and np.isfinite(px) and px > 0):
+            raise InputError(f"pixel_size_um must be a positive number of micrometres (or None if unknown); got {px!r}",
+                             key="pixel_size_um")
         if shape[0] > 1 and not np.all(np.diff(self.times_h) > 0):
             raise InputError("frame times must be strictly increasing")
 
@@ -374,8 +382,8 @@ def _threshold_bytes() -> float:
     return LAZY_THRESHOLD_MB * 2**20
 
 
-def _corrupt(path: Path, exc: BaseException) -> ValueError:
-    return ValueError(
+def _corrupt(path: Path, exc: BaseException) -> InputError:
+    return InputError(
         f"{path}: cannot read the image data ({type(exc).__name__}: {exc}). The file looks truncated or corrupt: "
         "copy or export it again (e.g. re-save from Fiji as TIFF) and retry."
     )

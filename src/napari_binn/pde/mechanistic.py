@@ -100,7 +100,7 @@ def _builtin_model(name: str) -> _Model:
         return _Model(name, ("D", "r", "K", "gamma"), const("D"),
                       lambda u, p: p["r"] * (1.0 - (_pos(u) / p["K"]) ** p["gamma"]), None,
                       frozenset({"D", "r", "K", "gamma"}), {"D": "D", "G": "r (1 - (u/K)^gamma)"})
-    raise ValueError(
+    raise InputError(
         f"unknown mechanistic model {name!r}; use one of {', '.join(MODEL_NAMES)} or a dict "
         "{'D': sympy_expr, 'G': sympy_expr[, 'T': sympy_expr]} in the symbol u (and t)"
     )
@@ -550,6 +550,11 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
         raise InputError("the field's mask has no boxes: nothing to fit")
     if not field.observed[1:].any():
         raise InputError("no observed (finite, inside-mask) values after the first frame: nothing to fit")
+    seen = field.u[field.observed]
+    if seen.min() == seen.max():
+        raise InputError(f"the density is the same ({seen[0]:g} {field.units}) in every observed box and frame: "
+                         "constant data say nothing about D(u) or G(u), so nothing can be fitted; check the "
+                         "density extraction (method, channel, ROI)")
     if max_evals < 1:
         raise InputError(f"max_evals must be >= 1; got {max_evals}")
     init = _validate_names("init", init, spec)

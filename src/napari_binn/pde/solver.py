@@ -57,7 +57,7 @@ class _Problem:
         self.T = as_time_function(T)
         self.d_const = self.D.value if is_constant(self.D) else None  # type: ignore[attr-defined]
         if self.d_const is not None and not (np.isfinite(self.d_const) and self.d_const >= 0):
-            raise ValueError(f"D must be finite and >= 0 µm²/h; got {self.d_const}")
+            raise InputError(f"D must be finite and >= 0 µm²/h; got {self.d_const}")
         self.scale = scale
         self.n_rhs = 0
         self.t_now = 0.0

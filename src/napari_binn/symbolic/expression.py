@@ -17,6 +17,8 @@ import numpy as np
 import sympy as sp
 from scipy.optimize import least_squares
 
+from ..errors import InputError
+
 __all__ = [
     "U",
     "Constant",
@@ -44,7 +46,7 @@ class ExtrapolationWarning(UserWarning):
     """A discovered closed form was evaluated outside the density range it was fitted on."""
 
 
-class ExpressionError(ValueError):
+class ExpressionError(InputError):
     """Text that is not a closed form napari-binn reads (the message says why)."""
 
 
