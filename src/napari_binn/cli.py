@@ -473,6 +473,20 @@ _EXPECTED = (NapariBinnError, FileNotFoundError, FileExistsError, PermissionErro
              NotADirectoryError)
 
 
+def _claim_out(args):
+    """Hold --out for the whole command (refused before any work if it exists or another run writes it)."""
+    from contextlib import nullcontext
+
+    from .results import claim_output
+
+    out = getattr(args, "out", None)
+    if not out:
+        return nullcontext()
+    if Path(out).exists() and not getattr(args, "overwrite", False):
+        raise OutputError(f"{out} exists: choose another --out or pass --overwrite", file=out)
+    return claim_output(out, overwrite=getattr(args, "overwrite", False))
+
+
 def _debug_option(sp) -> None:
     """--debug after the command too (SUPPRESS: not given there, the top-level value stands)."""
     sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -484,11 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     traceback); 1 an unexpected error (a bug: traceback and a request to report it); 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
-        out = getattr(args, "out", None)
-        if out and Path(out).exists() and not getattr(args, "overwrite", False):
-            # refuse before any work is done, not after minutes of training
-            raise OutputError(f"{out} exists: choose another --out or pass --overwrite", file=out)
-        return int(args.func(args))
+        with _claim_out(args):
+            return int(args.func(args))
     except _EXPECTED as err:
         if args.debug:
             traceback.print_exc()

@@ -48,8 +48,9 @@ class InputError(NapariBinnError):
     """An image stack, ROI or array that cannot be used (empty, wrong shape, not finite, no calibration...)."""
 
 
-class OutputError(NapariBinnError):
-    """An output folder that cannot be written: it exists, another run is writing it, or it is not writable."""
+class OutputError(NapariBinnError, FileExistsError):
+    """An output folder that cannot be written: it exists, another run is writing it, or it is not writable.
+    Also a ``FileExistsError``."""
 
 
 class BackendUnavailableError(NapariBinnError, ImportError):

@@ -33,17 +33,20 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .errors import BundleError, NapariBinnError, OutputError
+from .errors import BundleError, ConfigError, OutputError
 from .field import DensityField
 
-__all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError"]
+__all__ = ["save_results", "load_results", "claim_output", "SCHEMA_VERSION", "BundleError"]
 
 SCHEMA_VERSION = 2  # 2: every front row with its constants; mechanistic fits with n_evals and metadata
 _FORMAT = "napari-binn results bundle"
@@ -90,6 +93,101 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "model"
 
 
+# ------------------------------------------------------------------------------------------- claiming --out
+#: output paths this process has claimed (claim_output), so that its own save_results does not refuse them
+_CLAIMED: set[Path] = set()
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.napari-binn-lock"
+
+
+def _lock_holder(lock: Path) -> tuple[str, int] | None:
+    """(host, pid) written in ``lock``, or None when unreadable."""
+    try:
+        host, pid = lock.read_text(encoding="utf-8").split()[:2]
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_stale(lock: Path) -> bool:
+    """A lock left by a process of this machine that no longer runs (killed before it could remove it)."""
+    holder = _lock_holder(lock)
+    if holder is None or holder[0] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder[1], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, not ours
+        return False
+    return False
+
+
+@contextmanager
+def claim_output(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Hold ``directory`` as this process's output while the block runs: one run at a time may write it.
+
+    Refuses (OutputError) an existing ``directory`` unless ``overwrite``, and a directory another run holds: the
+    claim is a lock file created atomically (O_CREAT | O_EXCL) beside it, so two processes writing the same
+    ``--out`` cannot both go on. The command line claims ``--out`` before any work; :func:`save_results` claims
+    the directory it writes unless this process holds it already. Folders made for the lock and left empty are
+    removed again, so a run that fails leaves nothing behind.
+    """
+    target = Path(directory).absolute()
+    if target in _CLAIMED:
+        yield target
+        return
+    made = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder for {target} ({exc.strerror}): choose another output",
+                          file=target) from None
+    lock = _lock_path(target)
+    try:
+        fd = _create_lock(lock, target)
+        try:
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        if target.exists() and not overwrite:
+            lock.unlink(missing_ok=True)
+            raise OutputError(f"{target} exists: choose another output folder or pass overwrite=True "
+                              "(--overwrite on the command line)", file=target)
+        _CLAIMED.add(target)
+        try:
+            yield target
+        finally:
+            _CLAIMED.discard(target)
+            lock.unlink(missing_ok=True)
+    finally:
+        for p in made:  # innermost first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _create_lock(lock: Path, target: Path) -> int:
+    for attempt in (0, 1):
+        try:
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if attempt == 0 and _is_stale(lock):
+                lock.unlink(missing_ok=True)
+                continue
+            holder = _lock_holder(lock)
+            who = f" (process {holder[1]} on {holder[0]})" if holder else ""
+            raise OutputError(f"another napari-binn run is writing {target}{who}: wait for it, or choose another "
+                              f"output folder (if no run is writing it, delete {lock})", file=target) from None
+        except OSError as exc:
+            raise OutputError(f"cannot write in {target.parent} ({exc.strerror}): choose another output folder",
+                              file=target) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 # ------------------------------------------------------------------------------------------------- saving
 def save_results(result, directory: str | os.PathLike, *, overwrite: bool = False, figures: bool = True) -> Path:
     """Write a PipelineResult (or a BinnFit alone) as a results bundle directory; returns its path.
@@ -105,16 +203,23 @@ def save_results(result, directory: str | os.PathLike, *, overwrite: bool = Fals
     if not isinstance(result, PipelineResult):
         raise TypeError(f"save_results needs a PipelineResult or a BinnFit; got {type(result).__name__}")
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists: choose another directory or pass overwrite=True "
-                              "(--overwrite on the command line)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with claim_output(target, overwrite=overwrite):
+        if target.exists() and not overwrite:
+            raise OutputError(f"{target} exists: choose another directory or pass overwrite=True "
+                              "(--overwrite on the command line)", file=target)
+        _write_atomically(result, target, figures)
+    return target
+
+
+def _write_atomically(result, target: Path, figures: bool) -> None:
+    """The bundle, written to a temporary sibling directory and moved into place when complete."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         files = _write_bundle(result, tmp, figures)
+        cancelled_in = result.metadata.get("cancelled_in")
         _write_json(tmp / "manifest.json", {
             "format": _FORMAT, "schema_version": SCHEMA_VERSION, "napari_binn_version": __version__,
-            "files": files, "cancelled_in": result.metadata.get("cancelled_in"),
+            "files": files, "cancelled_in": cancelled_in, "partial": bool(cancelled_in),
         })
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -126,7 +231,6 @@ def save_results(result, directory: str | os.PathLike, *, overwrite: bool = Fals
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
@@ -240,7 +344,7 @@ def _malformed() -> tuple[type[BaseException], ...]:
 
 class _Part:
     """``with _Part(path, key):`` turns a failure while reading one part of a bundle into a BundleError naming
-    the file (and the entry); the project's own errors pass through (they say already what is wrong)."""
+    the file (and the entry); BundleErrors and ConfigErrors (config.toml) pass through as they are."""
 
     def __init__(self, path: Path, key: str | None = None) -> None:
         self.path, self.key = path, key
@@ -249,7 +353,7 @@ class _Part:
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None or isinstance(exc, NapariBinnError) or not isinstance(exc, _malformed()):
+        if exc is None or isinstance(exc, (BundleError, ConfigError)) or not isinstance(exc, _malformed()):
             return False
         where = f"{self.path}" + (f", {self.key}" if self.key else "")
         raise BundleError(f"{where}: {_why(exc)}: the file is damaged or was not written by napari-binn",
