@@ -22,7 +22,7 @@ from . import __version__
 from ._config_io import from_dict, read_toml, to_dict, write_toml
 from .binn import BinnConfig, BinnFit, train_binn
 from .density import extract_density_job
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .field import DensityField
 from .io import Stack
 from .jobs import CancelToken, Progress, is_cancelled, run_job
@@ -281,7 +281,7 @@ def run_pipeline(
         if stage == "density":
             if stack is None:
                 if result.field is None:
-                    raise ValueError("the 'density' stage needs an image Stack")
+                    raise InputError("the 'density' stage needs an image Stack")
                 continue
             dc = config.density
             result.field = yield from _tag(extract_density_job(
@@ -319,7 +319,7 @@ def run_pipeline(
 
 def _need(value: Any, stage: str, what: str) -> None:
     if value is None:
-        raise ValueError(f"the '{stage}' stage needs {what}: run the earlier stages first or start from a result "
+        raise InputError(f"the '{stage}' stage needs {what}: run the earlier stages first or start from a result "
                          "that has it")
 
 

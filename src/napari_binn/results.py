@@ -353,8 +353,10 @@ class _Part:
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None or isinstance(exc, (BundleError, ConfigError)) or not isinstance(exc, _malformed()):
+        if exc is None or isinstance(exc, BundleError) or not isinstance(exc, _malformed()):
             return False
+        if isinstance(exc, ConfigError) and self.path.name == "config.toml":
+            return False  # it names config.toml and the key already
         where = f"{self.path}" + (f", {self.key}" if self.key else "")
         raise BundleError(f"{where}: {_why(exc)}: the file is damaged or was not written by napari-binn",
                           file=self.path, key=self.key) from None
