@@ -466,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_BUG_REPORT = ("napari-binn: this is a bug in napari-binn, not in your input: please report it with the traceback above "
-               "and the command you ran (https://github.com/napari-binn/napari-binn/issues)")
+_BUG_REPORT = ("napari-binn: this is a bug in napari-binn, not in your input: please report it with the traceback "
+               "above and the command you ran (https://github.com/napari-binn/napari-binn/issues)")
 #: expected failures: the project's own errors, and files that are missing, present or not writable
 _EXPECTED = (NapariBinnError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
              NotADirectoryError)
