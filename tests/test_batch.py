@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_binn.batch import BatchItem, ItemOutcome, check_outputs, run_batch, run_item
+from napari_binn.errors import BackendUnavailableError, InputError, OutputError
 from napari_binn.jobs import CancelToken, run_job
 from napari_binn.results import load_results
 
@@ -62,7 +63,7 @@ def test_items_and_outcomes_are_plain_and_outputs_are_checked(tmp_path, fkpp_fie
     (tmp_path / "x").mkdir()
     check_outputs([item])  # empty: used
     (tmp_path / "x" / "mine.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="nothing was overwritten"):
+    with pytest.raises(OutputError, match="nothing was overwritten"):
         check_outputs([item])
     item.overwrite = True
     check_outputs([item])
@@ -76,7 +77,7 @@ def test_names_folders_and_the_plate_summary(tmp_path):
     from napari_binn.batch.summary import well_of, write_summary, write_summary_html
 
     assert item_names(["x/A01.tif", "y/A02.tif", "z/stack/"]) == ["A01", "A02", "stack"]
-    with pytest.raises(ValueError, match="same name.*A01.*x/A01.tif, y/A01.tif"):
+    with pytest.raises(InputError, match="same name.*A01.*x/A01.tif, y/A01.tif"):
         item_names(["x/A01.tif", "y/A01.tif"])
     assert [well_of(n) for n in ("plate1_B03_roi1", "B3", "C12-left", "shape_1", "Exp1a", "Q01", "A25", "xB03")] \
         == ["B03", "B03", "C12", "", "", "", "", ""]
@@ -91,14 +92,14 @@ def test_names_folders_and_the_plate_summary(tmp_path):
     (folder / "C04" / "manifest.json").write_text(json.dumps({"files": {}, "cancelled_in": "binn"}))
     (folder / ".C04.partial-abc").mkdir()
     assert bundle_complete(folder / "B03") and not bundle_complete(folder / "C04")
-    with pytest.raises(FileExistsError, match="already holds files.*--overwrite.*--resume"):
+    with pytest.raises(OutputError, match="already holds files.*--overwrite.*--resume"):
         check_batch_folder(folder, items)
     assert check_batch_folder(folder, items, resume=True) == [True, False]
     assert items[1].overwrite and not items[0].overwrite  # the cancelled bundle is written again
     assert not (folder / ".C04.partial-abc").exists()
     (folder / "C04" / "manifest.json").unlink()
     (folder / "C04" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a results bundle"):
+    with pytest.raises(OutputError, match="not a results bundle"):
         check_batch_folder(folder, items, resume=True)
 
     outcomes = [
@@ -130,7 +131,7 @@ def test_without_dask_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask.distributed were not installed
     items = [BatchItem("a", None, None, tmp_path / "a")]
-    with pytest.raises(ImportError, match=r"napari-binn\[distributed\]"):
+    with pytest.raises(BackendUnavailableError, match=r"napari-binn\[distributed\]"):
         run_job(run_batch(items, cluster="local"))
     assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--workers", "2"]) == EXIT_ERROR
     assert "napari-binn[distributed]" in capsys.readouterr().err

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_binn.errors import InputError
+
 pytest.importorskip("distributed")
 
 from napari_binn.batch import BatchItem, bundle_complete, run_batch  # noqa: E402
@@ -108,10 +110,10 @@ def test_an_unreachable_scheduler_is_a_clear_error_within_seconds():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match=f"cannot reach the dask scheduler at tcp://127.0.0.1:{port}"):
+    with pytest.raises(InputError, match=f"cannot reach the dask scheduler at tcp://127.0.0.1:{port}"):
         connect(f"tcp://127.0.0.1:{port}", timeout_s=2.0)
     assert time.perf_counter() - t0 < 8
-    with pytest.raises(ValueError, match="tcp://host:port"):
+    with pytest.raises(InputError, match="tcp://host:port"):
         connect("127.0.0.1:8786")
 
 

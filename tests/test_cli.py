@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_binn.cli import EXIT_ERROR, EXIT_OK, main
+from napari_binn.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
 
 def test_help_explains_units(capsys):
@@ -25,7 +25,7 @@ def test_missing_pixel_size_asks_for_it(tmp_path, capsys):
     path = tmp_path / "s.tif"
     tifffile.imwrite(path, np.zeros((6, 64, 64), np.uint16))
     code = main(["extract", str(path), "--out", str(tmp_path / "out"), "--quiet"])
-    assert code == EXIT_ERROR
+    assert code == EXIT_USAGE
     assert "--pixel-size-um" in capsys.readouterr().err
 
 
@@ -43,7 +43,7 @@ def test_extract_writes_a_bundle_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "bundle"
     assert main(["extract", str(path), "--roi", str(roi), "--out", str(out), "--quiet"]) == EXIT_OK
     assert (out / "field.npz").is_file() and (out / "density.tif").is_file()
-    assert main(["extract", str(path), "--out", str(out), "--quiet"]) == EXIT_ERROR
+    assert main(["extract", str(path), "--out", str(out), "--quiet"]) == EXIT_USAGE
     assert "exists" in capsys.readouterr().err
     assert main(["report", str(out), "--quiet"]) == EXIT_OK
 
@@ -52,7 +52,7 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[binn]\nstepz = 3\n")
     code = main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
-    assert code == EXIT_ERROR
+    assert code == EXIT_USAGE
     assert "stepz" in capsys.readouterr().err
 
 
@@ -84,7 +84,7 @@ def test_existing_output_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     code = main(["demo", "--out", str(out), "--quiet"])
-    assert code == EXIT_ERROR
+    assert code == EXIT_USAGE
     assert "--overwrite" in capsys.readouterr().err
 
 

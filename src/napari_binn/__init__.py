@@ -21,6 +21,8 @@ _EXPORTS = {
     "PipelineConfig": "pipeline", "PipelineResult": "pipeline", "run_pipeline": "pipeline",
     "save_results": "results", "load_results": "results",
     "BatchItem": "batch", "run_batch": "batch",
+    "NapariBinnError": "errors", "BundleError": "errors", "ConfigError": "errors", "InputError": "errors",
+    "OutputError": "errors", "BackendUnavailableError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -42,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .batch import BatchItem, run_batch
     from .binn import BinnConfig, fit_binn, train_binn
     from .density import extract_density
+    from .errors import (BackendUnavailableError, BundleError, ConfigError, InputError, NapariBinnError,
+                         OutputError)
     from .field import DensityField
     from .io import Stack, read_stack
     from .pde import fit_mechanistic, simulate

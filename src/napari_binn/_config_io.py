@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
+
+from .errors import ConfigError
 
 C = TypeVar("C")
 
@@ -40,19 +43,72 @@ def _plain(value: Any) -> Any:
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build dataclass ``cls`` from ``data``; unknown keys raise ValueError naming them and the valid ones."""
     if not isinstance(data, dict):
-        raise ValueError(f"[{where or cls.__name__}] must be a table, got {type(data).__name__}")
+        raise ConfigError(f"[{where or cls.__name__}] must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         section = f"[{where}] " if where else ""
-        raise ValueError(
+        raise ConfigError(
             f"{section}unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints.get(name, Any), value, f"{where}.{name}" if where else name)
+        key = f"{where}.{name}" if where else name
+        check_type(hints.get(name, Any), value, key)
+        kwargs[name] = _coerce(hints.get(name, Any), value, key)
     return cls(**kwargs)
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + (
+            " (or leave it out)" if type(None) in args else "")
+    if origin in (list, tuple):
+        plural = {int: "whole numbers", float: "finite numbers", str: "texts (in quotes)"}
+        return f"a list of {plural.get(args[0], _describe(args[0])) if args else 'values'}"
+    if origin is dict or hint is dict:
+        return "a table"
+    if dataclasses.is_dataclass(hint):
+        return "a table"
+    return {int: "a whole number", float: "a finite number", str: "text (in quotes)", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_fits(item, v) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_type(hint: Any, value: Any, key: str) -> None:
+    """Raise ConfigError naming ``key``, the value and the type expected, when ``value`` is not a ``hint``
+    (numbers must be finite; a table where a value belongs is refused)."""
+    if not _fits(hint, value):
+        got = "a table" if isinstance(value, dict) else f"{value!r}"
+        raise ConfigError(f"{key} must be {_describe(hint)}; got {got}", key=key)
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -86,4 +142,5 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{path}: not valid TOML ({exc}); see docs/configuration.md for the format",
+                          file=path) from None

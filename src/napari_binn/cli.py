@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
+from .errors import BackendUnavailableError, InputError, NapariBinnError, OutputError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
 _EPILOG = """units: lengths in µm, times in hours, D(u) in µm²/h, G(u) in 1/h; density in cells/mm² (nuclei,
-labels, points), fraction (confluence) or u/K (normalised). Exit codes: 0 done, 1 error, 2 bad usage,
+labels, points), fraction (confluence) or u/K (normalised). Exit codes: 0 done, 1 unexpected error (a bug:
+please report it), 2 bad input or usage (the message says what to fix; --debug shows the traceback),
 130 interrupted (Ctrl-C: the best model so far is saved as a partial bundle)."""
 
 
@@ -378,7 +381,7 @@ def _batch_where(args, n_to_run: int) -> tuple[Any, int | None]:
         _need_distributed(f"--scheduler {scheduler}")
         return scheduler, None
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1 (got {args.workers})")
+        raise InputError(f"--workers must be at least 1 (got {args.workers})")
     workers = args.workers or min(os.cpu_count() or 1, max(n_to_run, 1))
     if workers <= 1:
         return None, None
@@ -397,7 +400,7 @@ def _need_distributed(what: str) -> None:
     try:
         import distributed  # noqa: F401
     except ImportError:
-        raise ValueError(f"{what} needs dask.distributed, which is not installed: pip install "
+        raise BackendUnavailableError(f"{what} needs dask.distributed, which is not installed: pip install "
                          "'napari-binn[distributed]' (or run with --workers 1)") from None
 
 
@@ -426,7 +429,7 @@ def batch_items(args, cfg, roi) -> list:
         return [BatchItem(name, path, cfg, out / name, roi=roi, read=_read_options(args), overwrite=args.overwrite)
                 for name, path in zip(names, args.inputs)]
     if not isinstance(roi, list) or not roi:
-        raise ValueError("--each-shape needs --roi with shapes: a JSON file of polygons or a napari Shapes CSV "
+        raise InputError("--each-shape needs --roi with shapes: a JSON file of polygons or a napari Shapes CSV "
                          "(a mask image is one region)")
     return [BatchItem(f"{name}_roi{k + 1}", path, cfg, out / f"{name}_roi{k + 1}", roi=[shape],
                       read=_read_options(args), overwrite=args.overwrite,
@@ -492,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-binn", description=__doc__.split("\n\n")[0], epilog=_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"napari-binn {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp, out_default=None, stack=True):
@@ -504,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--steps", type=int, help="BINN training steps (overrides the config; the data-only warm-up "
                                                   "keeps its share of the steps)")
         sp.add_argument("--quiet", action="store_true", help="no progress output")
+        _debug_option(sp)
         if stack:
             sp.add_argument("--roi", help="ROI: mask image (.tif/.png), polygons (.json, pixel row/col) or "
                                           "vertices (.csv, napari Shapes export: rectangles, polygons, ellipses)")
@@ -539,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="write a fresh copy of the bundle (figures and report.html) here")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--quiet", action="store_true")
+    _debug_option(sp)
     sp.set_defaults(func=cmd_report)
     sp = sub.add_parser("batch", help="the whole pipeline on several stacks, one bundle each", epilog=_EPILOG)
     sp.add_argument("inputs", nargs="+", help="stacks (TIFF files, folders or globs) or bundles; a name carrying a "
@@ -557,21 +563,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_BUG_REPORT = ("napari-binn: this is a bug in napari-binn, not in your input: please report it with the traceback "
+               "above and the command you ran (https://github.com/napari-binn/napari-binn/issues)")
+#: expected failures: the project's own errors, and files that are missing, present or not writable
+_EXPECTED = (NapariBinnError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+             NotADirectoryError)
+
+
+def _claim_out(args):
+    """Hold --out for the whole command (refused before any work if it exists or another run writes it)."""
+    from contextlib import nullcontext
+
+    from .results import claim_output
+
+    out = getattr(args, "out", None)
+    if not out:
+        return nullcontext()
+    # batch checks its folder itself (check_batch_folder: --resume keeps complete bundles in an existing folder)
+    overwrite = getattr(args, "overwrite", False) or hasattr(args, "resume")
+    if Path(out).exists() and not overwrite:
+        raise OutputError(f"{out} exists: choose another --out or pass --overwrite", file=out)
+    return claim_output(out, overwrite=overwrite)
+
+
+def _debug_option(sp) -> None:
+    """--debug after the command too (SUPPRESS: not given there, the top-level value stands)."""
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="show the traceback of an error (for bug reports)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The command line. Exit codes: 0 done; 2 bad input (one line saying what to fix; ``--debug`` for the
+    traceback); 1 an unexpected error (a bug: traceback and a request to report it); 130 interrupted."""
+    args = build_parser().parse_args(argv)
     try:
-        out = getattr(args, "out", None)
-        if out and Path(out).exists() and not getattr(args, "overwrite", False) and not hasattr(args, "resume"):
-            # refuse before any work is done, not after minutes of training
-            raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
-        return int(args.func(args))
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"napari-binn {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        with _claim_out(args):
+            return int(args.func(args))
+    except _EXPECTED as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"napari-binn: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        print("napari-binn: aborted", file=sys.stderr)
+        print("napari-binn: aborted (nothing was written for the step that was running)", file=sys.stderr)
         return EXIT_CANCELLED
+    except Exception:
+        traceback.print_exc()
+        print(_BUG_REPORT, file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and not isinstance(err, NapariBinnError):
+        return f"{err.strerror or 'cannot use'}: {err.filename}"
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

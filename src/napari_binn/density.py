@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from .errors import InputError
 from .field import DensityField
 from .io import Stack
 from .jobs import CancelToken, JobCancelled, Progress, ProgressClock, is_cancelled, run_job
@@ -108,16 +109,16 @@ class _Grid:
 
 def _make_grid(roi_mask: np.ndarray, box_um: float, pixel_size_um: float) -> _Grid:
     if not np.isfinite(box_um) or box_um <= 0:
-        raise ValueError(f"box_um must be a positive number of micrometres; got {box_um!r}.")
+        raise InputError(f"box_um must be a positive number of micrometres; got {box_um!r}.")
     b = int(round(box_um / pixel_size_um))
     if b < 1:
-        raise ValueError(f"box_um={box_um:g} µm is smaller than one pixel ({pixel_size_um:g} µm): use a larger box.")
+        raise InputError(f"box_um={box_um:g} µm is smaller than one pixel ({pixel_size_um:g} µm): use a larger box.")
     rows = np.flatnonzero(roi_mask.any(axis=1))
     cols = np.flatnonzero(roi_mask.any(axis=0))
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     h_um, w_um = (r1 - r0) * pixel_size_um, (c1 - c0) * pixel_size_um
     if b > min(r1 - r0, c1 - c0):
-        raise ValueError(f"box_um={box_um:g} µm is larger than the ROI ({h_um:g} x {w_um:g} µm): "
+        raise InputError(f"box_um={box_um:g} µm is larger than the ROI ({h_um:g} x {w_um:g} µm): "
                          "use a smaller box or a larger ROI.")
     ny, nx = -(-(r1 - r0) // b), -(-(c1 - c0) // b)
     grid = _Grid(r0, c0, b, ny, nx, float(pixel_size_um), roi_mask, np.zeros((ny, nx)), np.zeros((ny, nx), bool))
@@ -125,7 +126,7 @@ def _make_grid(roi_mask: np.ndarray, box_um: float, pixel_size_um: float) -> _Gr
     grid.mask = grid.roi_px >= 0.5 * b * b
     n_in = int(grid.mask.sum())
     if ny < _MIN_BOXES or nx < _MIN_BOXES or n_in < _MIN_BOXES * _MIN_BOXES:
-        raise ValueError(f"The ROI ({h_um:g} x {w_um:g} µm) holds only {n_in} boxes of {b * pixel_size_um:g} µm "
+        raise InputError(f"The ROI ({h_um:g} x {w_um:g} µm) holds only {n_in} boxes of {b * pixel_size_um:g} µm "
                          f"(grid {ny} x {nx}); at least {_MIN_BOXES} x {_MIN_BOXES} are needed: "
                          "use a smaller box_um or a larger ROI.")
     return grid
@@ -165,7 +166,7 @@ def _threshold_value(samples: np.ndarray, method: Any) -> float:
             return float(threshold_otsu(samples))
         if method == "li":
             return float(threshold_li(samples))
-        raise ValueError(f"threshold must be 'otsu', 'li' or a number; got {method!r}.")
+        raise InputError(f"threshold must be 'otsu', 'li' or a number; got {method!r}.")
     return float(method)
 
 
@@ -195,37 +196,37 @@ class _Params:
 
 def _parse_params(method: str, pixel_size_um: float, params: dict[str, Any]) -> _Params:
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+        raise InputError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
     known = {"nucleus_diameter_um", "threshold", "min_snr", "estimator", "kde_sigma_um", "texture_window_um",
              "spatial_sigma", "temporal_sigma", "normalise", "normalize", "K", "percentile", "points"}
     unknown = set(params) - known
     if unknown:
-        raise ValueError(f"Unknown density parameter(s) {sorted(unknown)}; known: {sorted(known)}.")
+        raise InputError(f"Unknown density parameter(s) {sorted(unknown)}; known: {sorted(known)}.")
     dn = params.get("nucleus_diameter_um", (6.0, 16.0))
     if np.isscalar(dn):
         dn = (0.75 * float(dn), 1.5 * float(dn))
     dn = (float(dn[0]), float(dn[1]))
     if not (0 < dn[0] <= dn[1]):
-        raise ValueError(f"nucleus_diameter_um must be (min, max) with 0 < min <= max µm; got {dn}.")
+        raise InputError(f"nucleus_diameter_um must be (min, max) with 0 < min <= max µm; got {dn}.")
     norm = params.get("normalise", params.get("normalize", params.get("K", "none")))
     if norm is None:
         norm = "none"
     if isinstance(norm, str) and norm not in ("none", "percentile"):
-        raise ValueError(f"normalise must be 'none', 'percentile' or a carrying capacity K > 0; got {norm!r}.")
+        raise InputError(f"normalise must be 'none', 'percentile' or a carrying capacity K > 0; got {norm!r}.")
     if not isinstance(norm, str) and not (np.isfinite(float(norm)) and float(norm) > 0):
-        raise ValueError(f"A carrying capacity K must be a positive number; got {norm!r}.")
+        raise InputError(f"A carrying capacity K must be a positive number; got {norm!r}.")
     thr = params.get("threshold", "otsu")
     if isinstance(thr, str) and thr not in ("otsu", "li") or not isinstance(thr, str) and not np.isfinite(float(thr)):
-        raise ValueError(f"threshold must be 'otsu', 'li' or a finite number; got {thr!r}.")
+        raise InputError(f"threshold must be 'otsu', 'li' or a finite number; got {thr!r}.")
     estimator = params.get("estimator", "counts")
     if estimator not in ("counts", "kde"):
-        raise ValueError(f"estimator must be 'counts' or 'kde'; got {estimator!r}.")
+        raise InputError(f"estimator must be 'counts' or 'kde'; got {estimator!r}.")
     p = _Params(method, pixel_size_um, dn, params.get("threshold", "otsu"), float(params.get("min_snr", 5.0)),
                 estimator, float(params.get("kde_sigma_um", 25.0)), float(params.get("texture_window_um", 6.0)),
                 float(params.get("spatial_sigma", 0.0)), float(params.get("temporal_sigma", 0.0)), norm,
                 float(params.get("percentile", 99.0)))
     if p.spatial_sigma < 0 or p.temporal_sigma < 0:
-        raise ValueError("spatial_sigma (boxes) and temporal_sigma (frames) must be >= 0.")
+        raise InputError("spatial_sigma (boxes) and temporal_sigma (frames) must be >= 0.")
     return p
 
 
@@ -233,7 +234,7 @@ def _clean(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """float32 copy of a frame with non-finite pixels replaced by the median; returns (frame, bad mask or None)."""
     f = np.asarray(frame)
     if f.ndim != 2:
-        raise ValueError(f"Expected a 2D frame (Y, X); got shape {f.shape}. Choose a channel or projection first.")
+        raise InputError(f"Expected a 2D frame (Y, X); got shape {f.shape}. Choose a channel or projection first.")
     f = f.astype(np.float32, copy=True)
     bad = None
     if not np.all(np.isfinite(f)):
@@ -334,7 +335,7 @@ def _labels_centroids(labels: np.ndarray) -> np.ndarray:
     lab = np.asarray(labels)
     if not np.issubdtype(lab.dtype, np.integer):
         if not np.all(np.mod(lab, 1) == 0):
-            raise ValueError("method='labels' needs an integer label image (0 = background).")
+            raise InputError("method='labels' needs an integer label image (0 = background).")
         lab = lab.astype(np.int64)
     flat = lab.ravel()
     pos = flat > 0
@@ -385,7 +386,7 @@ def _measure_frame(frame: np.ndarray, t: int, grid: _Grid, p: _Params, threshold
     else:
         f, bad = _clean(frame)
         if f.shape != grid.roi.shape:
-            raise ValueError(f"Frame {t} has shape {f.shape}, expected {grid.roi.shape}.")
+            raise InputError(f"Frame {t} has shape {f.shape}, expected {grid.roi.shape}.")
     valid = grid.roi if bad is None else grid.roi & ~bad
     valid_px = grid.box_sum(valid) if bad is not None else grid.roi_px
     constant = f is not None and p.method != "labels" and float(f.max()) == float(f.min())
@@ -454,16 +455,16 @@ def _threshold_from_heights(values: np.ndarray, p: _Params) -> float:
 
 def _check_stack(stack: Any, allow_unknown_pixel_size: bool) -> tuple[float, list[str]]:
     if not isinstance(stack, Stack):
-        raise ValueError(f"Expected a napari_binn Stack (use read_stack or Stack(data, pixel_size_um, times_h)); "
+        raise InputError(f"Expected a napari_binn Stack (use read_stack or Stack(data, pixel_size_um, times_h)); "
                          f"got {type(stack).__name__}.")
     warnings: list[str] = []
     T = stack.n_frames
     if T < _MIN_FRAMES:
-        raise ValueError(f"The stack has {T} frame(s); density dynamics need at least {_MIN_FRAMES} time points.")
+        raise InputError(f"The stack has {T} frame(s); density dynamics need at least {_MIN_FRAMES} time points.")
     px = stack.pixel_size_um
     if px is None or not np.isfinite(px) or px <= 0:
         if not allow_unknown_pixel_size:
-            raise ValueError("The stack's pixel size is unknown: pass pixel_size_um (µm per pixel) to read_stack or "
+            raise InputError("The stack's pixel size is unknown: pass pixel_size_um (µm per pixel) to read_stack or "
                              "Stack, or allow_unknown_pixel_size=True to assume 1 µm (densities will be wrong).")
         px = 1.0
         warnings.append("WARNING: pixel size unknown; ASSUMED 1 µm/pixel. Densities (cells/mm²) and box sizes "
@@ -472,6 +473,21 @@ def _check_stack(stack: Any, allow_unknown_pixel_size: bool) -> tuple[float, lis
     if md.get("time_units") == "frames":
         warnings.append("WARNING: frame times unknown; times_h are frame indices, not hours.")
     return float(px), warnings
+
+
+def _check_not_blank(stack: Stack) -> None:
+    """Refuse a stack whose every frame is blank (one value, or NaN/inf only): there is nothing to count. Lazy
+    stacks are checked on their first, middle and last frames."""
+    T = stack.n_frames
+    frames = range(T) if isinstance(stack.data, np.ndarray) else sorted({0, T // 2, T - 1})
+    for t in frames:
+        frame = stack.frame(t)
+        values = frame[np.isfinite(frame)] if np.issubdtype(frame.dtype, np.floating) else frame
+        if values.size and values.min() != values.max():
+            return
+    raise InputError(f"every frame of the stack {stack.name!r} is blank (one value everywhere, or only NaN/inf): "
+                     "there are no cells to count; check the file, or choose the channel with the nuclei "
+                     "(channel= / --channel)")
 
 
 def extract_density_job(
@@ -508,11 +524,13 @@ def extract_density_job(
     """
     px, warnings = _check_stack(stack, allow_unknown_pixel_size)
     p = _parse_params(method, px, params)
+    if method != "points":  # points come with their own coordinates; the stack only gives the grid
+        _check_not_blank(stack)
     T, Y, X = stack.shape
     roi_mask, roi_warn = roi_to_mask(roi, (Y, X))
     warnings += roi_warn
     if method == "nuclei" and box_um < p.nucleus_diameter_um[1]:
-        raise ValueError(f"box_um={box_um:g} µm is smaller than a nucleus (max diameter "
+        raise InputError(f"box_um={box_um:g} µm is smaller than a nucleus (max diameter "
                          f"{p.nucleus_diameter_um[1]:g} µm): use boxes several nuclei wide (e.g. 50 µm).")
     grid = _make_grid(roi_mask, box_um, px)
     pts_by_frame = _split_points(params.get("points"), T) if method == "points" else None
@@ -571,7 +589,7 @@ def extract_density_job(
         obs = u[np.isfinite(u)]
         K = float(np.percentile(obs, p.percentile)) if p.normalise == "percentile" else float(p.normalise)
         if not np.isfinite(K) or K <= 0:
-            raise ValueError(f"The carrying capacity K={K} is not positive: the observed density is all zero; "
+            raise InputError(f"The carrying capacity K={K} is not positive: the observed density is all zero; "
                              "give K explicitly or use normalise='none'.")
         u = u / K
         metadata["K_units"] = units
@@ -651,7 +669,7 @@ def preview_frame(
     """
     if isinstance(stack_or_frame, Stack):
         if not 0 <= t < stack_or_frame.n_frames:
-            raise ValueError(f"Frame index {t} is outside 0..{stack_or_frame.n_frames - 1}.")
+            raise InputError(f"Frame index {t} is outside 0..{stack_or_frame.n_frames - 1}.")
         frame = stack_or_frame.data[t]
         px = pixel_size_um or stack_or_frame.pixel_size_um
     else:
@@ -659,16 +677,16 @@ def preview_frame(
         px = pixel_size_um
     if px is None:
         if not allow_unknown_pixel_size:
-            raise ValueError("Pixel size unknown: pass pixel_size_um (µm per pixel).")
+            raise InputError("Pixel size unknown: pass pixel_size_um (µm per pixel).")
         px = 1.0
     p = _parse_params(method, float(px), {k: v for k, v in params.items() if k not in ("spatial_sigma",
                                                                                      "temporal_sigma")})
     frame_arr = np.asarray(frame)
     if frame_arr.ndim != 2:
-        raise ValueError(f"preview_frame needs a 2D frame; got shape {frame_arr.shape}.")
+        raise InputError(f"preview_frame needs a 2D frame; got shape {frame_arr.shape}.")
     roi_mask, _ = roi_to_mask(roi, frame_arr.shape)
     if method == "nuclei" and box_um < p.nucleus_diameter_um[1]:
-        raise ValueError(f"box_um={box_um:g} µm is smaller than a nucleus (max diameter "
+        raise InputError(f"box_um={box_um:g} µm is smaller than a nucleus (max diameter "
                          f"{p.nucleus_diameter_um[1]:g} µm).")
     grid = _make_grid(roi_mask, box_um, float(px))
     pts_t = None
@@ -694,12 +712,12 @@ def preview_frame(
 
 def _split_points(points: Any, T: int) -> list[np.ndarray]:
     if points is None:
-        raise ValueError("method='points' needs points=(N, 3) array of (t, row, col) centroids in pixels.")
+        raise InputError("method='points' needs points=(N, 3) array of (t, row, col) centroids in pixels.")
     pts = np.asarray(points, float)
     if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"points must be an (N, 3) array of (t, row, col); got shape {pts.shape}.")
+        raise InputError(f"points must be an (N, 3) array of (t, row, col); got shape {pts.shape}.")
     if not np.all(np.isfinite(pts)):
-        raise ValueError("points contain NaN or infinite coordinates.")
+        raise InputError("points contain NaN or infinite coordinates.")
     ti = np.rint(pts[:, 0]).astype(np.intp)
     return [pts[ti == t, 1:] for t in range(T)]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from .errors import InputError
 
 __all__ = ["DensityField", "initial_state"]
 
@@ -85,21 +86,24 @@ class DensityField:
         self.y_um = np.asarray(self.y_um, dtype=np.float64)
         self.t_h = np.asarray(self.t_h, dtype=np.float64)
         if self.u.ndim != 3:
-            raise ValueError(f"DensityField.u must be (T, Ny, Nx); got shape {self.u.shape}")
+            raise InputError(f"DensityField.u must be (T, Ny, Nx); got shape {self.u.shape}")
         T, ny, nx = self.u.shape
         if self.mask.shape != (ny, nx):
-            raise ValueError(f"mask shape {self.mask.shape} does not match the grid {(ny, nx)}")
+            raise InputError(f"mask shape {self.mask.shape} does not match the grid {(ny, nx)}")
+        if not self.mask.any():
+            raise InputError("the mask is all False: a density field needs at least one box inside its domain "
+                             "(draw or choose a non-empty ROI)")
         if self.x_um.shape != (nx,) or self.y_um.shape != (ny,):
-            raise ValueError(
+            raise InputError(
                 f"x_um/y_um lengths {self.x_um.shape}/{self.y_um.shape} do not match the grid {(ny, nx)}"
             )
         if self.t_h.shape != (T,):
-            raise ValueError(f"t_h has {self.t_h.size} times for {T} frames")
+            raise InputError(f"t_h has {self.t_h.size} times for {T} frames")
         if T > 1 and not np.all(np.diff(self.t_h) > 0):
-            raise ValueError("frame times t_h must be strictly increasing")
+            raise InputError("frame times t_h must be strictly increasing")
         for name, c in (("x_um", self.x_um), ("y_um", self.y_um)):
             if c.size > 1 and not np.allclose(np.diff(c), np.diff(c)[0], rtol=1e-6):
-                raise ValueError(f"{name} must be evenly spaced (a regular grid)")
+                raise InputError(f"{name} must be evenly spaced (a regular grid)")
 
     @property
     def dx_um(self) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from .errors import InputError
 
 __all__ = [
     "LAZY_THRESHOLD_MB",
@@ -75,11 +76,19 @@ class Stack:
         self.times_h = np.asarray(self.times_h, dtype=np.float64)
         shape = tuple(self.data.shape)
         if len(shape) != 3:
-            raise ValueError(f"Stack.data must be (T, Y, X); got shape {shape}")
+            raise InputError(f"Stack.data must be (T, Y, X); got shape {shape}")
+        if 0 in shape:
+            raise InputError(f"the stack is empty (shape {shape}): it needs frames of at least one pixel")
         if self.times_h.shape != (shape[0],):
-            raise ValueError(f"{self.times_h.size} frame times for {shape[0]} frames")
+            raise InputError(f"{self.times_h.size} frame times for {shape[0]} frames")
+        if not np.all(np.isfinite(self.times_h)):
+            raise InputError("frame times (times_h) must be finite numbers of hours")
+        px = self.pixel_size_um
+        if px is not None and not (isinstance(px, (int, float, np.number)) and np.isfinite(px) and px > 0):
+            raise InputError(f"pixel_size_um must be a positive number of micrometres (or None if unknown); got {px!r}",
+                             key="pixel_size_um")
         if shape[0] > 1 and not np.all(np.diff(self.times_h) > 0):
-            raise ValueError("frame times must be strictly increasing")
+            raise InputError("frame times must be strictly increasing")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -186,7 +195,7 @@ class _FileFrames(_FrameArray):
     def _read(self, t: int) -> np.ndarray:
         frame = _read_frame_file(self.files[t])
         if frame.shape != self.shape[1:]:
-            raise ValueError(
+            raise InputError(
                 f"{self.files[t]}: frame shape {frame.shape} differs from the first frame's {self.shape[1:]}; "
                 "all frames of a time-lapse must have the same size and colour mode."
             )
@@ -373,8 +382,8 @@ def _threshold_bytes() -> float:
     return LAZY_THRESHOLD_MB * 2**20
 
 
-def _corrupt(path: Path, exc: BaseException) -> ValueError:
-    return ValueError(
+def _corrupt(path: Path, exc: BaseException) -> InputError:
+    return InputError(
         f"{path}: cannot read the image data ({type(exc).__name__}: {exc}). The file looks truncated or corrupt: "
         "copy or export it again (e.g. re-save from Fiji as TIFF) and retry."
     )
@@ -387,7 +396,7 @@ def _open_tiff(path: Path, lazy: bool | None) -> _Source:
         try:
             tif = tifffile.TiffFile(path)
         except Exception as exc:  # noqa: BLE001 - any parser failure means an unreadable file
-            raise ValueError(
+            raise InputError(
                 f"{path}: not a readable TIFF ({exc}). The file may be truncated, corrupt or not a TIFF: "
                 "export it again as TIFF (or OME-TIFF) and retry."
             ) from exc
@@ -478,7 +487,7 @@ def _read_frame_file(path: Path) -> np.ndarray:
     if frame.ndim == 3 and frame.shape[-1] in (3, 4):
         return frame
     if frame.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"{path}: holds an image of shape {frame.shape}, not a single 2D frame. In a folder of frames each "
             "file must be one frame; open a multi-frame file on its own with read_stack(file)."
         )
@@ -492,7 +501,7 @@ def _open_frames(files: list[Path], lazy: bool | None) -> _Source:
         shapes[f] = _frame_size(f)
     for f, size in shapes.items():
         if size is not None and size != frame0.shape[:2]:
-            raise ValueError(
+            raise InputError(
                 f"{f}: frame size {size[1]}x{size[0]} differs from {files[0].name} "
                 f"({frame0.shape[1]}x{frame0.shape[0]}); all frames must have the same size."
             )
@@ -531,11 +540,11 @@ def _resolve(path: Any) -> tuple[list[Path], str, str]:
     """Files to read (naturally sorted), a display name, and a description of where they came from."""
     if isinstance(path, (list, tuple)):
         if not path:
-            raise ValueError("read_stack: empty list of files; give a file, a folder or a glob pattern.")
+            raise InputError("read_stack: empty list of files; give a file, a folder or a glob pattern.")
         files = sorted((Path(p).expanduser() for p in path), key=_natural_key)
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise ValueError(f"read_stack: file(s) not found: {', '.join(missing[:5])}")
+            raise InputError(f"read_stack: file(s) not found: {', '.join(missing[:5])}")
         return files, files[0].parent.name or "stack", f"{len(files)} files in {files[0].parent}"
     text = os.fspath(path)
     p = Path(text).expanduser()
@@ -543,7 +552,7 @@ def _resolve(path: Any) -> tuple[list[Path], str, str]:
         files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _FRAME_SUFFIXES]
         files = [f for f in files if not f.name.startswith(".")]
         if not files:
-            raise ValueError(
+            raise InputError(
                 f"{p}: the folder contains no image frames ({', '.join(_FRAME_SUFFIXES)}); "
                 "point read_stack at the folder holding the frames, or at a multi-page TIFF."
             )
@@ -554,13 +563,13 @@ def _resolve(path: Any) -> tuple[list[Path], str, str]:
         files = [Path(f) for f in glob.glob(os.path.expanduser(text)) if Path(f).is_file()]
         files = [f for f in files if f.suffix.lower() in _FRAME_SUFFIXES]
         if not files:
-            raise ValueError(
+            raise InputError(
                 f"{text}: no image files (.tif/.tiff/.png/.jpg/.jpeg) match this pattern; check the folder and the "
                 "pattern (e.g. 'frames/*.tif')."
             )
         files = sorted(files, key=_natural_key)
         return files, files[0].parent.name or "stack", text
-    raise ValueError(f"{text}: no such file or folder.")
+    raise InputError(f"{text}: no such file or folder.")
 
 
 def _stem(p: Path) -> str:
@@ -597,7 +606,7 @@ def _describe(axes: str, shape: Sequence[int]) -> str:
 def _plan_axes(axes: str, shape: Sequence[int], channel: Any, projection: str | None, where: str) -> _Plan:
     desc = _describe(axes, shape)
     if "Y" not in axes or "X" not in axes:
-        raise ValueError(f"{where}: cannot find the image plane (axes {desc}); save the stack as a TIFF with Y and X.")
+        raise InputError(f"{where}: cannot find the image plane (axes {desc}); save the stack as a TIFF with Y and X.")
     y_axis, x_axis = axes.index("Y"), axes.index("X")
     select = {i: 0 for i, (a, n) in enumerate(zip(axes, shape)) if n == 1 and a not in "YX"}
     others = [i for i, (a, n) in enumerate(zip(axes, shape)) if n > 1 and a not in "YX"]
@@ -622,10 +631,10 @@ def _plan_axes(axes: str, shape: Sequence[int], channel: Any, projection: str | 
                 "(Fiji: Image > Hyperstacks > Re-order Hyperstack) and save again."
             )
         if any(axes[i] == "T" for i in select):
-            raise ValueError(
+            raise InputError(
                 f"{where}: only 1 frame (axes {desc}); napari-binn needs a time-lapse of at least 3 frames."
             )
-        raise ValueError(
+        raise InputError(
             f"{where}: a single 2D image (axes {desc}) has no time axis. napari-binn needs a time-lapse: a "
             f"multi-page TIFF, an ImageJ/OME hyperstack with T >= 3, or a folder/glob of frames.{hint}"
         )
@@ -639,13 +648,13 @@ def _plan_axes(axes: str, shape: Sequence[int], channel: Any, projection: str | 
     rgb_auto = None
     channel_record = "single channel"
     if channel is not None and not isinstance(channel, (int, np.integer)) and channel != "luminance":
-        raise ValueError(f"channel must be an integer index or 'luminance'; got {channel!r}")
+        raise InputError(f"channel must be an integer index or 'luminance'; got {channel!r}")
     if chan_axes:
         c = chan_axes[0]
         if len(chan_axes) > 1:
-            raise ValueError(f"{where}: several channel axes ({desc}); split the channels in Fiji and retry.")
+            raise InputError(f"{where}: several channel axes ({desc}); split the channels in Fiji and retry.")
         if channel is None or channel == "luminance":
-            raise ValueError(
+            raise InputError(
                 f"{where}: the stack has several channels (axes {desc}). Choose one with "
                 f"channel=0..{shape[c] - 1} (e.g. the nuclear or phase-contrast channel)."
             )
@@ -673,14 +682,14 @@ def _plan_axes(axes: str, shape: Sequence[int], channel: Any, projection: str | 
     if extra:
         if projection not in ("max", "mean"):
             names = ", ".join(f"{axes[i]} (size {shape[i]})" for i in extra)
-            raise ValueError(
+            raise InputError(
                 f"{where}: the stack has more than time, y and x (axes {desc}). Reduce the extra axis {names} "
                 "with projection='max' or projection='mean', or pick the data you want in Fiji and save it as T,Y,X."
             )
         notes.append(f"{projection} projection over " + ", ".join(axes[i] for i in extra))
     elif projection is not None:
         if projection not in ("max", "mean"):
-            raise ValueError(f"projection must be 'max' or 'mean'; got {projection!r}")
+            raise InputError(f"projection must be 'max' or 'mean'; got {projection!r}")
         notes.append(f"projection={projection!r} ignored: nothing to project (axes {desc})")
     return _Plan(
         time_axis=t_axis,
@@ -699,7 +708,7 @@ def _plan_axes(axes: str, shape: Sequence[int], channel: Any, projection: str | 
 
 def _check_index(index: int, size: int, where: str, desc: str) -> None:
     if not 0 <= index < size:
-        raise ValueError(f"{where}: channel={index} out of range; the stack (axes {desc}) has channels 0..{size - 1}.")
+        raise InputError(f"{where}: channel={index} out of range; the stack (axes {desc}) has channels 0..{size - 1}.")
 
 
 def _frame_reader(array: Any, plan: _Plan) -> Callable[[int], np.ndarray]:
@@ -837,11 +846,11 @@ def read_stack(
         ``channel``/``projection``, truncated or corrupt files, empty folders, bad arguments.
     """
     if frame_interval_h is not None and times_h is not None:
-        raise ValueError("give either frame_interval_h or times_h, not both")
+        raise InputError("give either frame_interval_h or times_h, not both")
     if pixel_size_um is not None and not (np.isfinite(pixel_size_um) and pixel_size_um > 0):
-        raise ValueError(f"pixel_size_um must be a positive number of micrometres; got {pixel_size_um!r}")
+        raise InputError(f"pixel_size_um must be a positive number of micrometres; got {pixel_size_um!r}")
     if frame_interval_h is not None and not (np.isfinite(frame_interval_h) and frame_interval_h > 0):
-        raise ValueError(f"frame_interval_h must be a positive number of hours; got {frame_interval_h!r}")
+        raise InputError(f"frame_interval_h must be a positive number of hours; got {frame_interval_h!r}")
 
     files, name, where = _resolve(path)
     if len(files) == 1:
@@ -850,12 +859,12 @@ def read_stack(
             source = _open_tiff(f, lazy)
         elif f.suffix.lower() in _FRAME_SUFFIXES:
             frame = _read_frame_file(f)
-            raise ValueError(
+            raise InputError(
                 f"{f}: a single 2D image ({'x'.join(map(str, frame.shape))}) has no time axis. Give the folder of "
                 "frames or a glob pattern (e.g. 'frames/*.png'), or a multi-page TIFF."
             )
         else:
-            raise ValueError(
+            raise InputError(
                 f"{f}: unsupported file type {f.suffix!r}; read_stack reads TIFF/OME-TIFF stacks and folders of "
                 "TIFF/PNG/JPEG frames. Export the movie as TIFF (e.g. with Fiji/Bio-Formats)."
             )
@@ -889,7 +898,7 @@ def read_stack(
 
     n_frames = int(data.shape[0])
     if n_frames < 3:
-        raise ValueError(
+        raise InputError(
             f"{where}: only {n_frames} frame(s); napari-binn needs a time-lapse of at least 3 frames to learn "
             "dynamics."
         )
@@ -931,9 +940,9 @@ def read_stack(
     if times_h is not None:
         times = np.asarray(times_h, dtype=np.float64).ravel()
         if times.shape != (n_frames,):
-            raise ValueError(f"{where}: times_h has {times.size} values for {n_frames} frames; give one per frame.")
+            raise InputError(f"{where}: times_h has {times.size} values for {n_frames} frames; give one per frame.")
         if not np.all(np.isfinite(times)) or not np.all(np.diff(times) > 0):
-            raise ValueError(f"{where}: times_h must be finite and strictly increasing (hours).")
+            raise InputError(f"{where}: times_h must be finite and strictly increasing (hours).")
         metadata["times_source"] = "user (times_h)"
     elif frame_interval_h is not None:
         times = np.arange(n_frames) * float(frame_interval_h)
@@ -995,20 +1004,20 @@ def write_stack_tiff(
     path = Path(path)
     shape = tuple(int(n) for n in data.shape)
     if len(shape) != 3:
-        raise ValueError(f"write_stack_tiff: data must be (T, Y, X); got shape {shape}")
+        raise InputError(f"write_stack_tiff: data must be (T, Y, X); got shape {shape}")
     in_memory = isinstance(data, np.ndarray) and not isinstance(data, np.memmap)
     dtype = _imagej_dtype(np.dtype(data.dtype), data if in_memory else None)
     metadata: dict[str, Any] = {"axes": "TYX"}
     kwargs: dict[str, Any] = {}
     if pixel_size_um is not None:
         if not (np.isfinite(pixel_size_um) and pixel_size_um > 0):
-            raise ValueError(f"pixel_size_um must be positive (µm); got {pixel_size_um!r}")
+            raise InputError(f"pixel_size_um must be positive (µm); got {pixel_size_um!r}")
         kwargs["resolution"] = (1.0 / pixel_size_um, 1.0 / pixel_size_um)
         metadata["unit"] = "um"
     if times_h is not None:
         times = np.asarray(times_h, dtype=np.float64).ravel()
         if times.shape != (shape[0],) or (shape[0] > 1 and not np.all(np.diff(times) > 0)):
-            raise ValueError(f"write_stack_tiff: need {shape[0]} strictly increasing times_h; got {times.size}")
+            raise InputError(f"write_stack_tiff: need {shape[0]} strictly increasing times_h; got {times.size}")
         if shape[0] > 1:
             metadata["finterval"] = float(times[1] - times[0]) * 3600.0
         metadata["Info"] = _TIMES_KEY + ",".join(repr(float(t)) for t in times)

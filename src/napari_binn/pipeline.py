@@ -8,6 +8,8 @@ previous result (e.g. a loaded bundle) to redo only the later stages.
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field as dc_field
@@ -21,6 +23,7 @@ from . import __version__
 from ._config_io import from_dict, read_toml, to_dict, write_toml
 from .binn import BinnConfig, BinnFit, train_binn
 from .density import extract_density_job
+from .errors import ConfigError, InputError
 from .field import DensityField
 from .io import Stack
 from .jobs import CancelToken, Progress, is_cancelled, run_job
@@ -136,17 +139,67 @@ class PipelineConfig:
         cfg = from_dict(cls, d)
         unknown = sorted(set(binn) - {f for f in BinnConfig.__dataclass_fields__})
         if unknown:
-            raise ValueError(f"[binn] unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+            raise ConfigError(f"[binn] unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
                              f"{', '.join(sorted(BinnConfig.__dataclass_fields__))}")
         cfg.binn = BinnConfig.from_dict(binn)
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting out of range (``section.key``) and its allowed values."""
+        from .density import METHODS as DENSITY_METHODS
+        from .pde.mechanistic import _INTERVALS, MODEL_NAMES
+        from .pde.solver import METHODS as SOLVER_METHODS
+        from .symbolic.backends import BACKENDS
+        from .symbolic.selection import SELECTION_RULES
+
+        def choice(key: str, value: Any, allowed) -> None:
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}; got {value!r}", key=key)
+
+        def number(key: str, value: Any, low: float, *, strict: bool = True, whole: bool = False) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > low if strict else value >= low) and (not whole or float(value).is_integer())
+            if not ok:
+                what = "a whole number" if whole else "a finite number"
+                raise ConfigError(f"{key} must be {what} {'>' if strict else '>='} {low:g}; got {value!r}", key=key)
+
+        d, s, sim, r = self.density, self.symbolic, self.simulation, self.refit
+        choice("density.method", d.method, DENSITY_METHODS)
+        number("density.box_um", d.box_um, 0)
+        if not isinstance(d.params, dict):
+            raise ConfigError(f"density.params must be a table; got {d.params!r}", key="density.params")
+        choice("symbolic.backend", s.backend, tuple(BACKENDS))
+        number("symbolic.max_complexity", s.max_complexity, 1, strict=False, whole=True)
+        if not s.seeds:
+            raise ConfigError("symbolic.seeds must list at least one seed, e.g. [0]", key="symbolic.seeds")
+        choice("symbolic.selection", s.selection, SELECTION_RULES)
+        number("symbolic.n_samples", s.n_samples, 2, strict=False, whole=True)
+        q = list(s.quantiles)
+        if len(q) != 2 or not all(isinstance(v, (int, float)) for v in q) or not 0 <= q[0] < q[1] <= 1:
+            raise ConfigError(f"symbolic.quantiles must be two numbers [low, high] with 0 <= low < high <= 1; "
+                              f"got {s.quantiles!r}", key="symbolic.quantiles")
+        number("simulation.rtol", sim.rtol, 0)
+        choice("simulation.method", sim.method, SOLVER_METHODS)
+        if r.reference_model:
+            choice("refit.reference_model", r.reference_model, ("", *MODEL_NAMES))
+        choice("refit.weighting", r.weighting, ("ols", "gls"))
+        choice("refit.intervals", r.intervals, tuple(i for i in _INTERVALS if i) + ("none",))
+        number("refit.max_evals", r.max_evals, 1, strict=False, whole=True)
+        number("refit.candidates", r.candidates, 1, strict=False, whole=True)
+        number("refit.bic_margin", r.bic_margin, 0, strict=False)
 
     def to_toml(self, path: str | Path) -> None:
         write_toml(self.to_dict(), path)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "PipelineConfig":
-        return cls.from_dict(read_toml(path))
+        """Read a TOML file; a bad setting raises ConfigError naming the file and the key."""
+        try:
+            return cls.from_dict(read_toml(path))
+        except ConfigError as err:
+            err.file = err.file or str(path)
+            raise
 
 
 @dataclass(eq=False)
@@ -214,6 +267,7 @@ def run_pipeline(
     (``train_binn``'s ``members``: None here, one after another).
     """
     config = config or PipelineConfig()
+    config.validate()
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
@@ -251,7 +305,7 @@ def run_pipeline(
         if stage == "density":
             if stack is None:
                 if result.field is None:
-                    raise ValueError("the 'density' stage needs an image Stack")
+                    raise InputError("the 'density' stage needs an image Stack")
                 continue
             dc = config.density
             result.field = yield from _tag(extract_density_job(
@@ -290,7 +344,7 @@ def run_pipeline(
 
 def _need(value: Any, stage: str, what: str) -> None:
     if value is None:
-        raise ValueError(f"the '{stage}' stage needs {what}: run the earlier stages first or start from a result "
+        raise InputError(f"the '{stage}' stage needs {what}: run the earlier stages first or start from a result "
                          "that has it")
 
 

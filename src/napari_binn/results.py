@@ -33,25 +33,25 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
+from .errors import BundleError, ConfigError, OutputError
 from .field import DensityField
 
-__all__ = ["save_results", "load_results", "SCHEMA_VERSION", "BundleError"]
+__all__ = ["save_results", "load_results", "claim_output", "SCHEMA_VERSION", "BundleError"]
 
 SCHEMA_VERSION = 2  # 2: every front row with its constants; mechanistic fits with n_evals and metadata
 _FORMAT = "napari-binn results bundle"
 #: metadata keys about the result in memory, not written to metadata.json ('bundle': where it was loaded from)
 _NOT_WRITTEN = ("bundle",)
-
-
-class BundleError(ValueError):
-    """A directory that is not a readable results bundle (the message says exactly why)."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -93,6 +93,101 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "model"
 
 
+# ------------------------------------------------------------------------------------------- claiming --out
+#: output paths this process has claimed (claim_output), so that its own save_results does not refuse them
+_CLAIMED: set[Path] = set()
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.napari-binn-lock"
+
+
+def _lock_holder(lock: Path) -> tuple[str, int] | None:
+    """(host, pid) written in ``lock``, or None when unreadable."""
+    try:
+        host, pid = lock.read_text(encoding="utf-8").split()[:2]
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_stale(lock: Path) -> bool:
+    """A lock left by a process of this machine that no longer runs (killed before it could remove it)."""
+    holder = _lock_holder(lock)
+    if holder is None or holder[0] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder[1], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, not ours
+        return False
+    return False
+
+
+@contextmanager
+def claim_output(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Hold ``directory`` as this process's output while the block runs: one run at a time may write it.
+
+    Refuses (OutputError) an existing ``directory`` unless ``overwrite``, and a directory another run holds: the
+    claim is a lock file created atomically (O_CREAT | O_EXCL) beside it, so two processes writing the same
+    ``--out`` cannot both go on. The command line claims ``--out`` before any work; :func:`save_results` claims
+    the directory it writes unless this process holds it already. Folders made for the lock and left empty are
+    removed again, so a run that fails leaves nothing behind.
+    """
+    target = Path(directory).absolute()
+    if target in _CLAIMED:
+        yield target
+        return
+    made = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder for {target} ({exc.strerror}): choose another output",
+                          file=target) from None
+    lock = _lock_path(target)
+    try:
+        fd = _create_lock(lock, target)
+        try:
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        if target.exists() and not overwrite:
+            lock.unlink(missing_ok=True)
+            raise OutputError(f"{target} exists: choose another output folder or pass overwrite=True "
+                              "(--overwrite on the command line)", file=target)
+        _CLAIMED.add(target)
+        try:
+            yield target
+        finally:
+            _CLAIMED.discard(target)
+            lock.unlink(missing_ok=True)
+    finally:
+        for p in made:  # innermost first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _create_lock(lock: Path, target: Path) -> int:
+    for attempt in (0, 1):
+        try:
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if attempt == 0 and _is_stale(lock):
+                lock.unlink(missing_ok=True)
+                continue
+            holder = _lock_holder(lock)
+            who = f" (process {holder[1]} on {holder[0]})" if holder else ""
+            raise OutputError(f"another napari-binn run is writing {target}{who}: wait for it, or choose another "
+                              f"output folder (if no run is writing it, delete {lock})", file=target) from None
+        except OSError as exc:
+            raise OutputError(f"cannot write in {target.parent} ({exc.strerror}): choose another output folder",
+                              file=target) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 # ------------------------------------------------------------------------------------------------- saving
 def save_results(result, directory: str | os.PathLike, *, overwrite: bool = False, figures: bool = True) -> Path:
     """Write a PipelineResult (or a BinnFit alone) as a results bundle directory; returns its path.
@@ -108,16 +203,23 @@ def save_results(result, directory: str | os.PathLike, *, overwrite: bool = Fals
     if not isinstance(result, PipelineResult):
         raise TypeError(f"save_results needs a PipelineResult or a BinnFit; got {type(result).__name__}")
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists: choose another directory or pass overwrite=True "
-                              "(--overwrite on the command line)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with claim_output(target, overwrite=overwrite):
+        if target.exists() and not overwrite:
+            raise OutputError(f"{target} exists: choose another directory or pass overwrite=True "
+                              "(--overwrite on the command line)", file=target)
+        _write_atomically(result, target, figures)
+    return target
+
+
+def _write_atomically(result, target: Path, figures: bool) -> None:
+    """The bundle, written to a temporary sibling directory and moved into place when complete."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         files = _write_bundle(result, tmp, figures)
+        cancelled_in = result.metadata.get("cancelled_in")
         _write_json(tmp / "manifest.json", {
             "format": _FORMAT, "schema_version": SCHEMA_VERSION, "napari_binn_version": __version__,
-            "files": files, "cancelled_in": result.metadata.get("cancelled_in"),
+            "files": files, "cancelled_in": cancelled_in, "partial": bool(cancelled_in),
         })
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -129,7 +231,6 @@ def save_results(result, directory: str | os.PathLike, *, overwrite: bool = Fals
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
@@ -215,11 +316,50 @@ def _equations_schema1(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, kind: type = dict) -> Any:
+    """The JSON in ``path``, which must be a ``kind`` (a dict: an object)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})", file=path) from None
+    if not isinstance(data, kind):
+        raise BundleError(f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}, not "
+                          f"{type(data).__name__}", file=path)
+    return data
+
+
+def _malformed() -> tuple[type[BaseException], ...]:
+    """What reading a malformed part raises (a missing key, a wrong type, a corrupt archive or tensor file)."""
+    import zipfile
+
+    kinds: list[type[BaseException]] = [KeyError, TypeError, ValueError, AttributeError, IndexError, OSError,
+                                        RuntimeError, EOFError, zipfile.BadZipFile]
+    try:
+        from safetensors import SafetensorError
+        kinds.append(SafetensorError)
+    except ImportError:  # pragma: no cover - older safetensors
+        pass
+    return tuple(kinds)
+
+
+class _Part:
+    """``with _Part(path, key):`` turns a failure while reading one part of a bundle into a BundleError naming
+    the file (and the entry); BundleErrors and ConfigErrors (config.toml) pass through as they are."""
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
+        self.path, self.key = path, key
+
+    def __enter__(self) -> _Part:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, BundleError) or not isinstance(exc, _malformed()):
+            return False
+        if isinstance(exc, ConfigError) and self.path.name == "config.toml":
+            return False  # it names config.toml and the key already
+        where = f"{self.path}" + (f", {self.key}" if self.key else "")
+        raise BundleError(f"{where}: {_why(exc)}: the file is damaged or was not written by napari-binn",
+                          file=self.path, key=self.key) from None
 
 
 def load_results(directory: str | os.PathLike):
@@ -229,66 +369,94 @@ def load_results(directory: str | os.PathLike):
     files). ``metadata['bundle']`` says where it came from (not written back).
 
     Works for this schema version and older ones it knows; refuses newer schemas and non-bundles with a
-    message that says why. Reads no pickle and executes nothing from the bundle.
+    message that says why. Reads no pickle and executes nothing from the bundle. Any damaged file raises
+    :class:`~napari_binn.errors.BundleError` naming the file (and the entry).
     """
+    d = Path(directory)
+    version, manifest = _read_manifest(d)
+    with _Part(d / "config.toml"):
+        result = _load_parts(d, version)
+    result.metadata["bundle"] = {"schema_version": version, "written_by": manifest.get("napari_binn_version"),
+                                 "partial": bool(manifest.get("partial", False))}
+    return result
+
+
+def _read_manifest(d: Path) -> tuple[int, dict]:
+    manifest_path = d / "manifest.json"
+    if not d.is_dir():
+        raise BundleError(f"{d} is not a directory: a results bundle is a directory with a manifest.json", file=d)
+    if not manifest_path.is_file():
+        raise BundleError(f"{d} has no manifest.json: it is not a napari-binn results bundle", file=manifest_path)
+    manifest = _read_json(manifest_path)
+    if manifest.get("format") != _FORMAT:
+        raise BundleError(f"{manifest_path} is not a napari-binn results bundle (format {manifest.get('format')!r})",
+                          file=manifest_path, key="format")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{manifest_path}: unknown bundle schema version {version!r} (schema_version must be a "
+                          f"whole number from 1 to {SCHEMA_VERSION})", file=manifest_path, key="schema_version")
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"{d} was written with bundle schema_version {version} by napari-binn "
+                          f"{manifest.get('napari_binn_version')}; this napari-binn ({__version__}) reads schema "
+                          f"<= {SCHEMA_VERSION}: upgrade napari-binn to open it", file=manifest_path,
+                          key="schema_version")
+    return version, manifest
+
+
+def _load_parts(d: Path, version: int):
     from .binn import BinnFit
     from .pde.mechanistic import MechanisticFit
     from .pipeline import PipelineConfig, PipelineResult
     from .qc import QCReport
     from .symbolic import Equations
 
-    d = Path(directory)
-    manifest_path = d / "manifest.json"
-    if not d.is_dir():
-        raise BundleError(f"{d} is not a directory: a results bundle is a directory with a manifest.json")
-    if not manifest_path.is_file():
-        raise BundleError(f"{d} has no manifest.json: it is not a napari-binn results bundle")
-    manifest = _read_json(manifest_path)
-    if manifest.get("format") != _FORMAT:
-        raise BundleError(f"{manifest_path} is not a napari-binn results bundle (format {manifest.get('format')!r})")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or version < 1:
-        raise BundleError(f"{d}: unknown bundle schema version {version!r}")
-    if version > SCHEMA_VERSION:
-        raise BundleError(f"{d} was written with bundle schema {version} by napari-binn "
-                          f"{manifest.get('napari_binn_version')}; this napari-binn ({__version__}) reads schema "
-                          f"<= {SCHEMA_VERSION}: upgrade napari-binn to open it")
     config = PipelineConfig.from_toml(d / "config.toml") if (d / "config.toml").is_file() else PipelineConfig()
     result = PipelineResult(config)
     if (d / "field.npz").is_file():
-        with np.load(d / "field.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("u", "mask", "x_um", "y_um", "t_h")}
-        info = json.loads((d / "field.json").read_text(encoding="utf-8")) if (d / "field.json").is_file() else {}
-        result.field = DensityField(arrays["u"], arrays["mask"], arrays["x_um"], arrays["y_um"], arrays["t_h"],
-                                    info.get("units", "cells/mm²"), info.get("K"), info.get("metadata", {}))
+        with _Part(d / "field.npz"):
+            with np.load(d / "field.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("u", "mask", "x_um", "y_um", "t_h")}
+        info = _read_json(d / "field.json") if (d / "field.json").is_file() else {}
+        with _Part(d / "field.json"):
+            result.field = DensityField(arrays["u"], arrays["mask"], arrays["x_um"], arrays["y_um"], arrays["t_h"],
+                                        info.get("units", "cells/mm²"), info.get("K"), info.get("metadata", {}))
     if (d / "simulations.npz").is_file():
-        names = json.loads((d / "simulations.json").read_text(encoding="utf-8"))["names"]
-        with np.load(d / "simulations.npz", allow_pickle=False) as z:
-            result.simulations = {names.get(k, k): z[k] for k in z.files}
+        if not (d / "simulations.json").is_file():
+            raise BundleError(f"{d} has simulations.npz without simulations.json (the models' names)",
+                              file=d / "simulations.json")
+        names = _read_json(d / "simulations.json")
+        with _Part(d / "simulations.json", "names"):
+            names = dict(names["names"])
+        with _Part(d / "simulations.npz"):
+            with np.load(d / "simulations.npz", allow_pickle=False) as z:
+                result.simulations = {names.get(k, k): z[k] for k in z.files}
     if (d / "binn").is_dir():
-        result.fit = BinnFit.load(d / "binn")
+        with _Part(d / "binn" / "binn_fit.json"):
+            result.fit = BinnFit.load(d / "binn")
     path = d / "equations.json"
     if path.is_file():
         eq = _read_json(path)
-        try:
+        for key in ("D", "G"):
+            if eq.get(key) is not None and not isinstance(eq[key], dict):
+                raise BundleError(f"{path}: {key} must be an object (a closed form with its Pareto front), not "
+                                  f"{type(eq[key]).__name__} {eq[key]!r}", file=path, key=key)
+        with _Part(path):
             result.equations = Equations.from_dict(_equations_schema1(eq) if version == 1 else eq)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{path}: {_why(exc)}") from None
     path = d / "mechanistic.json"
     if path.is_file():
         if result.field is None:
-            raise BundleError(f"{path}: mechanistic fits need the density they were fitted to (field.npz)")
+            raise BundleError(f"{path}: mechanistic fits need the density they were fitted to (field.npz is missing)",
+                              file=d / "field.npz")
         for name, fit in _read_json(path).items():
-            try:
+            with _Part(path, f"fit {name!r}"):
+                if not isinstance(fit, dict):
+                    raise TypeError(f"a fit must be an object, not {type(fit).__name__}")
                 result.mechanistic[name] = MechanisticFit.from_dict(fit, result.field, result.simulations.get(name))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise BundleError(f"{path}, fit {name!r}: {_why(exc)}") from None
     if (d / "metrics.json").is_file():
         metrics = _read_json(d / "metrics.json")
         if "qc" in metrics:
-            result.qc = QCReport.from_dict(metrics["qc"])
+            with _Part(d / "metrics.json", "qc"):
+                result.qc = QCReport.from_dict(metrics["qc"])
     if (d / "metadata.json").is_file():
         result.metadata = _read_json(d / "metadata.json")
-    result.metadata["bundle"] = {"schema_version": version, "written_by": manifest.get("napari_binn_version")}
     return result
-

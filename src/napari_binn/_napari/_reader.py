@@ -130,13 +130,14 @@ def read_bundle_layers(path: str | os.PathLike | Sequence[str | os.PathLike]) ->
     The time axis is scaled by 1 (frame index), as for stacks. Each layer's ``metadata['napari_binn_bundle']``
     holds the bundle path: the napari-binn Results dock then restores the equations, tables and plots.
     """
+    from ..errors import BundleError
     from ..results import load_results
     from ._layers import density_layer_kwargs
 
     target = Path(path if isinstance(path, (str, os.PathLike)) else list(path)[0])
     result = load_results(target)
     if result.field is None:
-        raise ValueError(f"{target}: the bundle has no density field to show (field.npz is missing)")
+        raise BundleError(f"{target}: the bundle has no density field to show (field.npz is missing)", file=target)
     # the loaded result rides along so that the Results dock does not read the bundle a second time
     kwargs = density_layer_kwargs(result.field, napari_binn_bundle=str(target), napari_binn_result=result)
     return [(result.field.u, kwargs, "image")]

@@ -30,6 +30,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import BackendUnavailableError, InputError
 from ..jobs import CancelToken, Progress, is_cancelled
 from .items import BatchItem, ItemOutcome, run_item_job
 
@@ -52,11 +53,11 @@ _EVENT_S = 0.5  # at most this often a task reports progress (and at every stage
 
 
 def require_distributed():
-    """The ``distributed`` module, or ImportError naming the extra to install."""
+    """The ``distributed`` module, or BackendUnavailableError (an ImportError) naming the extra to install."""
     try:
         import distributed
     except ImportError as exc:
-        raise ImportError(f"running a batch on dask needs dask.distributed, which is not installed here: "
+        raise BackendUnavailableError(f"running a batch on dask needs dask.distributed, which is not installed here: "
                           f"pip install '{EXTRA}' (or 'dask[distributed]')") from exc
     return distributed
 
@@ -64,7 +65,7 @@ def require_distributed():
 def _check_address(address: str) -> str:
     address = address.strip()
     if "://" not in address or not address.split("://", 1)[1]:
-        raise ValueError(f"scheduler address {address!r} is not a dask address: give it as tcp://host:port "
+        raise InputError(f"scheduler address {address!r} is not a dask address: give it as tcp://host:port "
                          "(e.g. tcp://10.0.0.5:8786), the address the dask scheduler prints when it starts")
     return address
 
@@ -74,7 +75,7 @@ def connect(cluster: Any = "local", workers: int | None = None, *, timeout_s: fl
 
     cluster: 'local' (a new LocalCluster of ``workers`` processes, default the number of cores, one thread each),
     a scheduler address ('tcp://host:port'), or a ``distributed.Client`` to use as it is (not closed).
-    ValueError when an address cannot be reached within ``timeout_s``; ImportError without dask.distributed.
+    InputError when an address cannot be reached within ``timeout_s``; ImportError without dask.distributed.
     """
     distributed = require_distributed()
     if isinstance(cluster, distributed.Client):
@@ -85,7 +86,7 @@ def connect(cluster: Any = "local", workers: int | None = None, *, timeout_s: fl
 
         n = int(workers or os.cpu_count() or 1)
         if n < 1:
-            raise ValueError(f"workers must be at least 1 (got {workers})")
+            raise InputError(f"workers must be at least 1 (got {workers})")
         with dask.config.set(LOCAL_CONFIG):
             local = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                              dashboard_address=None, silence_logs=40)
@@ -104,7 +105,7 @@ def connect(cluster: Any = "local", workers: int | None = None, *, timeout_s: fl
     try:
         client = distributed.Client(address, timeout=timeout_s, set_as_default=False)
     except (OSError, TimeoutError) as exc:
-        raise ValueError(f"cannot reach the dask scheduler at {address} within {timeout_s:g} s ({exc}); check the "
+        raise InputError(f"cannot reach the dask scheduler at {address} within {timeout_s:g} s ({exc}); check the "
                          "address and that the scheduler is running and reachable from here") from None
     _register_plugin(client)
     return client, client.close

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError, OutputError
 from ..jobs import CancelToken, JobCancelled, Progress, run_job
 
 __all__ = ["BatchItem", "ItemOutcome", "load_input", "check_outputs", "check_batch_folder", "item_names",
@@ -107,23 +108,23 @@ def load_input(data: Any, *, pixel_size_um: float | None = None, frame_interval_
         return load_results(path)
     stack = read_stack(data, pixel_size_um=pixel_size_um, frame_interval_h=frame_interval_h, channel=channel)
     if stack.pixel_size_um is None:
-        raise ValueError(f"{data} does not say its pixel size: give it (µm per pixel; --pixel-size-um on the "
+        raise InputError(f"{data} does not say its pixel size: give it (µm per pixel; --pixel-size-um on the "
                          "command line)")
     if stack.metadata.get("time_units") == "frames":
-        raise ValueError(f"{data} does not say its frame interval: give it (hours; --frame-interval-h on the "
+        raise InputError(f"{data} does not say its frame interval: give it (hours; --frame-interval-h on the "
                          "command line)")
     return stack
 
 
 def check_outputs(items: Sequence[BatchItem]) -> None:
     """Refuse a batch before it starts when an item's folder exists, is not empty and may not be overwritten
-    (FileExistsError naming them); an empty folder is used."""
+    (OutputError naming them); an empty folder is used."""
     taken = [it.out for it in items if not it.overwrite and it.out.exists()
              and (not it.out.is_dir() or any(it.out.iterdir()))]
     if taken:
         names = ", ".join(p.name for p in taken)
         one = len(taken) == 1
-        raise FileExistsError(f"{names} already exist{'s' if one else ''} in {taken[0].parent} and "
+        raise OutputError(f"{names} already exist{'s' if one else ''} in {taken[0].parent} and "
                               f"{'is' if one else 'are'} not empty; nothing was overwritten. Choose another output "
                               "folder, or move those folders away.")
 
@@ -214,13 +215,13 @@ def run_item(item: BatchItem, cancel: CancelToken | None = None) -> ItemOutcome:
 
 # ---------------------------------------------------------------------------------------------- naming, folders
 def item_names(inputs: Sequence[str | Path]) -> list[str]:
-    """The item names of input paths (their file or folder name without its suffix); ValueError naming the
+    """The item names of input paths (their file or folder name without its suffix); InputError naming the
     duplicates when two inputs would share a name (their bundles would share a folder)."""
     names = [Path(str(p).rstrip("/\\")).stem or str(p) for p in inputs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         which = "; ".join(f"{n}: " + ", ".join(str(p) for p, m in zip(inputs, names) if m == n) for n in twice)
-        raise ValueError(f"several inputs have the same name ({which}): their bundles would share a folder; "
+        raise InputError(f"several inputs have the same name ({which}): their bundles would share a folder; "
                          "rename them or run them in separate batches")
     return names
 
@@ -244,7 +245,7 @@ SUMMARY_FILES = ("summary.csv", "summary.html", "plate.png")
 
 def check_batch_folder(folder: str | Path, items: Sequence[BatchItem], *, overwrite: bool = False,
                        resume: bool = False) -> list[bool]:
-    """Refuse a batch folder that already holds files unless ``overwrite`` or ``resume`` (FileExistsError naming
+    """Refuse a batch folder that already holds files unless ``overwrite`` or ``resume`` (OutputError naming
     some of them); returns, per item, whether --resume keeps its complete bundle (so it is not run).
 
     resume: complete bundles are kept; an item folder that is an unfinished bundle (or empty) is replaced, and
@@ -253,12 +254,12 @@ def check_batch_folder(folder: str | Path, items: Sequence[BatchItem], *, overwr
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a file, not a folder: choose a folder for the batch")
+        raise OutputError(f"{folder} is a file, not a folder: choose a folder for the batch")
     entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     visible = [e for e in entries if not e.startswith(".")]
     if visible and not (overwrite or resume):
         shown = ", ".join(visible[:5]) + (f" and {len(visible) - 5} more" if len(visible) > 5 else "")
-        raise FileExistsError(f"the batch folder {folder} already holds files ({shown}); nothing was overwritten. "
+        raise OutputError(f"the batch folder {folder} already holds files ({shown}); nothing was overwritten. "
                               "Pass --overwrite to write every item again, --resume to keep the complete bundles "
                               "and run the rest, or choose another folder.")
     keep = []
@@ -267,7 +268,7 @@ def check_batch_folder(folder: str | Path, items: Sequence[BatchItem], *, overwr
         done = resume and bundle_complete(out)
         if resume and not done and out.exists():
             if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-                raise FileExistsError(f"{out} holds files that are not a results bundle; nothing was overwritten. "
+                raise OutputError(f"{out} holds files that are not a results bundle; nothing was overwritten. "
                                       "Move them away, or pass --overwrite.")
             item.overwrite = True  # an unfinished bundle of an earlier run: written again
         if overwrite:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from .items import ItemOutcome
 
 __all__ = ["well_of", "summary_rows", "write_summary", "read_summary", "write_plate_figure", "write_summary_html",
@@ -91,10 +92,10 @@ def write_summary(folder: str | Path, outcomes: Sequence[ItemOutcome], *, figure
 
 
 def read_summary(folder: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows) of a batch folder's ``summary.csv`` (ValueError when there is none)."""
+    """(columns, rows) of a batch folder's ``summary.csv`` (InputError when there is none)."""
     path = Path(folder) / "summary.csv"
     if not path.is_file():
-        raise ValueError(f"{folder} holds no summary.csv: it is not a batch folder (napari-binn batch writes one)")
+        raise InputError(f"{folder} holds no summary.csv: it is not a batch folder (napari-binn batch writes one)")
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         return list(reader.fieldnames or []), list(reader)

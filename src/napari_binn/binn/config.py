@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigError
 from .nets import ACTIVATIONS
 from .residual import RESIDUALS
 
@@ -112,7 +114,7 @@ class BinnConfig:
         """Raise ValueError naming the first inconsistent setting and what to do about it."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(f"BinnConfig: {msg}")
+                raise ConfigError(f"[binn] {msg}")
 
         need(len(self.hidden) >= 1 and all(h > 0 for h in self.hidden),
              f"hidden must be one or more positive widths; got {self.hidden}")
@@ -155,7 +157,7 @@ class BinnConfig:
         """A validated copy with ``changes`` applied (unknown names raise ValueError)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ValueError(f"BinnConfig has no setting(s) {unknown}")
+            raise ConfigError(f"BinnConfig has no setting(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
     def with_steps(self, steps: int) -> "BinnConfig":
@@ -169,7 +171,7 @@ class BinnConfig:
         """
         steps = int(steps)
         if steps < 1:
-            raise ValueError(f"BinnConfig: steps must be >= 1 (got {steps}); a fit needs at least one step")
+            raise ConfigError(f"BinnConfig: steps must be >= 1 (got {steps}); a fit needs at least one step")
         scale = steps / self.steps
         warmup = min(int(round(self.warmup_steps * scale)), steps - 1)
         rates_only = min(int(round(self.rates_only_steps * scale)), steps - 1 - warmup)
@@ -187,6 +189,11 @@ class BinnConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown BinnConfig key(s) {unknown}; valid keys: "
+            raise ConfigError(f"unknown BinnConfig key(s) {unknown}; valid keys: "
                              f"{[f.name for f in dataclasses.fields(cls)]}")
+        from .._config_io import check_type
+
+        hints = typing.get_type_hints(cls)
+        for name, value in d.items():
+            check_type(hints[name], value, f"binn.{name}")
         return cls(**d)

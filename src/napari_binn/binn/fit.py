@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import BundleError
 from .config import BinnConfig
 from .nets import BinnModel
 from .scaling import Scales
@@ -258,19 +259,32 @@ class BinnFit:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not (directory / _META).is_file() or not (directory / _WEIGHTS).is_file():
-            raise ValueError(f"{directory} holds no BINN fit (expected {_META} and {_WEIGHTS})")
-        meta = json.loads((directory / _META).read_text(encoding="utf-8"))
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{directory / _META} is not a napari-binn BINN fit (format {meta.get('format')!r})")
+        for name in (_META, _WEIGHTS):
+            if not (directory / name).is_file():
+                raise BundleError(f"{directory} holds no BINN fit: {name} is missing (a fit is {_META} and "
+                                  f"{_WEIGHTS})", file=directory / name)
+        try:
+            meta = json.loads((directory / _META).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{directory / _META} is not valid JSON ({exc})", file=directory / _META) from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            what = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise BundleError(f"{directory / _META} is not a napari-binn BINN fit (format {what!r})",
+                              file=directory / _META, key="format")
+        _check_safetensors(directory / _WEIGHTS)
         cfg_d = dict(meta["config"])
         cfg_d.setdefault("D_decades", 0.0)  # fits saved before the log-scale D network used a linear scale
         cfg_d.setdefault("D_output", "log")  # and those saved before the softplus D network, D_decades' scale
         config = BinnConfig.from_dict(cfg_d)
         scales = Scales(**meta["scales"])
         tensors = load_file(str(directory / _WEIGHTS))
+        n_models = meta["n_models"]
+        stored = len({k.split(".", 1)[0] for k in tensors})
+        if not isinstance(n_models, int) or isinstance(n_models, bool) or n_models != stored:
+            raise BundleError(f"{directory / _META}: n_models is {n_models!r} but {_WEIGHTS} holds {stored} "
+                              "network(s)", file=directory / _META, key="n_models")
         members = []
-        for i in range(int(meta["n_models"])):
+        for i in range(n_models):
             m = build_model(config, scales, meta["bounds"]).to(getattr(torch, meta["dtype"]))
             prefix = f"m{i}."
             m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -278,6 +292,20 @@ class BinnFit:
         hist = (np.asarray(meta["u_hist"]["counts"]), np.asarray(meta["u_hist"]["edges"], dtype=float))
         return cls(members, scales, config, meta["bounds"], meta["units"], meta["u_range"], hist,
                    meta["history"], meta["device"], meta["metadata"])
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a weights file that is not safetensors (a pickle or a torch.save file: those could run code, and
+    are never read) with a message saying so."""
+    head = path.open("rb").read(9)
+    size = path.stat().st_size
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) < 9 or not 0 < n <= size - 8 or head[8:9] != b"{":
+        kind = ("a pickle" if head[:1] == b"\x80" else "a zip archive (torch.save?)" if head[:2] == b"PK"
+                else "something else")
+        raise BundleError(f"this bundle's weights are not a safetensors file ({path.name} looks like {kind}); "
+                          "napari-binn reads only safetensors weights (no pickles): write the bundle again with "
+                          "napari-binn", file=path)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
+from ..errors import InputError
 from ..field import DensityField, initial_state
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled
 from .solver import SimulationError, simulate
@@ -99,7 +100,7 @@ def _builtin_model(name: str) -> _Model:
         return _Model(name, ("D", "r", "K", "gamma"), const("D"),
                       lambda u, p: p["r"] * (1.0 - (_pos(u) / p["K"]) ** p["gamma"]), None,
                       frozenset({"D", "r", "K", "gamma"}), {"D": "D", "G": "r (1 - (u/K)^gamma)"})
-    raise ValueError(
+    raise InputError(
         f"unknown mechanistic model {name!r}; use one of {', '.join(MODEL_NAMES)} or a dict "
         "{'D': sympy_expr, 'G': sympy_expr[, 'T': sympy_expr]} in the symbol u (and t)"
     )
@@ -522,7 +523,7 @@ def _validate_names(kind: str, given: Mapping[str, Any] | None, model: _Model) -
     given = dict(given or {})
     unknown = sorted(set(given) - set(model.params))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{kind} names unknown parameter(s) {unknown}; the {model.name} model's parameters are "
             f"{list(model.params)}"
         )
@@ -533,24 +534,29 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
              gls_gamma, intervals, rtol, max_evals, diff_step, initial, cancel,
              on_eval, ic_samples=12) -> MechanisticFit:
     if not isinstance(field, DensityField):
-        raise ValueError(f"field must be a DensityField; got {type(field).__name__}")
+        raise InputError(f"field must be a DensityField; got {type(field).__name__}")
     spec = _resolve_model(model)
     if initial not in ("data", "denoised"):
-        raise ValueError(f"initial must be 'data' or 'denoised'; got {initial!r}")
+        raise InputError(f"initial must be 'data' or 'denoised'; got {initial!r}")
     if weighting not in ("ols", "gls"):
-        raise ValueError(f"weighting must be 'ols' or 'gls'; got {weighting!r}")
+        raise InputError(f"weighting must be 'ols' or 'gls'; got {weighting!r}")
     if intervals not in _INTERVALS:
-        raise ValueError(f"intervals must be one of {', '.join(map(repr, _INTERVALS))}; got {intervals!r}")
+        raise InputError(f"intervals must be one of {', '.join(map(repr, _INTERVALS))}; got {intervals!r}")
     if intervals is not None and intervals.endswith("+ic") and int(ic_samples) < 2:
-        raise ValueError(f"ic_samples must be >= 2 for intervals={intervals!r}; got {ic_samples}")
+        raise InputError(f"ic_samples must be >= 2 for intervals={intervals!r}; got {ic_samples}")
     if field.n_frames < 2:
-        raise ValueError("fitting needs at least two frames (the first is the initial condition)")
+        raise InputError("fitting needs at least two frames (the first is the initial condition)")
     if not field.mask.any():
-        raise ValueError("the field's mask has no boxes: nothing to fit")
+        raise InputError("the field's mask has no boxes: nothing to fit")
     if not field.observed[1:].any():
-        raise ValueError("no observed (finite, inside-mask) values after the first frame: nothing to fit")
+        raise InputError("no observed (finite, inside-mask) values after the first frame: nothing to fit")
+    seen = field.u[field.observed]
+    if seen.min() == seen.max():
+        raise InputError(f"the density is the same ({seen[0]:g} {field.units}) in every observed box and frame: "
+                         "constant data say nothing about D(u) or G(u), so nothing can be fitted; check the "
+                         "density extraction (method, channel, ROI)")
     if max_evals < 1:
-        raise ValueError(f"max_evals must be >= 1; got {max_evals}")
+        raise InputError(f"max_evals must be >= 1; got {max_evals}")
     init = _validate_names("init", init, spec)
     fixed = {k: float(v) for k, v in _validate_names("fixed", fixed, spec).items()}
     bounds = _validate_names("bounds", bounds, spec)
@@ -568,15 +574,15 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
         else:
             missing.append(name)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"no starting value for parameter(s) {missing} of the model; pass init={{{missing[0]!r}: ...}} "
             "(or fixed=... to hold them constant)"
         )
     for name, v in p0.items():
         if not np.isfinite(v):
-            raise ValueError(f"parameter {name} starts at a non-finite value {v}")
+            raise InputError(f"parameter {name} starts at a non-finite value {v}")
         if name in spec.positive and v <= 0:
-            raise ValueError(f"parameter {name} must be positive; got {v}")
+            raise InputError(f"parameter {name} must be positive; got {v}")
     free = [n for n in spec.params if n not in fixed]
     prob = _Problem(field, spec, p0, free, fixed, weighting, gls_gamma, rtol, max_evals, cancel, on_eval,
                     initial)
@@ -588,9 +594,9 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
         if name in bounds:
             b_lo, b_hi = (float(b) for b in bounds[name])
             if not b_lo < b_hi:
-                raise ValueError(f"bounds[{name!r}] must be (low, high) with low < high; got {bounds[name]}")
+                raise InputError(f"bounds[{name!r}] must be (low, high) with low < high; got {bounds[name]}")
             if not b_lo <= p0[name] <= b_hi:
-                raise ValueError(f"start value {name}={p0[name]:g} lies outside bounds {bounds[name]}")
+                raise InputError(f"start value {name}={p0[name]:g} lies outside bounds {bounds[name]}")
             lo[i], hi[i] = prob.theta_of(name, b_lo), prob.theta_of(name, b_hi)
         elif prob.log[i]:
             lo[i], hi[i] = -math.log(1e4), math.log(1e4)

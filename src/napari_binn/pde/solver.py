@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
 from .callables import as_numpy_function, as_time_function, is_constant
 from .grid import MaskedGrid
@@ -56,7 +57,7 @@ class _Problem:
         self.T = as_time_function(T)
         self.d_const = self.D.value if is_constant(self.D) else None  # type: ignore[attr-defined]
         if self.d_const is not None and not (np.isfinite(self.d_const) and self.d_const >= 0):
-            raise ValueError(f"D must be finite and >= 0 µm²/h; got {self.d_const}")
+            raise InputError(f"D must be finite and >= 0 µm²/h; got {self.d_const}")
         self.scale = scale
         self.n_rhs = 0
         self.t_now = 0.0
@@ -312,41 +313,41 @@ def _integrate_scipy(problem: _Problem, y0: np.ndarray, t_out: np.ndarray, rtol:
 def _validate(u0: Any, mask: Any, dx_um: Any, t_h: Any, rtol: float, atol: float | None, method: str):
     mask_arr = np.asarray(mask)
     if mask_arr.ndim != 2:
-        raise ValueError(f"mask must be a 2-D (Ny, Nx) boolean array; got shape {mask_arr.shape}")
+        raise InputError(f"mask must be a 2-D (Ny, Nx) boolean array; got shape {mask_arr.shape}")
     mask_arr = mask_arr.astype(bool)
     if not mask_arr.any():
-        raise ValueError("mask has no boxes inside the domain; draw or choose a non-empty ROI")
+        raise InputError("mask has no boxes inside the domain; draw or choose a non-empty ROI")
     u0_arr = np.asarray(u0, dtype=np.float64)
     if u0_arr.shape != mask_arr.shape:
-        raise ValueError(f"u0 has shape {u0_arr.shape} but mask has shape {mask_arr.shape}; they must match")
+        raise InputError(f"u0 has shape {u0_arr.shape} but mask has shape {mask_arr.shape}; they must match")
     inside = u0_arr[mask_arr]
     bad = ~np.isfinite(inside)
     if bad.any():
         ys, xs = np.nonzero(mask_arr)
         k = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"u0 has {int(bad.sum())} NaN/inf values inside the mask (first at box y={ys[k]}, "
+        raise InputError(f"u0 has {int(bad.sum())} NaN/inf values inside the mask (first at box y={ys[k]}, "
                          f"x={xs[k]}); the solver refuses them: fill them (e.g. interpolate or np.nan_to_num) "
                          "or remove those boxes from the mask")
     if inside.min() < 0:
         k = int(np.argmin(inside))
-        raise ValueError(f"u0 has negative densities inside the mask (min {inside[k]:.6g}); densities must be >= 0")
+        raise InputError(f"u0 has negative densities inside the mask (min {inside[k]:.6g}); densities must be >= 0")
     dx = float(dx_um)
     if not (np.isfinite(dx) and dx > 0):
-        raise ValueError(f"dx_um must be a positive box size in µm; got {dx_um}")
+        raise InputError(f"dx_um must be a positive box size in µm; got {dx_um}")
     t = np.asarray(t_h, dtype=np.float64).reshape(-1)
     if t.size == 0:
-        raise ValueError("t_h is empty; give the output times in hours, the first being the time of u0")
+        raise InputError("t_h is empty; give the output times in hours, the first being the time of u0")
     if not np.all(np.isfinite(t)):
-        raise ValueError("t_h contains NaN/inf")
+        raise InputError("t_h contains NaN/inf")
     if t.size > 1 and not np.all(np.diff(t) > 0):
         k = int(np.flatnonzero(~(np.diff(t) > 0))[0])
-        raise ValueError(f"t_h must be strictly increasing; t_h[{k}] = {t[k]:g} h, t_h[{k + 1}] = {t[k + 1]:g} h")
+        raise InputError(f"t_h must be strictly increasing; t_h[{k}] = {t[k]:g} h, t_h[{k + 1}] = {t[k + 1]:g} h")
     if not (rtol > 0):
-        raise ValueError(f"rtol must be > 0; got {rtol}")
+        raise InputError(f"rtol must be > 0; got {rtol}")
     if atol is not None and not (atol > 0):
-        raise ValueError(f"atol must be > 0; got {atol}")
+        raise InputError(f"atol must be > 0; got {atol}")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        raise InputError(f"method must be one of {METHODS}; got {method!r}")
     return u0_arr, mask_arr, dx, t
 
 
@@ -359,16 +360,16 @@ def _arguments(u0: Any, mask: Any, dx_um: Any, t_h: Any) -> tuple[Any, Any, Any,
     if not isinstance(u0, DensityField):
         missing = [name for name, v in (("mask", mask), ("dx_um", dx_um), ("t_h", t_h)) if v is None]
         if missing:
-            raise ValueError(f"give {', '.join(missing)} with an array u0, or simulate a DensityField")
+            raise InputError(f"give {', '.join(missing)} with an array u0, or simulate a DensityField")
         return u0, mask, dx_um, t_h
     field = u0
     if mask is not None:
-        raise ValueError("a DensityField brings its own mask: restrict it with field.with_mask(mask) instead")
+        raise InputError("a DensityField brings its own mask: restrict it with field.with_mask(mask) instead")
     if dx_um is not None and not np.isclose(float(dx_um), field.dx_um, rtol=1e-6):
-        raise ValueError(f"dx_um = {dx_um} µm does not match the field's box size {field.dx_um:g} µm")
+        raise InputError(f"dx_um = {dx_um} µm does not match the field's box size {field.dx_um:g} µm")
     times = field.t_h if t_h is None else np.asarray(t_h, dtype=np.float64).reshape(-1)
     if times.size and not np.isclose(times[0], field.t_h[0]):
-        raise ValueError(f"t_h[0] = {times[0]:g} h must be the time of the field's first frame "
+        raise InputError(f"t_h[0] = {times[0]:g} h must be the time of the field's first frame "
                          f"({field.t_h[0]:g} h), which the simulation starts from")
     return field.initial_state(), field.mask, field.dx_um, times
 
@@ -394,7 +395,7 @@ def simulate_job(D: Any, G: Any, u0: Any, mask: Any = None, dx_um: float | None 
     problem = _Problem(D, G, T, grid, scale)
     max_step = float(max_step_h) if max_step_h is not None else np.inf
     if not (max_step > 0):
-        raise ValueError(f"max_step_h must be > 0 hours; got {max_step_h}")
+        raise InputError(f"max_step_h must be > 0 hours; got {max_step_h}")
 
     out = np.full((t.size,) + mask_arr.shape, np.nan)
     out[0] = grid.to_grid(y0)

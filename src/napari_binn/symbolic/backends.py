@@ -17,6 +17,7 @@ import numpy as np
 import sympy as sp
 from scipy.optimize import minimize_scalar
 
+from ..errors import BackendUnavailableError
 from .expression import U
 
 __all__ = ["BACKENDS", "OPERATOR_NAMES", "DEFAULT_OPERATORS", "check_operators", "propose"]
@@ -95,7 +96,7 @@ def _operon(u, y, w, *, seed, operators, max_complexity, options):
     try:
         from pyoperon.sklearn import SymbolicRegressor
     except ImportError as exc:  # pragma: no cover - pyoperon is a base dependency
-        raise ImportError(
+        raise BackendUnavailableError(
             "The 'operon' backend needs pyoperon: pip install pyoperon (it is a dependency of napari-binn)."
         ) from exc
     settings = dict(OPERON_DEFAULTS)
@@ -134,8 +135,8 @@ def _operon(u, y, w, *, seed, operators, max_complexity, options):
 def _pysr(u, y, w, *, seed, operators, max_complexity, options):
     try:
         from pysr import PySRRegressor
-    except ImportError as exc:
-        raise ImportError(
+    except Exception as exc:  # ImportError, or Julia failing to start while pysr is imported
+        raise BackendUnavailableError(
             "The 'pysr' backend needs PySR and a Julia runtime: pip install 'napari-binn[pysr]' "
             "(PySR installs Julia on first use; or install Julia >= 1.10 from https://julialang.org)."
         ) from exc

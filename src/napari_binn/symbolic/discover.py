@@ -153,7 +153,11 @@ class DiscoveredFunction:
         """Inverse of :meth:`to_dict`."""
         lo, hi = d["u_range"]
         significant = d.get("significant")
-        return cls(str(d["name"]), tuple(FrontRow.from_dict(r) for r in d["front"]), int(d["selected"]),
+        front = tuple(FrontRow.from_dict(r) for r in d["front"])
+        selected = int(d["selected"])
+        if not 0 <= selected < len(front):
+            raise ValueError(f"{d['name']}: 'selected' is {selected}, not a row of its front (0 to {len(front) - 1})")
+        return cls(str(d["name"]), front, selected,
                    str(d.get("selection", "best")), str(d.get("backend", "")), (as_float(lo), as_float(hi)),
                    str(d.get("units", "")), str(d.get("u_units", "u")), tuple(d.get("notes", ())),
                    as_float(d.get("loss_floor", 0.0)), None if significant is None else tuple(map(int, significant)),

@@ -17,6 +17,8 @@ import numpy as np
 import sympy as sp
 from scipy.optimize import least_squares
 
+from ..errors import InputError
+
 __all__ = [
     "U",
     "Constant",
@@ -44,7 +46,7 @@ class ExtrapolationWarning(UserWarning):
     """A discovered closed form was evaluated outside the density range it was fitted on."""
 
 
-class ExpressionError(ValueError):
+class ExpressionError(InputError):
     """Text that is not a closed form napari-binn reads (the message says why)."""
 
 
@@ -101,13 +103,46 @@ def parse_expression(text: str, *, parameters: bool = False, precision: int | No
         pos = m.end()
     if not pieces:
         raise ExpressionError("the expression is empty")
+    if len(text) > MAX_TEXT:
+        raise ExpressionError(f"expression of {len(text)} characters: closed forms napari-binn reads have at most "
+                              f"{MAX_TEXT}")
     try:
+        # unevaluated first: a number to a huge power (9**9**9**9) would take forever to evaluate
+        unevaluated = sp.sympify(" ".join(pieces), locals=local, rational=False, evaluate=False)
+        _check_sizes(unevaluated, text)
         expr = sp.sympify(" ".join(pieces), locals=local, rational=False)
     except (sp.SympifyError, SyntaxError, TypeError, ValueError) as exc:
+        if isinstance(exc, ExpressionError):
+            raise
         raise ExpressionError(f"expression {text!r} could not be parsed ({type(exc).__name__})") from None
     if not isinstance(expr, sp.Expr):
         raise ExpressionError(f"expression {text!r} is not a closed form")
+    if expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
+        raise ExpressionError(f"expression {text!r} is not finite")
     return expr
+
+
+#: the longest expression text, the largest exponent and the largest number the parser accepts
+MAX_TEXT, MAX_EXPONENT, MAX_NUMBER = 2000, 64.0, 1e300
+
+
+def _at_most(value, limit: float) -> bool:
+    try:
+        return abs(complex(value)) <= limit
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _check_sizes(expr: sp.Basic, text: str) -> None:
+    """Refuse exponents beyond ±MAX_EXPONENT and numbers beyond MAX_NUMBER (no closed form of a density needs
+    them; evaluating them could hang or overflow)."""
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Number) and not _at_most(node, MAX_NUMBER):
+            raise ExpressionError(f"expression {text!r}: the number {node} is too large (at most {MAX_NUMBER:g})")
+        if isinstance(node, sp.Pow) and not node.exp.free_symbols:
+            if not _at_most(sp.N(node.exp, 15), MAX_EXPONENT):
+                raise ExpressionError(f"expression {text!r}: the exponent {sp.sstr(node.exp)} is too large "
+                                      f"(at most ±{MAX_EXPONENT:g})")
 
 
 # -- equations for people ----------------------------------------------------------------------------------------
@@ -532,6 +567,9 @@ class Expression:
         """Inverse of :meth:`to_dict`: the text is read by :func:`parse_expression` (numbers keep their written
         digits, so the expression prints the same text again); raises ExpressionError for anything else."""
         lo, hi = d.get("u_range", (math.nan, math.nan))
+        if not isinstance(d["text"], str):
+            raise ExpressionError(f"'text' must be the closed form as text (e.g. \"0.5 - 0.001*u\"); "
+                                  f"got {type(d['text']).__name__} {d['text']!r}")
         return cls(parse_expression(d["text"], precision=None), (as_float(lo), as_float(hi)), as_float(d.get("loss")),
                    int(d["complexity"]), tuple(Constant.from_dict(c) for c in d.get("constants", ())),
                    str(d.get("units", "")), str(d.get("name", "f")))
