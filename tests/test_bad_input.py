@@ -82,7 +82,8 @@ def _remove(name):
 
 def _selected_text(text):
     def fn(d):
-        d["D"]["front"][d["D"]["selected"]]["expression"]["text"] = text
+        rows = d["D"]["front"] + d["D"].get("library", [])  # the selected row counts over front, then library
+        rows[d["D"]["selected"]]["expression"]["text"] = text
         return d
     return fn
 

@@ -127,11 +127,11 @@ def test_names_folders_and_the_plate_summary(tmp_path):
 def test_without_dask_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
     import sys
 
-    from napari_binn.cli import EXIT_ERROR, main
+    from napari_binn.cli import EXIT_USAGE, main
 
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask.distributed were not installed
     items = [BatchItem("a", None, None, tmp_path / "a")]
     with pytest.raises(BackendUnavailableError, match=r"napari-binn\[distributed\]"):
         run_job(run_batch(items, cluster="local"))
-    assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--workers", "2"]) == EXIT_ERROR
+    assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--workers", "2"]) == EXIT_USAGE
     assert "napari-binn[distributed]" in capsys.readouterr().err

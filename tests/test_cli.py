@@ -146,7 +146,7 @@ def test_batch_writes_each_input_and_reports_the_failing_one(tmp_path, fkpp_fiel
     again = ["batch", str(tmp_path / "one"), str(tmp_path / "broken"), "--config", str(tmp_path / "tiny.toml"),
              "--out", str(out), "--workers", "1", "--quiet"]
     capsys.readouterr()
-    assert main(again) == EXIT_ERROR
+    assert main(again) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "already holds files" in err and "--overwrite" in err and "--resume" in err
     # --resume keeps the complete bundle (not rewritten) and runs the failing input again
@@ -170,11 +170,11 @@ def test_batch_refuses_duplicate_names_and_unreachable_schedulers(tmp_path, caps
     (tmp_path / "b").mkdir()
     code = main(["batch", str(tmp_path / "a" / "s1.tif"), str(tmp_path / "b" / "s1.tif"), "--out",
                  str(tmp_path / "out"), "--quiet"])
-    assert code == EXIT_ERROR
+    assert code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "same name" in err and "s1" in err and str(tmp_path / "b" / "s1.tif") in err
     assert main(["batch", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"), "--scheduler", "localhost",
-                 "--quiet"]) == EXIT_ERROR
+                 "--quiet"]) == EXIT_USAGE
     assert "tcp://host:port" in capsys.readouterr().err
 
 

@@ -101,7 +101,8 @@ class RefitConfig:
     admissible library forms) is refitted on the earlier frames and predicts the held-out ones; a candidate is
     excluded when a one-sided paired t test over 4 x 4-box blocks says it predicts worse than the best by more
     than ``holdout_margin`` (a fraction of the best's squared error) at ``holdout_level``; the headline is the one with the fewest constants among those not excluded (then the smallest expression; the others are
-    the alternatives the data cannot exclude), then refitted on all frames. 0 = choose by BIC instead; with
+    the alternatives the data cannot exclude), then refitted on all frames. Unset: min(3, (frames - 2) // 2), so
+    at least 2 frames stay to refit on and short fields (3 frames) choose by BIC. 0 = choose by BIC instead; with
     ``candidates`` = 1 only the symbolic selection is refitted either way."""
 
     closed_form: bool = True
@@ -111,7 +112,7 @@ class RefitConfig:
     max_evals: int = 200
     candidates: int = 6
     bic_margin: float = 6.0
-    holdout_frames: int = 3
+    holdout_frames: int | None = None
     holdout_level: float = 0.05
     holdout_margin: float = 0.05
 
@@ -444,20 +445,27 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
 HOLDOUT_BLOCK = 4
 
 
+def holdout_count(rc: RefitConfig, n_frames: int) -> int:
+    """The number of late frames held out: ``rc.holdout_frames``, or when unset min(3, (n_frames - 2) // 2)."""
+    if rc.holdout_frames is None:
+        return max(0, min(3, (int(n_frames) - 2) // 2))
+    return int(rc.holdout_frames)
+
+
 def check_holdout(rc: RefitConfig, n_frames: int) -> None:
-    """ValueError naming ``refit.holdout_frames`` / ``refit.holdout_level`` / ``refit.holdout_margin`` and their
+    """ConfigError naming ``refit.holdout_frames`` / ``refit.holdout_level`` / ``refit.holdout_margin`` and their
     allowed values, when the held-out choice will run (closed forms refitted, more than one candidate)."""
     if not rc.closed_form or rc.candidates <= 1:
         return
     h = rc.holdout_frames
-    if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h <= n_frames - 2:
-        raise ValueError(f"refit.holdout_frames = {h!r}: allowed values are the integers 0 (choose by BIC) to "
-                         f"{max(n_frames - 2, 0)} for this field of {n_frames} frames (the candidates are refitted on "
-                         "the frames before the held-out ones, and that needs at least 2)")
+    if h is not None and (isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h <= n_frames - 2):
+        raise ConfigError(f"refit.holdout_frames = {h!r}: allowed values are the integers 0 (choose by BIC) to "
+                          f"{max(n_frames - 2, 0)} for this field of {n_frames} frames (the candidates are refitted "
+                          "on the frames before the held-out ones, and that needs at least 2), or unset (automatic)")
     if not 0.0 < float(rc.holdout_level) < 1.0:
-        raise ValueError(f"refit.holdout_level = {rc.holdout_level!r}: allowed values are in (0, 1), e.g. 0.05")
+        raise ConfigError(f"refit.holdout_level = {rc.holdout_level!r}: allowed values are in (0, 1), e.g. 0.05")
     if not 0.0 <= float(rc.holdout_margin) < 1.0:
-        raise ValueError(f"refit.holdout_margin = {rc.holdout_margin!r}: allowed values are in [0, 1), e.g. 0.05")
+        raise ConfigError(f"refit.holdout_margin = {rc.holdout_margin!r}: allowed values are in [0, 1), e.g. 0.05")
 
 
 def _u_floor(fld: DensityField) -> float:
@@ -509,7 +517,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
     from dataclasses import replace
 
     fld = result.field
-    n_t, h = fld.n_frames, int(rc.holdout_frames)
+    n_t, h = fld.n_frames, holdout_count(rc, fld.n_frames)
     train = DensityField(fld.u[: n_t - h], fld.mask, fld.x_um, fld.y_um, fld.t_h[: n_t - h], fld.units, fld.K,
                          dict(fld.metadata))
     late = fld.u[n_t - h:]
@@ -634,7 +642,7 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
     eq = result.equations
     if rc.closed_form and eq is not None and eq.D is not None and eq.G is not None and not is_cancelled(cancel):
         start = None
-        if rc.holdout_frames > 0 and rc.candidates > 1:
+        if holdout_count(rc, fld.n_frames) > 0 and rc.candidates > 1:
             eq, start = yield from _select_by_holdout(result, eq, rc, {**kw, "intervals": None}, cancel, index)
             result.equations = eq
         elif rc.candidates > 1:

@@ -154,14 +154,16 @@ class DiscoveredFunction:
         lo, hi = d["u_range"]
         significant = d.get("significant")
         front = tuple(FrontRow.from_dict(r) for r in d["front"])
-        selected = int(d["selected"])
-        if not 0 <= selected < len(front):
-            raise ValueError(f"{d['name']}: 'selected' is {selected}, not a row of its front (0 to {len(front) - 1})")
+        library = tuple(FrontRow.from_dict(r) for r in d.get("library", ()))
+        selected, n_rows = int(d["selected"]), len(front) + len(library)
+        if not 0 <= selected < n_rows:
+            raise ValueError(f"{d['name']}: 'selected' is {selected}, not a row of its front and library "
+                             f"(0 to {n_rows - 1})")
         return cls(str(d["name"]), front, selected,
                    str(d.get("selection", "best")), str(d.get("backend", "")), (as_float(lo), as_float(hi)),
                    str(d.get("units", "")), str(d.get("u_units", "u")), tuple(d.get("notes", ())),
                    as_float(d.get("loss_floor", 0.0)), None if significant is None else tuple(map(int, significant)),
-                   tuple(FrontRow.from_dict(r) for r in d.get("library", ())))
+                   library)
 
     def table(self) -> str:
         """The Pareto front as a text table; the selected row is starred."""

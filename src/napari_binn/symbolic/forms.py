@@ -21,6 +21,7 @@ import numpy as np
 import sympy as sp
 from scipy.optimize import least_squares
 
+from ..errors import ConfigError
 from .expression import U, complexity, free_floats
 
 __all__ = ["FORMS_D", "FORMS_G", "Form", "FormFit", "check_form_names", "fit_forms", "is_admissible",
@@ -174,7 +175,7 @@ _LIBRARY = {"D": FORMS_D, "G": FORMS_G}
 
 
 def check_form_names(kind: str, names: Sequence[str] | None) -> list[str]:
-    """The form names for ``kind`` ('D' or 'G'); None means all. Unknown names raise ValueError naming the config key
+    """The form names for ``kind`` ('D' or 'G'); None means all. Unknown names raise ConfigError naming the config key
     (``symbolic.forms_D`` / ``symbolic.forms_G``) and the allowed values."""
     if kind not in _LIBRARY:
         raise ValueError(f"form kind must be 'D' or 'G'; got {kind!r}")
@@ -182,11 +183,11 @@ def check_form_names(kind: str, names: Sequence[str] | None) -> list[str]:
     if names is None:
         return allowed
     if isinstance(names, str):
-        raise ValueError(f"symbolic.forms_{kind} must be a list of form names (allowed: {', '.join(allowed)}); "
+        raise ConfigError(f"symbolic.forms_{kind} must be a list of form names (allowed: {', '.join(allowed)}); "
                          f"got the string {names!r}")
     unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"symbolic.forms_{kind}: unknown form(s) {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"symbolic.forms_{kind}: unknown form(s) {', '.join(map(repr, unknown))}; "
                          f"allowed: {', '.join(allowed)}")
     return list(dict.fromkeys(names))
 
