@@ -299,13 +299,21 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False) -> dic
     field, truth = case.make(seed, quick)
     cfg = make_config(overrides, quick)
     t0 = time.perf_counter()
-    result = run_job(run_pipeline(field, cfg))
+    seen: list[str] = []
+
+    def progress(ev) -> None:  # one line per stage, so a long run shows where it is
+        if ev.stage not in seen:
+            seen.append(ev.stage)
+            print(f"   [{time.perf_counter() - t0:6.0f} s] {ev.stage}", flush=True)
+
+    result = run_job(run_pipeline(field, cfg), progress)
     seconds = time.perf_counter() - t0
+    row_stage_seconds = {k: round(v, 1) for k, v in result.metadata.get("seconds", {}).items()}
     d_form, g_form = D_FORMS[truth.forms["D"]], G_FORMS[truth.forms["G"]]
     d_true_expr, g_true_expr = truth.expressions()
     u = result.fit.u_grid(200, central=True)
     Dt, Gt = truth.D(u), truth.G(u)
-    row: dict[str, Any] = {"case": case.name, "seed": seed, "seconds": seconds,
+    row: dict[str, Any] = {"case": case.name, "seed": seed, "seconds": seconds, "stage_seconds": row_stage_seconds,
                            "u_range": [float(u[0]), float(u[-1])],
                            "binn_d_rel_err": rel_err(result.fit.D(u), Dt),
                            "binn_g_rel_err": rel_err(result.fit.G(u), Gt, G_SCALE)}
@@ -537,7 +545,9 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         return v[key] is not None and v[key] <= lim
 
     targets = {
-        "structures_recovered": n_ok >= min(TARGETS["structures"], len(per_case) - 1) if per_case else False,
+        # 7 of the 8 cases; every case of a smaller subset
+        "structures_recovered": bool(per_case) and n_ok >= (
+            len(per_case) - (len(per_case) - TARGETS["structures"]) if len(per_case) >= 8 else len(per_case)),
         "final_within_10pct_where_recovered": all(
             within(v, "final_d_rel_err", 0.1) and within(v, "final_g_rel_err", 0.1)
             for v in per_case.values() if v["structure_ok"]),
