@@ -25,6 +25,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --crb-only     # identifiability of each case's constants, no pipeline
     python benchmarks/discovery_bench.py --selftest     # checks the scorer on known expressions
     python benchmarks/discovery_bench.py --list         # the case table
+    python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
 
 The last line printed is a JSON object: {"cases", "structures_recovered", "per_case": {name: {"binn_d_rel_err",
 "binn_g_rel_err", "final_d_rel_err", "final_g_rel_err", "structure_ok", "seconds", ...}}, "targets_met"}
@@ -164,7 +165,9 @@ _C = sp.Symbol("c")
 def term_shapes(expr: Any) -> frozenset[tuple[int, str]]:
     """The additive terms of an expression after expanding (logs too), each as (sign of its coefficient, the
     rest with every non-integer number replaced by a placeholder): 0.05 - 2.5e-5 u -> {(+1, 1), (-1, u)}."""
-    e = sp.expand(sp.expand_log(sp.sympify(expr), force=True))
+    e = sp.sympify(expr)
+    e = e.xreplace({s: U for s in e.free_symbols if s.name == "u"})  # u with assumptions (positive=True) is u
+    e = sp.expand(sp.expand_log(e, force=True))
     shapes = set()
     for term in sp.Add.make_args(e):
         coeff, rest = term.as_coeff_Mul()
@@ -462,7 +465,7 @@ def selftest() -> list[str]:
     u = np.linspace(300.0, 1900.0, 200)
 
     def check(label: str, expr: Any, truth_expr: Any, n_true: int, want: bool, scale: float | None = None):
-        f = sp.lambdify(U, expr)
+        f = sp.lambdify(next(iter(sp.sympify(expr).free_symbols), U), expr)
         t = sp.lambdify(U, truth_expr)
         vals = np.asarray(f(u), float) * np.ones_like(u)
         tv = np.asarray(t(u), float) * np.ones_like(u)
@@ -486,6 +489,9 @@ def selftest() -> list[str]:
     F = sp.Float
     # equivalent rewritings of the truth (other constants' layout) are the true structure
     check("logistic written r(1-u/K) vs expanded", F(0.05) * (1 - U / F(2000.0)), F(0.05) - F(2.5e-5) * U, 2, True)
+    up = sp.Symbol("u", positive=True)  # the pipeline's own symbol carries assumptions
+    check("logistic in a positive u (the pipeline's symbol)", F(0.0464) - F(2.24e-5) * up, F(0.05) - F(2.5e-5) * U,
+          2, True)
     check("logistic with 5% off constants (same terms)", F(0.052) - F(2.4e-5) * U, F(0.05) - F(2.5e-5) * U, 2, True)
     check("Gompertz a - b ln u", F(0.38) - F(0.05) * sp.log(U), F(0.05) * sp.log(F(2000.0) / U), 2, True)
     check("contact inhibition c/(u + K)", F(3.0e6) / (U + F(2000.0)), F(1500.0) / (1 + U / F(2000.0)), 2, True)
@@ -517,6 +523,32 @@ def selftest() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Re-score saved rows (``--json-out`` files) with this scorer, from their final expressions (text) on their
+    central-90% density grid: for when the scorer changed after a run. BINN errors, seconds and N(t) are kept."""
+    from napari_binn.synthetic.models import make_synthetic
+
+    out = []
+    for row in rows:
+        case = CASES[row["case"]]
+        _, truth = make_synthetic(case.model, dict(case.params), grid=(8, 8), times_h=[0.0, 1.0])
+        u = np.linspace(*row["u_range"], 200)
+        new = dict(row, rescored=True)
+        for key, t_expr, form, t_fn in (("d", truth.expressions()[0], D_FORMS[truth.forms["D"]], truth.D),
+                                        ("g", truth.expressions()[1], G_FORMS[truth.forms["G"]], truth.G)):
+            if row.get(f"final_{key}") is None:
+                continue
+            expr = sp.sympify(row[f"final_{key}"], locals={"u": U})
+            vals = np.asarray(sp.lambdify(U, expr)(u), float) * np.ones_like(u)
+            sc = score_function(expr, vals, t_expr, t_fn(u), form.n_constants, G_SCALE if key == "g" else None)
+            new[f"final_{key}_rel_err"] = sc["rel_err"]
+            new[f"{key}_structure_ok"], new[f"{key}_terms_ok"] = sc["structure_ok"], sc["terms_ok"]
+            new[f"{key}_numeric_ok"], new[f"{key}_n_constants"] = sc["numeric_ok"], sc["n_constants"]
+        new["structure_ok"] = bool(new["d_structure_ok"] and new["g_structure_ok"])
+        out.append(new)
+    return out
+
+
 def _median(values: list[Any]) -> float | None:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(statistics.median(vals)) if vals else None
@@ -575,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="PipelineConfig overrides, e.g. binn.steps=3000 refit.candidates=4")
     ap.add_argument("--json-out", default=None, help="also write the per-seed rows and the summary here")
+    ap.add_argument("--rescore", default=None, metavar="JSON",
+                    help="re-score the rows of an earlier --json-out file with this scorer (no pipeline run)")
     args = ap.parse_args(argv)
 
     names = args.cases or list(CASES)
@@ -584,6 +618,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for name in names:
             print(f"{name:<22} {CASES[name].note}\n{'':<22} {CASES[name].describe()}")
+        return 0
+    if args.rescore:
+        with open(args.rescore) as fh:
+            rows = rescore(json.load(fh)["rows"])
+        for r in rows:
+            print(f"{r['case']} seed {r['seed']}: D = {r['final_d']} [{_fmt(r['final_d_rel_err'])}, structure "
+                  f"{r['d_structure_ok']}]  G = {r['final_g']} [{_fmt(r['final_g_rel_err'])}, structure "
+                  f"{r['g_structure_ok']}]")
+        summary = summarise(rows, [n for n in CASES if any(r["case"] == n for r in rows)])
+        if args.json_out:
+            with open(args.json_out, "w") as fh:
+                json.dump({"rows": rows, "summary": summary, "rescored_from": args.rescore}, fh, indent=1,
+                          default=str)
+        print(json.dumps(summary))
         return 0
     if args.selftest:
         failures = selftest()

@@ -135,3 +135,15 @@ def test_summary_medians_and_targets(bench):
     assert s["cases"] == 1 and s["structures_recovered"] == 1
     assert s["per_case"]["a"]["binn_d_rel_err"] == pytest.approx(0.2)
     assert not s["targets_met"]["binn_d_within_15pct"] and s["targets_met"]["binn_g_within_10pct"]
+
+
+def test_pipeline_symbol_and_rescore(bench):
+    up = sp.Symbol("u", positive=True)  # the symbolic stage's u carries an assumption
+    assert bench.term_shapes(sp.Float(0.0464) - sp.Float(2.24e-5) * up) == bench.term_shapes(
+        sp.Float(0.05) - sp.Float(2.5e-5) * U)
+    row = {"case": "fkpp_scratch", "seed": 0, "u_range": [100.0, 1700.0], "binn_d_rel_err": 0.03,
+           "binn_g_rel_err": 0.03, "seconds": 1.0, "n_t_rel_err": 0.01,
+           "final_d": "0.179*u + 584.3", "final_g": "0.0499 - 2.49e-5*u", "structure_ok": False}
+    (new,) = bench.rescore([row])
+    assert new["rescored"] and new["g_structure_ok"] and new["final_g_rel_err"] < 0.02
+    assert not new["d_structure_ok"] and not new["structure_ok"] and new["final_d_rel_err"] > 0.05
