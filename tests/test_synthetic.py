@@ -9,7 +9,7 @@ from napari_binn.synthetic.models import DEFAULT_PARAMS, MODELS, make_synthetic
 SMALL = dict(grid=(24, 24), dx_um=50.0, times_h=np.linspace(0, 48, 5))
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if m != "custom"])
+@pytest.mark.parametrize("model", [m for m in MODELS if m not in ("custom", "diffusion")])  # diffusion: no growth
 def test_models_spread_and_grow(model):
     fld, truth = make_synthetic(model, domain="disc", **SMALL)
     assert isinstance(fld, DensityField) and fld.shape == (5, 24, 24)
@@ -127,3 +127,90 @@ def test_bad_arguments():
         make_synthetic("fisher_kpp", noise_model="salt")
     with pytest.raises(ValueError, match="custom"):
         make_synthetic("custom", {"D": 3.0})
+
+
+NEW_MODELS = ["contact_inhibition", "gompertz", "diffusion"]
+
+
+@pytest.mark.parametrize("model", NEW_MODELS)
+def test_new_models_shapes_and_truth_records(model):
+    fld, truth = make_synthetic(model, domain="disc", **SMALL)
+    assert fld.shape == (5, 24, 24) and truth.describe()
+    D, G = truth.model_functions()
+    u = np.array([100.0, 1000.0, 1900.0])
+    p = truth.params
+    if model == "contact_inhibition":
+        expected = ({"D": "contact_inhibition", "G": "logistic"}, p["D0"] / (1 + u / p["K"]), p["r"] * (1 - u / p["K"]))
+    elif model == "gompertz":
+        expected = ({"D": "constant", "G": "gompertz"}, np.full(3, p["D"]), p["r"] * np.log(p["K"] / u))
+    else:
+        expected = ({"D": "constant", "G": "none"}, np.full(3, p["D"]), np.zeros(3))
+    assert truth.forms == expected[0]
+    np.testing.assert_allclose(D(u), expected[1])
+    np.testing.assert_allclose(G(u), expected[2])
+    assert truth.constants == {k: float(v) for k, v in DEFAULT_PARAMS[model].items()}
+    d_expr, g_expr = truth.expressions()
+    sympy = pytest.importorskip("sympy")
+    us = sympy.Symbol("u")
+    np.testing.assert_allclose(sympy.lambdify(us, d_expr)(u) * np.ones(3), expected[1])
+    np.testing.assert_allclose(sympy.lambdify(us, g_expr)(u) * np.ones(3), expected[2])
+
+
+def test_truth_forms_of_existing_models():
+    assert make_synthetic("fisher_kpp", **SMALL)[1].forms == {"D": "constant", "G": "logistic"}
+    assert make_synthetic("porous_fisher", **SMALL)[1].forms == {"D": "linear", "G": "logistic"}
+    _, power = make_synthetic("porous_fisher", {"m": 2.0}, **SMALL)
+    assert power.forms == {"D": "power", "G": "logistic"} and power.constants["m"] == 2.0
+    assert make_synthetic("allee", **SMALL)[1].forms["G"] == "allee"
+
+
+def test_gompertz_is_finite_at_zero_and_grows():
+    _, truth = make_synthetic("gompertz", domain="scratch", **SMALL)
+    g = truth.G(np.array([0.0, -5.0, truth.params["K"]]))
+    assert np.all(np.isfinite(g)) and g[0] > 0 and g[2] == pytest.approx(0.0, abs=1e-12)
+    mass = np.nansum(truth.u_clean, axis=(1, 2))
+    assert mass[-1] > 1.2 * mass[0]
+
+
+def test_diffusion_conserves_mass_on_a_closed_domain():
+    fld, truth = make_synthetic("diffusion", domain="wound", **SMALL)
+    mass = np.nansum(truth.u_clean, axis=(1, 2))
+    np.testing.assert_allclose(mass, mass[0], rtol=1e-4)
+    u = truth.u_clean
+    centre = u[:, 12, 12]
+    assert centre[0] < 0.05 * fld.K < centre[-1]  # the wound fills by spreading alone
+
+
+def test_allee_growth_negative_at_low_density():
+    _, truth = make_synthetic("allee", **SMALL)
+    K, A = truth.params["K"], truth.params["A"]
+    assert truth.G(np.array([0.5 * A * K]))[0] < 0 < truth.G(np.array([(1 + A) / 2 * K]))[0]
+
+
+@pytest.mark.parametrize("domain", ["wound", "polygon"])
+def test_new_domains(domain):
+    fld, truth = make_synthetic("fisher_kpp", domain=domain, grid=(30, 30), times_h=[0, 6], seed=4)
+    u0 = truth.u_clean[0]
+    assert 0.3 * fld.mask.size < fld.mask.sum() < fld.mask.size
+    assert np.nanmax(u0) == pytest.approx(0.8 * fld.K, rel=0.02)
+    assert (u0[fld.mask] < 0.05 * fld.K).sum() > 0.08 * fld.mask.sum()  # room to spread
+    if domain == "wound":
+        assert u0[15, 15] < 0.01 * fld.K and fld.mask[15, 15] and not fld.mask[0, 0]
+    else:
+        again, _ = make_synthetic("fisher_kpp", domain=domain, grid=(30, 30), times_h=[0, 6], seed=4)
+        other, _ = make_synthetic("fisher_kpp", domain=domain, grid=(30, 30), times_h=[0, 6], seed=5)
+        np.testing.assert_array_equal(again.mask, fld.mask)
+        assert not np.array_equal(other.mask, fld.mask)
+
+
+def test_u0_fraction_and_gaussian_k_noise():
+    fld, truth = make_synthetic("fisher_kpp", domain="scratch", u0_fraction=0.3, noise=0.05,
+                                noise_model="gaussian_k", **SMALL)
+    assert np.nanmax(truth.u_clean[0]) == pytest.approx(0.3 * fld.K, rel=0.01)
+    resid = (fld.u - truth.u_clean)[fld.observed]
+    assert np.std(resid) == pytest.approx(0.05 * fld.K, rel=0.05)
+    default, _ = make_synthetic("fisher_kpp", domain="scratch", **SMALL)
+    same, _ = make_synthetic("fisher_kpp", domain="scratch", u0_fraction=0.6, **SMALL)
+    np.testing.assert_array_equal(default.u, same.u)
+    with pytest.raises(ValueError, match="u0_fraction"):
+        make_synthetic("fisher_kpp", u0_fraction=0.0, **SMALL)

@@ -1,0 +1,149 @@
+"""The discovery benchmark's own machinery: the structure scorer, constant errors, the case table, the options.
+(Accuracy figures come from running the benchmark, not from these tests.)"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sp = pytest.importorskip("sympy")
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "discovery_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("discovery_bench", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["discovery_bench"] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("discovery_bench", None)
+
+
+U = sp.Symbol("u")
+GRID = np.linspace(200.0, 1800.0, 50)
+
+
+def _score(bench, expr, truth, n_true, scale=None):
+    vals = np.asarray(sp.lambdify(U, expr)(GRID), float) * np.ones_like(GRID)
+    tv = np.asarray(sp.lambdify(U, truth)(GRID), float) * np.ones_like(GRID)
+    return bench.score_function(expr, vals, truth, tv, n_true, scale)
+
+
+def test_true_expressions_score_their_structure(bench):
+    from napari_binn.synthetic.models import make_synthetic
+
+    for name, case in bench.CASES.items():
+        _, truth = make_synthetic(case.model, dict(case.params), grid=(8, 8), times_h=[0.0, 1.0])
+        d, g = truth.expressions()
+        assert _score(bench, d, d, bench.D_FORMS[truth.forms["D"]].n_constants)["structure_ok"], name
+        assert _score(bench, g, g, bench.G_FORMS[truth.forms["G"]].n_constants, bench.G_SCALE)["structure_ok"], name
+
+
+def test_rewritten_forms_match_and_wrong_forms_do_not(bench):
+    F = sp.Float
+    logistic = F(0.05) - F(2.5e-5) * U
+    assert _score(bench, F(0.05) * (1 - U / F(2000.0)), logistic, 2)["terms_ok"]
+    assert _score(bench, F(0.38) - F(0.05) * sp.log(U), F(0.05) * sp.log(F(2000.0) / U), 2)["terms_ok"]
+    assert _score(bench, F(3.0e6) / (U + F(2000.0)), F(1500.0) / (1 + U / F(2000.0)), 2)["numeric_ok"]
+    rising = _score(bench, F(0.0075) + F(3.4e-6) * U, logistic, 2)
+    assert not rising["structure_ok"] and rising["rel_err"] > 0.5
+    assert not _score(bench, F(0.5) * U, F(800.0), 1)["structure_ok"]
+    assert not _score(bench, F(800.0), F(0.5) * U, 1)["structure_ok"]
+    wiggle = _score(bench, F(800.0) + F(1e-3) * U + F(1e-9) * U ** 2, F(800.0), 1)  # within 2%, 3 constants
+    assert wiggle["rel_err"] < 0.02 and not wiggle["structure_ok"]
+    assert not _score(bench, logistic, sp.Integer(0), 0, bench.G_SCALE)["structure_ok"]
+    singular = bench.score_function(F(1.0) / U, np.full(3, np.inf), F(800.0), np.full(3, 800.0), 1)
+    assert not singular["structure_ok"]
+
+
+def test_count_constants_and_term_shapes(bench):
+    assert bench.count_constants(sp.Float(0.5) * U ** sp.Float(2.0)) == 1
+    assert bench.count_constants(sp.Float(800.0)) == 1 and bench.count_constants(U ** 2) == 0
+    assert bench.term_shapes(sp.Float(0.05) - sp.Float(2.5e-5) * U) == bench.term_shapes(sp.Float(1.0) - U)
+    assert bench.term_shapes(sp.Float(1.0) + U) != bench.term_shapes(sp.Float(1.0) - U)
+
+
+def test_constant_errors_and_rel_err(bench):
+    errs = bench.constant_errors(bench.G_FORMS["allee"], 0.33 * (1 - GRID / 2000) * (GRID / 2000 - 0.2), GRID,
+                                 {"r": 0.3, "K": 2000.0, "A": 0.2})
+    assert errs["r"] == pytest.approx(0.1, abs=1e-4) and abs(errs["K"]) < 1e-4 and abs(errs["A"]) < 1e-4
+    assert bench.rel_err(np.full(4, 0.001), np.zeros(4), 0.05) == pytest.approx(0.02)
+    assert bench.rel_err(np.full(4, 1.1), np.ones(4)) == pytest.approx(0.1)
+
+
+def test_case_table_covers_the_issue(bench):
+    from napari_binn.synthetic.models import make_synthetic
+
+    forms, domains, noises = set(), set(), set()
+    for name, case in bench.CASES.items():
+        fld, truth = case.make(0, quick=True)
+        assert fld.shape == (6, 16, 16) and fld.mask.any(), name
+        forms |= {("D", truth.forms["D"]), ("G", truth.forms["G"])}
+        domains.add(case.domain)
+        noises.add(case.noise_model)
+        if case.noise_model == "poisson":  # ~20 cells per box at K
+            assert 15 <= truth.params["K"] * (case.dx_um / 1000) ** 2 <= 25, name
+    assert len(bench.CASES) >= 8
+    assert {("D", f) for f in ("constant", "linear", "power", "contact_inhibition")} <= forms
+    assert {("G", f) for f in ("logistic", "allee", "gompertz", "none")} <= forms
+    assert {"scratch", "wound", "islands", "polygon"} <= domains and {"gaussian_k", "poisson"} <= noises
+    full, _ = bench.CASES["fkpp_scratch"].make(0)
+    assert full.shape == (17, 40, 40)
+    del make_synthetic
+
+
+def test_options(bench, capsys):
+    assert bench.parse_sets(["binn.steps=300", "refit.bic_margin=4.5", "symbolic.backend=library"]) == {
+        "binn": {"steps": 300}, "refit": {"bic_margin": 4.5}, "symbolic": {"backend": "library"}}
+    cfg = bench.make_config(bench.parse_sets(["binn.steps=300", "refit.candidates=2"]), quick=False)
+    assert cfg.binn.steps == 300 and cfg.refit.candidates == 2
+    with pytest.raises(ValueError, match="section.key"):
+        bench.parse_sets(["steps=3"])
+    with pytest.raises(ValueError, match="unknown section"):
+        bench.make_config({"nope": {"a": 1}}, quick=False)
+    with pytest.raises(ValueError, match="has no key"):
+        bench.make_config({"refit": {"nope": 1}}, quick=False)
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "no_such_case", "--list"])
+    assert bench.main(["--list"]) == 0
+    assert "fkpp_scratch" in capsys.readouterr().out
+
+
+def test_selftest_passes(bench, capsys):
+    assert bench.main(["--selftest"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"selftest": "pass", "failures": []}
+
+
+def test_crb_quick_sees_every_constant(bench):
+    res = bench.crb_case(bench.CASES["allee_islands"], quick=True)
+    assert set(res["constants"]) == {"D", "r", "K", "A"}
+    assert all(v["rms_change_over_noise"] > 0 and np.isfinite(v["crb_rel_sd"]) for v in res["constants"].values())
+
+
+def test_summary_medians_and_targets(bench):
+    rows = [{"case": "a", "binn_d_rel_err": e, "binn_g_rel_err": 0.05, "final_d_rel_err": 0.02,
+             "final_g_rel_err": 0.03, "structure_ok": ok, "seconds": 100.0, "n_t_rel_err": 0.01}
+            for e, ok in ((0.1, True), (0.3, True), (0.2, False))]
+    s = bench.summarise(rows, ["a"])
+    assert s["cases"] == 1 and s["structures_recovered"] == 1
+    assert s["per_case"]["a"]["binn_d_rel_err"] == pytest.approx(0.2)
+    assert not s["targets_met"]["binn_d_within_15pct"] and s["targets_met"]["binn_g_within_10pct"]
+
+
+def test_pipeline_symbol_and_rescore(bench):
+    up = sp.Symbol("u", positive=True)  # the symbolic stage's u carries an assumption
+    assert bench.term_shapes(sp.Float(0.0464) - sp.Float(2.24e-5) * up) == bench.term_shapes(
+        sp.Float(0.05) - sp.Float(2.5e-5) * U)
+    row = {"case": "fkpp_scratch", "seed": 0, "u_range": [100.0, 1700.0], "binn_d_rel_err": 0.03,
+           "binn_g_rel_err": 0.03, "seconds": 1.0, "n_t_rel_err": 0.01,
+           "final_d": "0.179*u + 584.3", "final_g": "0.0499 - 2.49e-5*u", "structure_ok": False}
+    (new,) = bench.rescore([row])
+    assert new["rescored"] and new["g_structure_ok"] and new["final_g_rel_err"] < 0.02
+    assert not new["d_structure_ok"] and not new["structure_ok"] and new["final_d_rel_err"] > 0.05
