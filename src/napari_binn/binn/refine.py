@@ -54,7 +54,7 @@ class RefineConfig:
     strongest first, the one with the highest Laplace evidence kept (one value = fixed). initial: the initial
     state, 'surrogate' | 'data' | 'joint'. tv_weight: total-variation weight on a jointly fitted initial state
     (relative to the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
-    distill_steps: Adam steps fitting the networks to the refined tables. bands: compute the Laplace D_sd, G_sd.
+    distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the Laplace D_sd, G_sd.
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing."""
 
     enabled: bool = True
@@ -64,7 +64,7 @@ class RefineConfig:
     initial: str = "surrogate"
     tv_weight: float = 0.05
     cfl: float = 0.8
-    distill_steps: int = 600
+    distill_steps: int = 200
     bands: bool = True
     min_frames: int = 3
     max_steps: int = 20000
@@ -208,7 +208,7 @@ def _lbfgs(params: list[torch.Tensor], loss_fn, iterations: int, cancel: CancelT
         if is_cancelled(cancel):
             break
         before = [p.detach().clone() for p in params]
-        val = float(opt.step(closure))
+        val = float(opt.step(closure).detach())
         if not all(bool(torch.isfinite(p).all()) for p in params) or not math.isfinite(val):
             with torch.no_grad():
                 for p, b in zip(params, before):
@@ -305,16 +305,17 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     notes: list[str] = []
     if cfg.initial == "joint" and not is_cancelled(cancel):
         zj = torch.tensor(z_best, requires_grad=True)
-        u0j = prob.ic_surrogate.clone().requires_grad_(True)
+        wj = torch.zeros_like(prob.ic_surrogate, requires_grad=True)  # the change of the initial state / noise s.d.
         lam = chosen["smoothness"]
 
         def joint_loss():
+            u0j = prob.ic_surrogate + prob.sigma * wj
             return (0.5 * prob.chi2(prob.simulate(zj, u0j)) + 0.5 * lam * prob.prior(zj)
                     + cfg.tv_weight * prob.tv(u0j)) / n
 
-        _lbfgs([zj, u0j], joint_loss, cfg.iterations, cancel)
+        _lbfgs([zj, wj], joint_loss, cfg.iterations, cancel)
         with torch.no_grad():
-            u0c = torch.clamp(u0j.detach(), min=0.0)
+            u0c = torch.clamp(prob.ic_surrogate + prob.sigma * wj.detach(), min=0.0)
             chi2_joint = float(prob.chi2(prob.simulate(zj.detach(), u0c)))
         if chi2_joint < (1.0 - _JOINT_GAIN) * chi2_best:
             z_best, u0_used, ic_used, chi2_best = zj.detach().numpy().copy(), u0c, "joint", chi2_joint
@@ -377,7 +378,7 @@ def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float) 
 
 def _distill(fit: BinnFit, nodes: np.ndarray, D_tab: np.ndarray, G_tab: np.ndarray,
              observed: tuple[float, float], steps: int) -> dict[str, float]:
-    """Fit every member's D- and G-network to the tables over the observed range (Adam); returns the relative
+    """Fit every member's D- and G-network to the tables over the observed range (L-BFGS, ``steps`` iterations); returns the relative
     L2 misfit of the ensemble mean to each table there."""
     u = np.linspace(observed[0], observed[1], 128)
     D_t = np.interp(u, nodes, D_tab)
@@ -392,12 +393,21 @@ def _distill(fit: BinnFit, nodes: np.ndarray, D_tab: np.ndarray, G_tab: np.ndarr
             params = list(net.parameters())
             for p in params:
                 p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=3e-3)
-            for _ in range(steps):
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
+
+            def closure(net=net, y=y, scale=scale, opt=opt):
                 opt.zero_grad(set_to_none=True)
                 loss = torch.mean(((net(uh) - y) / scale) ** 2)
                 loss.backward()
-                opt.step()
+                return loss
+
+            before = [p.detach().clone() for p in params]
+            for _ in range(max(1, steps // 20)):
+                opt.step(closure)
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                with torch.no_grad():
+                    for p, b in zip(params, before):
+                        p.copy_(b)
             for p in params:
                 p.requires_grad_(False)
     rel = {"D": float(np.linalg.norm(fit.D(u) - D_t) / max(np.linalg.norm(D_t), 1e-30)),
