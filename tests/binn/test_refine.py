@@ -7,7 +7,7 @@ from napari_binn.binn import BinnConfig, BinnFit, fit_binn
 from napari_binn.binn.refine import RefineConfig, refine_binn
 from napari_binn.synthetic import make_synthetic
 
-SMALL = RefineConfig(iterations=30, smoothness=[1.0, 0.1], distill_steps=100, initial="data")
+SMALL = RefineConfig(iterations=30, smoothness=[1.0, 0.1], distill_steps=100, initial="data", joint=False)
 
 
 def _rel(a, b):
@@ -57,7 +57,8 @@ def test_too_few_frames_is_a_clear_error(small_case):
 
 
 @pytest.mark.parametrize("key, value, allowed", [
-    ("initial", "first", "'surrogate', 'data', 'joint'"),
+    ("initial", "first", "'surrogate', 'data', 'denoised'"),
+    ("joint", "yes", "true or false"),
     ("smoothness", [], "positive numbers"),
     ("smoothness", [1.0, -2.0], "positive numbers"),
     ("cfl", 1.2, r"\(0, 1\)"),
@@ -68,3 +69,38 @@ def test_too_few_frames_is_a_clear_error(small_case):
 def test_bad_config_values_name_the_key(key, value, allowed):
     with pytest.raises(ValueError, match=rf"refine\.{key}: .*{allowed}"):
         RefineConfig(**{key: value})
+
+
+def test_the_pipeline_refines_after_training(pipeline_run, pipeline_config, fkpp_field):
+    result, events = pipeline_run
+    meta = result.fit.metadata["refine"]
+    assert meta["initial"] in ("denoised", "denoised+joint") and np.isfinite(meta["misfit"])
+    inner = [ev for ev in events if ev.stage == "binn" and ev.data.get("inner_stage") == "refine"]
+    assert inner and inner[-1].data.get("done")
+    # switched off: no refinement record; a bad value is refused before training starts
+    from napari_binn.jobs import run_job
+    from napari_binn.pipeline import run_pipeline
+
+    cfg = pipeline_config()
+    cfg.refine.enabled = False
+    off = run_job(run_pipeline(fkpp_field, cfg, stages=("binn",)))
+    assert "refine" not in off.fit.metadata
+    cfg.refine.enabled = True
+    cfg.refine.initial = "best"
+    with pytest.raises(ValueError, match=r"refine\.initial"):
+        run_job(run_pipeline(fkpp_field, cfg, stages=("binn",)))
+
+
+def test_the_refine_section_round_trips_through_toml(tmp_path):
+    from napari_binn.pipeline import PipelineConfig
+
+    cfg = PipelineConfig()
+    cfg.refine.smoothness = [3.0]
+    cfg.refine.initial = "surrogate"
+    cfg.refine.joint = False
+    cfg.to_toml(tmp_path / "c.toml")
+    back = PipelineConfig.from_toml(tmp_path / "c.toml")
+    assert back.refine == cfg.refine
+    (tmp_path / "bad.toml").write_text("[refine]\ninitial = 'first'\n")
+    with pytest.raises(ValueError, match=r"refine\.initial"):
+        PipelineConfig.from_toml(tmp_path / "bad.toml")

@@ -14,9 +14,10 @@ D_scale the mean BINN D over the observed range; G = G_scale f_G with G_scale = 
 first, each fit warm-started from the previous one) or fixed by giving one value. Optimiser: L-BFGS with a
 strong-Wolfe line search.
 
-Initial state (``initial``): ``"surrogate"`` (the BINN surrogate at the first frame, fixed), ``"data"`` (the first
-frame itself, fixed) or ``"joint"`` (after the surrogate-IC fit, the initial state is fitted too, with a
-total-variation penalty, and kept only when it lowers the misfit by more than 2%).
+Initial state (``initial``): ``"surrogate"`` (the BINN surrogate at the first frame), ``"data"`` (the first frame
+itself) or ``"denoised"`` (the first frame with empty space that holds only noise set to 0: noise specks in empty
+space would otherwise grow like cells), fixed while the ladder runs; with ``joint`` the initial state is then
+fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2%.
 
 Bands: a Laplace approximation (Gauss–Newton Hessian from a finite-difference Jacobian of the simulation) gives
 D_sd, G_sd at the nodes. They treat the initial state as known, so they are too narrow when it is not.
@@ -41,7 +42,7 @@ from .fit import BinnFit
 
 __all__ = ["RefineConfig", "refine_binn", "refine_binn_job", "INITIAL_STATES"]
 
-INITIAL_STATES = ("surrogate", "data", "joint")
+INITIAL_STATES = ("surrogate", "data", "denoised")
 _STAGE = "refine"
 _JOINT_GAIN = 0.02  # the joint initial state is kept only when it lowers the misfit by more than this fraction
 
@@ -52,8 +53,10 @@ class RefineConfig:
     :mod:`napari_binn.binn.refine`). enabled: run it after training. iterations: L-BFGS iterations per prior
     strength. nodes: table nodes over [0, 1.3 x max observed u]. smoothness: prior strengths on f'' tried
     strongest first, the one with the highest Laplace evidence kept (one value = fixed). initial: the initial
-    state, 'surrogate' | 'data' | 'joint'. tv_weight: total-variation weight on a jointly fitted initial state
-    (relative to the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
+    state, 'surrogate' (the BINN surrogate at the first frame) | 'data' (the first frame) | 'denoised' (the first
+    frame with the boxes of empty space that hold only noise set to 0). joint: then fit the initial state too
+    (kept only when it lowers the misfit by more than 2%), with total-variation weight tv_weight (relative to
+    the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
     distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the Laplace D_sd, G_sd.
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing."""
 
@@ -61,7 +64,8 @@ class RefineConfig:
     iterations: int = 50
     nodes: int = 25
     smoothness: list[float] = dc_field(default_factory=lambda: [10.0, 1.0, 0.1, 0.01])
-    initial: str = "surrogate"
+    initial: str = "denoised"
+    joint: bool = True
     tv_weight: float = 0.05
     cfl: float = 0.8
     distill_steps: int = 200
@@ -75,6 +79,7 @@ class RefineConfig:
                 raise ValueError(f"refine.{key}: {msg}")
 
         need(isinstance(self.enabled, bool), "enabled", f"must be true or false; got {self.enabled!r}")
+        need(isinstance(self.joint, bool), "joint", f"must be true or false; got {self.joint!r}")
         need(self.initial in INITIAL_STATES, "initial",
              f"must be one of {', '.join(map(repr, INITIAL_STATES))}; got {self.initial!r}")
         need(int(self.iterations) >= 1, "iterations", f"must be >= 1; got {self.iterations}")
@@ -153,6 +158,7 @@ class _Problem:
         sur0 = fit.u(xx, yy, np.full(xx.shape, self.t[0]))
         self.ic_surrogate = torch.as_tensor(np.maximum(self.grid.from_grid(sur0), 0.0))
         self.ic_data = torch.as_tensor(self.grid.from_grid(field.initial_state()))
+        self.ic_denoised = torch.as_tensor(self.grid.from_grid(field.initial_state(denoise=True)))
         # the noise level: the surrogate's misfit to the data (it fits the data to about the noise)
         tt, yy3, xx3 = np.meshgrid(self.t, field.y_um, field.x_um, indexing="ij")
         sur = np.stack([self.grid.from_grid(s) for s in fit.u(xx3, yy3, tt)])
@@ -264,11 +270,11 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     t_start = time.perf_counter()
     prob = _Problem(field, fit, cfg)
     ladder = list(cfg.smoothness)
-    total = len(ladder) + (1 if cfg.initial == "joint" else 0) + 1
+    total = len(ladder) + (1 if cfg.joint else 0) + 1
     clock = ProgressClock(total)
     yield clock.event(_STAGE, 0, f"refining D(u), G(u) through the solver ({prob.n_obs} observed values, "
                       f"{len(ladder)} prior strength(s))")
-    u0_fixed = prob.ic_data if cfg.initial == "data" else prob.ic_surrogate
+    u0_fixed = {"data": prob.ic_data, "denoised": prob.ic_denoised, "surrogate": prob.ic_surrogate}[cfg.initial]
     z = torch.tensor(prob.z0, requires_grad=True)
     with torch.no_grad():
         chi2_start = float(prob.chi2(prob.simulate(z, u0_fixed)))
@@ -300,36 +306,36 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         best = 0
     chosen = fits[best]
     z_best = chosen["z"]
-    u0_used, ic_used = u0_fixed, ("data" if cfg.initial == "data" else "surrogate")
+    u0_used, ic_used = u0_fixed, cfg.initial
     chi2_best = chosen["chi2"]
     notes: list[str] = []
-    if cfg.initial == "joint" and not is_cancelled(cancel):
+    if cfg.joint and not is_cancelled(cancel):
         zj = torch.tensor(z_best, requires_grad=True)
-        wj = torch.zeros_like(prob.ic_surrogate, requires_grad=True)  # the change of the initial state / noise s.d.
+        wj = torch.zeros_like(u0_fixed, requires_grad=True)  # the change of the initial state / noise s.d.
         lam = chosen["smoothness"]
 
         def joint_loss():
-            u0j = prob.ic_surrogate + prob.sigma * wj
+            u0j = u0_fixed + prob.sigma * wj
             return (0.5 * prob.chi2(prob.simulate(zj, u0j)) + 0.5 * lam * prob.prior(zj)
                     + cfg.tv_weight * prob.tv(u0j)) / n
 
         _lbfgs([zj, wj], joint_loss, cfg.iterations, cancel)
         with torch.no_grad():
-            u0c = torch.clamp(prob.ic_surrogate + prob.sigma * wj.detach(), min=0.0)
+            u0c = torch.clamp(u0_fixed + prob.sigma * wj.detach(), min=0.0)
             chi2_joint = float(prob.chi2(prob.simulate(zj.detach(), u0c)))
         if chi2_joint < (1.0 - _JOINT_GAIN) * chi2_best:
-            z_best, u0_used, ic_used, chi2_best = zj.detach().numpy().copy(), u0c, "joint", chi2_joint
+            z_best, u0_used, ic_used, chi2_best = zj.detach().numpy().copy(), u0c, f"{cfg.initial}+joint", chi2_joint
             jac_cache.pop(best, None)
         else:
             notes.append(f"joint initial state lowered the misfit by less than {100 * _JOINT_GAIN:g}% "
-                         f"({chi2_joint / n:.4g} vs {chi2_best / n:.4g}); the surrogate's first frame is kept")
+                         f"({chi2_joint / n:.4g} vs {chi2_best / n:.4g}); the fixed initial state '{cfg.initial}' is kept")
         yield clock.event(_STAGE, len(ladder) + 1, f"joint initial state: misfit {chi2_joint / n:.4g} "
-                          f"({'kept' if ic_used == 'joint' else 'not kept'})")
+                          f"({'kept' if ic_used.endswith('joint') else 'not kept'})")
     with torch.no_grad():
         D_tab, G_tab = (v.numpy().copy() for v in prob.tables(torch.as_tensor(z_best)))
     D_sd = G_sd = None
     if cfg.bands:
-        J = jac_cache.get(best) if ic_used != "joint" else None
+        J = jac_cache.get(best) if not ic_used.endswith("joint") else None
         if J is None:
             J = _jacobian(prob, z_best, u0_used)
         D_sd, G_sd = _bands(prob, z_best, J, chosen["smoothness"], s2)
