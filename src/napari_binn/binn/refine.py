@@ -16,7 +16,8 @@ strong-Wolfe line search.
 
 Initial state (``initial``): ``"surrogate"`` (the BINN surrogate at the first frame), ``"data"`` (the first frame
 itself) or ``"denoised"`` (the first frame with empty space that holds only noise set to 0: noise specks in empty
-space would otherwise grow like cells), fixed while the ladder runs; with ``joint`` the initial state is then
+space would otherwise grow like cells), fixed while the ladder runs, or ``"auto"`` (default: both "denoised" and
+"surrogate" are tried and the one with the lower final misfit is kept); with ``joint`` the initial state is then
 fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2%.
 
 Bands: a Laplace approximation (Gauss–Newton Hessian from a finite-difference Jacobian of the simulation) gives
@@ -42,7 +43,8 @@ from .fit import BinnFit
 
 __all__ = ["RefineConfig", "refine_binn", "refine_binn_job", "INITIAL_STATES"]
 
-INITIAL_STATES = ("surrogate", "data", "denoised")
+INITIAL_STATES = ("auto", "surrogate", "data", "denoised")
+_AUTO = ("denoised", "surrogate")  # tried by initial = "auto"
 _STAGE = "refine"
 _JOINT_GAIN = 0.02  # the joint initial state is kept only when it lowers the misfit by more than this fraction
 
@@ -53,7 +55,8 @@ class RefineConfig:
     :mod:`napari_binn.binn.refine`). enabled: run it after training. iterations: L-BFGS iterations per prior
     strength. nodes: table nodes over [0, 1.3 x max observed u]. smoothness: prior strengths on f'' tried
     strongest first, the one with the highest Laplace evidence kept (one value = fixed). initial: the initial
-    state, 'surrogate' (the BINN surrogate at the first frame) | 'data' (the first frame) | 'denoised' (the first
+    state, 'auto' (both 'denoised' and 'surrogate', the lower final misfit kept) | 'surrogate' (the BINN
+    surrogate at the first frame) | 'data' (the first frame) | 'denoised' (the first
     frame with the boxes of empty space that hold only noise set to 0). joint: then fit the initial state too
     (kept only when it lowers the misfit by more than 2%), with total-variation weight tv_weight (relative to
     the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
@@ -64,7 +67,7 @@ class RefineConfig:
     iterations: int = 50
     nodes: int = 25
     smoothness: list[float] = dc_field(default_factory=lambda: [10.0, 1.0, 0.1, 0.01])
-    initial: str = "denoised"
+    initial: str = "auto"
     joint: bool = True
     tv_weight: float = 0.05
     cfl: float = 0.8
@@ -252,6 +255,67 @@ def _log_evidence(chi2: float, z: np.ndarray, J: np.ndarray, lam: float, m: int,
                  - 0.5 * logdet)
 
 
+def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelToken | None, clock: ProgressClock,
+              offset: int, label: str) -> Generator[Progress, None, dict[str, Any] | None]:
+    """The ladder from the fixed initial state ``initial``, then (``cfg.joint``) the joint initial state; None on
+    cancel."""
+    n = prob.n_obs
+    u0_fixed = {"data": prob.ic_data, "denoised": prob.ic_denoised, "surrogate": prob.ic_surrogate}[initial]
+    z = torch.tensor(prob.z0, requires_grad=True)
+    with torch.no_grad():
+        chi2_start = float(prob.chi2(prob.simulate(z, u0_fixed)))
+    fits = []
+    for step, lam in enumerate(cfg.smoothness, 1):
+        def loss_fn(lam=lam):
+            return (0.5 * prob.chi2(prob.simulate(z, u0_fixed)) + 0.5 * lam * prob.prior(z)) / n
+
+        _lbfgs([z], loss_fn, cfg.iterations, cancel)
+        if is_cancelled(cancel):
+            return None
+        zv = z.detach().numpy().copy()
+        with torch.no_grad():
+            chi2 = float(prob.chi2(prob.simulate(z, u0_fixed)))
+        fits.append({"smoothness": lam, "z": zv, "chi2": chi2})
+        yield clock.event(_STAGE, offset + step, f"{label}initial state '{initial}', smoothness {lam:g}: misfit "
+                          f"{chi2 / n:.4g} (start {chi2_start / n:.4g}, noise variance units)", smoothness=lam,
+                          misfit=chi2 / n, initial=initial)
+    # evidence: noise variance re-estimated from the best misfit
+    s2 = max(min(f["chi2"] for f in fits) / n, 1e-12)
+    jac: dict[int, np.ndarray] = {}
+    best = 0
+    if len(fits) > 1:
+        for i, f in enumerate(fits):
+            jac[i] = _jacobian(prob, f["z"], u0_fixed)
+            f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac[i], f["smoothness"], cfg.nodes, s2)
+        best = max(range(len(fits)), key=lambda i: fits[i]["log_evidence"])
+    out = {"initial": initial, "fits": fits, "chosen": fits[best], "z": fits[best]["z"], "u0": u0_fixed,
+           "chi2": fits[best]["chi2"], "chi2_start": chi2_start, "jacobian": jac.get(best), "s2": s2, "notes": []}
+    if cfg.joint and not is_cancelled(cancel):
+        zj = torch.tensor(out["z"], requires_grad=True)
+        wj = torch.zeros_like(u0_fixed, requires_grad=True)  # the change of the initial state / noise s.d.
+        lam = out["chosen"]["smoothness"]
+
+        def joint_loss():
+            u0j = u0_fixed + prob.sigma * wj
+            return (0.5 * prob.chi2(prob.simulate(zj, u0j)) + 0.5 * lam * prob.prior(zj)
+                    + cfg.tv_weight * prob.tv(u0j)) / n
+
+        _lbfgs([zj, wj], joint_loss, cfg.iterations, cancel)
+        with torch.no_grad():
+            u0c = torch.clamp(u0_fixed + prob.sigma * wj.detach(), min=0.0)
+            chi2_joint = float(prob.chi2(prob.simulate(zj.detach(), u0c)))
+        kept = chi2_joint < (1.0 - _JOINT_GAIN) * out["chi2"]
+        if kept:
+            out.update(z=zj.detach().numpy().copy(), u0=u0c, initial=f"{initial}+joint", chi2=chi2_joint,
+                       jacobian=None)
+        else:
+            out["notes"].append(f"initial state '{initial}': fitting it jointly lowered the misfit by less than "
+                                f"{100 * _JOINT_GAIN:g}% ({chi2_joint / n:.4g} vs {out['chi2'] / n:.4g}); not kept")
+        yield clock.event(_STAGE, offset + len(cfg.smoothness) + 1, f"{label}joint initial state: misfit "
+                          f"{chi2_joint / n:.4g} ({'kept' if kept else 'not kept'})")
+    return out
+
+
 def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | None = None, *,
                     cancel: CancelToken | None = None) -> Generator[Progress, None, BinnFit]:
     """Refine ``fit``'s D(u), G(u) against ``field`` through the forward solver; a job generator (stage
@@ -269,93 +333,50 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
                          "(refine.enabled = false)")
     t_start = time.perf_counter()
     prob = _Problem(field, fit, cfg)
-    ladder = list(cfg.smoothness)
-    total = len(ladder) + (1 if cfg.joint else 0) + 1
-    clock = ProgressClock(total)
-    yield clock.event(_STAGE, 0, f"refining D(u), G(u) through the solver ({prob.n_obs} observed values, "
-                      f"{len(ladder)} prior strength(s))")
-    u0_fixed = {"data": prob.ic_data, "denoised": prob.ic_denoised, "surrogate": prob.ic_surrogate}[cfg.initial]
-    z = torch.tensor(prob.z0, requires_grad=True)
-    with torch.no_grad():
-        chi2_start = float(prob.chi2(prob.simulate(z, u0_fixed)))
     n = prob.n_obs
-    fits = []
-    for step, lam in enumerate(ladder, 1):
-        def loss_fn(lam=lam):
-            return (0.5 * prob.chi2(prob.simulate(z, u0_fixed)) + 0.5 * lam * prob.prior(z)) / n
-
-        _lbfgs([z], loss_fn, cfg.iterations, cancel)
-        if is_cancelled(cancel):
-            yield clock.event(_STAGE, step, "refinement cancelled: the BINN's own curves are kept", cancelled=True)
+    initials = list(_AUTO) if cfg.initial == "auto" else [cfg.initial]
+    per = len(cfg.smoothness) + (1 if cfg.joint else 0)
+    total = per * len(initials) + 1
+    clock = ProgressClock(total)
+    yield clock.event(_STAGE, 0, f"refining D(u), G(u) through the solver ({n} observed values, "
+                      f"{len(cfg.smoothness)} prior strength(s), initial state {' / '.join(initials)})")
+    runs = []
+    for k, initial in enumerate(initials):
+        label = f"[{k + 1}/{len(initials)}] " if len(initials) > 1 else ""
+        run = yield from _strategy(prob, cfg, initial, cancel, clock, k * per, label)
+        if run is None:
+            yield clock.event(_STAGE, k * per, "refinement cancelled: the BINN's own curves are kept", cancelled=True)
             return fit
-        zv = z.detach().numpy().copy()
-        with torch.no_grad():
-            chi2 = float(prob.chi2(prob.simulate(z, u0_fixed)))
-        fits.append({"smoothness": lam, "z": zv, "chi2": chi2})
-        yield clock.event(_STAGE, step, f"smoothness {lam:g}: misfit {chi2 / n:.4g} (start {chi2_start / n:.4g}, "
-                          "noise variance units)", smoothness=lam, misfit=chi2 / n)
-    # evidence: noise variance re-estimated from the best misfit
-    s2 = max(min(f["chi2"] for f in fits) / n, 1e-12)
-    jac_cache: dict[int, np.ndarray] = {}
-    if len(fits) > 1:
-        for i, f in enumerate(fits):
-            jac_cache[i] = _jacobian(prob, f["z"], u0_fixed)
-            f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac_cache[i], f["smoothness"], cfg.nodes, s2)
-        best = max(range(len(fits)), key=lambda i: fits[i]["log_evidence"])
-    else:
-        best = 0
-    chosen = fits[best]
-    z_best = chosen["z"]
-    u0_used, ic_used = u0_fixed, cfg.initial
-    chi2_best = chosen["chi2"]
-    notes: list[str] = []
-    if cfg.joint and not is_cancelled(cancel):
-        zj = torch.tensor(z_best, requires_grad=True)
-        wj = torch.zeros_like(u0_fixed, requires_grad=True)  # the change of the initial state / noise s.d.
-        lam = chosen["smoothness"]
-
-        def joint_loss():
-            u0j = u0_fixed + prob.sigma * wj
-            return (0.5 * prob.chi2(prob.simulate(zj, u0j)) + 0.5 * lam * prob.prior(zj)
-                    + cfg.tv_weight * prob.tv(u0j)) / n
-
-        _lbfgs([zj, wj], joint_loss, cfg.iterations, cancel)
-        with torch.no_grad():
-            u0c = torch.clamp(u0_fixed + prob.sigma * wj.detach(), min=0.0)
-            chi2_joint = float(prob.chi2(prob.simulate(zj.detach(), u0c)))
-        if chi2_joint < (1.0 - _JOINT_GAIN) * chi2_best:
-            z_best, u0_used, ic_used, chi2_best = zj.detach().numpy().copy(), u0c, f"{cfg.initial}+joint", chi2_joint
-            jac_cache.pop(best, None)
-        else:
-            notes.append(f"joint initial state lowered the misfit by less than {100 * _JOINT_GAIN:g}% "
-                         f"({chi2_joint / n:.4g} vs {chi2_best / n:.4g}); the fixed initial state '{cfg.initial}' is kept")
-        yield clock.event(_STAGE, len(ladder) + 1, f"joint initial state: misfit {chi2_joint / n:.4g} "
-                          f"({'kept' if ic_used.endswith('joint') else 'not kept'})")
+        runs.append(run)
+    win = min(runs, key=lambda r: r["chi2"])
+    notes = [note for r in runs for note in r["notes"]]
+    if len(runs) > 1:
+        notes.append("initial state chosen by the lower final misfit: " + ", ".join(
+            f"'{r['initial']}' {r['chi2'] / n:.4g}" for r in runs))
+    chosen, z_best = win["chosen"], win["z"]
     with torch.no_grad():
         D_tab, G_tab = (v.numpy().copy() for v in prob.tables(torch.as_tensor(z_best)))
     D_sd = G_sd = None
     if cfg.bands:
-        J = jac_cache.get(best) if not ic_used.endswith("joint") else None
-        if J is None:
-            J = _jacobian(prob, z_best, u0_used)
-        D_sd, G_sd = _bands(prob, z_best, J, chosen["smoothness"], s2)
+        J = win["jacobian"] if win["jacobian"] is not None else _jacobian(prob, z_best, win["u0"])
+        D_sd, G_sd = _bands(prob, z_best, J, chosen["smoothness"], win["s2"])
     # write the refined curves into the networks
     err = _distill(fit, prob.nodes, D_tab, G_tab, prob.observed_range, cfg.distill_steps)
     fit.metadata["refine"] = {
         "u_nodes": prob.nodes.tolist(), "D": D_tab.tolist(), "G": G_tab.tolist(),
         "D_sd": None if D_sd is None else D_sd.tolist(), "G_sd": None if G_sd is None else G_sd.tolist(),
-        "misfit_start": chi2_start / n, "misfit": chi2_best / n, "noise_sd": prob.sigma,
+        "misfit_start": win["chi2_start"] / n, "misfit": win["chi2"] / n, "noise_sd": prob.sigma,
         "smoothness": chosen["smoothness"],
-        "ladder": [{"smoothness": f["smoothness"], "misfit": f["chi2"] / n, "log_evidence": f.get("log_evidence")}
-                   for f in fits],
-        "initial": ic_used, "distill_rel_err": err, "seconds": time.perf_counter() - t_start,
+        "ladder": [{"initial": r["initial"], "smoothness": f["smoothness"], "misfit": f["chi2"] / n,
+                    "log_evidence": f.get("log_evidence")} for r in runs for f in r["fits"]],
+        "initial": win["initial"], "distill_rel_err": err, "seconds": time.perf_counter() - t_start,
         "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every frame, in "
                           "units of the surrogate's noise variance",
                           "D_sd, G_sd: Laplace bands that treat the initial state as exact; they are too narrow "
                           "when it is not"],
     }
-    yield clock.event(_STAGE, total, f"refinement done: misfit {chi2_start / n:.4g} -> {chi2_best / n:.4g}, "
-                      f"smoothness {chosen['smoothness']:g}, initial state '{ic_used}', networks match the "
+    yield clock.event(_STAGE, total, f"refinement done: misfit {win['chi2_start'] / n:.4g} -> {win['chi2'] / n:.4g}, "
+                      f"smoothness {chosen['smoothness']:g}, initial state '{win['initial']}', networks match the "
                       f"tables to {100 * max(err.values()):.1f}%", done=True, refine=fit.metadata["refine"])
     return fit
 
