@@ -74,7 +74,7 @@ class RefineConfig:
     distill_steps: int = 200
     bands: bool = True
     min_frames: int = 3
-    max_steps: int = 20000
+    max_steps: int = 5000
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -152,7 +152,7 @@ class _Problem:
         self.D_scale = float(max(np.mean(fit.D(u_obs)), 1e-6 * fit.bounds["D_max"], 1e-12))
         span_h = float(self.t[-1] - self.t[0])
         self.G_scale = float(max(np.max(np.abs(fit.G(u_obs))), 1.0 / span_h))
-        self.D_cap = 50.0 * max(self.D_scale, float(d_start.max()))
+        self.D_cap = 10.0 * max(self.D_scale, float(d_start.max()))  # bounds the step count of a line-search trial
         self.curves = _Curves(cfg.nodes)
         self.z0 = np.concatenate([self.curves.from_values(_softplus_inv(d_start / self.D_scale)),
                                   self.curves.from_values(g_start / self.G_scale)])
