@@ -152,7 +152,11 @@ class _Problem:
         self.D_scale = float(max(np.mean(fit.D(u_obs)), 1e-6 * fit.bounds["D_max"], 1e-12))
         span_h = float(self.t[-1] - self.t[0])
         self.G_scale = float(max(np.max(np.abs(fit.G(u_obs))), 1.0 / span_h))
-        self.D_cap = 10.0 * max(self.D_scale, float(d_start.max()))  # bounds the step count of a line-search trial
+        # D is capped where a simulation would take half of max_steps (bounds the cost of a line-search trial)
+        # and never below 10x the BINN's D (a BINN's D can be far too small)
+        h_min = span_h / (0.5 * cfg.max_steps)
+        d_lim = cfg.cfl * field.dx_um ** 2 / (self.tg.max_open_faces * h_min)
+        self.D_cap = max(d_lim, 10.0 * max(self.D_scale, float(d_start.max())))
         self.curves = _Curves(cfg.nodes)
         self.z0 = np.concatenate([self.curves.from_values(_softplus_inv(d_start / self.D_scale)),
                                   self.curves.from_values(g_start / self.G_scale)])
