@@ -20,13 +20,18 @@ def _one_torch_thread():
 
 
 def _tiny_pipeline_config():
-    """A PipelineConfig of a few seconds: a 40-step BINN of two layers of 16, term-library discovery, 8-simulation
+    """A PipelineConfig of a few seconds: a 40-step BINN of two layers of 16, a 10-iteration refinement through the
+    solver, term-library discovery, 8-simulation
     refits without intervals."""
     from napari_binn.pipeline import PipelineConfig
 
     cfg = PipelineConfig()
     cfg.binn = cfg.binn.replace(steps=40, warmup_steps=10, hidden=(16, 16), rate_hidden=(8,), n_collocation=128,
                                 batch_size=128, log_every=10, snapshot_every=20, val_every=10, device="cpu")
+    cfg.refine.iterations = 10
+    cfg.refine.smoothness = [1.0]
+    cfg.refine.distill_steps = 20
+    cfg.refine.bands = False
     cfg.symbolic.backend = "library"
     cfg.symbolic.seeds = [0]
     cfg.refit.max_evals = 8

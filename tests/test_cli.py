@@ -108,6 +108,7 @@ def test_fit_steps_keep_the_warmup_share_so_the_pde_term_trains(tmp_path, fkpp_f
     cfg = PipelineConfig()
     cfg.binn = cfg.binn.replace(hidden=(8, 8), rate_hidden=(4,), n_collocation=64, batch_size=64, device="cpu",
                                 weak_weight=0.0)
+    cfg.refine.enabled = False  # the refinement has its own tests (tests/binn/test_refine.py)
     assert (cfg.binn.steps, cfg.binn.warmup_steps) == (18000, 16000)
     cfg.to_toml(tmp_path / "tiny.toml")
     save_results(PipelineResult(cfg, field=fkpp_field), tmp_path / "density", figures=False)

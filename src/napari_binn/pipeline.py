@@ -22,6 +22,7 @@ import sympy as sp
 from . import __version__
 from ._config_io import from_dict, read_toml, to_dict, write_toml
 from .binn import BinnConfig, BinnFit, train_binn
+from .binn.refine import RefineConfig, refine_binn_job
 from .density import extract_density_job
 from .errors import ConfigError, InputError
 from .field import DensityField
@@ -36,7 +37,7 @@ from .symbolic.forms import check_form_names, n_constants, pde_safe
 from .symbolic.selection import block_errors, heldout_choice
 
 __all__ = ["DensityConfig", "SymbolicConfig", "SimulationConfig", "RefitConfig", "PipelineConfig",
-           "PipelineResult", "run_pipeline", "STAGES"]
+           "PipelineResult", "run_pipeline", "train_job", "STAGES"]
 
 #: Stage names, in order.
 STAGES = ("density", "binn", "symbolic", "simulate", "refit", "qc")
@@ -123,6 +124,7 @@ class PipelineConfig:
 
     density: DensityConfig = dc_field(default_factory=DensityConfig)
     binn: BinnConfig = dc_field(default_factory=BinnConfig)
+    refine: RefineConfig = dc_field(default_factory=RefineConfig)
     symbolic: SymbolicConfig = dc_field(default_factory=SymbolicConfig)
     simulation: SimulationConfig = dc_field(default_factory=SimulationConfig)
     refit: RefitConfig = dc_field(default_factory=RefitConfig)
@@ -242,6 +244,21 @@ def _tag(job: Generator[Progress, None, Any], stage: str, index: int) -> Generat
         yield Progress(stage, ev.step, ev.total, ev.message, ev.elapsed_s, ev.eta_s, data)
 
 
+def train_job(field_: DensityField, config: PipelineConfig, *, cancel: CancelToken | None = None,
+              members: Any = None) -> Generator[Progress, None, BinnFit]:
+    """The 'binn' stage as one job: train the BINN (``config.binn``), then, with ``config.refine.enabled``, refine
+    its D(u), G(u) through the forward solver (:mod:`napari_binn.binn.refine`; inner stage ``"refine"``). Every
+    path that trains a BINN (the pipeline, the command line, the training dock, batches) goes through here.
+    members: where the ensemble members train (``train_binn``'s ``members``: None, one after another)."""
+    config.refine.validate()
+    fit = yield from train_binn(field_, config.binn, cancel=cancel, members=members)
+    if config.refine.enabled and not fit.metadata.get("cancelled") and not is_cancelled(cancel):
+        fit = yield from refine_binn_job(field_, fit, config.refine, cancel=cancel)
+        if is_cancelled(cancel):
+            fit.metadata["cancelled"] = True
+    return fit
+
+
 def surrogate_on_grid(fit: BinnFit, field_: DensityField) -> np.ndarray:
     """(T, Ny, Nx) BINN surrogate u at the field's box centres and frame times, NaN outside the mask."""
     t, y, x = np.meshgrid(field_.t_h, field_.y_um, field_.x_um, indexing="ij")
@@ -315,8 +332,8 @@ def run_pipeline(
             warnings += list(result.field.metadata.get("warnings", []))
         elif stage == "binn":
             _need(result.field, "binn", "a density field")
-            result.fit = yield from _tag(train_binn(result.field, config.binn, cancel=cancel,
-                                                         members=members), stage, index)
+            result.fit = yield from _tag(train_job(result.field, config, cancel=cancel, members=members),
+                                         stage, index)
         elif stage == "symbolic":
             _need(result.fit, "symbolic", "a trained BINN")
             sc = config.symbolic

@@ -18,6 +18,7 @@ def fast_config(tiny_config):
     """A PipelineConfig of a few seconds per shape: tiny BINN, term-library discovery, a short refit."""
     cfg = PipelineConfig()
     cfg.binn = tiny_config()
+    cfg.refine.enabled = False  # the refinement has its own tests (tests/binn/test_refine.py)
     cfg.symbolic.backend = "library"
     cfg.refit.max_evals = 8
     cfg.refit.intervals = "none"

@@ -3,6 +3,8 @@ re-open (dock and File > Open reader), on the tiny synthetic stack."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -46,7 +48,11 @@ def test_whole_path(viewer_with_stack, qtbot, tmp_path, tiny_config):
     assert tuple(layer.translate) == pytest.approx((0.0, 23.75, 23.75))
     assert "5 frames" in train.field_label.text()  # shared state reached the training dock
 
-    # training: ~30 steps of a tiny net
+    # training: ~30 steps of a tiny net, then a tiny refinement through the solver
+    from napari_binn.binn.refine import RefineConfig
+
+    state.update(config=dataclasses.replace(state.config, refine=RefineConfig(
+        iterations=10, smoothness=[1.0], initial="surrogate", joint=False, distill_steps=20, bands=False)))
     train.train(tiny_config())
     qtbot.waitUntil(lambda: state.fit is not None, timeout=60000)
 

@@ -41,12 +41,19 @@ def test_warmup_keeps_its_share_of_the_steps(trainer):
 
 def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_config):
     viewer, w = trainer
-    get_state(viewer).update(field=tiny_density)
+    from napari_binn.binn.refine import RefineConfig
+    from napari_binn.pipeline import PipelineConfig
+
+    # the dock trains, then refines D, G through the solver as the shared configuration says (kept tiny here)
+    cfg = PipelineConfig(refine=RefineConfig(iterations=10, smoothness=[1.0], initial="surrogate", joint=False,
+                                             distill_steps=20, bands=False))
+    get_state(viewer).update(field=tiny_density, config=cfg)
     assert "5 frames" in w.field_label.text()
     job = w.train(tiny_config())
     qtbot.waitUntil(lambda: get_state(viewer).fit is not None, timeout=60000)
     fit = get_state(viewer).fit
     assert fit.n_models == 1 and not fit.metadata["cancelled"]
+    assert fit.metadata["refine"]["initial"] == "surrogate"
     assert w.progress.value() == 100
     assert w._history["data"], "loss history was plotted"
     qtbot.waitUntil(lambda: w.figure.draws >= 1 and not w.figure.busy, timeout=20000)

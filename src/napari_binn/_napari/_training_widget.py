@@ -236,9 +236,10 @@ class TrainingWidget(QWidget):
             notify_exception(exc, "Training settings")
             return None
         def job(token):
-            from ..binn import train_binn
+            from ..pipeline import train_job
 
-            return train_binn(fld, cfg, cancel=token)
+            # training, then the refinement of D(u), G(u) through the solver when the configuration asks for it
+            return train_job(fld, dataclasses.replace(self.state.config, binn=cfg), cancel=token)
 
         self._cfg = cfg
         self._history = {}

@@ -1,0 +1,456 @@
+"""Refinement of a trained BINN's D(u) and G(u) through the forward solver.
+
+The residual BINN fits D and G to the surrogate's derivatives, which carry the surrogate's errors (an
+errors-in-variables bias). This stage fits D and G instead by the misfit between the data and a simulation of
+the PDE (the differentiable solver of :mod:`napari_binn.pde.torch_solver`) on every frame, starting from the
+BINN's curves, and then writes the refined curves back into the networks, so that ``fit.D(u)``/``fit.G(u)`` (what
+the plots show and the symbolic stage samples) are the refined curves.
+
+Curves: tables on ``nodes`` evenly spaced densities over [0, 1.3 x max observed u], parametrised by value, slope
+and scaled second differences (``f = a + b x + double cumulative sum of c``) so that the smoothness prior
+(lambda / 2) |c|² is the integral of f''² and equally scaled for every node. D = D_scale softplus(f_D) with
+D_scale the mean BINN D over the observed range; G = G_scale f_G with G_scale = max |BINN G| (floored at
+1 / (time span)). The prior strength is chosen by the Laplace evidence over ``smoothness`` (a ladder, strongest
+first, each fit warm-started from the previous one) or fixed by giving one value. Optimiser: L-BFGS with a
+strong-Wolfe line search.
+
+Initial state (``initial``): ``"surrogate"`` (the BINN surrogate at the first frame), ``"data"`` (the first frame
+itself) or ``"denoised"`` (the first frame with empty space that holds only noise set to 0: noise specks in empty
+space would otherwise grow like cells), fixed while the ladder runs, or ``"auto"`` (default: both "denoised" and
+"surrogate" are tried and the one with the lower final misfit is kept); with ``joint`` the initial state is then
+fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2%.
+
+Bands: a Laplace approximation (Gauss–Newton Hessian from a finite-difference Jacobian of the simulation) gives
+D_sd, G_sd at the nodes. They treat the initial state as known, so they are too narrow when it is not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field as dc_field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..field import DensityField
+from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
+from ..pde.grid import MaskedGrid
+from ..pde.torch_solver import TorchGrid, simulate_tables
+from .fit import BinnFit
+
+__all__ = ["RefineConfig", "refine_binn", "refine_binn_job", "INITIAL_STATES"]
+
+INITIAL_STATES = ("auto", "surrogate", "data", "denoised")
+_AUTO = ("denoised", "surrogate")  # tried by initial = "auto"
+_STAGE = "refine"
+_JOINT_GAIN = 0.02  # the joint initial state is kept only when it lowers the misfit by more than this fraction
+
+
+@dataclass
+class RefineConfig:
+    """Refinement of the BINN's D(u), G(u) by the misfit of a simulation of the PDE (see
+    :mod:`napari_binn.binn.refine`). enabled: run it after training. iterations: L-BFGS iterations per prior
+    strength. nodes: table nodes over [0, 1.3 x max observed u]. smoothness: prior strengths on f'' tried
+    strongest first, the one with the highest Laplace evidence kept (one value = fixed). initial: the initial
+    state, 'auto' (both 'denoised' and 'surrogate', the lower final misfit kept) | 'surrogate' (the BINN
+    surrogate at the first frame) | 'data' (the first frame) | 'denoised' (the first
+    frame with the boxes of empty space that hold only noise set to 0). joint: then fit the initial state too
+    (kept only when it lowers the misfit by more than 2%), with total-variation weight tv_weight (relative to
+    the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
+    distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the Laplace D_sd, G_sd.
+    min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing."""
+
+    enabled: bool = True
+    iterations: int = 50
+    nodes: int = 25
+    smoothness: list[float] = dc_field(default_factory=lambda: [10.0, 1.0, 0.1, 0.01])
+    initial: str = "auto"
+    joint: bool = True
+    tv_weight: float = 0.05
+    cfl: float = 0.8
+    distill_steps: int = 200
+    bands: bool = True
+    min_frames: int = 3
+    max_steps: int = 5000
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"refine.{key}: {msg}")
+
+        need(isinstance(self.enabled, bool), "enabled", f"must be true or false; got {self.enabled!r}")
+        need(isinstance(self.joint, bool), "joint", f"must be true or false; got {self.joint!r}")
+        need(self.initial in INITIAL_STATES, "initial",
+             f"must be one of {', '.join(map(repr, INITIAL_STATES))}; got {self.initial!r}")
+        need(int(self.iterations) >= 1, "iterations", f"must be >= 1; got {self.iterations}")
+        need(int(self.nodes) >= 4, "nodes", f"must be >= 4 (value, slope and curvature per node); got {self.nodes}")
+        sm = list(self.smoothness) if isinstance(self.smoothness, (list, tuple)) else None
+        need(sm is not None and len(sm) >= 1 and all(np.isfinite(float(s)) and float(s) > 0 for s in sm),
+             "smoothness", f"must be a list of one or more positive numbers (e.g. [10, 1, 0.1, 0.01]); got "
+             f"{self.smoothness!r}")
+        need(0.0 < float(self.cfl) < 1.0, "cfl", f"must be in (0, 1); got {self.cfl}")
+        need(float(self.tv_weight) >= 0, "tv_weight", f"must be >= 0; got {self.tv_weight}")
+        need(int(self.distill_steps) >= 0, "distill_steps", f"must be >= 0; got {self.distill_steps}")
+        need(int(self.min_frames) >= 3, "min_frames", f"must be >= 3; got {self.min_frames}")
+        need(int(self.max_steps) >= 10, "max_steps", f"must be >= 10; got {self.max_steps}")
+
+    def __post_init__(self) -> None:
+        self.smoothness = [float(s) for s in self.smoothness] if isinstance(self.smoothness, (list, tuple)) \
+            else self.smoothness
+        self.validate()
+
+
+class _Curves:
+    """Whitened parametrisation of one table: f = a + b x + sum of scaled second differences."""
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+        self.h = 1.0 / (m - 1)
+
+    def to_values(self, z: torch.Tensor) -> torch.Tensor:
+        a, b, c = z[0], z[1], z[2:]
+        h = self.h
+        second = c * h ** 1.5  # f_{j+1} - 2 f_j + f_{j-1} = h² f'' with f'' = c / sqrt(h)
+        slope = b * h + torch.cat([second.new_zeros(1), torch.cumsum(second, 0)])  # (m - 1,) first differences
+        return a + torch.cat([slope.new_zeros(1), torch.cumsum(slope, 0)])
+
+    def from_values(self, f: np.ndarray) -> np.ndarray:
+        h = self.h
+        return np.concatenate([[f[0], (f[1] - f[0]) / h], (f[2:] - 2 * f[1:-1] + f[:-2]) / h ** 1.5])
+
+
+def _softplus_inv(y: np.ndarray) -> np.ndarray:
+    y = np.maximum(y, 1e-6)
+    return np.where(y > 30, y, np.log(np.expm1(np.minimum(y, 30))))
+
+
+class _Problem:
+    """Everything one refinement needs: data on the mask, scales, the initial states, the loss."""
+
+    def __init__(self, field: DensityField, fit: BinnFit, cfg: RefineConfig) -> None:
+        self.cfg = cfg
+        self.grid = MaskedGrid(field.mask, field.dx_um)
+        self.tg = TorchGrid(self.grid)
+        self.t = np.asarray(field.t_h, float)
+        obs = np.stack([self.grid.from_grid(o.astype(float)) > 0.5 for o in field.observed])
+        data = np.stack([self.grid.from_grid(np.nan_to_num(f)) for f in field.u])
+        self.obs = torch.as_tensor(obs)
+        self.data = torch.as_tensor(np.where(obs, data, 0.0))
+        self.n_obs = int(obs.sum())
+        K = fit.scales.K
+        vals = data[obs]
+        self.u_max = 1.3 * float(vals.max())
+        self.nodes = np.linspace(0.0, self.u_max, cfg.nodes)
+        lo, hi = fit.u_range["min"], fit.u_range["max"]
+        self.observed_range = (float(lo), float(hi))
+        u_obs = np.linspace(lo, hi, 64)
+        d_start = np.maximum(fit.D(self.nodes), 1e-9)
+        g_start = fit.G(self.nodes)
+        self.D_scale = float(max(np.mean(fit.D(u_obs)), 1e-6 * fit.bounds["D_max"], 1e-12))
+        span_h = float(self.t[-1] - self.t[0])
+        self.G_scale = float(max(np.max(np.abs(fit.G(u_obs))), 1.0 / span_h))
+        # D is capped where a simulation would take half of max_steps (bounds the cost of a line-search trial)
+        # and never below 10x the BINN's D (a BINN's D can be far too small)
+        h_min = span_h / (0.5 * cfg.max_steps)
+        d_lim = cfg.cfl * field.dx_um ** 2 / (self.tg.max_open_faces * h_min)
+        self.D_cap = max(d_lim, 10.0 * max(self.D_scale, float(d_start.max())))
+        self.curves = _Curves(cfg.nodes)
+        self.z0 = np.concatenate([self.curves.from_values(_softplus_inv(d_start / self.D_scale)),
+                                  self.curves.from_values(g_start / self.G_scale)])
+        # initial states on the mask
+        yy, xx = np.meshgrid(field.y_um, field.x_um, indexing="ij")
+        sur0 = fit.u(xx, yy, np.full(xx.shape, self.t[0]))
+        self.ic_surrogate = torch.as_tensor(np.maximum(self.grid.from_grid(sur0), 0.0))
+        self.ic_data = torch.as_tensor(self.grid.from_grid(field.initial_state()))
+        self.ic_denoised = torch.as_tensor(self.grid.from_grid(field.initial_state(denoise=True)))
+        # the noise level: the surrogate's misfit to the data (it fits the data to about the noise)
+        tt, yy3, xx3 = np.meshgrid(self.t, field.y_um, field.x_um, indexing="ij")
+        sur = np.stack([self.grid.from_grid(s) for s in fit.u(xx3, yy3, tt)])
+        res = (sur - data)[obs]
+        self.sigma = float(max(np.sqrt(np.mean(res ** 2)), 1e-3 * K))
+        self.time_factor = None
+        if fit.config.use_delay:
+            self.time_factor = lambda th: float(fit.T(np.asarray([th]))[0])
+        self.K = K
+
+    def tables(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.cfg.nodes
+        fD = self.curves.to_values(z[:m])
+        fG = self.curves.to_values(z[m:2 * m])
+        D = torch.clamp(self.D_scale * torch.nn.functional.softplus(fD), max=self.D_cap)
+        G = self.G_scale * torch.clamp(fG, -50.0, 50.0)
+        return D, G
+
+    def simulate(self, z: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
+        D, G = self.tables(z)
+        return simulate_tables(self.tg, u0, self.t, self.u_max, D, G, cfl=self.cfg.cfl,
+                               max_steps=self.cfg.max_steps, time_factor=self.time_factor)
+
+    def chi2(self, sim: torch.Tensor) -> torch.Tensor:
+        """Sum of squared misfits over the observed boxes of every frame, in units of the noise variance."""
+        r = torch.where(self.obs, sim - self.data, torch.zeros_like(sim)) / self.sigma
+        return (r * r).sum()
+
+    def prior(self, z: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.nodes
+        return (z[2:m] ** 2).sum() + (z[m + 2:] ** 2).sum()
+
+    def tv(self, u0: torch.Tensor) -> torch.Tensor:
+        i, j = self.tg.face_i, self.tg.face_j
+        eps = 1e-3 * self.K
+        return torch.sqrt((u0[i] - u0[j]) ** 2 + eps * eps).sum() / self.sigma
+
+
+def _lbfgs(params: list[torch.Tensor], loss_fn, iterations: int, cancel: CancelToken | None) -> float:
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=10, history_size=20, line_search_fn="strong_wolfe")
+    best = math.inf
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss = loss_fn()
+        except ValueError:  # the line search tried curves that would need too many steps
+            return torch.tensor(math.inf, dtype=torch.float64)
+        loss.backward()
+        return loss
+
+    for _ in range(max(1, iterations // 10)):
+        if is_cancelled(cancel):
+            break
+        before = [p.detach().clone() for p in params]
+        val = float(opt.step(closure).detach())
+        if not all(bool(torch.isfinite(p).all()) for p in params) or not math.isfinite(val):
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            break
+        if val > best - 1e-7 * abs(best):
+            best = min(best, val)
+            break
+        best = val
+    return best
+
+
+def _jacobian(prob: _Problem, z: np.ndarray, u0: torch.Tensor) -> np.ndarray:
+    """Finite-difference Jacobian of the noise-scaled residuals on observed boxes with respect to z."""
+    obs = prob.obs
+    with torch.no_grad():
+        base = (prob.simulate(torch.as_tensor(z), u0)[obs] / prob.sigma).numpy()
+        J = np.empty((base.size, z.size))
+        for k in range(z.size):
+            step = 1e-4 * max(1.0, abs(z[k]))
+            zk = z.copy()
+            zk[k] += step
+            J[:, k] = ((prob.simulate(torch.as_tensor(zk), u0)[obs] / prob.sigma).numpy() - base) / step
+    return J
+
+
+def _log_evidence(chi2: float, z: np.ndarray, J: np.ndarray, lam: float, m: int, sigma2_ratio: float) -> float:
+    """Laplace log evidence (up to a constant) of prior strength ``lam``; residuals rescaled by ``sigma2_ratio``."""
+    P = np.ones(z.size)
+    P[[0, 1, m, m + 1]] = 0.0  # value and slope are not penalised
+    H = J.T @ J / sigma2_ratio + lam * np.diag(P)
+    sign, logdet = np.linalg.slogdet(H + 1e-9 * np.eye(z.size))
+    k = int(P.sum())
+    return float(-0.5 * chi2 / sigma2_ratio - 0.5 * lam * np.sum(P * z * z) + 0.5 * k * math.log(lam)
+                 - 0.5 * logdet)
+
+
+def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelToken | None, clock: ProgressClock,
+              offset: int, label: str) -> Generator[Progress, None, dict[str, Any] | None]:
+    """The ladder from the fixed initial state ``initial``, then (``cfg.joint``) the joint initial state; None on
+    cancel."""
+    n = prob.n_obs
+    u0_fixed = {"data": prob.ic_data, "denoised": prob.ic_denoised, "surrogate": prob.ic_surrogate}[initial]
+    z = torch.tensor(prob.z0, requires_grad=True)
+    with torch.no_grad():
+        chi2_start = float(prob.chi2(prob.simulate(z, u0_fixed)))
+    fits = []
+    for step, lam in enumerate(cfg.smoothness, 1):
+        def loss_fn(lam=lam):
+            return (0.5 * prob.chi2(prob.simulate(z, u0_fixed)) + 0.5 * lam * prob.prior(z)) / n
+
+        _lbfgs([z], loss_fn, cfg.iterations, cancel)
+        if is_cancelled(cancel):
+            return None
+        zv = z.detach().numpy().copy()
+        with torch.no_grad():
+            chi2 = float(prob.chi2(prob.simulate(z, u0_fixed)))
+        fits.append({"smoothness": lam, "z": zv, "chi2": chi2})
+        yield clock.event(_STAGE, offset + step, f"{label}initial state '{initial}', smoothness {lam:g}: misfit "
+                          f"{chi2 / n:.4g} (start {chi2_start / n:.4g}, noise variance units)", smoothness=lam,
+                          misfit=chi2 / n, initial=initial)
+    # evidence: noise variance re-estimated from the best misfit
+    s2 = max(min(f["chi2"] for f in fits) / n, 1e-12)
+    jac: dict[int, np.ndarray] = {}
+    best = 0
+    if len(fits) > 1:
+        for i, f in enumerate(fits):
+            jac[i] = _jacobian(prob, f["z"], u0_fixed)
+            f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac[i], f["smoothness"], cfg.nodes, s2)
+        best = max(range(len(fits)), key=lambda i: fits[i]["log_evidence"])
+    out = {"initial": initial, "fits": fits, "chosen": fits[best], "z": fits[best]["z"], "u0": u0_fixed,
+           "chi2": fits[best]["chi2"], "chi2_start": chi2_start, "jacobian": jac.get(best), "s2": s2, "notes": []}
+    if cfg.joint and not is_cancelled(cancel):
+        zj = torch.tensor(out["z"], requires_grad=True)
+        wj = torch.zeros_like(u0_fixed, requires_grad=True)  # the change of the initial state / noise s.d.
+        lam = out["chosen"]["smoothness"]
+
+        def joint_loss():
+            u0j = u0_fixed + prob.sigma * wj
+            return (0.5 * prob.chi2(prob.simulate(zj, u0j)) + 0.5 * lam * prob.prior(zj)
+                    + cfg.tv_weight * prob.tv(u0j)) / n
+
+        _lbfgs([zj, wj], joint_loss, cfg.iterations, cancel)
+        with torch.no_grad():
+            u0c = torch.clamp(u0_fixed + prob.sigma * wj.detach(), min=0.0)
+            chi2_joint = float(prob.chi2(prob.simulate(zj.detach(), u0c)))
+        kept = chi2_joint < (1.0 - _JOINT_GAIN) * out["chi2"]
+        if kept:
+            out.update(z=zj.detach().numpy().copy(), u0=u0c, initial=f"{initial}+joint", chi2=chi2_joint,
+                       jacobian=None)
+        else:
+            out["notes"].append(f"initial state '{initial}': fitting it jointly lowered the misfit by less than "
+                                f"{100 * _JOINT_GAIN:g}% ({chi2_joint / n:.4g} vs {out['chi2'] / n:.4g}); not kept")
+        yield clock.event(_STAGE, offset + len(cfg.smoothness) + 1, f"{label}joint initial state: misfit "
+                          f"{chi2_joint / n:.4g} ({'kept' if kept else 'not kept'})")
+    return out
+
+
+def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | None = None, *,
+                    cancel: CancelToken | None = None) -> Generator[Progress, None, BinnFit]:
+    """Refine ``fit``'s D(u), G(u) against ``field`` through the forward solver; a job generator (stage
+    ``"refine"``). Returns ``fit`` with its networks set to the refined curves and
+    ``fit.metadata['refine']`` describing the result (tables, bands, misfits, the chosen smoothness, the
+    initial state, the distillation error, notes). On cancel the fit is returned unchanged.
+    """
+    cfg = config or RefineConfig()
+    cfg.validate()
+    if not isinstance(field, DensityField):
+        raise ValueError(f"refinement needs a DensityField; got {type(field).__name__}")
+    if field.n_frames < cfg.min_frames:
+        raise ValueError(f"refinement through the solver needs at least refine.min_frames = {cfg.min_frames} "
+                         f"frames; the field has {field.n_frames}. Use more frames, or switch it off "
+                         "(refine.enabled = false)")
+    t_start = time.perf_counter()
+    prob = _Problem(field, fit, cfg)
+    n = prob.n_obs
+    initials = list(_AUTO) if cfg.initial == "auto" else [cfg.initial]
+    per = len(cfg.smoothness) + (1 if cfg.joint else 0)
+    total = per * len(initials) + 1
+    clock = ProgressClock(total)
+    yield clock.event(_STAGE, 0, f"refining D(u), G(u) through the solver ({n} observed values, "
+                      f"{len(cfg.smoothness)} prior strength(s), initial state {' / '.join(initials)})")
+    runs = []
+    for k, initial in enumerate(initials):
+        label = f"[{k + 1}/{len(initials)}] " if len(initials) > 1 else ""
+        run = yield from _strategy(prob, cfg, initial, cancel, clock, k * per, label)
+        if run is None:
+            yield clock.event(_STAGE, k * per, "refinement cancelled: the BINN's own curves are kept", cancelled=True)
+            return fit
+        runs.append(run)
+    win = min(runs, key=lambda r: r["chi2"])
+    notes = [note for r in runs for note in r["notes"]]
+    if len(runs) > 1:
+        notes.append("initial state chosen by the lower final misfit: " + ", ".join(
+            f"'{r['initial']}' {r['chi2'] / n:.4g}" for r in runs))
+    chosen, z_best = win["chosen"], win["z"]
+    with torch.no_grad():
+        D_tab, G_tab = (v.numpy().copy() for v in prob.tables(torch.as_tensor(z_best)))
+    D_sd = G_sd = None
+    if cfg.bands:
+        J = win["jacobian"] if win["jacobian"] is not None else _jacobian(prob, z_best, win["u0"])
+        D_sd, G_sd = _bands(prob, z_best, J, chosen["smoothness"], win["s2"])
+    # write the refined curves into the networks
+    err = _distill(fit, prob.nodes, D_tab, G_tab, prob.observed_range, cfg.distill_steps)
+    fit.metadata["refine"] = {
+        "u_nodes": prob.nodes.tolist(), "D": D_tab.tolist(), "G": G_tab.tolist(),
+        "D_sd": None if D_sd is None else D_sd.tolist(), "G_sd": None if G_sd is None else G_sd.tolist(),
+        "misfit_start": win["chi2_start"] / n, "misfit": win["chi2"] / n, "noise_sd": prob.sigma,
+        "smoothness": chosen["smoothness"],
+        "ladder": [{"initial": r["initial"], "smoothness": f["smoothness"], "misfit": f["chi2"] / n,
+                    "log_evidence": f.get("log_evidence")} for r in runs for f in r["fits"]],
+        "initial": win["initial"], "distill_rel_err": err, "seconds": time.perf_counter() - t_start,
+        "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every frame, in "
+                          "units of the surrogate's noise variance",
+                          "D_sd, G_sd: Laplace bands that treat the initial state as exact; they are too narrow "
+                          "when it is not"],
+    }
+    yield clock.event(_STAGE, total, f"refinement done: misfit {win['chi2_start'] / n:.4g} -> {win['chi2'] / n:.4g}, "
+                      f"smoothness {chosen['smoothness']:g}, initial state '{win['initial']}', networks match the "
+                      f"tables to {100 * max(err.values()):.1f}%", done=True, refine=fit.metadata["refine"])
+    return fit
+
+
+def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float) -> tuple[np.ndarray, np.ndarray]:
+    m = prob.cfg.nodes
+    P = np.ones(z.size)
+    P[[0, 1, m, m + 1]] = 0.0
+    H = J.T @ J / s2 + lam * np.diag(P)
+    cov = np.linalg.pinv(H)
+    eps = 1e-5
+    with torch.no_grad():
+        D0, G0 = (v.numpy() for v in prob.tables(torch.as_tensor(z)))
+        JD = np.empty((m, z.size))
+        JG = np.empty((m, z.size))
+        for k in range(z.size):
+            zk = z.copy()
+            zk[k] += eps
+            Dk, Gk = (v.numpy() for v in prob.tables(torch.as_tensor(zk)))
+            JD[:, k] = (Dk - D0) / eps
+            JG[:, k] = (Gk - G0) / eps
+    D_sd = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JD, cov, JD), 0.0))
+    G_sd = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JG, cov, JG), 0.0))
+    return D_sd, G_sd
+
+
+def _distill(fit: BinnFit, nodes: np.ndarray, D_tab: np.ndarray, G_tab: np.ndarray,
+             observed: tuple[float, float], steps: int) -> dict[str, float]:
+    """Fit every member's D- and G-network to the tables over the observed range (L-BFGS, ``steps`` iterations); returns the relative
+    L2 misfit of the ensemble mean to each table there."""
+    u = np.linspace(observed[0], observed[1], 128)
+    D_t = np.interp(u, nodes, D_tab)
+    G_t = np.interp(u, nodes, G_tab)
+    K, d_unit, g_unit = fit.scales.K, fit.scales.D_unit, fit.scales.G_unit
+    for m in fit.members:
+        dtype = next(m.parameters()).dtype
+        uh = torch.as_tensor(u / K, dtype=dtype)
+        for net, target, unit in ((m.dnet, D_t, d_unit), (m.gnet, G_t, g_unit)):
+            y = torch.as_tensor(target / unit, dtype=dtype)
+            scale = float(y.abs().max()) or 1.0
+            params = list(net.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
+
+            def closure(net=net, y=y, scale=scale, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.mean(((net(uh) - y) / scale) ** 2)
+                loss.backward()
+                return loss
+
+            before = [p.detach().clone() for p in params]
+            for _ in range(max(1, steps // 20)):
+                opt.step(closure)
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                with torch.no_grad():
+                    for p, b in zip(params, before):
+                        p.copy_(b)
+            for p in params:
+                p.requires_grad_(False)
+    rel = {"D": float(np.linalg.norm(fit.D(u) - D_t) / max(np.linalg.norm(D_t), 1e-30)),
+           "G": float(np.linalg.norm(fit.G(u) - G_t) / max(np.linalg.norm(G_t), 1e-30))}
+    return rel
+
+
+def refine_binn(field: DensityField, fit: BinnFit, config: RefineConfig | None = None, *,
+                cancel: CancelToken | None = None, callback=None) -> BinnFit:
+    """Blocking form of :func:`refine_binn_job`."""
+    return run_job(refine_binn_job(field, fit, config, cancel=cancel), callback)
+
+
+def config_dict(cfg: RefineConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,106 @@
+"""Refinement of the BINN's D(u), G(u) through the forward solver (binn.refine)."""
+
+import numpy as np
+import pytest
+
+from napari_binn.binn import BinnConfig, BinnFit, fit_binn
+from napari_binn.binn.refine import RefineConfig, refine_binn
+from napari_binn.synthetic import make_synthetic
+
+SMALL = RefineConfig(iterations=30, smoothness=[1.0, 0.1], distill_steps=100, initial="data", joint=False)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    fld, truth = make_synthetic("fisher_kpp", domain="scratch", grid=(12, 12), dx_um=50.0,
+                                times_h=np.linspace(0, 24, 5), noise=0.01, seed=1)
+    fit = fit_binn(fld, BinnConfig(hidden=(16, 16), rate_hidden=(8,), steps=300, warmup_steps=150, batch_size=256,
+                                   n_collocation=128, weak_weight=0.0, device="cpu", seed=0))
+    return fld, truth, fit
+
+
+def test_refinement_recovers_d_and_g_better_than_the_binn(small_case, tmp_path):
+    fld, truth, fit = small_case
+    fit.save(tmp_path / "start")
+    fit = BinnFit.load(tmp_path / "start")  # a copy: the refinement changes the fit's networks
+    u = fit.u_grid()
+    before = _rel(fit.D(u), truth.D(u)), _rel(fit.G(u), truth.G(u))
+    events = []
+    fit = refine_binn(fld, fit, SMALL, callback=events.append)
+    after = _rel(fit.D(u), truth.D(u)), _rel(fit.G(u), truth.G(u))
+    assert after[0] < 0.5 * before[0] and after[0] < 0.15, (before, after)
+    assert after[1] < 0.5 * before[1] and after[1] < 0.10, (before, after)
+    meta = fit.metadata["refine"]
+    assert meta["misfit"] < meta["misfit_start"]
+    assert meta["smoothness"] in (1.0, 0.1) and meta["initial"] == "data"
+    assert len(meta["D_sd"]) == len(meta["u_nodes"]) and all(np.isfinite(meta["D_sd"]))
+    # the networks are the refined tables over the observed range
+    nodes = np.asarray(meta["u_nodes"])
+    assert _rel(fit.D(u), np.interp(u, nodes, meta["D"])) < 0.02
+    assert events[-1].data["done"] and events[-1].stage == "refine"
+    # the record goes through a bundle
+    fit.save(tmp_path / "refined")
+    again = BinnFit.load(tmp_path / "refined")
+    assert again.metadata["refine"]["D"] == meta["D"]
+    assert np.allclose(again.D(u), fit.D(u))
+
+
+def test_too_few_frames_is_a_clear_error(small_case):
+    fld, _, fit = small_case
+    cfg = RefineConfig(min_frames=6)
+    with pytest.raises(ValueError, match=r"refine\.min_frames = 6.*has 5"):
+        refine_binn(fld, fit, cfg)
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("initial", "first", "'auto', 'surrogate', 'data', 'denoised'"),
+    ("joint", "yes", "true or false"),
+    ("smoothness", [], "positive numbers"),
+    ("smoothness", [1.0, -2.0], "positive numbers"),
+    ("cfl", 1.2, r"\(0, 1\)"),
+    ("nodes", 2, ">= 4"),
+    ("min_frames", 2, ">= 3"),
+    ("iterations", 0, ">= 1"),
+])
+def test_bad_config_values_name_the_key(key, value, allowed):
+    with pytest.raises(ValueError, match=rf"refine\.{key}: .*{allowed}"):
+        RefineConfig(**{key: value})
+
+
+def test_the_pipeline_refines_after_training(pipeline_run, pipeline_config, fkpp_field):
+    result, events = pipeline_run
+    meta = result.fit.metadata["refine"]
+    assert meta["initial"].split("+")[0] in ("denoised", "surrogate") and np.isfinite(meta["misfit"])
+    inner = [ev for ev in events if ev.stage == "binn" and ev.data.get("inner_stage") == "refine"]
+    assert inner and inner[-1].data.get("done")
+    # switched off: no refinement record; a bad value is refused before training starts
+    from napari_binn.jobs import run_job
+    from napari_binn.pipeline import run_pipeline
+
+    cfg = pipeline_config()
+    cfg.refine.enabled = False
+    off = run_job(run_pipeline(fkpp_field, cfg, stages=("binn",)))
+    assert "refine" not in off.fit.metadata
+    cfg.refine.enabled = True
+    cfg.refine.initial = "best"
+    with pytest.raises(ValueError, match=r"refine\.initial"):
+        run_job(run_pipeline(fkpp_field, cfg, stages=("binn",)))
+
+
+def test_the_refine_section_round_trips_through_toml(tmp_path):
+    from napari_binn.pipeline import PipelineConfig
+
+    cfg = PipelineConfig()
+    cfg.refine.smoothness = [3.0]
+    cfg.refine.initial = "surrogate"
+    cfg.refine.joint = False
+    cfg.to_toml(tmp_path / "c.toml")
+    back = PipelineConfig.from_toml(tmp_path / "c.toml")
+    assert back.refine == cfg.refine
+    (tmp_path / "bad.toml").write_text("[refine]\ninitial = 'first'\n")
+    with pytest.raises(ValueError, match=r"refine\.initial"):
+        PipelineConfig.from_toml(tmp_path / "bad.toml")
