@@ -194,3 +194,24 @@ def test_batch_each_shape_is_one_item_per_input_and_shape(tmp_path):
     assert items[3].out == tmp_path / "out" / "C04_roi2" and items[3].metadata["roi_shape"]["number"] == 2
     with pytest.raises(ValueError, match="--each-shape needs --roi with shapes"):
         batch_items(args, None, None)
+
+
+def test_demo_comparison_reports_the_binns_own_curves(pipeline_run):
+    """The demo prints how far the BINN's own D(u), G(u) are from the truth, before any closed form."""
+    import re
+    from types import SimpleNamespace
+
+    from napari_binn.cli import demo_comparison
+
+    result, _ = pipeline_run
+    truth = SimpleNamespace(params={"D": 800.0, "r": 0.08, "K": 2000.0})
+    lines = demo_comparison(result, truth)
+    own = re.search(r"BINN's own curves .*D\(u\) rel\. L2 error ([\d.]+)%, G\(u\) ([\d.]+)%", lines[0])
+    assert own, lines
+    lo, hi = result.fit.u_range["q05"], result.fit.u_range["q95"]
+    u = np.linspace(lo, hi, 200)
+    expected = 100 * np.linalg.norm(result.fit.D(u) - 800.0) / np.linalg.norm(np.full_like(u, 800.0))
+    assert float(own.group(1)) == pytest.approx(expected, abs=0.06)
+    # a truth far from the fit reads as a large error
+    far = demo_comparison(result, SimpleNamespace(params={"D": 8.0, "r": 0.08, "K": 2000.0}))
+    assert float(re.search(r"D\(u\) rel\. L2 error ([\d.]+)%", far[0]).group(1)) > 1000

@@ -294,6 +294,12 @@ def demo_comparison(result, truth) -> list[str]:
         lines.append(f"  {key}(u): found {sp.sstr(sp.N(expr, 4))}   truth {sp.sstr(sp.N(truth_forms[key], 4))}   "
                      f"form {'SAME' if same else 'DIFFERENT'}, rel. L2 error {100 * err:.1f}% on "
                      f"u in [{lo:.0f}, {hi:.0f}]")
+    own = {"D": result.fit.D(u), "G": result.fit.G(u)}  # the BINN's own curves, before any closed form
+    truth_at = {k: np.broadcast_to(np.asarray(sp.lambdify([u_sym], truth_forms[k], "numpy")(u), float), u.shape)
+                for k in ("D", "G")}
+    own_err = {k: 100 * float(np.linalg.norm(own[k] - truth_at[k]) / np.linalg.norm(truth_at[k])) for k in own}
+    lines.insert(0, f"  BINN's own curves (before any closed form): D(u) rel. L2 error {own_err['D']:.1f}%, "
+                    f"G(u) {own_err['G']:.1f}% on u in [{lo:.0f}, {hi:.0f}]")
     if all(same_forms.values()):
         # same forms: D is a constant and G = r (1 - u/K); read the constants off the found expressions
         G = sp.Poly(sp.expand(found_exprs["G"]), u_sym).all_coeffs()  # [-r/K, r]
