@@ -95,8 +95,8 @@ def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_co
     from napari_binn.pipeline import alternatives_text
     from napari_binn.symbolic.discover import Equations
 
-    field = _noisy_fkpp()
-    eq = Equations.from_forms(D=["700.0", "600.0 + 0.1*u", "700.0*exp(-0.0002*u) + 0.1*u"],
+    field = _noisy_fkpp(frames=7)
+    eq = Equations.from_forms(D=["700.0", "600.0 + 0.1*u", "700.0*exp(-0.0002*u) + 0.1*u", "700.0/(1.0e-20*u + 1)"],
                               G=["0.05", "0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"],
                               u_range=(0.0, 2000.0))
     cfg = pipeline_config()
@@ -110,12 +110,18 @@ def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_co
     g = {c["form"]: c for c in hold["G"]["candidates"]}
     assert [c["excluded"] for c in g.values() if c["n_constants"] == 1] == [True]  # constant growth: clearly worse
     assert not g["0.075 - 3.5e-5*u"]["excluded"] and hold["G"]["headline"] == "0.075 - 3.5e-5*u"
-    assert set(out.metadata["alternatives"]["G"]) == {c for c, v in g.items() if not v["excluded"]} - {
-        "0.075 - 3.5e-5*u"}
+    assert set(out.metadata["alternatives"]["G"]) | set(out.metadata["same_as_headline"]["G"]) == {
+        c for c, v in g.items() if not v["excluded"]} - {"0.075 - 3.5e-5*u"}
+    # a saturating D with a vanishing saturation constant is the constant D in another guise: not an alternative
+    d = {c["form"]: c for c in hold["D"]["candidates"]}
+    guise = next(c for c in d if "1.0e-20" in c)
+    assert not d[guise]["excluded"]
+    assert guise in out.metadata["same_as_headline"]["D"] and guise not in out.metadata["alternatives"]["D"]
     assert res.metadata["closed_form_refitted"]["D_0"] == pytest.approx(800.0, rel=0.1)
     assert "closed form (refitted)" in [m.name for m in res.qc.models]
     lines = alternatives_text(out)
-    assert all("cannot tell apart" in line for line in lines)
+    assert any(line.startswith("D(u): also consistent, but the same curve") and guise in line for line in lines)
+    assert all("cannot tell apart" in line or "same curve" in line for line in lines)
 
 
 def test_holdout_frames_errors(pipeline_config):

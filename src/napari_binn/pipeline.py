@@ -505,6 +505,34 @@ def _row_label(f, i: int) -> str:
     return row.expression.text + (f" [{row.form}]" if row.form else "")
 
 
+#: a form whose curve (with its symbolic fit's constants) is within this relative L2 distance of the headline's on
+#: the observed densities is the headline in another guise (a saturating D with a vanishing saturation constant, an
+#: Allee G with its threshold at 0): listed apart from the genuine alternatives
+SAME_CURVE = 0.01
+
+
+def _observed_u(fld: DensityField) -> np.ndarray:
+    """33 densities spanning the 5th-95th percentile of the observed boxes (where the forms are compared)."""
+    vals = fld.u[:, fld.mask][np.isfinite(fld.u[:, fld.mask])] if np.any(fld.mask) else np.zeros(0)
+    if vals.size == 0:
+        return np.zeros(0)
+    lo, hi = np.percentile(vals, [5, 95])
+    return np.linspace(lo, hi, 33)
+
+
+def _same_curve(a, b, u: np.ndarray, tol: float = SAME_CURVE) -> bool:
+    """Whether two closed forms give the same curve (relative L2 distance under ``tol``) on ``u``."""
+    if u.size == 0:
+        return False
+    with np.errstate(all="ignore"):
+        ya = np.broadcast_to(np.asarray(a(u), float), u.shape)
+        yb = np.broadcast_to(np.asarray(b(u), float), u.shape)
+    if not (np.all(np.isfinite(ya)) and np.all(np.isfinite(yb))):
+        return False
+    scale = np.linalg.norm(yb)
+    return bool(scale > 0 and np.linalg.norm(ya - yb) <= tol * scale)
+
+
 def _holdout_candidates(f, n: int) -> list[int]:
     """Rows of ``f.rows`` the held-out test compares: the front's candidates (as for the BIC choice), the front rows
     that are library forms, and the library rows; one per distinct text, fewest constants first."""
@@ -545,6 +573,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             cands[key].insert(0, current[key])
     cache: dict[tuple[int, int], tuple[Any, dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
+    u_obs = _observed_u(fld)
     total = 2 * len(cands["D"]) + len(cands["G"]) - 2
 
     def pair(i: int, j: int) -> Equations:
@@ -589,9 +618,12 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         pos = 0 if key == "D" else 1
         f = eq.D if key == "D" else eq.G
         current = {"D": avail[head][0], "G": avail[head][1]}
+        kept = [ij[pos] for k, ij in enumerate(avail) if not excluded[k] and k != head]
+        same = [i for i in kept if _same_curve(f.rows[i].expression, f.rows[avail[head][pos]].expression, u_obs)]
         chosen[key] = {
             "headline": _row_label(f, avail[head][pos]),
-            "alternatives": [_row_label(f, ij[pos]) for k, ij in enumerate(avail) if not excluded[k] and k != head],
+            "alternatives": [_row_label(f, i) for i in kept if i not in same],
+            "same_as_headline": [_row_label(f, i) for i in same],
             "candidates": [{"form": _row_label(f, ij[pos]), "n_constants": n_constants(f.rows[ij[pos]].expression.sympy),
                             "heldout_sse": totals[k] if np.isfinite(totals[k]) else None,
                             "p_worse": None if not np.isfinite(pvals[k]) else float(pvals[k]),
@@ -608,20 +640,27 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         return eq, None
     out = pair(current["D"], current["G"])
     alternatives = {k: v["alternatives"] for k, v in chosen.items()}
-    out = replace(out, metadata={**out.metadata, "alternatives": alternatives})
+    same = {k: v["same_as_headline"] for k, v in chosen.items()}
+    out = replace(out, metadata={**out.metadata, "alternatives": alternatives, "same_as_headline": same})
     return out, cache[final][1].get("params")
 
 
 def alternatives_text(eq: Equations | None) -> list[str]:
     """'the data cannot tell apart: ...' lines for D and G (empty when the held-out test excluded every other form)."""
     alts = (eq.metadata.get("alternatives") if eq is not None else None) or {}
+    same = (eq.metadata.get("same_as_headline") if eq is not None else None) or {}
     out = []
     for key in ("D", "G"):
         f = getattr(eq, key, None)
-        if alts.get(key) and f is not None:
-            head = f.selected.text + (f" [{f.selected_row.form}]" if f.selected_row.form else "")
+        if f is None:
+            continue
+        head = f.selected.text + (f" [{f.selected_row.form}]" if f.selected_row.form else "")
+        if alts.get(key):
             out.append(f"{key}(u): the data cannot tell apart: {head} (headline, fewest constants); "
                        + "; ".join(alts[key]))
+        if same.get(key):
+            out.append(f"{key}(u): also consistent, but the same curve as the headline on the observed densities "
+                       f"(within {SAME_CURVE:.0%}): " + "; ".join(same[key]))
     return out
 
 
