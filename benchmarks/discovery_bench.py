@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field as dc_field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -261,7 +262,8 @@ def make_config(overrides: dict[str, dict[str, Any]], quick: bool):
         cfg.refit.max_evals = 10
         cfg.refit.intervals = "none"
         cfg.refit.candidates = 2
-    sections = {"density", "binn", "symbolic", "simulation", "refit"}
+        cfg.refine.iterations, cfg.refine.smoothness, cfg.refine.distill_steps = 3, [1.0], 20
+    sections = {"density", "binn", "refine", "symbolic", "simulation", "refit"}
     for section, values in overrides.items():
         if section not in sections:
             raise ValueError(f"--set: unknown section {section!r}; sections: {sorted(sections)}")
@@ -292,11 +294,19 @@ def final_closed_form(result) -> tuple[Any, Any, Callable | None, Callable | Non
     return eq.D.sympy, eq.G.sympy, eq.D, eq.G, "symbolic"
 
 
-def run_case(case: Case, seed: int, overrides: dict, quick: bool = False) -> dict[str, Any]:
+#: the stages after training, re-run by --from-bundles on a kept bundle's field and BINN
+AFTER_TRAINING = ("symbolic", "simulate", "refit", "qc")
+
+
+def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: Path | None = None,
+             start: Path | None = None) -> dict[str, Any]:
+    """Run the pipeline on one case and score it. keep: write the results bundle to keep/<case>_seed<seed>.
+    start: re-run only the stages after training from start/<case>_seed<seed> (its BINN's seconds counted)."""
     import torch
 
     from napari_binn.jobs import run_job
     from napari_binn.pipeline import run_pipeline
+    from napari_binn.results import load_results, save_results
 
     torch.set_num_threads(1)
     field, truth = case.make(seed, quick)
@@ -309,8 +319,18 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False) -> dic
             seen.append(ev.stage)
             print(f"   [{time.perf_counter() - t0:6.0f} s] {ev.stage}", flush=True)
 
-    result = run_job(run_pipeline(field, cfg), progress)
-    seconds = time.perf_counter() - t0
+    bundle = f"{case.name}_seed{seed}"
+    if start is not None:
+        kept = load_results(start / bundle)
+        kept.config = cfg
+        before = sum(v for k, v in kept.metadata.get("seconds", {}).items() if k not in AFTER_TRAINING)
+        result = run_job(run_pipeline(kept, cfg, stages=AFTER_TRAINING), progress)
+        seconds = before + sum(result.metadata.get("seconds", {}).get(k, 0.0) for k in AFTER_TRAINING)
+    else:
+        result = run_job(run_pipeline(field, cfg), progress)
+        seconds = time.perf_counter() - t0
+    if keep is not None:
+        save_results(result, keep / bundle, overwrite=True, figures=False)
     row_stage_seconds = {k: round(v, 1) for k, v in result.metadata.get("seconds", {}).items()}
     d_form, g_form = D_FORMS[truth.forms["D"]], G_FORMS[truth.forms["G"]]
     d_true_expr, g_true_expr = truth.expressions()
@@ -607,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="PipelineConfig overrides, e.g. binn.steps=3000 refit.candidates=4")
     ap.add_argument("--json-out", default=None, help="also write the per-seed rows and the summary here")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="write each case's results bundle to DIR/<case>_seed<seed>")
+    ap.add_argument("--from-bundles", default=None, metavar="DIR",
+                    help="re-run only the stages after training (symbolic, simulate, refit, qc) on the bundles an "
+                         "earlier --keep wrote: for changes after the BINN; seconds count the kept training")
     ap.add_argument("--rescore", default=None, metavar="JSON",
                     help="re-score the rows of an earlier --json-out file with this scorer (no pipeline run)")
     args = ap.parse_args(argv)
@@ -675,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         case = CASES[name]
         print(f"== {name}: {case.note}\n   {case.describe()}", flush=True)
         for seed in args.seeds:
-            row = run_case(case, seed, overrides, args.quick)
+            row = run_case(case, seed, overrides, args.quick, keep=Path(args.keep) if args.keep else None,
+                           start=Path(args.from_bundles) if args.from_bundles else None)
             rows.append(row)
             print(f"   seed {seed}: BINN D {_fmt(row['binn_d_rel_err'])} G {_fmt(row['binn_g_rel_err'])} | final "
                   f"({row['final_source']}) D = {row['final_d']}  [{_fmt(row['final_d_rel_err'])}, structure "

@@ -104,7 +104,11 @@ class RefitConfig:
     than ``holdout_margin`` (a fraction of the best's squared error) at ``holdout_level``; the headline is the one with the fewest constants among those not excluded (then the smallest expression; the others are
     the alternatives the data cannot exclude), then refitted on all frames. Unset: min(3, (frames - 2) // 2), so
     at least 2 frames stay to refit on and short fields (3 frames) choose by BIC. 0 = choose by BIC instead; with
-    ``candidates`` = 1 only the symbolic selection is refitted either way."""
+    ``candidates`` = 1 only the symbolic selection is refitted either way. initial: the state every refit (and the
+    held-out prediction) starts from: 'data' (the first frame, negative noise at 0), 'denoised' (also empty space
+    that holds only noise at 0: on noisy data, spurious cells in a wound otherwise grow and fill it, and the fit
+    makes up for it with a smaller D), or 'auto' (the first refit is done from both; the one that fits the data
+    better is used throughout)."""
 
     closed_form: bool = True
     reference_model: str = "fisher_kpp"
@@ -116,6 +120,7 @@ class RefitConfig:
     holdout_frames: int | None = None
     holdout_level: float = 0.05
     holdout_margin: float = 0.05
+    initial: str = "auto"
 
 
 @dataclass
@@ -191,6 +196,7 @@ class PipelineConfig:
         number("refit.max_evals", r.max_evals, 1, strict=False, whole=True)
         number("refit.candidates", r.candidates, 1, strict=False, whole=True)
         number("refit.bic_margin", r.bic_margin, 0, strict=False)
+        choice("refit.initial", r.initial, REFIT_INITIAL)
 
     def to_toml(self, path: str | Path) -> None:
         write_toml(self.to_dict(), path)
@@ -589,7 +595,9 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         errors = None
         try:
             fit = yield from _tag(fit_mechanistic_job(train, model, init=init, cancel=cancel, **kw), "refit", index)
-            pred = yield from _tag(simulate_job(fit.D, fit.G, fld, rtol=kw.get("rtol", 1e-4)), "refit", index)
+            u0 = fld.initial_state(denoise=kw.get("initial") == "denoised")
+            pred = yield from _tag(simulate_job(fit.D, fit.G, u0, fld.mask, fld.dx_um, fld.t_h,
+                                                rtol=kw.get("rtol", 1e-4)), "refit", index)
             errors = block_errors(pred[n_t - h:], late, fld.mask, HOLDOUT_BLOCK)
             rec.update(params={p: float(v) for p, v in fit.params.items()},
                        heldout_sse=float(np.sum(errors)) if np.all(np.isfinite(errors)) else None,
@@ -685,17 +693,55 @@ def determined_text(fit: BinnFit | None, tolerance: float = 0.25) -> list[str]:
     return out
 
 
+#: allowed values of ``RefitConfig.initial``
+REFIT_INITIAL = ("auto", "data", "denoised")
+
+
+def _choose_initial(result: PipelineResult, rc: RefitConfig, kw: dict[str, Any], cancel: CancelToken | None,
+                    index: int):
+    """'data' or 'denoised': the initial state under which a quick fit (no intervals) of the symbolic selection
+    (else the reference model) fits the data better. Written to ``result.metadata['refit_initial']``."""
+    fld, eq = result.field, result.equations
+    if eq is not None and eq.D is not None and eq.G is not None and rc.closed_form:
+        model, init = solver_model(eq, fld)
+    elif rc.reference_model:
+        model, init = rc.reference_model, None
+    else:
+        return "data"
+    if not np.any(fld.initial_state(denoise=True) != fld.initial_state()):
+        result.metadata["refit_initial"] = {"initial": "data", "why": "denoising changes nothing in frame 0"}
+        return "data"
+    loglik: dict[str, float] = {}
+    for initial in ("data", "denoised"):
+        if is_cancelled(cancel):
+            return "data"
+        try:
+            fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel,
+                                                      **{**kw, "intervals": None, "initial": initial}), "refit", index)
+            loglik[initial] = float(fit.loglik) if np.isfinite(fit.loglik) else -np.inf
+        except Exception:  # a start that cannot be fitted loses the comparison
+            loglik[initial] = -np.inf
+    best = "denoised" if loglik["denoised"] > loglik["data"] else "data"
+    result.metadata["refit_initial"] = {"initial": best, "loglik": {k: (v if np.isfinite(v) else None)
+                                                                    for k, v in loglik.items()}}
+    return best
+
+
 def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelToken | None, index: int):
     fld = result.field
     rc = config.refit
     check_holdout(rc, fld.n_frames)
     kw = dict(weighting=rc.weighting, intervals=None if rc.intervals == "none" else rc.intervals,
               max_evals=rc.max_evals, rtol=config.simulation.rtol)
+    eq = result.equations
+    if rc.initial == "auto":
+        kw["initial"] = yield from _choose_initial(result, rc, kw, cancel, index)
+    else:
+        kw["initial"] = rc.initial
     if rc.reference_model:
         fit = yield from _tag(fit_mechanistic_job(fld, rc.reference_model, cancel=cancel, **kw), "refit", index)
         result.mechanistic[rc.reference_model] = fit
         result.simulations[rc.reference_model] = fit.predicted
-    eq = result.equations
     if rc.closed_form and eq is not None and eq.D is not None and eq.G is not None and not is_cancelled(cancel):
         start = None
         if holdout_count(rc, fld.n_frames) > 0 and rc.candidates > 1:
