@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import time
+import warnings
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -32,7 +33,7 @@ from .pde import SimulationError, simulate_job
 from .pde.mechanistic import MechanisticFit, fit_mechanistic_job
 from .qc import QCReport, compare
 from .symbolic import Equations, discover_equations_job
-from .symbolic.expression import free_floats
+from .symbolic.expression import ExtrapolationWarning, free_floats
 from .symbolic.forms import check_form_names, n_constants, pde_safe
 from .symbolic.selection import block_errors, heldout_choice
 
@@ -530,13 +531,26 @@ def _same_curve(a, b, u: np.ndarray, tol: float = SAME_CURVE) -> bool:
     """Whether two closed forms give the same curve (relative L2 distance under ``tol``) on ``u``."""
     if u.size == 0:
         return False
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # an internal comparison on the observed densities: not the user's extrapolation
+        warnings.simplefilter("ignore", ExtrapolationWarning)
         ya = np.broadcast_to(np.asarray(a(u), float), u.shape)
         yb = np.broadcast_to(np.asarray(b(u), float), u.shape)
     if not (np.all(np.isfinite(ya)) and np.all(np.isfinite(yb))):
         return False
     scale = np.linalg.norm(yb)
     return bool(scale > 0 and np.linalg.norm(ya - yb) <= tol * scale)
+
+
+def _refitted_form(eq: Equations, key: str, params: dict[str, float] | None):
+    """``eq``'s selected D or G (``key``) with the constants of its held-out refit (``params``; the symbolic fit's
+    constants when the refit has none)."""
+    if params:
+        try:
+            return getattr(eq.with_params(params), key).selected
+        except (ValueError, KeyError):  # names of another model (a floored form): keep the symbolic constants
+            pass
+    return getattr(eq, key).selected
 
 
 def _holdout_candidates(f, n: int) -> list[int]:
@@ -626,12 +640,16 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         pos = 0 if key == "D" else 1
         f = eq.D if key == "D" else eq.G
         current = {"D": avail[head][0], "G": avail[head][1]}
-        kept = [ij[pos] for k, ij in enumerate(avail) if not excluded[k] and k != head]
-        same = [i for i in kept if _same_curve(f.rows[i].expression, f.rows[avail[head][pos]].expression, u_obs)]
+        kept = [ij for k, ij in enumerate(avail) if not excluded[k] and k != head]
+        # compared as refitted (the curves the held-out test judged), not with the symbolic fit's constants: a
+        # saturating D fitted flat to a learned curve can bend once refitted against the data
+        fitted = {ij: _refitted_form(pair(*ij), key, cache[ij][1].get("params")) for ij in kept + [avail[head]]}
+        same = [ij for ij in kept if _same_curve(fitted[ij], fitted[avail[head]], u_obs)]
         chosen[key] = {
             "headline": _row_label(f, avail[head][pos]),
-            "alternatives": [_row_label(f, i) for i in kept if i not in same],
-            "same_as_headline": [_row_label(f, i) for i in same],
+            "alternatives": [_row_label(f, ij[pos]) for ij in kept if ij not in same],
+            "same_as_headline": [_row_label(f, ij[pos]) for ij in same],
+            "refitted": {_row_label(f, ij[pos]): sp.sstr(fitted[ij].sympy.evalf(4)) for ij in kept + [avail[head]]},
             "candidates": [{"form": _row_label(f, ij[pos]), "n_constants": n_constants(f.rows[ij[pos]].expression.sympy),
                             "heldout_sse": totals[k] if np.isfinite(totals[k]) else None,
                             "p_worse": None if not np.isfinite(pvals[k]) else float(pvals[k]),
@@ -649,14 +667,26 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
     out = pair(current["D"], current["G"])
     alternatives = {k: v["alternatives"] for k, v in chosen.items()}
     same = {k: v["same_as_headline"] for k, v in chosen.items()}
-    out = replace(out, metadata={**out.metadata, "alternatives": alternatives, "same_as_headline": same})
+    refitted = {k: v["refitted"] for k, v in chosen.items()}
+    out = replace(out, metadata={**out.metadata, "alternatives": alternatives, "same_as_headline": same,
+                                 "alternatives_refitted": refitted})
     return out, cache[final][1].get("params")
+
+
+def _as_refitted(label: str, refitted: dict[str, str]) -> str:
+    """An alternative's label with the curve its held-out refit gave (fitted on the frames before the held-out ones)
+    when that differs from the label's symbolic constants."""
+    text = refitted.get(label)
+    form = label[label.rfind(" ["):] if label.endswith("]") and " [" in label else ""
+    shown = label[: len(label) - len(form)]
+    return label if not text or text == shown else f"{text}{form} (refitted; symbolic fit {shown})"
 
 
 def alternatives_text(eq: Equations | None) -> list[str]:
     """'the data cannot tell apart: ...' lines for D and G (empty when the held-out test excluded every other form)."""
     alts = (eq.metadata.get("alternatives") if eq is not None else None) or {}
     same = (eq.metadata.get("same_as_headline") if eq is not None else None) or {}
+    refitted = (eq.metadata.get("alternatives_refitted") if eq is not None else None) or {}
     out = []
     for key in ("D", "G"):
         f = getattr(eq, key, None)
@@ -664,8 +694,9 @@ def alternatives_text(eq: Equations | None) -> list[str]:
             continue
         head = f.selected.text + (f" [{f.selected_row.form}]" if f.selected_row.form else "")
         if alts.get(key):
+            named = [_as_refitted(a, refitted.get(key, {})) for a in alts[key]]
             out.append(f"{key}(u): the data cannot tell apart: {head} (headline, fewest constants); "
-                       + "; ".join(alts[key]))
+                       + "; ".join(named))
         if same.get(key):
             out.append(f"{key}(u): also consistent, but the same curve as the headline on the observed densities "
                        f"(within {SAME_CURVE:.0%}): " + "; ".join(same[key]))
