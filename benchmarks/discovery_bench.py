@@ -12,6 +12,8 @@ the noisy field, and the case is scored on
   placeholders), or within 2% relative L2 of the true function with no more constants than the truth + 1;
 - constant errors: the true parametric form fitted (least squares) to the final closed form's curve, relative
   to the true constants (e.g. a final D(u) = 752 has D0 error -6%);
+- whether the true structure is *listed*: the headline, or one of the alternatives the held-out choice could not
+  exclude ("the data cannot tell apart"), scored as above with the constants of its held-out refit;
 - N(t) error: relative L2 over frames of the total cell number simulated by the final closed form vs the clean
   truth; and seconds for the whole pipeline.
 
@@ -27,7 +29,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --list         # the case table
     python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
 
-The last line printed is a JSON object: {"cases", "structures_recovered", "per_case": {name: {"binn_d_rel_err",
+The last line printed is a JSON object: {"cases", "structures_recovered", "true_form_listed", "per_case": {name: {"binn_d_rel_err",
 "binn_g_rel_err", "final_d_rel_err", "final_g_rel_err", "structure_ok", "seconds", ...}}, "targets_met"}
 (medians over seeds; structure_ok is true when recovered in at least half of the seeds).
 Targets (issue 12): structure in >= 7 of 8 cases; final D and G within 10% where the structure is recovered;
@@ -294,6 +296,38 @@ def final_closed_form(result) -> tuple[Any, Any, Callable | None, Callable | Non
     return eq.D.sympy, eq.G.sympy, eq.D, eq.G, "symbolic"
 
 
+def listed_alternatives(result) -> dict[str, list[tuple[str, Any]]]:
+    """Per function ("D", "G"): the alternatives the held-out choice could not exclude, as (label, sympy expression
+    with the constants of their held-out refit, or the symbolic fit's when none was kept)."""
+    from napari_binn.symbolic.expression import parse_expression
+
+    meta = result.equations.metadata if result.equations is not None else {}
+    refitted = meta.get("alternatives_refitted") or {}
+    out: dict[str, list[tuple[str, Any]]] = {}
+    for key, labels in (meta.get("alternatives") or {}).items():
+        for label in labels:
+            text = refitted.get(key, {}).get(label) or label.split(" [")[0]
+            try:
+                out.setdefault(key, []).append((label, parse_expression(text)))
+            except ValueError:
+                continue
+    return out
+
+
+def true_form_hits(listed: list[tuple[str, Any]], u: np.ndarray, truth_expr: Any, truth_values: np.ndarray,
+                   n_true: int, scale: float | None = None) -> list[str]:
+    """The labels of ``listed`` (label, expression) alternatives that have the true structure (:func:`score_function`)."""
+    from napari_binn.symbolic.expression import U as PU
+
+    hits = []
+    for label, expr in listed:
+        with np.errstate(all="ignore"):
+            vals = np.asarray(sp.lambdify([PU], expr, "numpy")(u), float) * np.ones_like(u)
+        if score_function(expr, vals, truth_expr, truth_values, n_true, scale)["structure_ok"]:
+            hits.append(label)
+    return hits
+
+
 #: the stages after training, re-run by --from-bundles on a kept bundle's field and BINN
 AFTER_TRAINING = ("symbolic", "simulate", "refit", "qc")
 
@@ -354,6 +388,14 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
         row[f"{key}_constant_errors"] = (constant_errors(form, vals, u, truth.constants)
                                          if np.all(np.isfinite(vals)) else {})
     row["structure_ok"] = bool(row["d_structure_ok"] and row["g_structure_ok"])
+    # said honestly: the true structure is the headline or among the forms "the data cannot tell apart"
+    listed = listed_alternatives(result)
+    for key, t_expr, t_vals, form in (("d", d_true_expr, Dt, d_form), ("g", g_true_expr, Gt, g_form)):
+        hits = true_form_hits(listed.get(key.upper(), []), u, t_expr, t_vals, form.n_constants,
+                              G_SCALE if key == "g" else None)
+        row[f"{key}_true_form_listed"] = bool(row[f"{key}_structure_ok"] or hits)
+        row[f"{key}_true_form_alternatives"] = hits
+    row["true_form_listed"] = bool(row["d_true_form_listed"] and row["g_true_form_listed"])
     sim = result.simulations.get("closed form (refitted)", result.simulations.get("closed form"))
     n_true = total_cells(truth.u_clean, case.dx_um)
     row["n_t_rel_err"] = (rel_err(total_cells(sim, case.dx_um), n_true) if sim is not None else None)
@@ -581,6 +623,7 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         if not rs:
             continue
         ok = [r["structure_ok"] for r in rs]
+        listed = [r.get("true_form_listed", r["structure_ok"]) for r in rs]
         per_case[name] = {
             "binn_d_rel_err": _median([r["binn_d_rel_err"] for r in rs]),
             "binn_g_rel_err": _median([r["binn_g_rel_err"] for r in rs]),
@@ -590,8 +633,10 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
             "seconds": _median([r["seconds"] for r in rs]),
             "n_t_rel_err": _median([r["n_t_rel_err"] for r in rs]),
             "structure_ok_seeds": f"{sum(ok)}/{len(ok)}",
+            "true_form_listed": bool(sum(listed) * 2 >= len(listed)),
         }
     n_ok = sum(v["structure_ok"] for v in per_case.values())
+    n_listed = sum(v["true_form_listed"] for v in per_case.values())
 
     def within(v, key, lim):
         return v[key] is not None and v[key] <= lim
@@ -607,7 +652,8 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         "binn_g_within_10pct": all(within(v, "binn_g_rel_err", 0.10) for v in per_case.values()),
         "seconds_per_case_le_240": all(within(v, "seconds", 240.0) for v in per_case.values()),
     }
-    return {"cases": len(per_case), "structures_recovered": n_ok, "per_case": per_case, "targets_met": targets}
+    return {"cases": len(per_case), "structures_recovered": n_ok, "true_form_listed": n_listed, "per_case": per_case,
+            "targets_met": targets}
 
 
 def _fmt(v: Any, pct: bool = True) -> str:
@@ -708,6 +754,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['d_structure_ok']}]  G = {row['final_g']}  [{_fmt(row['final_g_rel_err'])}, structure "
                   f"{row['g_structure_ok']}] | constants D {row['d_constant_errors']} G {row['g_constant_errors']}"
                   f" | N(t) {_fmt(row['n_t_rel_err'])} | {row['seconds']:.0f} s", flush=True)
+            for key in ("d", "g"):
+                if row[f"{key}_true_form_alternatives"]:
+                    print(f"     the true {key.upper()} form is among the alternatives the data cannot exclude: "
+                          + "; ".join(row[f"{key}_true_form_alternatives"]), flush=True)
     summary = summarise(rows, names)
     if args.json_out:
         with open(args.json_out, "w") as fh:

@@ -147,3 +147,28 @@ def test_pipeline_symbol_and_rescore(bench):
     (new,) = bench.rescore([row])
     assert new["rescored"] and new["g_structure_ok"] and new["final_g_rel_err"] < 0.02
     assert not new["d_structure_ok"] and not new["structure_ok"] and new["final_d_rel_err"] > 0.05
+
+
+def test_the_true_form_among_the_alternatives_is_found(bench):
+    """Contact inhibition D0/(1 + u/K) headlined as a constant D, with the saturating form an alternative whose
+    held-out refit bent it: listed (scored with the refitted constants, not the flat symbolic ones)."""
+    from types import SimpleNamespace
+
+    meta = {"alternatives": {"D": ["1561.86/(8.38815e-15*u + 1) [saturating]", "1.51*u [proportional]"], "G": []},
+            "alternatives_refitted": {"D": {"1561.86/(8.38815e-15*u + 1) [saturating]": "1946.0/(0.0004514*u + 1.0)",
+                                            "1.51*u [proportional]": "3.86*u"}}}
+    listed = bench.listed_alternatives(SimpleNamespace(equations=SimpleNamespace(metadata=meta)))
+    assert [label for label, _ in listed["D"]] == meta["alternatives"]["D"] and "G" not in listed
+    u = np.linspace(900.0, 2000.0, 50)
+    truth = sp.Float(2000.0) / (1 + U / sp.Float(2000.0))
+    hits = bench.true_form_hits(listed["D"], u, truth, 2000.0 / (1 + u / 2000.0), 2)
+    assert hits == ["1561.86/(8.38815e-15*u + 1) [saturating]"]
+    flat = bench.listed_alternatives(SimpleNamespace(equations=SimpleNamespace(metadata={
+        "alternatives": meta["alternatives"]})))  # no refitted constants kept: the symbolic (flat) curve
+    assert bench.true_form_hits(flat["D"], u, truth, 2000.0 / (1 + u / 2000.0), 2) == [
+        "1561.86/(8.38815e-15*u + 1) [saturating]"]  # the same terms: the structure still counts
+    rows = [{"case": "a", "binn_d_rel_err": 0.1, "binn_g_rel_err": 0.05, "final_d_rel_err": 0.2,
+             "final_g_rel_err": 0.03, "structure_ok": False, "true_form_listed": True, "seconds": 1.0,
+             "n_t_rel_err": 0.01}]
+    s = bench.summarise(rows, ["a"])
+    assert s["structures_recovered"] == 0 and s["true_form_listed"] == 1 and s["per_case"]["a"]["true_form_listed"]
