@@ -119,10 +119,13 @@ def test_event_loop_stays_responsive(trainer, qtbot, tiny_density, tiny_config):
     qtbot.waitUntil(lambda: not job.running, timeout=30000)
     lat = np.asarray(gaps[1:]) - 0.010
     assert lat.size > 20
-    # the plots redraw while training; the event loop must never stall for 100 ms
+    # the plots redraw while training: the event loop keeps ticking (training in the GUI thread would stall every
+    # tick for the whole run). Percentile and a generous max, not a strict max: on a loaded 2-core CI machine one
+    # tick in a few hundred can wait ~100 ms for the CPU whatever the code does.
     print(f"event-loop latency while training: median {1000 * np.median(lat):.1f} ms, "
           f"p95 {1000 * np.percentile(lat, 95):.1f} ms, max {1000 * np.max(lat):.1f} ms over {lat.size} ticks")
-    assert float(np.max(lat)) < 0.100, f"max event-loop latency {1000 * np.max(lat):.0f} ms"
+    assert float(np.percentile(lat, 95)) < 0.050, f"p95 event-loop latency {1000 * np.percentile(lat, 95):.0f} ms"
+    assert float(np.max(lat)) < 0.500, f"max event-loop latency {1000 * np.max(lat):.0f} ms"
 
 
 def test_closing_the_dock_stops_training(trainer, qtbot, tiny_density, tiny_config):
