@@ -348,10 +348,14 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
     t0 = time.perf_counter()
     seen: list[str] = []
 
-    def progress(ev) -> None:  # one line per stage, so a long run shows where it is
+    def progress(ev) -> None:  # one line per stage and per held-out candidate, so a long run shows where it is
+        msg = ev.message or ""
         if ev.stage not in seen:
             seen.append(ev.stage)
             print(f"   [{time.perf_counter() - t0:6.0f} s] {ev.stage}", flush=True)
+        if msg.startswith("held-out candidate") and msg not in seen:
+            seen.append(msg)
+            print(f"   [{time.perf_counter() - t0:6.0f} s]   {msg}", flush=True)
 
     bundle = f"{case.name}_seed{seed}"
     if start is not None:
