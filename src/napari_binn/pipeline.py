@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import time
-import warnings
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -33,7 +32,7 @@ from .pde import SimulationError, simulate_job
 from .pde.mechanistic import MechanisticFit, fit_mechanistic_job
 from .qc import QCReport, compare
 from .symbolic import Equations, discover_equations_job
-from .symbolic.expression import ExtrapolationWarning, free_floats
+from .symbolic.expression import free_floats
 from .symbolic.forms import check_form_names, n_constants, pde_safe
 from .symbolic.selection import block_errors, heldout_choice
 
@@ -528,14 +527,13 @@ def _observed_u(fld: DensityField) -> np.ndarray:
 
 
 def _same_curve(a, b, u: np.ndarray, tol: float = SAME_CURVE) -> bool:
-    """Whether two closed forms give the same curve (relative L2 distance under ``tol``) on ``u``."""
+    """Whether two closed forms (:class:`~napari_binn.symbolic.expression.Expression`) give the same curve (relative
+    L2 distance under ``tol``) on ``u``."""
     if u.size == 0:
         return False
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        # an internal comparison on the observed densities: not the user's extrapolation
-        warnings.simplefilter("ignore", ExtrapolationWarning)
-        ya = np.broadcast_to(np.asarray(a(u), float), u.shape)
-        yb = np.broadcast_to(np.asarray(b(u), float), u.shape)
+    with np.errstate(all="ignore"):  # an internal comparison on the observed densities: not the user's extrapolation
+        ya = np.broadcast_to(np.asarray(a(u, warn=False), float), u.shape)
+        yb = np.broadcast_to(np.asarray(b(u, warn=False), float), u.shape)
     if not (np.all(np.isfinite(ya)) and np.all(np.isfinite(yb))):
         return False
     scale = np.linalg.norm(yb)

@@ -521,14 +521,15 @@ class Expression:
         """LaTeX form (without $ delimiters)."""
         return sp.latex(self.sympy)
 
-    def __call__(self, u) -> np.ndarray:
-        """Evaluate at densities ``u`` (any shape; units of u); warns once if any u is outside ``u_range``."""
+    def __call__(self, u, *, warn: bool = True) -> np.ndarray:
+        """Evaluate at densities ``u`` (any shape; units of u); warns once if any u is outside ``u_range`` (not with
+        ``warn=False``: for internal comparisons, without touching the process-wide warning filters)."""
         u = np.asarray(u, dtype=float)
         lo, hi = self.u_range
         tol = 1e-9 * max(abs(lo), abs(hi), 1.0)
         with np.errstate(invalid="ignore"):
             outside = np.any((u < lo - tol) | (u > hi + tol))
-        if outside:
+        if outside and warn:
             warnings.warn(
                 f"{self.name}(u) = {self.text} was fitted on u in [{lo:.4g}, {hi:.4g}]; evaluating it at "
                 f"u in [{np.nanmin(u):.4g}, {np.nanmax(u):.4g}] extrapolates.",
