@@ -299,6 +299,7 @@ def final_closed_form(result) -> tuple[Any, Any, Callable | None, Callable | Non
 def listed_alternatives(result) -> dict[str, list[tuple[str, Any]]]:
     """Per function ("D", "G"): the alternatives the held-out choice could not exclude, as (label, sympy expression
     with the constants of their held-out refit, or the symbolic fit's when none was kept)."""
+    from napari_binn.pipeline import split_row_label
     from napari_binn.symbolic.expression import parse_expression
 
     meta = result.equations.metadata if result.equations is not None else {}
@@ -306,7 +307,7 @@ def listed_alternatives(result) -> dict[str, list[tuple[str, Any]]]:
     out: dict[str, list[tuple[str, Any]]] = {}
     for key, labels in (meta.get("alternatives") or {}).items():
         for label in labels:
-            text = refitted.get(key, {}).get(label) or label.split(" [")[0]
+            text = refitted.get(key, {}).get(label) or split_row_label(label)[0]
             try:
                 out.setdefault(key, []).append((label, parse_expression(text)))
             except ValueError:

@@ -511,6 +511,14 @@ def _row_label(f, i: int) -> str:
     return row.expression.text + (f" [{row.form}]" if row.form else "")
 
 
+def split_row_label(label: str) -> tuple[str, str]:
+    """(expression text, form name or "") of a held-out candidate's label, ``"0.5*u [proportional]"``."""
+    if label.endswith("]") and " [" in label:
+        cut = label.rfind(" [")
+        return label[:cut], label[cut + 2:-1]
+    return label, ""
+
+
 #: a form whose curve (with its symbolic fit's constants) is within this relative L2 distance of the headline's on
 #: the observed densities is the headline in another guise (a saturating D with a vanishing saturation constant, an
 #: Allee G with its threshold at 0): listed apart from the genuine alternatives
@@ -675,8 +683,8 @@ def _as_refitted(label: str, refitted: dict[str, str]) -> str:
     """An alternative's label with the curve its held-out refit gave (fitted on the frames before the held-out ones)
     when that differs from the label's symbolic constants."""
     text = refitted.get(label)
-    form = label[label.rfind(" ["):] if label.endswith("]") and " [" in label else ""
-    shown = label[: len(label) - len(form)]
+    shown, form = split_row_label(label)
+    form = f" [{form}]" if form else ""
     return label if not text or text == shown else f"{text}{form} (refitted; symbolic fit {shown})"
 
 
