@@ -2,6 +2,7 @@
 (the test adds this folder to sys.path before its cluster starts; workers inherit it)."""
 
 import os
+import time
 from pathlib import Path
 
 from napari_binn.batch import ItemOutcome
@@ -9,10 +10,18 @@ from napari_binn.batch import ItemOutcome
 
 def die_or_finish(item, cancel=None, members=None):
     """Per ``item.metadata["mode"]``: "die_once" kills its worker process the first time (a marker file says it
-    already died) and finishes the second time; 'die_always' kills its worker every time; 'ok' finishes."""
+    already died) and finishes the second time; 'die_always' kills its worker every time, after 1 s; 'ok' finishes; 'ok_slow_rerun'
+    finishes at once the first time and slowly when run again (dask recomputes a result lost with its worker)."""
     mode = item.metadata["mode"]
     marker = Path(item.metadata["marker"])
     if mode == "die_always" or (mode == "die_once" and not marker.exists()):
         marker.write_text("died")
+        if mode == "die_always":
+            time.sleep(1.0)  # the other items have finished when it dies
         os._exit(1)
+    if mode == "ok_slow_rerun":
+        if marker.exists():
+            time.sleep(6.0)
+            return ItemOutcome(item.name, Path(item.out), status="done", message="finished again")
+        marker.write_text("ran")
     return ItemOutcome(item.name, Path(item.out), status="done", message=f"finished on pid {os.getpid()}")

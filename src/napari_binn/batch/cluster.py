@@ -286,15 +286,18 @@ def run_on_cluster(items: Sequence[BatchItem], todo: Sequence[int], outcomes: li
         if members == "auto":
             members = len(todo) < threads and any(items[k].config.binn.n_models > 1 for k in todo)
         waiting = list(todo)
-        futures: dict[Any, int] = {}
-        pending = distributed.as_completed([], loop=client.loop)
+        futures: dict[Any, int] = {}  # the tasks in flight; a task leaves as soon as its outcome is read
+        # with_results: each result is fetched the moment its task finishes. Reading it later (status, then
+        # result) lost results: a finished item's outcome sits on its worker, and when that worker dies (the
+        # retried dying item ran there next) dask recomputes it, so it was neither 'finished' nor an error.
+        pending = distributed.as_completed([], loop=client.loop, with_results=True, raise_errors=False)
         finished = set(range(n)) - set(todo)
         told = False
 
         def submit_more() -> None:
             # no more items in flight than worker threads: an item waits here, not in a worker's queue, so a worker
             # that dies takes only the item it was running with it
-            while waiting and sum(k not in finished for k in futures.values()) < threads:
+            while waiting and len(futures) < threads:
                 k = waiting.pop(0)
                 future = client.submit(run_remote_item, items[k], k, topic, stop, bool(members), task,
                                        key=f"napari-binn-item-{k}-{batch}", pure=False, retries=1)
@@ -337,9 +340,10 @@ def run_on_cluster(items: Sequence[BatchItem], todo: Sequence[int], outcomes: li
                     msg = inbox.get_nowait()
                 except queue.Empty:
                     msg = None
-            for future in pending.next_batch(block=False):
-                k = futures[future]
-                outcomes[k] = _outcome_of(future, items[k], outcomes[k])
+            for future, result in pending.next_batch(block=False):
+                k = futures.pop(future)
+                outcomes[k] = _outcome_of(future, result, items[k], outcomes[k])
+                future.release()  # read: the scheduler may forget it (never recomputed if its worker dies later)
                 fractions[k] = 1.0
                 finished.add(k)
                 yield report(k, len(finished))
@@ -363,22 +367,20 @@ def _threads(client) -> int:
         return 1
 
 
-def _outcome_of(future: Any, item: BatchItem, before: ItemOutcome) -> ItemOutcome:
-    """The outcome a finished task returned; a task that erred (its worker died twice, say) or was cancelled
-    before it started becomes a 'failed' or 'not run' outcome."""
-    status = future.status
-    if status == "finished":
-        try:
-            return future.result()
-        except Exception as exc:  # noqa: BLE001 - e.g. the result could not be read back
-            return ItemOutcome(item.name, Path(item.out), status="failed", message=f"{type(exc).__name__}: {exc}")
-    if status == "cancelled":
+def _outcome_of(future: Any, result: Any, item: BatchItem, before: ItemOutcome) -> ItemOutcome:
+    """The outcome a task returned (``result``, fetched by as_completed); a task that erred (its worker died twice,
+    say) or was cancelled before it started becomes a 'failed' or 'not run' outcome."""
+    if isinstance(result, ItemOutcome):
+        return result
+    if future.cancelled() or isinstance(result, BaseException) and type(result).__name__ == "CancelledError":
         return ItemOutcome(item.name, Path(item.out), status="not run" if before.status == "waiting" else "stopped",
                            message="" if before.status == "waiting" else "cancelled; nothing written")
-    exc = future.exception()
+    exc = result[1] if isinstance(result, tuple) and len(result) == 3 else result
     name = type(exc).__name__
     if name == "KilledWorker":
         why = "the worker running it died, and died again when it was retried (out of memory?)"
-    else:
+    elif isinstance(exc, BaseException):
         why = f"{name}: {exc}"
+    else:  # not an outcome and not an error: a bug in the task function
+        why = f"the task returned {type(result).__name__}, not an ItemOutcome"
     return ItemOutcome(item.name, Path(item.out), status="failed", message=why)
