@@ -169,6 +169,17 @@ def test_failing_simulation_is_reported_with_last_state(clean_field):
     assert np.isnan(fit.predicted).all()
 
 
+def test_a_pole_in_d_inside_the_observed_densities_is_refused_before_simulating(clean_field):
+    # D = D/(1 + b u) with b = -1/800: a pole at u = 800, inside the observed densities (up to ~1700). Each such
+    # trial is refused without a simulation (one would crawl near the pole); the fit says why.
+    calls = []
+    model = {"D": "D/(1 + b*u)", "G": "r*(1 - u/K)"}
+    fit = run_job(fit_mechanistic_job(clean_field, model, init={"b": -1 / 800}, fixed={"b": -1 / 800},
+                                      max_evals=5, intervals=None), calls.append)
+    assert not fit.converged and "D is negative or not finite on [0, " in fit.message
+    assert fit.n_evals >= 1 and np.isnan(fit.predicted).all()
+
+
 def test_cancel_returns_best_so_far(clean_field):
     token = CancelToken()
     job = fit_mechanistic_job(clean_field, "fisher_kpp", cancel=token, init={"D": 500.0})

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import sys
@@ -269,7 +270,7 @@ def test_refit_hands_symbolic_model_to_fit_mechanistic(monkeypatch):
     monkeypatch.setattr(napari_binn, "pde", pde, raising=False)
     monkeypatch.setattr(pde, "mechanistic", mech, raising=False)
     result = eq.refit("FIELD", max_iter=3)
-    assert calls["field"] == "FIELD" and calls["kw"] == {"max_iter": 3}
+    assert calls["field"] == "FIELD" and calls["kw"] == {"max_iter": 3, "bounds": eq.form_bounds()}
     assert set(calls["model"]) == {"D", "G"} and "D_0" in calls["init"]
     refitted = eq.with_params(result)
     assert refitted.parameters()[1]["G_0"] == pytest.approx(1.5 * eq.parameters()[1]["G_0"])
@@ -290,6 +291,32 @@ def test_refit_with_real_fit_mechanistic_recovers_growth_constants():
     fit = eq.refit(field, max_evals=60, intervals=None, fixed={"D_0": 100.0})
     refitted = eq.with_params(fit)
     np.testing.assert_allclose(refitted.G(ug), 0.3 * (1 - ug), rtol=0.02, atol=2e-3)
+
+
+def test_a_refitted_library_form_keeps_the_signs_of_its_constants():
+    """Data whose D grows with density (Porous-Fisher, D = 2000 u/K), the saturating form D0/(1 + b u) refitted
+    from b ~ 0: unbounded, b turns negative (a D with a pole, growing with density: another form under the
+    saturating name); bounded, b stays >= 0."""
+    pytest.importorskip("napari_binn.pde.mechanistic", reason="napari_binn.pde.mechanistic is not available")
+    from napari_binn.synthetic.models import make_synthetic
+
+    field, _ = make_synthetic("porous_fisher", {"D0": 2000.0, "m": 1.0, "r": 0.1, "K": 1700.0}, domain="scratch",
+                              grid=(10, 12), dx_um=50.0, times_h=np.linspace(0, 24, 5), seed=0)
+    ug = np.linspace(100.0, 1600.0, 60)
+    eq = discover_equations({"D": FunctionSamples(ug, 1200.0 / (1 + 1e-5 * ug), name="D"),
+                             "G": FunctionSamples(ug, 0.1 * (1 - ug / 1700.0), name="G")},
+                            backend="library", forms_D=["saturating"], forms_G=["logistic"])
+    eq = dataclasses.replace(eq, D=dataclasses.replace(eq.D, selected_index=len(eq.D.front)))  # the library row
+    bounds = eq.form_bounds()
+    assert eq.D.selected_row.form == "saturating"
+    assert eq.G.selected_row.form == ""  # a front row: its constants are left free
+    assert set(bounds) == {"D_0", "D_1"} and all(v in ((0.0, math.inf), (-math.inf, 0.0))
+                                                           for v in bounds.values())
+    b = next(n for n, v in eq.parameters()[1].items() if n.startswith("D") and abs(v) < 1)
+    kw = dict(max_evals=40, intervals=None, fixed={n: v for n, v in eq.parameters()[1].items() if n.startswith("G")})
+    free = eq.refit(field, bounds={b: (-math.inf, math.inf)}, **kw)
+    kept = eq.refit(field, **kw)
+    assert free.params[b] < 0 <= kept.params[b]
 
 
 # -- bad input --------------------------------------------------------------------------------------------------

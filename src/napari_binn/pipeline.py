@@ -440,8 +440,8 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
                            f"D = {cand.D.text}; G = {cand.G.text}",
                            data={"pipeline_stage": "refit", "stage_index": index})
             try:
-                fit = yield from _tag(fit_mechanistic_job(result.field, model, init=init, cancel=cancel, **kw),
-                                      "refit", index)
+                fit = yield from _tag(fit_mechanistic_job(result.field, model, init=init, cancel=cancel,
+                                                          bounds=cand.form_bounds(), **kw), "refit", index)
                 bic = float(fit.bic) if np.isfinite(fit.bic) else np.inf
                 rows.append({"D": cand.D.text, "G": cand.G.text, "bic": bic if np.isfinite(bic) else None,
                              "aic": float(fit.aic), "params": {p: float(v) for p, v in fit.params.items()}})
@@ -614,7 +614,8 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         rec: dict[str, Any] = {"D": _row_label(eq.D, ij[0]), "G": _row_label(eq.G, ij[1])}
         errors = None
         try:
-            fit = yield from _tag(fit_mechanistic_job(train, model, init=init, cancel=cancel, **kw), "refit", index)
+            fit = yield from _tag(fit_mechanistic_job(train, model, init=init, cancel=cancel,
+                                                      bounds=cand.form_bounds(), **kw), "refit", index)
             u0 = fld.initial_state(denoise=kw.get("initial") == "denoised")
             pred = yield from _tag(simulate_job(fit.D, fit.G, u0, fld.mask, fld.dx_um, fld.t_h,
                                                 rtol=kw.get("rtol", 1e-4)), "refit", index)
@@ -741,8 +742,9 @@ def _choose_initial(result: PipelineResult, rc: RefitConfig, kw: dict[str, Any],
     fld, eq = result.field, result.equations
     if eq is not None and eq.D is not None and eq.G is not None and rc.closed_form:
         model, init = solver_model(eq, fld)
+        bounds = eq.form_bounds()
     elif rc.reference_model:
-        model, init = rc.reference_model, None
+        model, init, bounds = rc.reference_model, None, None
     else:
         return "data"
     if not np.any(fld.initial_state(denoise=True) != fld.initial_state()):
@@ -753,7 +755,7 @@ def _choose_initial(result: PipelineResult, rc: RefitConfig, kw: dict[str, Any],
         if is_cancelled(cancel):
             return "data"
         try:
-            fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel,
+            fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel, bounds=bounds,
                                                       **{**kw, "intervals": None, "initial": initial}), "refit", index)
             loglik[initial] = float(fit.loglik) if np.isfinite(fit.loglik) else -np.inf
         except Exception:  # a start that cannot be fitted loses the comparison
@@ -791,7 +793,8 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
         model, init = solver_model(eq, fld)
         if start:  # the held-out fit's constants are closer to the data than the curve fit's
             init = {k: float(start.get(k, v)) for k, v in init.items()}
-        fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel, **kw), "refit", index)
+        fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel, bounds=eq.form_bounds(),
+                                                  **kw), "refit", index)
         result.mechanistic["closed form (refitted)"] = fit
         if fit.converged or np.isfinite(fit.loglik):
             result.simulations["closed form (refitted)"] = fit.predicted

@@ -376,6 +376,24 @@ class _Problem:
         self.best: tuple[float, np.ndarray, np.ndarray] | None = None  # (cost, theta, prediction)
         self._cache: dict[bytes, np.ndarray] = {}
         self.penalty = 10.0 * math.sqrt(float(np.mean(self.y ** 2)) + self.scale_u ** 2)
+        top = max(float(np.max(self.y, initial=0.0)), float(np.max(np.where(field.mask, u0, 0.0), initial=0.0)))
+        self.u_check = np.linspace(0.0, top, 65)
+
+    def invalid(self, p: Mapping[str, float]) -> str:
+        """Why the model at ``p`` cannot be simulated ("" when it can): D must be finite and >= 0 and G finite on
+        [0, the largest observed density]. Checked before simulating: a constant stepping D onto a pole inside the
+        observed range made the solver crawl for minutes before it failed."""
+        with np.errstate(all="ignore"):
+            try:
+                d = np.asarray(self.model.D(self.u_check, p), dtype=float)
+                g = np.asarray(self.model.G(self.u_check, p), dtype=float)
+            except (ValueError, TypeError, OverflowError, ZeroDivisionError, FloatingPointError) as err:
+                return f"D or G cannot be evaluated: {type(err).__name__}: {err}"
+        if not np.all(np.isfinite(d)) or np.any(d < 0):
+            return f"D is negative or not finite on [0, {self.u_check[-1]:.4g}] (the observed densities)"
+        if not np.all(np.isfinite(g)):
+            return f"G is not finite on [0, {self.u_check[-1]:.4g}] (the observed densities)"
+        return ""
 
     def prepare_u0(self, u0: np.ndarray, warn: bool = False) -> np.ndarray:
         """The initial condition simulated from a first frame: the fields' rule (:func:`initial_state`),
@@ -393,9 +411,12 @@ class _Problem:
         if is_cancelled(self.cancel):
             raise _Stop("cancelled")
         self.n_sims += 1
+        p = self.params(theta)
+        if self.invalid(p):
+            return None
         try:
             with np.errstate(all="ignore"):
-                pred = self.simulate(self.params(theta), u0)
+                pred = self.simulate(p, u0)
         except (self._sim_error, FloatingPointError, ValueError, OverflowError, ZeroDivisionError):
             return None
         po = pred[1:][self.obs]
@@ -441,7 +462,10 @@ class _Problem:
             raise _Stop(f"stopped after max_evals={self.max_evals} simulations")
         p = self.params(theta)
         self.n_sims += 1
+        why = self.invalid(p)
         try:
+            if why:
+                raise ValueError(why)
             with np.errstate(all="ignore"):
                 pred = self.simulate(p)
             ok = bool(np.all(np.isfinite(pred[1:][self.obs])))

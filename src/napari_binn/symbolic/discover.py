@@ -248,6 +248,22 @@ class Equations:
             init.update(values)
         return model, init
 
+    def form_bounds(self) -> dict[str, tuple[float, float]]:
+        """(low, high) for the constants (names as in :meth:`parameters`) of a selected row that is a library form:
+        each keeps its sign in a refit. A form's meaning rests on its constants' signs (D0/(1 + u/K) saturates only
+        for K > 0; a negative value is a pole in D); a refit that flips one fits another form under the same name.
+        Constants of other rows, and zero constants, are left free."""
+        out: dict[str, tuple[float, float]] = {}
+        for key, f in self._functions():
+            if not f.selected_row.form:
+                continue
+            for name, v in f.selected.parametrized(key)[1].items():
+                if v > 0:
+                    out[name] = (0.0, math.inf)
+                elif v < 0:
+                    out[name] = (-math.inf, 0.0)
+        return out
+
     def with_params(self, params=None, **values: float) -> Equations:
         """Copy with constants replaced by name (``D_0=..``, ``G_1=..``), from a mapping or an object with a
         ``params`` mapping (e.g. a MechanisticFit); names not given keep their values."""
@@ -286,7 +302,8 @@ class Equations:
 
         Calls ``napari_binn.pde.mechanistic.fit_mechanistic(field, {'D': expr, 'G': expr}, init=..., **kwargs)``
         with the constants as free parameters (D_0, D_1, ..., G_0, ...) and returns its MechanisticFit
-        (intervals, AIC); ``with_params(fit)`` puts the refitted values back into the closed forms.
+        (intervals, AIC); ``with_params(fit)`` puts the refitted values back into the closed forms. A library form's
+        constants keep their signs (:meth:`form_bounds`) unless ``bounds`` says otherwise.
         """
         try:
             from ..pde.mechanistic import fit_mechanistic
@@ -295,6 +312,7 @@ class Equations:
         if self.D is None or self.G is None:
             raise ValueError("refit needs both D and G closed forms; discover both first.")
         model, init = self.parameters()
+        kwargs["bounds"] = {**self.form_bounds(), **(kwargs.get("bounds") or {})}
         return fit_mechanistic(field, model, init=init, **kwargs)
 
     def to_dict(self) -> dict:
