@@ -352,7 +352,6 @@ class _Problem:
         self.field, self.model, self.free, self.fixed = field, model, free, fixed
         self.p0 = p0
         self.log = np.array([n in model.positive for n in free], dtype=bool)
-        self.scale = np.array([1.0 if lg else max(abs(p0[n]), 1e-3) for n, lg in zip(free, self.log)])
         self.weighting, self.gls_gamma, self.rtol = weighting, gls_gamma, rtol
         self.max_evals, self.cancel, self.on_eval = max_evals, cancel, on_eval
         self.initial = initial
@@ -378,6 +377,31 @@ class _Problem:
         self.penalty = 10.0 * math.sqrt(float(np.mean(self.y ** 2)) + self.scale_u ** 2)
         top = max(float(np.max(self.y, initial=0.0)), float(np.max(np.where(field.mask, u0, 0.0), initial=0.0)))
         self.u_check = np.linspace(0.0, top, 65)
+        self.scale = np.array([1.0 if lg else max(abs(p0[n]), self.natural_step(n)) for n, lg in zip(free, self.log)])
+
+    def natural_step(self, name: str) -> float:
+        """A change of parameter ``name`` (one that is not log-scaled) that moves D or G by about 10% of its RMS size
+        on [0, the largest observed density], at the start values: the optimiser's unit for a parameter whose start
+        value is near zero. A fixed floor (it was 1e-3, whatever the units) made one unit of a u² coefficient or of
+        a saturation constant change G or D many-fold (every early trial failed) while the finite-difference
+        steps of small constants were crude. 1e-3 when neither D nor G depends on the parameter (a delay's)."""
+        p0 = dict(self.p0)
+        delta = max(1e-6 * abs(p0[name]), 1e-12)
+        sens = 0.0
+        with np.errstate(all="ignore"):
+            for fn in (self.model.D, self.model.G):
+                try:
+                    f0 = np.asarray(fn(self.u_check, p0), dtype=float)
+                    f1 = np.asarray(fn(self.u_check, {**p0, name: p0[name] + delta}), dtype=float)
+                except (ValueError, TypeError, OverflowError, ZeroDivisionError, FloatingPointError):
+                    continue
+                if not (np.all(np.isfinite(f0)) and np.all(np.isfinite(f1))):
+                    continue
+                size = float(np.sqrt(np.mean(f0 ** 2)))
+                change = float(np.sqrt(np.mean((f1 - f0) ** 2))) / delta
+                if size > 0 and change > 0:
+                    sens = max(sens, change / size)
+        return 0.1 / sens if sens > 0 and math.isfinite(sens) else 1e-3
 
     def invalid(self, p: Mapping[str, float]) -> str:
         """Why the model at ``p`` cannot be simulated ("" when it can): D must be finite and >= 0 and G finite on
@@ -629,6 +653,9 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
         else:
             lo[i], hi[i] = -np.inf, np.inf
     theta0 = np.zeros(len(free))
+    for i in range(len(free)):  # a start on a bound (a form's constant at 0) would leave the optimiser stuck there
+        room = 0.05 if hi[i] - lo[i] > 0.2 else (hi[i] - lo[i]) / 4
+        theta0[i] = min(max(theta0[i], lo[i] + room), hi[i] - room)
 
     converged, message = True, ""
     stopped = None
