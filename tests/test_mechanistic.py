@@ -1,6 +1,7 @@
 """Mechanistic fitting: recovery of known parameters, intervals, sympy models, fixed values and bad input."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -197,6 +198,24 @@ def test_constants_starting_at_zero_or_on_a_bound_are_fitted_within_budget():
     assert sat.params["D0"] == pytest.approx(const.params["D0"], rel=0.005) and 0 <= sat.params["b"] * 1700 < 1e-3
     square = fit_mechanistic(field, {"D": "e*u", "G": "a - c*u**2"}, init={"e": 1.0, "a": 0.08, "c": 1e-9}, **kw)
     assert square.converged, square.message
+
+
+def test_a_finished_fit_never_cancels_the_callers_token(monkeypatch, clean_field):
+    """The job's worker thread is still alive for a moment after it signals the end; the job had then cancelled the
+    caller's token, so a pipeline whose refit finished at that moment was reported as interrupted (exit 130)."""
+    import threading
+
+    from napari_binn.pde import mechanistic
+
+    class LingeringThread(threading.Thread):
+        def run(self):
+            super().run()
+            time.sleep(0.3)  # the end is signalled; the thread has not exited yet
+
+    monkeypatch.setattr(mechanistic.threading, "Thread", LingeringThread)
+    token = CancelToken()
+    fit = run_job(fit_mechanistic_job(clean_field, "fisher_kpp", cancel=token, max_evals=3, intervals=None))
+    assert fit.n_evals == 3 and not token.cancelled
 
 
 def test_cancel_returns_best_so_far(clean_field):

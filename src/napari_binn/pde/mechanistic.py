@@ -1006,16 +1006,20 @@ def fit_mechanistic_job(
 
     worker = threading.Thread(target=work, name="fit_mechanistic", daemon=True)
     worker.start()
+    finished = False
     try:
         while True:
             event = events.get()
             if event is None:
+                finished = True
                 break
             yield event
     finally:
-        if worker.is_alive():
+        # cancel only when closed before the fit finished: the worker thread is still alive for a moment after it
+        # signals the end, and cancelling then cancelled the caller's token, i.e. the whole pipeline run
+        if not finished:
             token.cancel()
-            worker.join()
+        worker.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["fit"]
