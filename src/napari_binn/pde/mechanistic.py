@@ -405,8 +405,8 @@ class _Problem:
 
     def invalid(self, p: Mapping[str, float]) -> str:
         """Why the model at ``p`` cannot be simulated ("" when it can): D must be finite and >= 0 and G finite on
-        [0, the largest observed density]. Checked before simulating: a constant stepping D onto a pole inside the
-        observed range made the solver crawl for minutes before it failed."""
+        [0, the largest observed density]. Checked before simulating, so such a trial costs no simulation (the
+        solver would refuse it only when the state reaches those densities, or crawl where D grows without bound)."""
         with np.errstate(all="ignore"):
             try:
                 d = np.asarray(self.model.D(self.u_check, p), dtype=float)
