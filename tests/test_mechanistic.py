@@ -200,6 +200,22 @@ def test_constants_starting_at_zero_or_on_a_bound_are_fitted_within_budget():
     assert square.converged, square.message
 
 
+def test_an_interval_too_wide_for_a_float_is_infinite_not_an_error():
+    """Fisher-KPP fitted to pure diffusion: K is not seen by the data, its log s.e. is enormous, and the Wald end
+    exp(theta + 1.96 se) overflows a float. That raised OverflowError and lost the whole pipeline (benchmark case
+    diffusion_disc, seed 1); the end is now infinite."""
+    from napari_binn.synthetic.models import make_synthetic
+
+    field, _ = make_synthetic("diffusion", {"D": 1500.0, "K": 2000.0}, domain="disc", grid=(12, 12), dx_um=50.0,
+                              times_h=np.linspace(0, 24, 5), seed=4, noise=0.05)
+    fit = fit_mechanistic(field, "fisher_kpp", max_evals=80, intervals="wald")
+    assert fit.converged, fit.message
+    assert fit.params["D"] == pytest.approx(1500, rel=0.05)
+    lo, hi = fit.ci95["K"]
+    assert math.isinf(hi) and 0 <= lo < fit.params["K"]
+    assert all(np.isfinite(fit.ci95["D"]))
+
+
 def test_a_finished_fit_never_cancels_the_callers_token(monkeypatch, clean_field):
     """The job's worker thread is still alive for a moment after it signals the end; the job had then cancelled the
     caller's token, so a pipeline whose refit finished at that moment was reported as interrupted (exit 130)."""

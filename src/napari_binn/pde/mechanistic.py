@@ -766,8 +766,12 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
 
 
 def _to_param(prob: _Problem, i: int, theta_i: float) -> float:
+    """Parameter value at theta_i; an interval end too far out for a float (a log-parameter whose s.e. is huge,
+    as for a growth rate the data cannot see) is infinite, not an OverflowError that loses the whole fit."""
     name = prob.free[i]
-    return prob.p0[name] * math.exp(theta_i) if prob.log[i] else prob.p0[name] + prob.scale[i] * theta_i
+    if prob.log[i]:
+        return prob.p0[name] * (math.exp(theta_i) if theta_i < 700.0 else math.inf)
+    return prob.p0[name] + prob.scale[i] * theta_i
 
 
 def _wald(prob: _Problem, theta: np.ndarray, lo: np.ndarray, hi: np.ndarray, ssr: float, step: float):
