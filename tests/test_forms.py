@@ -1,5 +1,7 @@
 """The library of biological closed forms, the admissibility rule, and the held-out selection rule."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -11,6 +13,10 @@ from napari_binn.symbolic.selection import block_errors, heldout_choice, paired_
 
 K = 2000.0
 UU = np.linspace(100.0, 1900.0, 80)
+
+
+def _u(text):
+    return sp.sympify(text, locals={"u": U})
 
 
 def _by_name(fits):
@@ -33,6 +39,50 @@ def test_each_form_recovers_its_own_curve_and_is_the_best_of_its_size(kind, name
     n = fits[name].n_constants
     # no other form with as few constants fits it as well
     assert all(f.loss > 1e-4 * scale for k, f in fits.items() if k != name and f.n_constants <= n)
+
+
+def test_growth_forms_keep_growth_falling_with_density_when_the_learned_curve_rises():
+    """A badly learned G that rises with u (seen on the polygon case, seeds 1-2: the logistic row was fitted as
+    0.029 + 4.5e-6 u, and the refit, which keeps a library constant's sign, could then never reach logistic).
+    Logistic, Gompertz and Richards keep their crowding term's sign (r/K >= 0) and keep the term, near zero, so the
+    refit against the data can still grow it."""
+    fits = _by_name(fit_forms(FunctionSamples(UU, 0.03 + 4.5e-6 * UU, name="G")))
+    for name in ("logistic", "gompertz", "richards"):
+        f = fits[name]
+        assert f.values["b"] >= 0, (name, f.values)
+        assert f.expr.has(U), (name, f.expr)
+        assert np.all(np.diff(sp.lambdify(U, f.expr)(UU)) <= 1e-12), name
+
+
+def test_a_refit_keeps_the_library_bounds_not_the_signs_a_bad_curve_gave():
+    """Each written constant of a library row gets its form's bound (matched to the template, not by position: sympy
+    orders the Allee factors by value); a constant the library leaves free (logistic r) stays free even when the
+    learned curve gave it the wrong sign."""
+    from napari_binn.symbolic.forms import constant_bounds
+
+    inf = float("inf")
+    assert constant_bounds("G", "logistic", _u("0.03 - 2e-11*u")) == [(-inf, inf), (-inf, 0.0)]
+    for text in ("(0.3 - 2e-5*u)*(u - 400.0)", "(2e-9 - 7e-5*u)*(u - 0.5)"):
+        expr = _u(text)
+        assert constant_bounds("G", "allee", expr) == [(0.0, inf) if v > 0 else (-inf, 0.0)
+                                                        for v in map(float, free_floats(expr))]
+    assert constant_bounds("D", "power", _u("0.002*u**2.0")) == [(0.0, inf), (0.05, 6.0)]
+    assert constant_bounds("G", "logistic", _u("0.03")) is None  # the u term is gone: not the template
+
+    # a learned G that is negative on average and rises (the polygon case, seed 1): its logistic row is written
+    # -0.0005 - tiny*u; the refit may still turn r positive, and keeps growth falling with density
+    eq = discover_equations({"D": FunctionSamples(UU, np.full_like(UU, 900.0), name="D"),
+                             "G": FunctionSamples(UU, -0.004 + 3e-6 * UU, name="G")},
+                            backend="library", forms_D=["constant"], forms_G=["logistic"])
+    lib = [i for i, r in enumerate(eq.G.rows) if r.form == "logistic"]
+    assert lib
+    eq = dataclasses.replace(eq, G=dataclasses.replace(eq.G, selected_index=lib[0]))
+    values = eq.G.selected.parametrized("G")[1]
+    bounds = eq.form_bounds()
+    r_name = next(n for n, v in values.items() if abs(v) > 1e-6)
+    slope = next(n for n in values if n != r_name)
+    assert values[r_name] < 0 and r_name not in bounds
+    assert bounds[slope] == (-inf, 0.0)
 
 
 def test_form_library_names_and_errors():

@@ -30,7 +30,7 @@ from .expression import (
     supported_digits,
     weighted_mse,
 )
-from .forms import check_form_names, fit_forms, is_admissible
+from .forms import check_form_names, constant_bounds, fit_forms, is_admissible
 from .samples import FunctionSamples, samples_from_fit
 from .selection import SELECTION_RULES, front_scores, pareto_indices, select_index, significant_indices
 
@@ -250,14 +250,24 @@ class Equations:
 
     def form_bounds(self) -> dict[str, tuple[float, float]]:
         """(low, high) for the constants (names as in :meth:`parameters`) of a selected row that is a library form:
-        each keeps its sign in a refit. A form's meaning rests on its constants' signs (D0/(1 + u/K) saturates only
-        for K > 0; a negative value is a pole in D); a refit that flips one fits another form under the same name.
-        Constants of other rows, and zero constants, are left free."""
+        the library's bounds for that form (:func:`~napari_binn.symbolic.forms.constant_bounds`). A form's meaning
+        rests on them (D0/(1 + b u) saturates only for b >= 0, a negative b is a pole in D; logistic growth falls
+        with density); a refit that crossed one would fit another form under the same name. Constants the library
+        leaves free (a logistic's r, a linear D's slope) stay free, whatever sign the fit to the learned curve gave
+        them: a badly learned curve must not fix the sign the data then cannot change. A library row that does not match
+        its template, or lies outside its bounds (fitted by older versions), keeps each constant's sign; constants
+        of other rows are left free."""
         out: dict[str, tuple[float, float]] = {}
         for key, f in self._functions():
-            if not f.selected_row.form:
+            row = f.selected_row
+            if not row.form:
                 continue
-            for name, v in f.selected.parametrized(key)[1].items():
+            values = f.selected.parametrized(key)[1]
+            library = constant_bounds(key, row.form, f.selected.sympy)
+            if library is not None and all(lo <= v <= hi for v, (lo, hi) in zip(values.values(), library)):
+                out.update((name, b) for name, b in zip(values, library) if b != (-math.inf, math.inf))
+                continue
+            for name, v in values.items():
                 if v > 0:
                     out[name] = (0.0, math.inf)
                 elif v < 0:
@@ -303,7 +313,7 @@ class Equations:
         Calls ``napari_binn.pde.mechanistic.fit_mechanistic(field, {'D': expr, 'G': expr}, init=..., **kwargs)``
         with the constants as free parameters (D_0, D_1, ..., G_0, ...) and returns its MechanisticFit
         (intervals, AIC); ``with_params(fit)`` puts the refitted values back into the closed forms. A library form's
-        constants keep their signs (:meth:`form_bounds`) unless ``bounds`` says otherwise.
+        constants keep the library's bounds (:meth:`form_bounds`) unless ``bounds`` says otherwise.
         """
         try:
             from ..pde.mechanistic import fit_mechanistic

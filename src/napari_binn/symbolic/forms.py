@@ -12,6 +12,7 @@ reaction does not vanish in empty space, is out; Gompertz r·ln(K/u), whose reac
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,8 +25,8 @@ from scipy.optimize import least_squares
 from ..errors import ConfigError
 from .expression import U, complexity, free_floats
 
-__all__ = ["FORMS_D", "FORMS_G", "Form", "FormFit", "check_form_names", "fit_forms", "is_admissible",
-           "pde_safe", "n_constants"]
+__all__ = ["FORMS_D", "FORMS_G", "Form", "FormFit", "check_form_names", "constant_bounds", "fit_forms",
+           "is_admissible", "pde_safe", "n_constants"]
 
 
 @dataclass(frozen=True)
@@ -161,14 +162,14 @@ FORMS_D: dict[str, Form] = {f.name: f for f in (
 FORMS_G: dict[str, Form] = {f.name: f for f in (
     Form("zero", "G", sp.Integer(0), (), lambda u, y: [()], (), "no growth"),
     Form("constant", "G", _a, ("a",), lambda u, y: [(_mean(y),)], ((-_INF, _INF),), "r"),
-    Form("logistic", "G", _a - _b * U, ("a", "b"), _logistic_start, ((-_INF, _INF), (-_INF, _INF)),
+    Form("logistic", "G", _a - _b * U, ("a", "b"), _logistic_start, ((-_INF, _INF), (0.0, _INF)),
          "r (1 - u/K) (two constants: r, r/K)"),
     Form("allee", "G", (_a - _b * U) * (U - _c), ("a", "b", "c"), _allee_start,
          ((0.0, _INF), (0.0, _INF), (0.0, _INF)), "r (1 - u/K) (u/A - 1) (three constants: r/A, r/(K A), A)"),
-    Form("gompertz", "G", _a - _b * sp.log(U), ("a", "b"), _gompertz_start, ((-_INF, _INF), (-_INF, _INF)),
+    Form("gompertz", "G", _a - _b * sp.log(U), ("a", "b"), _gompertz_start, ((-_INF, _INF), (0.0, _INF)),
          "r ln(K/u) (two constants: r ln K, r)"),
     Form("richards", "G", _a - _b * U**_m, ("a", "b", "m"), _richards_start,
-         ((-_INF, _INF), (-_INF, _INF), (0.05, 10.0)), "r (1 - (u/K)^nu) (three constants: r, r/K^nu, nu)"),
+         ((-_INF, _INF), (0.0, _INF), (0.05, 10.0)), "r (1 - (u/K)^nu) (three constants: r, r/K^nu, nu)"),
 )}
 
 _LIBRARY = {"D": FORMS_D, "G": FORMS_G}
@@ -190,6 +191,39 @@ def check_form_names(kind: str, names: Sequence[str] | None) -> list[str]:
         raise ConfigError(f"symbolic.forms_{kind}: unknown form(s) {', '.join(map(repr, unknown))}; "
                          f"allowed: {', '.join(allowed)}")
     return list(dict.fromkeys(names))
+
+
+def constant_bounds(kind: str, name: str, expr: sp.Expr) -> list[tuple[float, float]] | None:
+    """The library's bounds of form ``name`` carried over to the free constants of ``expr`` (an instance of that
+    form, constants in :func:`~napari_binn.symbolic.expression.free_floats` order), or None when ``expr`` is not
+    recognised as one (a term dropped at a zero constant, two equal constants).
+
+    Each written constant is one of the form's constants or its negative (logistic ``a - b u`` writes ``-b``); which
+    one is found by matching the expression to the template, not by position (sympy orders the Allee factors by
+    value). So the crowding constant b >= 0 of a logistic written as ``0.03 - 2e-11 u`` gives (-inf, 0] for the
+    written -2e-11, and a refit can grow it, while a constant the library leaves free stays free."""
+    form = _LIBRARY.get(kind, {}).get(name)
+    if form is None:
+        return None
+    floats = free_floats(sp.sympify(expr))
+    if len(floats) != len(form.params):
+        return None
+    if not floats:
+        return []
+    slots = sp.symbols(f"_slot0:{len(floats)}")
+    shape = sp.sympify(expr).xreplace(dict(zip(floats, slots)))
+    params = [sp.Symbol(p) for p in form.params]
+    target = sp.expand(form.template)
+    for order in itertools.permutations(range(len(params))):
+        for signs in itertools.product((1, -1), repeat=len(params)):
+            trial = shape.xreplace({c: s * params[j] for c, s, j in zip(slots, signs, order)})
+            if sp.expand(trial - target) == 0:
+                out = []
+                for s, j in zip(signs, order):
+                    lo, hi = form.bounds[j]
+                    out.append((lo, hi) if s > 0 else (-hi + 0.0, -lo + 0.0))
+                return out
+    return None
 
 
 def _fit_one(form: Form, u: np.ndarray, y: np.ndarray, w: np.ndarray) -> FormFit | None:
