@@ -83,6 +83,9 @@ def test_a_refit_keeps_the_library_bounds_not_the_signs_a_bad_curve_gave():
     slope = next(n for n in values if n != r_name)
     assert values[r_name] < 0 and r_name not in bounds
     assert bounds[slope] == (-inf, 0.0)
+    # a row outside the library's bounds (a rising "logistic" from a bundle of an older version) keeps its signs
+    rising = eq.with_params({slope: 4.5e-6})
+    assert rising.form_bounds()[slope] == (0.0, inf) and rising.form_bounds()[r_name] == (-inf, 0.0)
 
 
 def test_form_library_names_and_errors():
