@@ -1,10 +1,12 @@
 """Refinement of the BINN's D(u), G(u) through the forward solver (binn.refine)."""
 
+import copy
+
 import numpy as np
 import pytest
 
 from napari_binn.binn import BinnConfig, BinnFit, fit_binn
-from napari_binn.binn.refine import RefineConfig, refine_binn
+from napari_binn.binn.refine import TAPE_BYTES_PER_BOX_STEP, RefineConfig, refine_binn, steps_within_memory
 from napari_binn.synthetic import make_synthetic
 
 SMALL = RefineConfig(iterations=30, smoothness=[1.0, 0.1], distill_steps=100, initial="data", joint=False)
@@ -49,6 +51,27 @@ def test_refinement_recovers_d_and_g_better_than_the_binn(small_case, tmp_path):
     assert np.allclose(again.D(u), fit.D(u))
 
 
+def test_large_fields_get_fewer_time_steps_so_the_autograd_memory_stays_bounded(small_case):
+    """MDCK xy2 through the pipeline (75 x 75 boxes) held about 16 GiB in the refinement's autograd history at
+    5000 steps per simulation; the steps are now capped by refine.max_memory_gb. Fields up to 2400 boxes (the
+    demo, the discovery benchmark) keep refine.max_steps."""
+    cfg = RefineConfig()
+    assert steps_within_memory(cfg, 40 * 40) == cfg.max_steps
+    big = steps_within_memory(cfg, 75 * 75)
+    assert big < cfg.max_steps and big * 75 * 75 * TAPE_BYTES_PER_BOX_STEP <= cfg.max_memory_gb * 1e9
+    assert steps_within_memory(RefineConfig(max_memory_gb=1e-9), 10) == 10
+    # a refinement under a cap that binds: it runs, stays within the cap, and says so
+    fld, _, fit = small_case
+    n_boxes = int(fld.mask.sum())
+    tight = RefineConfig(iterations=10, smoothness=[1.0], distill_steps=20, initial="data", joint=False,
+                         bands=False, max_memory_gb=300 * n_boxes * TAPE_BYTES_PER_BOX_STEP / 1e9)
+    assert steps_within_memory(tight, n_boxes) == 300
+    refined = refine_binn(fld, copy.deepcopy(fit), tight)  # a copy: refinement changes the fit's networks
+    meta = refined.metadata["refine"]
+    assert any("capped at 300" in note and "max_memory_gb" in note for note in meta["notes"]), meta["notes"]
+    assert meta["misfit"] <= meta["misfit_start"]
+
+
 def test_too_few_frames_is_a_clear_error(small_case):
     fld, _, fit = small_case
     cfg = RefineConfig(min_frames=6)
@@ -65,6 +88,7 @@ def test_too_few_frames_is_a_clear_error(small_case):
     ("nodes", 2, ">= 4"),
     ("min_frames", 2, ">= 3"),
     ("iterations", 0, ">= 1"),
+    ("max_memory_gb", 0, "positive number of GB"),
 ])
 def test_bad_config_values_name_the_key(key, value, allowed):
     with pytest.raises(ValueError, match=rf"refine\.{key}: .*{allowed}"):

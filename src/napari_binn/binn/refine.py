@@ -61,7 +61,9 @@ class RefineConfig:
     (kept only when it lowers the misfit by more than 2%), with total-variation weight tv_weight (relative to
     the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
     distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the Laplace D_sd, G_sd.
-    min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing."""
+    min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
+    max_memory_gb: the autograd memory one simulation may hold; on large fields it lowers max_steps to
+    max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see :func:`steps_within_memory`)."""
 
     enabled: bool = True
     iterations: int = 50
@@ -75,6 +77,7 @@ class RefineConfig:
     bands: bool = True
     min_frames: int = 3
     max_steps: int = 5000
+    max_memory_gb: float = 6.0
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -96,11 +99,24 @@ class RefineConfig:
         need(int(self.distill_steps) >= 0, "distill_steps", f"must be >= 0; got {self.distill_steps}")
         need(int(self.min_frames) >= 3, "min_frames", f"must be >= 3; got {self.min_frames}")
         need(int(self.max_steps) >= 10, "max_steps", f"must be >= 10; got {self.max_steps}")
+        need(np.isfinite(float(self.max_memory_gb)) and float(self.max_memory_gb) > 0, "max_memory_gb",
+             f"must be a positive number of GB; got {self.max_memory_gb}")
 
     def __post_init__(self) -> None:
         self.smoothness = [float(s) for s in self.smoothness] if isinstance(self.smoothness, (list, tuple)) \
             else self.smoothness
         self.validate()
+
+
+#: autograd memory one Heun step of the torch solver holds per box of the ROI (float64; measured 340-480 bytes)
+TAPE_BYTES_PER_BOX_STEP = 500
+
+
+def steps_within_memory(cfg: RefineConfig, n_boxes: int) -> int:
+    """Time steps per simulation: ``cfg.max_steps``, or fewer where their autograd history on ``n_boxes`` boxes
+    would exceed ``cfg.max_memory_gb`` (75 x 75 boxes at 5000 steps held about 16 GiB), never fewer than 10."""
+    by_memory = int(float(cfg.max_memory_gb) * 1e9 / (TAPE_BYTES_PER_BOX_STEP * max(int(n_boxes), 1)))
+    return max(10, min(int(cfg.max_steps), by_memory))
 
 
 class _Curves:
@@ -154,7 +170,8 @@ class _Problem:
         self.G_scale = float(max(np.max(np.abs(fit.G(u_obs))), 1.0 / span_h))
         # D is capped where a simulation would take half of max_steps (bounds the cost of a line-search trial)
         # and never below 10x the BINN's D (a BINN's D can be far too small)
-        h_min = span_h / (0.5 * cfg.max_steps)
+        self.max_steps = steps_within_memory(cfg, self.tg.n)
+        h_min = span_h / (0.5 * self.max_steps)
         d_lim = cfg.cfl * field.dx_um ** 2 / (self.tg.max_open_faces * h_min)
         self.D_cap = max(d_lim, 10.0 * max(self.D_scale, float(d_start.max())))
         self.curves = _Curves(cfg.nodes)
@@ -187,7 +204,7 @@ class _Problem:
     def simulate(self, z: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
         D, G = self.tables(z)
         return simulate_tables(self.tg, u0, self.t, self.u_max, D, G, cfl=self.cfg.cfl,
-                               max_steps=self.cfg.max_steps, time_factor=self.time_factor)
+                               max_steps=self.max_steps, time_factor=self.time_factor)
 
     def chi2(self, sim: torch.Tensor) -> torch.Tensor:
         """Sum of squared misfits over the observed boxes of every frame, in units of the noise variance."""
@@ -354,6 +371,10 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         runs.append(run)
     win = min(runs, key=lambda r: r["chi2"])
     notes = [note for r in runs for note in r["notes"]]
+    if prob.max_steps < cfg.max_steps:
+        notes.append(f"time steps per simulation capped at {prob.max_steps} (refine.max_steps {cfg.max_steps}) to "
+                     f"keep the autograd memory under refine.max_memory_gb = {cfg.max_memory_gb:g} GB on "
+                     f"{prob.tg.n} boxes; D above {prob.D_cap:.4g} µm²/h is not tried")
     if len(runs) > 1:
         notes.append("initial state chosen by the lower final misfit: " + ", ".join(
             f"'{r['initial']}' {r['chi2'] / n:.4g}" for r in runs))
