@@ -8,7 +8,8 @@ import sympy as sp
 
 from napari_binn.symbolic import FunctionSamples, discover_equations
 from napari_binn.symbolic.expression import U, free_floats
-from napari_binn.symbolic.forms import FORMS_D, FORMS_G, check_form_names, fit_forms, is_admissible, pde_safe
+from napari_binn.symbolic.forms import (FORMS_D, FORMS_G, check_form_names, constant_bounds, fit_forms, is_admissible,
+                                        pde_safe)
 from napari_binn.symbolic.selection import block_errors, heldout_choice, paired_worse_pvalue
 
 K = 2000.0
@@ -58,8 +59,6 @@ def test_a_refit_keeps_the_library_bounds_not_the_signs_a_bad_curve_gave():
     """Each written constant of a library row gets its form's bound (matched to the template, not by position: sympy
     orders the Allee factors by value); a constant the library leaves free (logistic r) stays free even when the
     learned curve gave it the wrong sign."""
-    from napari_binn.symbolic.forms import constant_bounds
-
     inf = float("inf")
     assert constant_bounds("G", "logistic", _u("0.03 - 2e-11*u")) == [(-inf, inf), (-inf, 0.0)]
     for text in ("(0.3 - 2e-5*u)*(u - 400.0)", "(2e-9 - 7e-5*u)*(u - 0.5)"):

@@ -205,13 +205,12 @@ def constant_bounds(kind: str, name: str, expr: sp.Expr) -> list[tuple[float, fl
     form = _LIBRARY.get(kind, {}).get(name)
     if form is None:
         return None
-    floats = free_floats(sp.sympify(expr))
+    expr = sp.sympify(expr)
+    floats = free_floats(expr)
     if len(floats) != len(form.params):
         return None
-    if not floats:
-        return []
     slots = sp.symbols(f"_slot0:{len(floats)}")
-    shape = sp.sympify(expr).xreplace(dict(zip(floats, slots)))
+    shape = expr.xreplace(dict(zip(floats, slots)))
     params = [sp.Symbol(p) for p in form.params]
     target = sp.expand(form.template)
     for order in itertools.permutations(range(len(params))):
@@ -221,7 +220,7 @@ def constant_bounds(kind: str, name: str, expr: sp.Expr) -> list[tuple[float, fl
                 out = []
                 for s, j in zip(signs, order):
                     lo, hi = form.bounds[j]
-                    out.append((lo, hi) if s > 0 else (-hi + 0.0, -lo + 0.0))
+                    out.append((lo, hi) if s > 0 else (-hi, -lo))
                 return out
     return None
 
