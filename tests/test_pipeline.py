@@ -1,6 +1,8 @@
 """The whole chain on a tiny field: stages, cancel, bad input, the refit's choice by BIC (bundles:
 test_results.py)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,19 @@ def test_refit_reselects_the_true_forms_by_bic(pipeline_config):
     cfg.refit.candidates = 1
     res1 = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
     assert res1.equations.D.selected_index == 2 and "refit_candidates" not in res1.metadata
+
+    # the refitted constants in the chosen forms (what the GUI shows for an opened bundle), rounded to what their
+    # intervals support; a form picked after the refit keeps its own constants
+    shown = res.refitted_equations()
+    assert shown is not res.equations and shown.D.selected_index == res.equations.D.selected_index
+    assert float(shown.D.sympy) == pytest.approx(refit["D_0"], rel=1e-3) and float(shown.D.sympy) != 700.0
+    (u,) = shown.G.sympy.free_symbols
+    assert float(shown.G.sympy.subs(u, 0)) == pytest.approx(refit["G_0"], rel=1e-3)
+    assert float(shown.G.sympy.diff(u)) == pytest.approx(refit["G_1"], rel=1e-2)
+    other = (res.equations.G.selected_index + 1) % len(res.equations.G.rows)
+    picked = dataclasses.replace(res, equations=dataclasses.replace(res.equations, G=res.equations.G.pick(other)))
+    assert picked.refitted_equations() is picked.equations
+    assert dataclasses.replace(res, mechanistic={}).refitted_equations() is res.equations
 
 
 def _noisy_fkpp(frames=5):

@@ -217,9 +217,8 @@ class PipelineResult:
     equal only when they are the same object (their arrays and fits have no meaningful ``==``).
 
     field: the density data. fit: the BINN. equations: discovered closed forms (after the refit stage, the forms
-    the BIC chose, with the symbolic fit's constants; the refitted constants are in
-    ``metadata['closed_form_refitted']``, and ``equations.with_refit(mechanistic['closed form (refitted)'])``
-    puts them in). simulations: (T, Ny, Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G',
+    the refit stage chose, with the symbolic fit's constants; the refitted constants are in
+    ``metadata['closed_form_refitted']``, and :meth:`refitted_equations` puts them in). simulations: (T, Ny, Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G',
     'closed form', 'closed form (refitted)' and the reference model's name. mechanistic: refits keyed
     'closed form (refitted)' and the reference model's name. qc: the comparison table. metadata: timings, version, cancellation, warnings.
     """
@@ -236,6 +235,20 @@ class PipelineResult:
     @property
     def cancelled(self) -> bool:
         return bool(self.metadata.get("cancelled_in"))
+
+    def refitted_equations(self) -> Equations | None:
+        """``equations`` with the constants refitted against the data (``mechanistic['closed form (refitted)']``,
+        rounded by :meth:`Equations.with_refit`) when that refit is of the forms now selected; otherwise
+        ``equations`` itself (no refit, or a form picked after it)."""
+        eq = self.equations
+        fit = self.mechanistic.get("closed form (refitted)")
+        if eq is None or eq.D is None or eq.G is None or fit is None or not self.metadata.get("closed_form_refitted"):
+            return eq
+        model, _ = eq.parameters()
+        if any(" ".join(str(model[k]).split()) != " ".join(str(fit.expressions.get(k, "")).split())
+               for k in ("D", "G")):
+            return eq
+        return eq.with_refit(fit)
 
 
 def _tag(job: Generator[Progress, None, Any], stage: str, index: int) -> Generator[Progress, None, Any]:

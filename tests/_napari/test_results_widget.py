@@ -210,4 +210,13 @@ def test_reopened_bundle_is_refitted_simulated_and_exported_as_the_cli_does(make
     again = load_results(tmp_path / "gui")
     assert again.mechanistic["closed form (refitted)"].ci95 == state.mechanistic["closed form (refitted)"].ci95
     assert {"closed form", "closed form (refitted)", "fisher_kpp"} <= set(again.simulations)
+
+    # the CLI's bundle (refitted there) opens with the refitted constants in the table, the LaTeX and the canvas,
+    # not the symbolic fit's 700
+    res.open_bundle(tmp_path / "cli")
+    _idle(qtbot, res)
+    D0 = cli["closed form (refitted)"]["params"]["D_0"]
+    assert float(state.equations.D.sympy) == pytest.approx(D0, rel=1e-3) and float(state.equations.D.sympy) != 700
+    assert res.tables["D"].item(state.equations.D.selected_index, 3).text() == state.equations.D.text
+    assert f"D(u) = {readable(state.equations.D.text)}" in viewer.canvas.overlays.text.text
     res.shutdown()

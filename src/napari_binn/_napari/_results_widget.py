@@ -511,6 +511,9 @@ class ResultsWidget(QWidget):
             from ..qc import compare
 
             result = dataclasses.replace(result, qc=compare(result.field, result.simulations))
+        refitted = result.refitted_equations()  # show the constants the data support, as after a refit here
+        if refitted is not result.equations:
+            result = dataclasses.replace(result, equations=refitted)
         s.result = result
         fld = s.field
         if fld is not None:

@@ -140,10 +140,9 @@ def _describe(outcome: ItemOutcome, result: Any) -> None:
     from ..symbolic.expression import readable
 
     try:
-        eq = result.equations
-        refit = result.mechanistic.get("closed form (refitted)")
-        if eq is not None and refit is not None and result.metadata.get("closed_form_refitted"):
-            eq, outcome.refitted = eq.with_refit(refit), True  # the constants the data support
+        eq = result.refitted_equations()  # the constants the data support, when the refit ran
+        if eq is not result.equations:
+            refit, outcome.refitted = result.mechanistic["closed form (refitted)"], True
             for name, value in result.metadata["closed_form_refitted"].items():
                 lo, hi = (refit.ci95 or {}).get(name, (None, None))
                 outcome.constants[name] = [float(value), _num(lo), _num(hi), (refit.units or {}).get(name, "")]
