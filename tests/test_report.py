@@ -1,5 +1,7 @@
 """The results bundle's figures and one-page report."""
 
+import html
+
 from napari_binn.report import write_figures, write_report
 from napari_binn.symbolic.expression import equation_text
 
@@ -19,6 +21,10 @@ def test_figures_and_report_of_a_whole_run(pipeline_run, tmp_path):
     assert "Quality control" in page and "fisher_kpp" in page
     assert all(f"Mechanistic fit: {name}" in page for name in result.mechanistic)
     assert "<img src='figures/rates.png'" in page
+    # the refinement through the solver (on in the fixture's configuration) and its notes
+    info = result.fit.metadata["refine"]
+    assert f"misfit {info['misfit_start']:.4g} -&gt; {info['misfit']:.4g}" in page
+    assert all(html.escape(note) in page for note in info["notes"]) and info["notes"]
 
 
 def test_report_of_a_density_alone_says_what_it_has(fkpp_field, tmp_path):

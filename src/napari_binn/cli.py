@@ -240,11 +240,9 @@ def _print_equations(args, result) -> None:
         f = getattr(eq, key, None)
         if f is not None:
             _say(args, f"  {equation_text(key, f)}")
-    from .pipeline import alternatives_text, determined_text
+    from .pipeline import alternatives_text, determined_text, refine_text
 
-    for line in alternatives_text(eq):
-        _say(args, f"  {line}")
-    for line in determined_text(result.fit):
+    for line in alternatives_text(eq) + determined_text(result.fit) + refine_text(result.fit):
         _say(args, f"  {line}")
     refit = result.metadata.get("closed_form_refitted")
     mech = result.mechanistic.get("closed form (refitted)")

@@ -744,6 +744,25 @@ def determined_text(fit: BinnFit | None, tolerance: float = 0.25) -> list[str]:
     return out
 
 
+def refine_text(fit: BinnFit | None) -> list[str]:
+    """What the refinement through the PDE solver did (``fit.metadata['refine']``): one summary line, then its
+    notes (e.g. a cap on its time steps). Empty when the BINN was not refined."""
+    info = fit.metadata.get("refine") if fit is not None and isinstance(fit.metadata, dict) else None
+    if not isinstance(info, dict):
+        return []
+
+    def num(key: str, fmt: str) -> str:
+        value = info.get(key)
+        return format(float(value), fmt) if isinstance(value, (int, float)) else "?"
+
+    line = (f"D(u), G(u) refined through the PDE solver: misfit {num('misfit_start', '.4g')} -> "
+            f"{num('misfit', '.4g')}, smoothness {num('smoothness', 'g')}, initial state "
+            f"'{info.get('initial', '?')}'")
+    if isinstance(info.get("seconds"), (int, float)):
+        line += f", {info['seconds']:.0f} s"
+    return [line] + [str(note) for note in info.get("notes", [])]
+
+
 #: allowed values of ``RefitConfig.initial``
 REFIT_INITIAL = ("auto", "data", "denoised")
 

@@ -141,6 +141,11 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
         warnings = [f"the run was cancelled during '{result.metadata['cancelled_in']}': results are partial"] + list(warnings)
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(str(w))}</li>" for w in warnings) + "</ul>")
+    from .pipeline import refine_text
+
+    refined = refine_text(result.fit)
+    if refined:
+        parts.append("<h2>Learned D(u), G(u)</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in refined) + "</ul>")
     eq = result.equations
     if eq is not None:
         from .symbolic.expression import equation_text

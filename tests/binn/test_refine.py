@@ -7,6 +7,7 @@ import pytest
 
 from napari_binn.binn import BinnConfig, BinnFit, fit_binn
 from napari_binn.binn.refine import TAPE_BYTES_PER_BOX_STEP, RefineConfig, refine_binn, steps_within_memory
+from napari_binn.pipeline import refine_text
 from napari_binn.synthetic import make_synthetic
 
 SMALL = RefineConfig(iterations=30, smoothness=[1.0, 0.1], distill_steps=100, initial="data", joint=False)
@@ -70,6 +71,12 @@ def test_large_fields_get_fewer_time_steps_so_the_autograd_memory_stays_bounded(
     meta = refined.metadata["refine"]
     assert any("capped at 300" in note and "max_memory_gb" in note for note in meta["notes"]), meta["notes"]
     assert meta["misfit"] <= meta["misfit_start"]
+    # the CLI's output and the report say it (pipeline.refine_text)
+    lines = refine_text(refined)
+    assert lines[0].startswith("D(u), G(u) refined through the PDE solver: misfit")
+    assert "initial state 'data'" in lines[0]
+    assert any("capped at 300" in line for line in lines[1:])
+    assert refine_text(fit) == [] and refine_text(None) == []
 
 
 def test_too_few_frames_is_a_clear_error(small_case):
