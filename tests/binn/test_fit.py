@@ -77,9 +77,14 @@ def test_bands_and_determined_range(binn_field, tiny):
         assert (lo, hi) == pytest.approx((fit.u_range["q05"], fit.u_range["q95"]))
         assert fit.determined_range(key, tolerance=1e-12) is None  # nothing at a vanishing one
     # a refinement's band, when there is one, is preferred
-    fit.metadata["refine"] = {"u": [0.0, 1.0], "D_sd": [0.0, 2.0]}
+    fit.metadata["refine"] = {"u_nodes": [0.0, 1.0], "D_sd": [0.0, 2.0]}  # the keys refine_binn writes
     np.testing.assert_allclose(fit.band_sd("D", np.array([0.25, 0.5])), [0.5, 1.0])
     assert fit.band_sd("G", u) is not None  # no G band in the refinement: the ensemble's
+    # the symbolic stage keeps weighting by the ensemble spread (as the discovery benchmark was measured)
+    from napari_binn.symbolic.samples import samples_from_fit
+
+    s = samples_from_fit(fit)["D"]
+    np.testing.assert_allclose(s.sigma, fit.D_ensemble(s.u).std(0, ddof=1), rtol=1e-12)
     with pytest.raises(ValueError, match="'D' or 'G'"):
         fit.band_sd("T", u)
     with pytest.raises(ValueError, match="tolerance"):

@@ -41,6 +41,8 @@ def test_refinement_recovers_d_and_g_better_than_the_binn(small_case, tmp_path):
     assert meta["misfit"] < meta["misfit_start"]
     assert meta["smoothness"] in (1.0, 0.1) and meta["initial"] == "data"
     assert len(meta["D_sd"]) == len(meta["u_nodes"]) and all(np.isfinite(meta["D_sd"]))
+    # the refined fit's band is the refinement's (a single BINN has no other): plots, determined range, report
+    np.testing.assert_allclose(fit.band_sd("D", u), np.interp(u, np.asarray(meta["u_nodes"]), meta["D_sd"]))
     # the networks are the refined tables over the observed range
     nodes = np.asarray(meta["u_nodes"])
     assert _rel(fit.D(u), np.interp(u, nodes, meta["D"])) < 0.02
@@ -77,6 +79,28 @@ def test_large_fields_get_fewer_time_steps_so_the_autograd_memory_stays_bounded(
     assert "initial state 'data'" in lines[0]
     assert any("capped at 300" in line for line in lines[1:])
     assert refine_text(fit) == [] and refine_text(None) == []
+
+
+def test_the_band_reaches_the_curves_of_the_other_initial_state(small_case):
+    """With two initial states tried ('auto'), the band adds half their curves' difference to the Laplace band, so
+    the kept curves ± 2 sd reach those refined from the other initial state (each refined here on its own)."""
+    fld, _, fit = small_case
+    cfg = RefineConfig(iterations=10, smoothness=[1.0], distill_steps=20, joint=False)
+    meta = refine_binn(fld, copy.deepcopy(fit), cfg).metadata["refine"]
+    (other,) = {"denoised", "surrogate"} - {meta["initial"]}
+    alone = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**{**cfg.__dict__, "initial": other}))
+    laplace = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**{**cfg.__dict__, "initial": meta["initial"]}))
+    for key in ("D", "G"):
+        kept, theirs = np.asarray(meta[key]), np.asarray(alone.metadata["refine"][key])
+        np.testing.assert_allclose(kept, laplace.metadata["refine"][key], rtol=1e-6)  # the same fit, run alone
+        spread = np.asarray(meta[f"{key}_initial_sd"])
+        np.testing.assert_allclose(spread, np.abs(theirs - kept) / 2, rtol=1e-6, atol=1e-12)
+        assert np.any(spread > 0)
+        np.testing.assert_allclose(np.asarray(meta[f"{key}_sd"]) ** 2,
+                                   np.asarray(laplace.metadata["refine"][f"{key}_sd"]) ** 2 + spread ** 2, rtol=1e-6)
+        assert np.all(np.abs(theirs - kept) <= 2 * np.asarray(meta[f"{key}_sd"]) + 1e-12)
+    assert laplace.metadata["refine"]["D_initial_sd"] is None  # one initial state: the Laplace band alone
+    assert any("widened" in note for note in meta["notes"])
 
 
 def test_too_few_frames_is_a_clear_error(small_case):

@@ -151,15 +151,15 @@ class BinnFit:
 
     def band_sd(self, kind: str, u) -> np.ndarray | None:
         """Standard deviation of the learned ``kind`` ('D', µm²/h, or 'G', 1/h) at densities ``u``: how well the
-        data determine it. A forward-solver refinement's band (``metadata['refine']``: ``u`` grid with ``D_sd`` /
-        ``G_sd``) is preferred when present; else the spread of the ensemble members (n_models > 1); None for a
+        data determine it. A forward-solver refinement's band (``metadata['refine']``: ``D_sd`` / ``G_sd`` at its
+        ``u_nodes``) is preferred when present; else the spread of the ensemble members (n_models > 1); None for a
         single model with no refinement band (no spread is known)."""
         if kind not in ("D", "G"):
             raise ValueError(f"band_sd: kind must be 'D' or 'G'; got {kind!r}")
         u = np.asarray(u, dtype=np.float64)
         refine = self.metadata.get("refine") if isinstance(self.metadata, dict) else None
-        if isinstance(refine, dict) and refine.get(f"{kind}_sd") is not None and refine.get("u") is not None:
-            grid = np.asarray(refine["u"], dtype=np.float64).ravel()
+        if isinstance(refine, dict) and refine.get(f"{kind}_sd") is not None and refine.get("u_nodes") is not None:
+            grid = np.asarray(refine["u_nodes"], dtype=np.float64).ravel()
             sd = np.asarray(refine[f"{kind}_sd"], dtype=np.float64).ravel()
             if grid.size == sd.size and grid.size >= 2 and np.all(np.diff(grid) > 0):
                 return np.interp(u, grid, sd)

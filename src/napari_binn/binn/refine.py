@@ -21,7 +21,11 @@ space would otherwise grow like cells), fixed while the ladder runs, or ``"auto"
 fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2%.
 
 Bands: a Laplace approximation (Gauss–Newton Hessian from a finite-difference Jacobian of the simulation) gives
-D_sd, G_sd at the nodes. They treat the initial state as known, so they are too narrow when it is not.
+D_sd, G_sd at the nodes with the initial state held as known. With more than one initial state tried
+(``"auto"``), half the largest difference between the kept curves and those refined from the other initial
+state is added in quadrature (also stored as D_initial_sd, G_initial_sd), so the ± 2 sd band reaches the other
+curves: the initial state is the largest error source, and the Laplace band alone ignores it. Both initial states
+can still be wrong the same way.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class RefineConfig:
     frame with the boxes of empty space that hold only noise set to 0). joint: then fit the initial state too
     (kept only when it lowers the misfit by more than 2%), with total-variation weight tv_weight (relative to
     the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
-    distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the Laplace D_sd, G_sd.
+    distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the bands D_sd,
+    G_sd (Laplace, widened by the spread between initial states).
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
     max_memory_gb: the autograd memory one simulation may hold; on large fields it lowers max_steps to
     max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see :func:`steps_within_memory`)."""
@@ -382,14 +387,23 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     with torch.no_grad():
         D_tab, G_tab = (v.numpy().copy() for v in prob.tables(torch.as_tensor(z_best)))
     D_sd = G_sd = None
+    spread = None
     if cfg.bands:
         J = win["jacobian"] if win["jacobian"] is not None else _jacobian(prob, z_best, win["u0"])
         D_sd, G_sd = _bands(prob, z_best, J, chosen["smoothness"], win["s2"])
+        if len(runs) > 1:  # the initial state's share: the ± 2 sd band reaches every other initial state's curves
+            with torch.no_grad():
+                other = [[v.numpy() for v in prob.tables(torch.as_tensor(r["z"]))] for r in runs if r is not win]
+            spread = {"D": np.max([np.abs(d - D_tab) for d, _ in other], axis=0) / 2.0,
+                      "G": np.max([np.abs(g - G_tab) for _, g in other], axis=0) / 2.0}
+            D_sd, G_sd = np.hypot(D_sd, spread["D"]), np.hypot(G_sd, spread["G"])
     # write the refined curves into the networks
     err = _distill(fit, prob.nodes, D_tab, G_tab, prob.observed_range, cfg.distill_steps)
     fit.metadata["refine"] = {
         "u_nodes": prob.nodes.tolist(), "D": D_tab.tolist(), "G": G_tab.tolist(),
         "D_sd": None if D_sd is None else D_sd.tolist(), "G_sd": None if G_sd is None else G_sd.tolist(),
+        "D_initial_sd": None if spread is None else spread["D"].tolist(),
+        "G_initial_sd": None if spread is None else spread["G"].tolist(),
         "misfit_start": win["chi2_start"] / n, "misfit": win["chi2"] / n, "noise_sd": prob.sigma,
         "smoothness": chosen["smoothness"],
         "ladder": [{"initial": r["initial"], "smoothness": f["smoothness"], "misfit": f["chi2"] / n,
@@ -397,8 +411,10 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         "initial": win["initial"], "distill_rel_err": err, "seconds": time.perf_counter() - t_start,
         "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every frame, in "
                           "units of the surrogate's noise variance",
-                          "D_sd, G_sd: Laplace bands that treat the initial state as exact; they are too narrow "
-                          "when it is not"],
+                          "D_sd, G_sd: Laplace bands (the initial state held exact)" + (
+                              ", widened in quadrature by half the largest difference from the curves refined "
+                              "from the other initial state(s) (D_initial_sd, G_initial_sd)" if spread is not None
+                              else "; too narrow when the initial state is wrong")],
     }
     yield clock.event(_STAGE, total, f"refinement done: misfit {win['chi2_start'] / n:.4g} -> {win['chi2'] / n:.4g}, "
                       f"smoothness {chosen['smoothness']:g}, initial state '{win['initial']}', networks match the "

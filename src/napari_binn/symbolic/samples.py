@@ -123,7 +123,8 @@ def samples_from_fit(
 
     The densities span the ``quantiles`` of the observed-density histogram ``fit.u_hist`` (counts, edges); each
     sample is weighted by the histogram count at its density (how much data supports it); the spread of
-    ``fit.D_ensemble`` / ``fit.G_ensemble`` across models is the per-point ``sigma``. Units come from ``fit.units``
+    ``fit.D_ensemble`` / ``fit.G_ensemble`` across models is the per-point ``sigma`` (a refinement's band, which
+    the plots show, is not used here). Units come from ``fit.units``
     (keys 'D', 'G', 'u'), defaulting to µm²/h, 1/h.
     """
     if n_samples < MIN_SAMPLES:
@@ -163,11 +164,8 @@ def samples_from_fit(
             sigma = ensemble.std(axis=0, ddof=1)
         else:
             ensemble = None
-        band = getattr(fit, "band_sd", None)
-        if callable(band):  # the fit's own band (a forward refinement's, when it has one) is the better sigma
-            sd = band(name, u)
-            if sd is not None and np.all(np.isfinite(sd)):
-                sigma = np.asarray(sd, dtype=float)
+        # Not the refinement's band (BinnFit.band_sd): the discovery benchmark's figures were measured with the
+        # ensemble spread alone (the band never reached this point then), and weighting by it is not yet measured.
         out[name] = FunctionSamples(
             u=u,
             value=mean,
