@@ -85,10 +85,11 @@ def test_refit_reselects_the_true_forms_by_bic(pipeline_config):
     # intervals support; a form picked after the refit keeps its own constants
     shown = res.refitted_equations()
     assert shown is not res.equations and shown.D.selected_index == res.equations.D.selected_index
-    assert float(shown.D.sympy) == pytest.approx(refit["D_0"], rel=1e-3) and float(shown.D.sympy) != 700.0
+    # (to the digits the intervals support: at least 2)
+    assert float(shown.D.sympy) == pytest.approx(refit["D_0"], rel=0.05) and float(shown.D.sympy) != 700.0
     (u,) = shown.G.sympy.free_symbols
-    assert float(shown.G.sympy.subs(u, 0)) == pytest.approx(refit["G_0"], rel=1e-3)
-    assert float(shown.G.sympy.diff(u)) == pytest.approx(refit["G_1"], rel=1e-2)
+    assert float(shown.G.sympy.subs(u, 0)) == pytest.approx(refit["G_0"], rel=0.05)
+    assert float(shown.G.sympy.diff(u)) == pytest.approx(refit["G_1"], rel=0.05)
     other = (res.equations.G.selected_index + 1) % len(res.equations.G.rows)
     picked = dataclasses.replace(res, equations=dataclasses.replace(res.equations, G=res.equations.G.pick(other)))
     assert picked.refitted_equations() is picked.equations

@@ -274,9 +274,10 @@ class Equations:
                     out[name] = (-math.inf, 0.0)
         return out
 
-    def with_params(self, params=None, **values: float) -> Equations:
+    def with_params(self, params=None, *, digits: Mapping[str, int] | None = None, **values: float) -> Equations:
         """Copy with constants replaced by name (``D_0=..``, ``G_1=..``), from a mapping or an object with a
-        ``params`` mapping (e.g. a MechanisticFit); names not given keep their values."""
+        ``params`` mapping (e.g. a MechanisticFit); names not given keep their values. ``digits``: significant
+        digits per name (default 6) the constants keep and print with."""
         given: dict[str, float] = {}
         if params is not None:
             source = params if isinstance(params, Mapping) else getattr(params, "params", None)
@@ -292,20 +293,20 @@ class Equations:
         for key, f in self._functions():
             _, values_now = f.selected.parametrized(key)
             new_values = [given.get(name, v) for name, v in values_now.items()]
-            expr = f.selected.with_constants(new_values)
+            expr = f.selected.with_constants(new_values, [(digits or {}).get(name, 6) for name in values_now])
             out[key] = f.with_row(f.selected_index, replace(f.selected_row, expression=expr))
         return replace(self, D=out.get("D", self.D), G=out.get("G", self.G))
 
     def with_refit(self, fit) -> Equations:
         """Copy with the constants of a refit (a MechanisticFit of :meth:`refit` or the pipeline's refit stage),
         each rounded to the significant digits its 95% interval supports (4 when the interval is undefined)."""
-        values = {}
+        values, digits = {}, {}
         for name, value in fit.params.items():
             lo, hi = fit.ci95.get(name, (math.nan, math.nan))
             spread = (hi - lo) / 3.92 if math.isfinite(lo) and math.isfinite(hi) else math.nan
-            digits = supported_digits(float(value), spread) if math.isfinite(spread) else 4
-            values[name] = round_significant(float(value), max(digits, 2))
-        return self.with_params(values)
+            digits[name] = max(supported_digits(float(value), spread) if math.isfinite(spread) else 4, 2)
+            values[name] = round_significant(float(value), digits[name])
+        return self.with_params(values, digits=digits)
 
     def refit(self, field, **kwargs):
         """Re-estimate the selected forms' constants against the density data itself.

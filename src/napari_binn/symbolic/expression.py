@@ -546,14 +546,17 @@ class Expression:
         syms = [sp.Symbol(f"{prefix}_{i}", real=True) for i in range(len(floats))]
         return self.sympy.xreplace(dict(zip(floats, syms))), {s.name: float(f) for s, f in zip(syms, floats)}
 
-    def with_constants(self, values) -> Expression:
-        """Copy with constants (in ``constants`` order) replaced by ``values`` (kept to 6 significant digits)."""
+    def with_constants(self, values, digits=None) -> Expression:
+        """Copy with constants (in ``constants`` order) replaced by ``values``, each kept to its ``digits``
+        significant digits (a sequence in the same order; default 6), which is also how many it prints with."""
         floats = free_floats(self.sympy)
         if len(values) != len(floats):
             raise ValueError(f"{self.name}: expected {len(floats)} constant values, got {len(values)}.")
-        new = self.sympy.xreplace({f: sp.Float(round_significant(float(v), 6), 6) for f, v in zip(floats, values)})
+        digits = [6] * len(floats) if digits is None else [int(d) for d in digits]
+        new = self.sympy.xreplace({f: sp.Float(round_significant(float(v), d), d)
+                                   for f, v, d in zip(floats, values, digits)})
         consts = tuple(
-            replace(c, value=float(v), digits=6, stderr=math.nan) for c, v in zip(self.constants, values)
+            replace(c, value=float(v), digits=d, stderr=math.nan) for c, v, d in zip(self.constants, values, digits)
         )
         return replace(self, sympy=new, constants=consts)
 
