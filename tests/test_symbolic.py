@@ -483,6 +483,9 @@ def test_equation_text_for_people():
 
     assert readable("2.5*u**2") == "2.5·u^2"
     assert readable("1512.*u + 1100.00 - 3.5e-05*u**2", 4) == "1512·u + 1100 - 3.5e-5·u^2"
+    # a refitted constant of 2 supported digits prints as 8.4e+2: people read 840 (small powers of ten written out)
+    assert readable("8.4e+2") == "840" and readable("1.39e+3 - 1.234e+1*u") == "1390 - 12.34·u"
+    assert readable("1.0e+5 + 3.6e-5*u") == "1.0e+5 + 3.6e-5·u" and readable("D_1e+2") == "D_1e+2"
     f = SimpleNamespace(text="800.0*u**2", latex="800.0 u^{2}", units="")
     assert equation_text("D", f) == "D(u) = 800.0*u**2   [µm²/h]"
     assert equation_text("D", f, pretty=True) == "D(u) = 800.0·u^2   [µm²/h]"

@@ -158,11 +158,23 @@ def _short(match: re.Match, digits: int) -> str:
     return re.sub(r"e([-+])0*(\d)", lambda e: f"e{'-' if e.group(1) == '-' else ''}{e.group(2)}", text)
 
 
+_SMALL_POWER = re.compile(r"(?<![\w.])(\d+)(?:\.(\d*))?[eE]\+?0*([0-4])(?![\w.])")
+
+
+def _plain(match: re.Match) -> str:
+    """8.4e+2 -> 840 (the digits the mantissa shows, no more)."""
+    whole, frac, power = match.group(1), match.group(2) or "", int(match.group(3))
+    shown = len((whole + frac).lstrip("0")) or 1
+    return f"{float(match.group(0)):.{max(shown, len(whole) + power)}g}"
+
+
 def readable(text: str, digits: int | None = None) -> str:
-    """sympy text for people: u**2 -> u^2, 2*u -> 2·u; with ``digits``, decimals keep at most that many significant
-    digits and no padding (1512. -> 1512, 1100.00 -> 1100, 3.5e-05 -> 3.5e-5)."""
+    """sympy text for people: u**2 -> u^2, 2*u -> 2·u, 8.4e+2 -> 840 (powers of ten up to 4 written out); with
+    ``digits``, decimals keep at most that many significant digits and no padding (1512. -> 1512,
+    1100.00 -> 1100, 3.5e-05 -> 3.5e-5)."""
     if digits is not None:
         text = _DECIMAL.sub(lambda m: _short(m, digits), text)
+    text = _SMALL_POWER.sub(_plain, text)
     return text.replace("**", "^").replace("*", "·")
 
 
