@@ -218,8 +218,9 @@ class PipelineResult:
 
     field: the density data. fit: the BINN. equations: discovered closed forms (after the refit stage, the forms
     the refit stage chose, with the symbolic fit's constants; the refitted constants are in
-    ``metadata['closed_form_refitted']``, and :meth:`refitted_equations` puts them in). simulations: (T, Ny, Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G',
-    'closed form', 'closed form (refitted)' and the reference model's name. mechanistic: refits keyed
+    ``metadata['closed_form_refitted']``, and :meth:`refitted_equations` puts them in). simulations: (T, Ny,
+    Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G', 'closed form', 'closed form
+    (refitted)' and the reference model's name. mechanistic: refits keyed
     'closed form (refitted)' and the reference model's name. qc: the comparison table. metadata: timings, version, cancellation, warnings.
     """
 
