@@ -246,8 +246,7 @@ class PipelineResult:
         if eq is None or eq.D is None or eq.G is None or fit is None or not self.metadata.get("closed_form_refitted"):
             return eq
         model, _ = eq.parameters()
-        if any(" ".join(str(model[k]).split()) != " ".join(str(fit.expressions.get(k, "")).split())
-               for k in ("D", "G")):
+        if any(str(model[k]) != fit.expressions.get(k) for k in ("D", "G")):  # both written by str(sympy)
             return eq
         return eq.with_refit(fit)
 

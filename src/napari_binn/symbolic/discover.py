@@ -290,23 +290,23 @@ class Equations:
         if unknown:
             raise ValueError(f"Unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(init)) or 'none'}.")
         out = {}
+        digits = digits or {}
         for key, f in self._functions():
             _, values_now = f.selected.parametrized(key)
             new_values = [given.get(name, v) for name, v in values_now.items()]
-            expr = f.selected.with_constants(new_values, [(digits or {}).get(name, 6) for name in values_now])
+            expr = f.selected.with_constants(new_values, [digits.get(name, 6) for name in values_now])
             out[key] = f.with_row(f.selected_index, replace(f.selected_row, expression=expr))
         return replace(self, D=out.get("D", self.D), G=out.get("G", self.G))
 
     def with_refit(self, fit) -> Equations:
         """Copy with the constants of a refit (a MechanisticFit of :meth:`refit` or the pipeline's refit stage),
         each rounded to the significant digits its 95% interval supports (4 when the interval is undefined)."""
-        values, digits = {}, {}
+        digits = {}
         for name, value in fit.params.items():
             lo, hi = fit.ci95.get(name, (math.nan, math.nan))
             spread = (hi - lo) / 3.92 if math.isfinite(lo) and math.isfinite(hi) else math.nan
             digits[name] = max(supported_digits(float(value), spread) if math.isfinite(spread) else 4, 2)
-            values[name] = round_significant(float(value), digits[name])
-        return self.with_params(values, digits=digits)
+        return self.with_params(fit.params, digits=digits)  # with_constants rounds each to its digits
 
     def refit(self, field, **kwargs):
         """Re-estimate the selected forms' constants against the density data itself.
