@@ -65,3 +65,57 @@ def test_guards():
         simulate_tables(grid, u0, np.array([0.0, 1.0]), 1.0, torch.ones(3).double(), G, cfl=1.5)
     with pytest.raises(ValueError, match="one value per mask box"):
         simulate_tables(grid, u0[:5], np.array([0.0, 1.0]), 1.0, torch.ones(3).double(), G)
+
+
+@pytest.mark.parametrize("delay", [False, True])
+def test_the_adjoint_gives_autograds_values_and_gradients(delay):
+    """The numpy stepper with its hand-written adjoint against autograd through the same torch steps: on a masked
+    grid, with exact zeros and a negative value in u0 (the clamp at 0), a density above the tables' end (constant
+    continuation), density-dependent tables (the face means and the interpolation slopes) and a delay T(t)."""
+    mask = _triangle()
+    grid = MaskedGrid(mask, 50.0)
+    K = 2000.0
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:14, :14]
+    u0 = grid.from_grid(np.where(mask, K / (1 + np.exp((xx - 5.0) / 1.5)), 0.0)) * (0.9 + 0.1 * rng.random(grid.n))
+    u0[::7] = 0.0
+    u0[3] = 1.35 * K
+    u0[5] = -10.0
+    nodes = np.linspace(0, 1.3 * K, 12)
+    weights = torch.tensor(rng.standard_normal((4, grid.n)))
+    tf = (lambda t: 1.0 / (1.0 + np.exp(-(t - 3.0)))) if delay else None
+    got = {}
+    for method in ("autograd", "adjoint"):
+        x0 = torch.tensor(u0, requires_grad=True)
+        D = torch.tensor(300 + 900 * nodes / K + 50 * np.sin(nodes / 300), requires_grad=True)
+        G = torch.tensor(0.1 * (1 - nodes / K) + 0.02 * np.cos(nodes / 200), requires_grad=True)
+        out = simulate_tables(TorchGrid(grid), x0, np.array([0.0, 2.0, 5.0, 7.5]), 1.3 * K, D, G, time_factor=tf,
+                              method=method)
+        ((out * weights).sum() + 1e-4 * (out[-1] ** 2).sum()).backward()
+        got[method] = [out.detach().numpy(), x0.grad.numpy(), D.grad.numpy(), G.grad.numpy()]
+    for name, a, b in zip(("u", "du0", "dD", "dG"), got["autograd"], got["adjoint"]):
+        assert np.abs(a).max() > 0, name
+        assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max(), name
+
+
+def test_the_adjoint_matches_finite_differences():
+    """The adjoint's gradient against central differences of the simulation (torch.autograd.gradcheck)."""
+    grid = TorchGrid(MaskedGrid(np.ones((5, 4), bool), 50.0))
+    u0 = torch.linspace(0.05, 1.0, 20, dtype=torch.float64).requires_grad_(True)
+    D = torch.linspace(80.0, 150.0, 6, dtype=torch.float64).requires_grad_(True)
+    G = torch.linspace(0.17, -0.1, 6, dtype=torch.float64).requires_grad_(True)  # (step count away from a jump)
+
+    def run(u0, D, G):
+        return simulate_tables(grid, u0, np.array([0.0, 1.0, 2.5]), 1.3, D, G)
+
+    assert torch.autograd.gradcheck(run, (u0, D, G), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_without_a_gradient_nothing_is_kept_and_the_method_is_checked():
+    grid = TorchGrid(MaskedGrid(np.ones((4, 4), bool), 10.0))
+    u0 = torch.linspace(0, 1, 16, dtype=torch.float64)
+    D, G = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    out = simulate_tables(grid, u0, np.array([0.0, 1.0]), 1.0, D, G)
+    assert not out.requires_grad
+    with pytest.raises(ValueError, match="method"):
+        simulate_tables(grid, u0, np.array([0.0, 1.0]), 1.0, D, G, method="euler")

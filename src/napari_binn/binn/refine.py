@@ -67,8 +67,9 @@ class RefineConfig:
     distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the bands D_sd,
     G_sd (Laplace, widened by the spread between initial states).
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
-    max_memory_gb: the autograd memory one simulation may hold; on large fields it lowers max_steps to
-    max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see :func:`steps_within_memory`)."""
+    max_memory_gb: the memory the states one simulation keeps for its gradient may hold; on large fields it
+    lowers max_steps to max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see
+    :func:`steps_within_memory`)."""
 
     enabled: bool = True
     iterations: int = 50
@@ -113,13 +114,15 @@ class RefineConfig:
         self.validate()
 
 
-#: autograd memory one Heun step of the torch solver holds per box of the ROI (float64; measured 340-480 bytes)
-TAPE_BYTES_PER_BOX_STEP = 500
+#: memory one Heun step of the solver keeps per box of the ROI for the gradient (the adjoint's two float64 states:
+#: measured 17.5 bytes; autograd's tape, used before, held 340-480)
+TAPE_BYTES_PER_BOX_STEP = 24
 
 
 def steps_within_memory(cfg: RefineConfig, n_boxes: int) -> int:
-    """Time steps per simulation: ``cfg.max_steps``, or fewer where their autograd history on ``n_boxes`` boxes
-    would exceed ``cfg.max_memory_gb`` (75 x 75 boxes at 5000 steps held about 16 GiB), never fewer than 10."""
+    """Time steps per simulation: ``cfg.max_steps``, or fewer where the states kept for the gradient on
+    ``n_boxes`` boxes would exceed ``cfg.max_memory_gb`` (at 24 bytes per box and step, from about 50 000 boxes
+    at the defaults), never fewer than 10."""
     by_memory = int(float(cfg.max_memory_gb) * 1e9 / (TAPE_BYTES_PER_BOX_STEP * max(int(n_boxes), 1)))
     return max(10, min(int(cfg.max_steps), by_memory))
 

@@ -2,8 +2,12 @@
 
 Same discretisation as :mod:`napari_binn.pde.solver` (the faces and weights of :class:`~napari_binn.pde.grid.MaskedGrid`:
 face diffusivity the mean of its two boxes, zero flux at the mask edge; D and G evaluated at max(u, 0), reaction
-G(u+) u+), but with a fixed-step Heun (explicit second-order Runge–Kutta) time stepper written in torch, so that
-autograd gives the gradient of a data misfit with respect to D, G and the initial state.
+G(u+) u+), but with a fixed-step Heun (explicit second-order Runge–Kutta) time stepper whose result is a torch
+tensor differentiable with respect to D, G and the initial state (for the gradient of a data misfit). By default
+the steps run in numpy and the gradient is their discrete adjoint, written out by hand (the states of every step
+are kept, 16 bytes per box and step); ``method="autograd"`` runs the same steps as torch operations and lets
+autograd record them (about 500 bytes per box and step, and 4 times slower on the discovery benchmark's 1600
+boxes: per-operation overhead dominates at this size). The two agree to round-off (tests/test_torch_solver.py).
 
 D and G are given as tables on evenly spaced density nodes (linear interpolation between nodes, constant beyond
 the last node), which is what :mod:`napari_binn.binn.refine` fits.
@@ -84,15 +88,8 @@ def step_size(tg: TorchGrid, D: torch.Tensor, G: torch.Tensor, cfl: float, u_hi:
     return h
 
 
-def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: float, D: torch.Tensor,
-                    G: torch.Tensor, *, cfl: float = 0.8, max_steps: int = 20000,
-                    time_factor: Callable[[float], float] | None = None) -> torch.Tensor:
-    """Solve u_t = T(t) [div(D(u) grad u) + G(u) u] from ``u0`` (n,) on the mask and return (len(t_h), n).
-
-    D (µm²/h) and G (1/h): tables on evenly spaced nodes over [0, u_max] (density units). t_h: output times
-    in hours, strictly increasing, ``t_h[0]`` the time of u0. Differentiable in u0, D and G.
-    Raises ValueError for bad input and when more than ``max_steps`` steps would be needed.
-    """
+def _check(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, D: torch.Tensor, G: torch.Tensor,
+           cfl: float) -> np.ndarray:
     t = np.asarray(t_h, dtype=np.float64).reshape(-1)
     if t.size < 1 or not np.all(np.isfinite(t)) or (t.size > 1 and not np.all(np.diff(t) > 0)):
         raise ValueError("t_h must be finite and strictly increasing")
@@ -106,20 +103,49 @@ def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: flo
         raise ValueError("the G table must be finite")
     if u0.shape != (tg.n,):
         raise ValueError(f"u0 must have one value per mask box ({tg.n}); got shape {tuple(u0.shape)}")
+    return t
+
+
+def _substeps(tg: TorchGrid, t: np.ndarray, k: int, u_top: float, D: torch.Tensor, G: torch.Tensor, cfl: float,
+              u_max: float, done: int, max_steps: int) -> tuple[int, float]:
+    """Steps and step size for output interval k: set from the densities present (20% margin above them)."""
+    h_max = step_size(tg, D, G, cfl, 1.2 * u_top, u_max)
+    n_sub = max(1, math.ceil((t[k + 1] - t[k]) / h_max * (1 + 1e-12)))
+    if done + n_sub > max_steps:
+        raise ValueError(f"the simulation would need more than max_steps = {max_steps} steps: D up to "
+                         f"{float(D.detach().max()):.4g} µm²/h on {1 / math.sqrt(tg.inv_dx2):g} µm boxes; "
+                         "raise max_steps or bound D")
+    return n_sub, (t[k + 1] - t[k]) / n_sub
+
+
+def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: float, D: torch.Tensor,
+                    G: torch.Tensor, *, cfl: float = 0.8, max_steps: int = 20000,
+                    time_factor: Callable[[float], float] | None = None, method: str = "adjoint") -> torch.Tensor:
+    """Solve u_t = T(t) [div(D(u) grad u) + G(u) u] from ``u0`` (n,) on the mask and return (len(t_h), n).
+
+    D (µm²/h) and G (1/h): tables on evenly spaced nodes over [0, u_max] (density units). t_h: output times
+    in hours, strictly increasing, ``t_h[0]`` the time of u0. Differentiable in u0, D and G.
+
+    method: ``"adjoint"`` (default; float64 CPU tensors) steps in numpy and gives the gradient by the discrete
+    adjoint of the same Heun steps, written out by hand (same numbers as autograd to round-off, several times
+    faster: per-step torch overhead dominates on fields of a few thousand boxes); ``"autograd"`` steps in torch
+    and lets autograd record every step (any device or dtype). Tensors on another device or dtype use
+    ``"autograd"``.
+    Raises ValueError for bad input and when more than ``max_steps`` steps would be needed.
+    """
+    if method not in ("adjoint", "autograd"):
+        raise ValueError(f"method must be 'adjoint' or 'autograd'; got {method!r}")
+    t = _check(tg, u0, t_h, D, G, cfl)
+    cpu64 = all(x.device.type == "cpu" and x.dtype == torch.float64 for x in (u0, D, G))
+    if method == "adjoint" and cpu64:
+        return _HeunAdjoint.apply(u0, D, G, tg, t, float(u_max), float(cfl), int(max_steps), time_factor)
     out = [u0]
     u = u0
     tf = time_factor or (lambda _t: 1.0)
     done = 0
     for k in range(t.size - 1):
-        # the step is set per output interval from the densities present (with a 20% margin above them)
-        h_max = step_size(tg, D, G, cfl, 1.2 * float(u.detach().max()), u_max)
-        n_sub = max(1, math.ceil((t[k + 1] - t[k]) / h_max * (1 + 1e-12)))
+        n_sub, h = _substeps(tg, t, k, float(u.detach().max()), D, G, cfl, u_max, done, max_steps)
         done += n_sub
-        if done > max_steps:
-            raise ValueError(f"the simulation would need more than max_steps = {max_steps} steps: D up to "
-                             f"{float(D.detach().max()):.4g} µm²/h on {1 / math.sqrt(tg.inv_dx2):g} µm boxes; "
-                             "raise max_steps or bound D")
-        h = (t[k + 1] - t[k]) / n_sub
         tk = t[k]
         for s in range(n_sub):
             f0 = _rhs(tg, u, u_max, D, G) * tf(tk + s * h)
@@ -128,3 +154,101 @@ def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: flo
             u = u + 0.5 * h * (f0 + f1)
         out.append(u)
     return torch.stack(out)
+
+
+class _NumpyRhs:
+    """The right-hand side div(D(u+) grad u) + G(u+) u+ and its vector-Jacobian product, in numpy."""
+
+    def __init__(self, tg: TorchGrid, u_max: float, D: np.ndarray, G: np.ndarray) -> None:
+        self.i = tg.grid.face_i
+        self.j = tg.grid.face_j
+        self.n = tg.n
+        self.half_inv_dx2 = 0.5 * tg.inv_dx2
+        self.m = D.shape[0]
+        self.scale = (self.m - 1) / u_max
+        self.top = self.m - 1 - 1e-9
+        self.D, self.G = D, G
+        self.dD = np.diff(D) * self.scale  # slope of each table segment, per density unit
+        self.dG = np.diff(G) * self.scale
+
+    def _interp(self, u: np.ndarray):
+        up = np.maximum(u, 0.0)
+        raw = up * self.scale
+        pos = np.minimum(raw, self.top)
+        k = pos.astype(np.int64)
+        w = pos - k
+        d = self.D[k] * (1.0 - w) + self.D[k + 1] * w
+        g = self.G[k] * (1.0 - w) + self.G[k + 1] * w
+        return up, raw, k, w, d, g
+
+    def __call__(self, u: np.ndarray) -> np.ndarray:
+        up, _, _, _, d, g = self._interp(u)
+        i, j = self.i, self.j
+        flux = (d[i] + d[j]) * (u[j] - u[i]) * self.half_inv_dx2
+        return np.bincount(i, flux, self.n) - np.bincount(j, flux, self.n) + g * up
+
+    def vjp(self, u: np.ndarray, a: np.ndarray, aD: np.ndarray, aG: np.ndarray) -> np.ndarray:
+        """a^T d rhs / du at u; adds a^T d rhs / dD and / dG into aD, aG (the clamps pass the gradient at their
+        bounds, as torch.clamp does)."""
+        up, raw, k, w, d, g = self._interp(u)
+        i, j, n = self.i, self.j, self.n
+        a_flux = (a[i] - a[j]) * self.half_inv_dx2
+        a_grad = a_flux * (d[i] + d[j])
+        a_u = np.bincount(j, a_grad, n) - np.bincount(i, a_grad, n)
+        a_c = a_flux * (u[j] - u[i])
+        a_d = np.bincount(i, a_c, n) + np.bincount(j, a_c, n)
+        a_g = a * up
+        inside = raw <= self.top
+        a_up = a * g + np.where(inside, a_d * self.dD[np.minimum(k, self.m - 2)]
+                                + a_g * self.dG[np.minimum(k, self.m - 2)], 0.0)
+        aD += np.bincount(k, a_d * (1.0 - w), self.m) + np.bincount(k + 1, a_d * w, self.m)[:self.m]
+        aG += np.bincount(k, a_g * (1.0 - w), self.m) + np.bincount(k + 1, a_g * w, self.m)[:self.m]
+        return a_u + np.where(u >= 0.0, a_up, 0.0)
+
+
+class _HeunAdjoint(torch.autograd.Function):
+    """The Heun stepper in numpy; backward is its discrete adjoint (stored states: u and the predictor u1 of
+    every step, 16 bytes per box and step)."""
+
+    @staticmethod
+    def forward(ctx, u0, D, G, tg, t, u_max, cfl, max_steps, time_factor):
+        need = any(ctx.needs_input_grad[:3])
+        rhs = _NumpyRhs(tg, u_max, D.detach().numpy(), G.detach().numpy())
+        tf = time_factor or (lambda _t: 1.0)
+        u = u0.detach().numpy().astype(np.float64, copy=True)
+        out = [u.copy()]
+        steps: list[tuple[np.ndarray, np.ndarray, float, float, float]] = []
+        marks = []
+        done = 0
+        for k in range(t.size - 1):
+            n_sub, h = _substeps(tg, t, k, float(u.max()), D, G, cfl, u_max, done, max_steps)
+            done += n_sub
+            for s in range(n_sub):
+                tf0, tf1 = tf(t[k] + s * h), tf(t[k] + (s + 1) * h)
+                f0 = rhs(u) * tf0
+                u1 = u + h * f0
+                f1 = rhs(u1) * tf1
+                if need:
+                    steps.append((u, u1, h, tf0, tf1))
+                u = u + 0.5 * h * (f0 + f1)
+            marks.append(len(steps))
+            out.append(u.copy())
+        if need:
+            ctx.rhs, ctx.steps, ctx.marks = rhs, steps, marks
+        return torch.as_tensor(np.stack(out))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g_out = grad_out.detach().numpy()
+        rhs, steps, marks = ctx.rhs, ctx.steps, ctx.marks
+        aD = np.zeros(rhs.m)
+        aG = np.zeros(rhs.m)
+        a = g_out[-1].copy()
+        for k in range(len(marks) - 1, -1, -1):
+            start = marks[k - 1] if k > 0 else 0
+            for s in range(marks[k] - 1, start - 1, -1):
+                u, u1, h, tf0, tf1 = steps[s]
+                a_u1 = rhs.vjp(u1, (0.5 * h * tf1) * a, aD, aG)
+                a = a + a_u1 + rhs.vjp(u, tf0 * (0.5 * h * a + h * a_u1), aD, aG)
+            a = a + g_out[k]
+        return (torch.as_tensor(a), torch.as_tensor(aD), torch.as_tensor(aG), None, None, None, None, None, None)
