@@ -239,3 +239,60 @@ def test_comparing_forms_on_the_observed_densities_does_not_warn_of_extrapolatio
         assert not _same_curve(a, form("0.7*u"), u)
     with pytest.warns(ExtrapolationWarning):  # the forms themselves still warn when a user extrapolates
         a(u)
+
+
+def test_held_out_choice_alternates_until_both_choices_hold(monkeypatch):
+    """D and G are chosen in turn until a round keeps its choice. Held-out errors per (D, G) pair stand in for the
+    refits: with the symbolic G (3 constants) only the 2-constant D predicts well; with that D constant growth
+    does as well as any G; with constant growth the constant D does as well, so D changes in the third round, and
+    only a fourth round (G again) finds that with the constant D the logistic G predicts best: three fixed rounds
+    (D, G, D) ended at constant growth, a G chosen for a D they no longer had."""
+    from types import SimpleNamespace
+
+    import napari_binn.pipeline as pl
+    from napari_binn.symbolic.discover import Equations
+
+    field = _noisy_fkpp(frames=7)
+    D = ["700.0", "600.0 + 0.1*u"]
+    G = ["0.05", "0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"]
+    eq = Equations.from_forms(D=D, G=G, u_range=(0.0, 2000.0))
+    eq = dataclasses.replace(eq, D=eq.D.pick(1), G=eq.G.pick(2))
+    level = {("700.0", G[2]): 100, ("600.0 + 0.1*u", G[2]): 10, ("600.0 + 0.1*u", "0.05"): 10,
+             ("600.0 + 0.1*u", G[1]): 50, ("700.0", "0.05"): 10, ("700.0", G[1]): 5}
+    noise = 1 + 0.01 * np.random.default_rng(0).standard_normal(12)
+    fitted = []
+
+    def fake_fit(train, model, init=None, **kw):
+        cand = dict(init)
+        fitted.append(cand)
+        return SimpleNamespace(params=cand, bic=1.0, D=None, G=None)
+        yield  # a job generator that returns at once
+
+    def fake_simulate(*args, **kw):
+        return np.zeros_like(field.u)
+        yield
+
+    def fake_errors(*args):
+        pair = current_pair()
+        return level[pair] * noise
+
+    def current_pair():
+        init = fitted[-1]
+        sel = pl.Equations.from_forms(D=D, G=G, u_range=(0.0, 2000.0))
+        for i, d in enumerate(D):
+            for j, g in enumerate(G):
+                cand = dataclasses.replace(sel, D=sel.D.pick(i), G=sel.G.pick(j))
+                if pl.solver_model(cand, field)[1] == init:
+                    return d, g
+        raise AssertionError(init)
+
+    monkeypatch.setattr(pl, "fit_mechanistic_job", fake_fit)
+    monkeypatch.setattr(pl, "simulate_job", fake_simulate)
+    monkeypatch.setattr(pl, "block_errors", fake_errors)
+    cfg = PipelineConfig()
+    res = PipelineResult(cfg, field=field, equations=eq)
+    out, _ = run_job(pl._select_by_holdout(res, eq, cfg.refit, {"initial": "data"}, None, 0))
+    assert (out.D.text, out.G.text) == ("700.000000000000", "0.075 - 3.5e-5*u")
+    hold = res.metadata["holdout"]
+    assert hold["D"]["headline"] == "700.000000000000" and hold["G"]["headline"] == "0.075 - 3.5e-5*u"
+    assert len(res.metadata["refit_candidates"]) == len(level)  # every pair fitted once

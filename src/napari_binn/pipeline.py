@@ -94,7 +94,8 @@ class RefitConfig:
     for none). weighting: 'ols' | 'gls'. intervals: 'wald+ic' (Wald plus the initial frame's noise, by bootstrap) |
     'wald' | 'profile' | 'profile+ic' | 'none'. max_evals: simulations per fit. candidates: how many forms of
     each Pareto front are refitted against the data (the selected one, the simplest one and the best-scoring ones
-    between; first D with G fixed, then G with the chosen D, then D again), as the 2020 BINN paper chose among its
+    between; first D with G fixed, then G with the chosen D, then D again, and on by turns until a round keeps
+    its choice when held-out frames choose), as the 2020 BINN paper chose among its
     guided mechanistic models; 1 = refit only the symbolic selection. bic_margin: among the candidates, the
     simplest form (expression size) whose BIC is within this of the lowest is kept, so a more complex form needs
     strong evidence (a BIC difference above 6, Kass & Raftery 1995); used when ``holdout_frames`` is 0.
@@ -479,6 +480,8 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
 
 #: grid boxes per side of the spatial blocks over which the held-out test pairs candidates' errors
 HOLDOUT_BLOCK = 4
+#: most rounds of the held-out choice (D, G, D, G, ...; it stops at the first round that keeps its choice)
+HOLDOUT_ROUNDS = 6
 
 
 def holdout_count(rc: RefitConfig, n_frames: int) -> int:
@@ -591,8 +594,9 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
                        cancel: CancelToken | None, index: int):
     """Choose D and G by how well they predict the held-out last frames (see :class:`RefitConfig`).
 
-    Coordinate-wise as the BIC choice: every candidate D with G at its symbolic selection, then every candidate G
-    with the chosen D, then D again with the chosen G. Each candidate pair is refitted (fit_mechanistic, no
+    Coordinate-wise: every candidate D with G at its symbolic selection, then every candidate G with the chosen
+    D, then D again with the chosen G, and so on until a round keeps its function's choice (at most
+    HOLDOUT_ROUNDS). Each candidate pair is refitted (fit_mechanistic, no
     intervals) on the frames before the held-out ones and simulated over all frames; its held-out squared
     errors are summed in 4 x 4-box blocks; :func:`~napari_binn.symbolic.selection.heldout_choice` excludes the
     ones a paired test finds worse than the best and keeps the one with the fewest constants. Returns
@@ -613,13 +617,15 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
     cache: dict[tuple[int, int], tuple[Any, dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
     u_obs = _observed_u(fld)
-    total = 2 * len(cands["D"]) + len(cands["G"]) - 2
+    total = 2 * len(cands["D"]) + len(cands["G"]) - 2  # the usual count (more when a third round changes D)
 
     def pair(i: int, j: int) -> Equations:
         return replace(eq, D=replace(eq.D, selected_index=i, selection="held-out"),
                        G=replace(eq.G, selected_index=j, selection="held-out"))
 
     def evaluate(ij: tuple[int, int]):
+        nonlocal total
+        total = max(total, len(cache) + 1)
         cand = pair(*ij)
         model, init = solver_model(cand, fld)
         yield Progress("refit", len(cache), total, f"held-out candidate {len(cache) + 1}/{total}: "
@@ -642,7 +648,12 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         rows.append(rec)
 
     chosen: dict[str, dict[str, Any]] = {}
-    for key in ("D", "G", "D"):  # D again only costs fits when G changed (pairs are not refitted twice)
+    # D and G in turn until a round keeps its function's choice (then both are chosen given the other), at most
+    # HOLDOUT_ROUNDS rounds; a pair is never refitted twice. (Three fixed rounds D, G, D left the Porous–Fisher
+    # polygon's G chosen with a D that the third round replaced: logistic growth lost against the wrong D.)
+    for round_ in range(HOLDOUT_ROUNDS):
+        key = "DG"[round_ % 2]
+        before = current[key]
         options = [(i, current["G"]) if key == "D" else (current["D"], i) for i in cands[key]]
         for ij in options:
             if ij not in cache and not is_cancelled(cancel):
@@ -676,6 +687,8 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
                             "excluded": bool(excluded[k])} for k, ij in enumerate(avail)],
             "with": _row_label(eq.G if key == "D" else eq.D, avail[head][1 - pos]),
         }
+        if round_ >= 1 and current[key] == before:
+            break
     result.metadata["refit_candidates"] = rows
     n_blocks = next((len(e) for e, _ in cache.values() if e is not None), 0)
     result.metadata["holdout"] = {"frames": h, "level": float(rc.holdout_level),
