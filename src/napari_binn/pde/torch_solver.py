@@ -198,11 +198,10 @@ class _NumpyRhs:
         a_c = a_flux * (u[j] - u[i])
         a_d = np.bincount(i, a_c, n) + np.bincount(j, a_c, n)
         a_g = a * up
-        inside = raw <= self.top
-        a_up = a * g + np.where(inside, a_d * self.dD[np.minimum(k, self.m - 2)]
-                                + a_g * self.dG[np.minimum(k, self.m - 2)], 0.0)
-        aD += np.bincount(k, a_d * (1.0 - w), self.m) + np.bincount(k + 1, a_d * w, self.m)[:self.m]
-        aG += np.bincount(k, a_g * (1.0 - w), self.m) + np.bincount(k + 1, a_g * w, self.m)[:self.m]
+        # k <= m - 2 (the position is clamped below m - 1), so k + 1 is a node
+        a_up = a * g + np.where(raw <= self.top, a_d * self.dD[k] + a_g * self.dG[k], 0.0)
+        aD += np.bincount(k, a_d * (1.0 - w), self.m) + np.bincount(k + 1, a_d * w, self.m)
+        aG += np.bincount(k, a_g * (1.0 - w), self.m) + np.bincount(k + 1, a_g * w, self.m)
         return a_u + np.where(u >= 0.0, a_up, 0.0)
 
 
