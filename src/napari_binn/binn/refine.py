@@ -18,7 +18,8 @@ Initial state (``initial``): ``"surrogate"`` (the BINN surrogate at the first fr
 itself) or ``"denoised"`` (the first frame with empty space that holds only noise set to 0: noise specks in empty
 space would otherwise grow like cells), fixed while the ladder runs, or ``"auto"`` (default: both "denoised" and
 "surrogate" are tried and the one with the lower final misfit is kept); with ``joint`` the initial state is then
-fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2%.
+fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2% below the best
+misfit of every initial state held fixed.
 
 Bands: a Laplace approximation (Gauss–Newton Hessian from a finite-difference Jacobian of the simulation) gives
 D_sd, G_sd at the nodes with the initial state held as known. With more than one initial state tried
@@ -50,7 +51,7 @@ __all__ = ["RefineConfig", "refine_binn", "refine_binn_job", "INITIAL_STATES"]
 INITIAL_STATES = ("auto", "surrogate", "data", "denoised")
 _AUTO = ("denoised", "surrogate")  # tried by initial = "auto"
 _STAGE = "refine"
-_JOINT_GAIN = 0.02  # the joint initial state is kept only when it lowers the misfit by more than this fraction
+_JOINT_GAIN = 0.02  # a joint fit is kept only when its misfit is this fraction below the best held fixed
 
 
 @dataclass
@@ -62,7 +63,8 @@ class RefineConfig:
     state, 'auto' (both 'denoised' and 'surrogate', the lower final misfit kept) | 'surrogate' (the BINN
     surrogate at the first frame) | 'data' (the first frame) | 'denoised' (the first
     frame with the boxes of empty space that hold only noise set to 0). joint: then fit the initial state too
-    (kept only when it lowers the misfit by more than 2%), with total-variation weight tv_weight (relative to
+    (kept only when its misfit is more than 2% below the best of the initial states held fixed), with
+    total-variation weight tv_weight (relative to
     the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
     distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the bands D_sd,
     G_sd (Laplace, widened by the spread between initial states).
@@ -317,8 +319,9 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
             jac[i] = _jacobian(prob, f["z"], u0_fixed)
             f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac[i], f["smoothness"], cfg.nodes, s2)
         best = max(range(len(fits)), key=lambda i: fits[i]["log_evidence"])
-    out = {"initial": initial, "fits": fits, "chosen": fits[best], "z": fits[best]["z"], "u0": u0_fixed,
-           "chi2": fits[best]["chi2"], "chi2_start": chi2_start, "jacobian": jac.get(best), "s2": s2, "notes": []}
+    out = {"initial": initial, "base": initial, "fits": fits, "chosen": fits[best], "z": fits[best]["z"],
+           "u0": u0_fixed, "chi2": fits[best]["chi2"], "chi2_start": chi2_start, "jacobian": jac.get(best), "s2": s2,
+           "notes": [], "joint": None}
     if cfg.joint and not is_cancelled(cancel):
         zj = torch.tensor(out["z"], requires_grad=True)
         wj = torch.zeros_like(u0_fixed, requires_grad=True)  # the change of the initial state / noise s.d.
@@ -333,16 +336,29 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
         with torch.no_grad():
             u0c = torch.clamp(u0_fixed + prob.sigma * wj.detach(), min=0.0)
             chi2_joint = float(prob.chi2(prob.simulate(zj.detach(), u0c)))
-        kept = chi2_joint < (1.0 - _JOINT_GAIN) * out["chi2"]
-        if kept:
-            out.update(z=zj.detach().numpy().copy(), u0=u0c, initial=f"{initial}+joint", chi2=chi2_joint,
-                       jacobian=None)
-        else:
-            out["notes"].append(f"initial state '{initial}': fitting it jointly lowered the misfit by less than "
-                                f"{100 * _JOINT_GAIN:g}% ({chi2_joint / n:.4g} vs {out['chi2'] / n:.4g}); not kept")
+        out["joint"] = {"z": zj.detach().numpy().copy(), "u0": u0c, "chi2": chi2_joint}
         yield clock.event(_STAGE, offset + len(cfg.smoothness) + 1, f"{label}joint initial state: misfit "
-                          f"{chi2_joint / n:.4g} ({'kept' if kept else 'not kept'})")
+                          f"{chi2_joint / n:.4g} (held fixed: {out['chi2'] / n:.4g})")
     return out
+
+
+def _keep_joint_fits(runs: list[dict[str, Any]], n: int) -> None:
+    """A joint fit (the initial state fitted too, n more unknowns) replaces its run's result only when its misfit
+    is more than _JOINT_GAIN below the best misfit of every initial state held fixed, not just its own: the
+    surrogate's first frame fitted jointly beat the denoised frame held fixed on the demo sample by 1.1% while its D
+    fell to about 0 (the joint fit of the denoised frame, 1.9% lower still, had been discarded as too small a gain
+    over its own start)."""
+    best_fixed = min(r["chi2"] for r in runs)
+    for r in runs:
+        joint = r.pop("joint", None)
+        if joint is None:
+            continue
+        if joint["chi2"] < (1.0 - _JOINT_GAIN) * best_fixed:
+            r.update(z=joint["z"], u0=joint["u0"], initial=f"{r['base']}+joint", chi2=joint["chi2"], jacobian=None)
+        else:
+            r["notes"].append(f"initial state '{r['base']}' fitted jointly: misfit {joint['chi2'] / n:.4g}, not "
+                              f"{100 * _JOINT_GAIN:g}% below the best with an initial state held fixed "
+                              f"({best_fixed / n:.4g}); not kept")
 
 
 def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | None = None, *,
@@ -377,6 +393,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
             yield clock.event(_STAGE, k * per, "refinement cancelled: the BINN's own curves are kept", cancelled=True)
             return fit
         runs.append(run)
+    _keep_joint_fits(runs, n)
     win = min(runs, key=lambda r: r["chi2"])
     notes = [note for r in runs for note in r["notes"]]
     if prob.max_steps < cfg.max_steps:
@@ -409,7 +426,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         "G_initial_sd": None if spread is None else spread["G"].tolist(),
         "misfit_start": win["chi2_start"] / n, "misfit": win["chi2"] / n, "noise_sd": prob.sigma,
         "smoothness": chosen["smoothness"],
-        "ladder": [{"initial": r["initial"], "smoothness": f["smoothness"], "misfit": f["chi2"] / n,
+        "ladder": [{"initial": r["base"], "smoothness": f["smoothness"], "misfit": f["chi2"] / n,
                     "log_evidence": f.get("log_evidence")} for r in runs for f in r["fits"]],
         "initial": win["initial"], "distill_rel_err": err, "seconds": time.perf_counter() - t_start,
         "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every frame, in "
