@@ -207,10 +207,19 @@ class _NumpyRhs:
 
 class _HeunAdjoint(torch.autograd.Function):
     """The Heun stepper in numpy; backward is its discrete adjoint (stored states: u and the predictor u1 of
-    every step, 16 bytes per box and step)."""
+    every step, 16 bytes per box and step).
+
+    Overflow is not warned about but returned: where the tables are steep the linearised steps can grow even when
+    the simulation stays bounded (the step size bounds D, not D'(u) grad u), so the gradient can be infinite or
+    NaN (as autograd's is then); the refinement's optimiser stops that fit there (seen on MDCK xy2)."""
 
     @staticmethod
     def forward(ctx, u0, D, G, tg, t, u_max, cfl, max_steps, time_factor):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _HeunAdjoint._forward(ctx, u0, D, G, tg, t, u_max, cfl, max_steps, time_factor)
+
+    @staticmethod
+    def _forward(ctx, u0, D, G, tg, t, u_max, cfl, max_steps, time_factor):
         need = any(ctx.needs_input_grad[:3])
         rhs = _NumpyRhs(tg, u_max, D.detach().numpy(), G.detach().numpy())
         tf = time_factor or (lambda _t: 1.0)
@@ -238,6 +247,11 @@ class _HeunAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _HeunAdjoint._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         g_out = grad_out.detach().numpy()
         rhs, steps, marks = ctx.rhs, ctx.steps, ctx.marks
         aD = np.zeros(rhs.m)
