@@ -343,8 +343,8 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
 
 
 def _keep_joint_fits(runs: list[dict[str, Any]], n: int) -> None:
-    """A joint fit (the initial state fitted too, n more unknowns) replaces its run's result only when its misfit
-    is more than _JOINT_GAIN below the best misfit of every initial state held fixed, not just its own: the
+    """A joint fit (the initial state fitted too: one more unknown per box) replaces its run's result only when
+    its misfit is more than _JOINT_GAIN below the best misfit of every initial state held fixed, not just its own: the
     surrogate's first frame fitted jointly beat the denoised frame held fixed on the demo sample by 1.1% while its D
     fell to about 0 (the joint fit of the denoised frame, 1.9% lower still, had been discarded as too small a gain
     over its own start)."""

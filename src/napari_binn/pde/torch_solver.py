@@ -223,8 +223,8 @@ class _HeunAdjoint(torch.autograd.Function):
         need = any(ctx.needs_input_grad[:3])
         rhs = _NumpyRhs(tg, u_max, D.detach().numpy(), G.detach().numpy())
         tf = time_factor or (lambda _t: 1.0)
-        u = u0.detach().numpy().astype(np.float64, copy=True)
-        out = [u.copy()]
+        u = u0.detach().numpy().astype(np.float64, copy=True)  # no step changes a state in place: no copies below
+        out = [u]
         steps: list[tuple[np.ndarray, np.ndarray, float, float, float]] = []
         marks = []
         done = 0
@@ -240,7 +240,7 @@ class _HeunAdjoint(torch.autograd.Function):
                     steps.append((u, u1, h, tf0, tf1))
                 u = u + 0.5 * h * (f0 + f1)
             marks.append(len(steps))
-            out.append(u.copy())
+            out.append(u)
         if need:
             ctx.rhs, ctx.steps, ctx.marks = rhs, steps, marks
         return torch.as_tensor(np.stack(out))
