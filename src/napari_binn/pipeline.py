@@ -768,6 +768,10 @@ def refine_text(fit: BinnFit | None) -> list[str]:
         value = info.get(key)
         return format(float(value), fmt) if isinstance(value, (int, float)) else "?"
 
+    if info.get("failed"):
+        return [f"D(u), G(u) not refined: the PDE solver's refinement did not lower the misfit "
+                f"({num('misfit_start', '.4g')} -> {num('misfit', '.4g')}); the BINN's own curves are kept"] + [
+            str(note) for note in info.get("notes", [])]
     line = (f"D(u), G(u) refined through the PDE solver: misfit {num('misfit_start', '.4g')} -> "
             f"{num('misfit', '.4g')}, smoothness {num('smoothness', 'g')}, initial state "
             f"'{info.get('initial', '?')}'")

@@ -185,3 +185,82 @@ def test_a_joint_fit_must_beat_every_initial_state_held_fixed():
     alone = [run("data", 100.0, None)]
     _keep_joint_fits(alone, n)
     assert alone[0]["initial"] == "data" and not alone[0]["notes"]
+
+
+def test_lbfgs_keeps_its_best_point_when_the_line_search_meets_refused_curves():
+    """The solver refuses curves that need too many steps (ValueError: an infinite loss without a gradient).
+    torch's L-BFGS then leaves its parameters wherever the line search stopped (here non-finite), which used to
+    throw away the whole burst's progress; the best point evaluated is kept instead, never worse than the start."""
+    import torch
+
+    from napari_binn.binn.refine import _lbfgs
+
+    x = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+
+    def loss_fn():
+        if float(x.detach()[0]) > 2.0:  # refused: like a table that would need more than max_steps
+            raise ValueError("too many steps")
+        return ((x - 3.0) ** 2 + 0.1 * torch.sin(20.0 * x)).sum()
+
+    with torch.no_grad():
+        start = float(loss_fn())
+    got = _lbfgs([x], loss_fn, 50, None)
+    assert torch.isfinite(x).all()
+    with torch.no_grad():
+        assert float(loss_fn()) == pytest.approx(got)  # the parameters are at the loss returned
+    assert got < 0.6 * start  # progress kept (the refused region lies beyond x = 2)
+
+
+def test_a_refinement_that_fits_worse_than_the_binn_keeps_the_binns_curves(small_case, monkeypatch):
+    """An initial state whose refined curves fit the data worse than the BINN's own is discarded; with none left
+    the BINN's curves stay and the report says the refinement failed (seen with the prior pulling the tables into
+    their bounds at the first, strongest prior strength)."""
+    import torch
+
+    from napari_binn.binn import refine as R
+
+    fld, _, fit = small_case
+    fit = copy.deepcopy(fit)
+    u = fit.u_grid()
+    d_before = fit.D(u)
+
+    def ruin(params, loss_fn, iterations, cancel):  # an optimiser that ends far from the data
+        with torch.no_grad():
+            params[0].add_(5.0)
+        return float("nan")
+
+    monkeypatch.setattr(R, "_lbfgs", ruin)
+    events = []
+    out = refine_binn(fld, fit, RefineConfig(smoothness=[1.0], initial="auto", joint=False, distill_steps=20),
+                      callback=events.append)
+    meta = out.metadata["refine"]
+    assert meta["failed"] and meta["misfit"] > meta["misfit_start"]
+    np.testing.assert_array_equal(out.D(u), d_before)
+    assert sum("discarded" in note for note in meta["notes"]) == 2
+    assert events[-1].data["done"] and "kept" in events[-1].message
+    assert refine_text(out)[0].startswith("D(u), G(u) not refined")
+
+
+def test_an_initial_state_whose_refinement_fits_worse_is_discarded_and_the_other_kept(small_case, monkeypatch):
+    import torch
+
+    from napari_binn.binn import refine as R
+
+    fld, _, fit = small_case
+    real = R._lbfgs
+    calls = []
+
+    def first_ruined(params, loss_fn, iterations, cancel):  # the first initial state's fit ends far from the data
+        calls.append(1)
+        if len(calls) == 1:
+            with torch.no_grad():
+                params[0].add_(5.0)
+            return float("nan")
+        return real(params, loss_fn, iterations, cancel)
+
+    monkeypatch.setattr(R, "_lbfgs", first_ruined)
+    out = refine_binn(fld, copy.deepcopy(fit), RefineConfig(smoothness=[1.0], initial="auto", joint=False,
+                                                           distill_steps=20))
+    meta = out.metadata["refine"]
+    assert not meta.get("failed") and meta["initial"] == "surrogate" and meta["misfit"] < meta["misfit_start"]
+    assert any(note.startswith("initial state 'denoised'") and "discarded" in note for note in meta["notes"])

@@ -19,7 +19,8 @@ itself) or ``"denoised"`` (the first frame with empty space that holds only nois
 space would otherwise grow like cells), fixed while the ladder runs, or ``"auto"`` (default: both "denoised" and
 "surrogate" are tried and the one with the lower final misfit is kept); with ``joint`` the initial state is then
 fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2% below the best
-misfit of every initial state held fixed.
+misfit of every initial state held fixed. An initial state whose refined curves fit worse than the BINN's own
+from it is discarded; when every one is, the BINN's curves are kept (``metadata['refine']['failed']``).
 
 Bands: a Laplace approximation (Gauss–Newton Hessian from a finite-difference Jacobian of the simulation) gives
 D_sd, G_sd at the nodes with the initial state held as known. With more than one initial state tried
@@ -221,7 +222,16 @@ class _Problem:
         r = torch.where(self.obs, sim - self.data, torch.zeros_like(sim)) / self.sigma
         return (r * r).sum()
 
+    def penalised(self) -> np.ndarray:
+        """1 for the parameters the smoothness prior penalises (the scaled second differences), 0 for each table's
+        value and slope."""
+        m = self.cfg.nodes
+        P = np.ones(2 * m)
+        P[[0, 1, m, m + 1]] = 0.0
+        return P
+
     def prior(self, z: torch.Tensor) -> torch.Tensor:
+        """Sum of squares of the penalised parameters (see :meth:`penalised`)."""
         m = self.cfg.nodes
         return (z[2:m] ** 2).sum() + (z[m + 2:] ** 2).sum()
 
@@ -232,8 +242,12 @@ class _Problem:
 
 
 def _lbfgs(params: list[torch.Tensor], loss_fn, iterations: int, cancel: CancelToken | None) -> float:
+    """Minimise ``loss_fn`` over ``params`` in place (L-BFGS, strong-Wolfe line search, ``iterations`` function
+    evaluations at most in bursts of 10) and leave ``params`` at the lowest loss evaluated, never worse than the
+    start (torch's L-BFGS leaves them at its last iterate, which after a line search through curves the solver
+    refuses, an infinite loss without a gradient, need not be its best). Returns that loss."""
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=10, history_size=20, line_search_fn="strong_wolfe")
-    best = math.inf
+    best = {"loss": math.inf, "params": [p.detach().clone() for p in params]}
 
     def closure():
         opt.zero_grad(set_to_none=True)
@@ -241,24 +255,24 @@ def _lbfgs(params: list[torch.Tensor], loss_fn, iterations: int, cancel: CancelT
             loss = loss_fn()
         except ValueError:  # the line search tried curves that would need too many steps
             return torch.tensor(math.inf, dtype=torch.float64)
+        val = float(loss.detach())
+        if math.isfinite(val) and val < best["loss"]:
+            best.update(loss=val, params=[p.detach().clone() for p in params])
         loss.backward()
         return loss
 
+    previous = math.inf
     for _ in range(max(1, iterations // 10)):
         if is_cancelled(cancel):
             break
-        before = [p.detach().clone() for p in params]
-        val = float(opt.step(closure).detach())
-        if not all(bool(torch.isfinite(p).all()) for p in params) or not math.isfinite(val):
-            with torch.no_grad():
-                for p, b in zip(params, before):
-                    p.copy_(b)
+        opt.step(closure)
+        if not all(bool(torch.isfinite(p).all()) for p in params) or best["loss"] > previous - 1e-7 * abs(previous):
             break
-        if val > best - 1e-7 * abs(best):
-            best = min(best, val)
-            break
-        best = val
-    return best
+        previous = best["loss"]
+    with torch.no_grad():
+        for p, b in zip(params, best["params"]):
+            p.copy_(b)
+    return best["loss"]
 
 
 def _jacobian(prob: _Problem, z: np.ndarray, u0: torch.Tensor) -> np.ndarray:
@@ -275,10 +289,9 @@ def _jacobian(prob: _Problem, z: np.ndarray, u0: torch.Tensor) -> np.ndarray:
     return J
 
 
-def _log_evidence(chi2: float, z: np.ndarray, J: np.ndarray, lam: float, m: int, sigma2_ratio: float) -> float:
-    """Laplace log evidence (up to a constant) of prior strength ``lam``; residuals rescaled by ``sigma2_ratio``."""
-    P = np.ones(z.size)
-    P[[0, 1, m, m + 1]] = 0.0  # value and slope are not penalised
+def _log_evidence(chi2: float, z: np.ndarray, J: np.ndarray, lam: float, P: np.ndarray, sigma2_ratio: float) -> float:
+    """Laplace log evidence (up to a constant) of prior strength ``lam`` on the parameters where ``P`` is 1;
+    residuals rescaled by ``sigma2_ratio``."""
     H = J.T @ J / sigma2_ratio + lam * np.diag(P)
     sign, logdet = np.linalg.slogdet(H + 1e-9 * np.eye(z.size))
     k = int(P.sum())
@@ -317,7 +330,7 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
     if len(fits) > 1:
         for i, f in enumerate(fits):
             jac[i] = _jacobian(prob, f["z"], u0_fixed)
-            f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac[i], f["smoothness"], cfg.nodes, s2)
+            f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac[i], f["smoothness"], prob.penalised(), s2)
         best = max(range(len(fits)), key=lambda i: fits[i]["log_evidence"])
     out = {"initial": initial, "base": initial, "fits": fits, "chosen": fits[best], "z": fits[best]["z"],
            "u0": u0_fixed, "chi2": fits[best]["chi2"], "chi2_start": chi2_start, "jacobian": jac.get(best), "s2": s2,
@@ -394,8 +407,22 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
             return fit
         runs.append(run)
     _keep_joint_fits(runs, n)
-    win = min(runs, key=lambda r: r["chi2"])
     notes = [note for r in runs for note in r["notes"]]
+    worse = [r for r in runs if not r["chi2"] < r["chi2_start"]]
+    for r in worse:
+        notes.append(f"initial state '{r['initial']}': the refined curves fit worse than the BINN's own (misfit "
+                     f"{r['chi2_start'] / n:.4g} -> {r['chi2'] / n:.4g}); discarded")
+    runs = [r for r in runs if r["chi2"] < r["chi2_start"]]
+    if not runs:  # no initial state improved on the BINN: keep its curves, say so
+        fit.metadata["refine"] = {"failed": True, "misfit_start": min(r["chi2_start"] for r in worse) / n,
+                                  "misfit": min(r["chi2"] for r in worse) / n, "noise_sd": prob.sigma,
+                                  "seconds": time.perf_counter() - t_start,
+                                  "notes": notes + ["the refinement did not lower the misfit from any initial state "
+                                                    "tried: the BINN's own curves are kept"]}
+        yield clock.event(_STAGE, total, "refinement did not improve on the BINN's curves from any initial state: "
+                          "they are kept", done=True, refine=fit.metadata["refine"])
+        return fit
+    win = min(runs, key=lambda r: r["chi2"])
     if prob.max_steps < cfg.max_steps:
         notes.append(f"time steps per simulation capped at {prob.max_steps} (refine.max_steps {cfg.max_steps}) to "
                      f"keep the autograd memory under refine.max_memory_gb = {cfg.max_memory_gb:g} GB on "
@@ -444,8 +471,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
 
 def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float) -> tuple[np.ndarray, np.ndarray]:
     m = prob.cfg.nodes
-    P = np.ones(z.size)
-    P[[0, 1, m, m + 1]] = 0.0
+    P = prob.penalised()
     H = J.T @ J / s2 + lam * np.diag(P)
     cov = np.linalg.pinv(H)
     eps = 1e-5
