@@ -296,3 +296,41 @@ def test_held_out_choice_alternates_until_both_choices_hold(monkeypatch):
     hold = res.metadata["holdout"]
     assert hold["D"]["headline"] == "700.000000000000" and hold["G"]["headline"] == "0.075 - 3.5e-5*u"
     assert len(res.metadata["refit_candidates"]) == len(level)  # every pair fitted once
+
+
+def test_bic_choice_alternates_until_both_choices_hold(monkeypatch):
+    """The BIC choice (refit.holdout_frames = 0) alternates D and G as the held-out choice does, until a round keeps
+    its choice. A BIC per (D, G) pair stands in for the refits: the third round moves D to the constant, and only a
+    fourth round finds that with it the logistic G has the lowest BIC; three fixed rounds (D, G, D) ended at
+    constant growth, chosen for a D they no longer had."""
+    from types import SimpleNamespace
+
+    import napari_binn.pipeline as pl
+    from napari_binn.symbolic.discover import Equations
+
+    field = _noisy_fkpp()
+    D = ["700.0", "600.0 + 0.1*u"]
+    G = ["0.05", "0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"]
+    eq = Equations.from_forms(D=D, G=G, u_range=(0.0, 2000.0))
+    eq = dataclasses.replace(eq, D=eq.D.pick(1), G=eq.G.pick(2))
+    bic = {(D[0], G[2]): 100.0, (D[1], G[2]): 10.0, (D[1], G[0]): 10.0, (D[1], G[1]): 50.0, (D[0], G[0]): 10.0,
+           (D[0], G[1]): 5.0}
+    by_init = {}
+    for i, d in enumerate(D):
+        for j, g in enumerate(G):
+            cand = dataclasses.replace(eq, D=eq.D.pick(i), G=eq.G.pick(j))
+            by_init[repr(sorted(cand.parameters()[1].items()))] = (d, g)
+    fitted = []
+
+    def fake_fit(fld, model, init=None, **kw):
+        pair = by_init[repr(sorted(init.items()))]
+        fitted.append(pair)
+        return SimpleNamespace(params=dict(init), bic=bic[pair], aic=bic[pair])
+        yield  # a job generator that returns at once
+
+    monkeypatch.setattr(pl, "fit_mechanistic_job", fake_fit)
+    res = PipelineResult(PipelineConfig(), field=field, equations=eq)
+    out = run_job(pl._select_by_bic(res, eq, 6, 2.0, {}, None, 0))
+    assert (out.D.text, out.G.text) == ("700.000000000000", "0.075 - 3.5e-5*u")
+    assert out.D.selection == "bic"
+    assert len(fitted) == len(set(fitted)) == len(bic)  # every pair fitted once

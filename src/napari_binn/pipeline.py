@@ -422,13 +422,18 @@ def _candidate_indices(f, n: int) -> list[int]:
     return sorted(picked[: max(n, 1)], key=lambda i: f.rows[i].complexity)
 
 
+#: most rounds of the held-out and BIC choices (D, G, D, G, ...; each stops at the first round that keeps its choice)
+HOLDOUT_ROUNDS = 6
+
+
 def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float, kw: dict[str, Any],
                    cancel: CancelToken | None, index: int):
     """Refit candidate forms against the data and return ``eq`` re-selected to the lowest-BIC pair.
 
-    Coordinate-wise: with G at its symbolic selection, every candidate D is refitted and the best kept; then
-    every candidate G with that D; then D again with the chosen G. Each time the simplest form (by expression
-    size) whose BIC is within ``margin`` of the lowest is kept. The fitted candidates go into ``result.metadata['refit_candidates']``."""
+    Coordinate-wise, as the held-out choice: with G at its symbolic selection, every candidate D is refitted and the
+    best kept; then every candidate G with that D; then D again, and so on until a round keeps its function's
+    choice (at most HOLDOUT_ROUNDS). Each time the simplest form (by expression size) whose BIC is within
+    ``margin`` of the lowest is kept. The fitted candidates go into ``result.metadata['refit_candidates']``."""
     from dataclasses import replace
 
     cands = {"D": _candidate_indices(eq.D, n), "G": _candidate_indices(eq.G, n)}
@@ -443,7 +448,9 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
         return replace(eq, D=replace(eq.D, selected_index=i, selection="bic"),
                        G=replace(eq.G, selected_index=j, selection="bic"))
 
-    for key in ("D", "G", "D"):  # D again only costs fits when G changed (pairs are not refitted twice)
+    for round_ in range(HOLDOUT_ROUNDS):  # a pair is never refitted twice
+        key = "DG"[round_ % 2]
+        before = current[key]
         for idx in cands[key]:
             ij = (idx, current["G"]) if key == "D" else (current["D"], idx)
             if ij in scores or is_cancelled(cancel):
@@ -472,6 +479,8 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
             best = min((ij for ij, b in done.items() if b <= lowest + margin),
                        key=lambda ij: (front[ij[pos]].complexity, done[ij]))
             current = {"D": best[0], "G": best[1]}
+        if round_ >= 1 and current[key] == before:
+            break
     result.metadata["refit_candidates"] = rows
     if not any(np.isfinite(b) for b in scores.values()):
         return eq
@@ -480,8 +489,6 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
 
 #: grid boxes per side of the spatial blocks over which the held-out test pairs candidates' errors
 HOLDOUT_BLOCK = 4
-#: most rounds of the held-out choice (D, G, D, G, ...; it stops at the first round that keeps its choice)
-HOLDOUT_ROUNDS = 6
 
 
 def holdout_count(rc: RefitConfig, n_frames: int) -> int:
