@@ -25,3 +25,21 @@ def die_or_finish(item, cancel=None, members=None):
             return ItemOutcome(item.name, Path(item.out), status="done", message="finished again")
         marker.write_text("ran")
     return ItemOutcome(item.name, Path(item.out), status="done", message=f"finished on pid {os.getpid()}")
+
+
+def write_then_die(item, cancel=None, members=None):
+    """The first time: write the item's bundle whole (as run_item_job does, with the item's metadata), then kill the
+    worker before the outcome is returned; when dask retries it, the real run_item_job runs (item.data is None, so
+    anything but keeping the bundle fails)."""
+    from napari_binn.batch import run_item_job
+    from napari_binn.pipeline import PipelineConfig, PipelineResult
+    from napari_binn.results import save_results
+
+    marker = Path(item.metadata["marker"])
+    if not marker.exists():
+        marker.write_text("wrote its bundle, then died")
+        result = PipelineResult(PipelineConfig())
+        result.metadata.update(item.metadata)
+        save_results(result, item.out, figures=False)
+        os._exit(1)
+    return (yield from run_item_job(item, cancel, members))

@@ -96,6 +96,19 @@ def test_a_worker_that_dies_is_retried_once_then_reported(tmp_path, client):
     assert (tmp_path / "die_once").exists() and status["ok"][0] == "done"
 
 
+def test_a_retry_keeps_the_bundle_its_first_attempt_wrote(tmp_path, client):
+    """A worker lost between writing an item's bundle and returning its outcome: dask runs the item again, and the
+    retry finds the bundle complete and written by this batch run, so it reports the item done instead of failing
+    on the folder it cannot overwrite."""
+    import _batch_tasks
+
+    item = BatchItem("late_death", None, None, tmp_path / "late_death", metadata={"marker": str(tmp_path / "m")})
+    outcomes = run_job(run_batch([item], cluster=client, members=False, task=_batch_tasks.write_then_die))
+    assert outcomes[0].status == "done" and "first attempt" in outcomes[0].message, outcomes[0].message
+    assert (tmp_path / "m").exists() and bundle_complete(tmp_path / "late_death")
+    assert load_results(tmp_path / "late_death").metadata["batch_run"]
+
+
 def test_cancel_stops_the_batch_and_leaves_written_bundles_valid(tmp_path, client, fkpp_field, pipeline_config):
     cfg = _config(pipeline_config, n_models=1)
     cfg.binn = cfg.binn.replace(steps=3000, warmup_steps=100)  # long enough to be running when cancelled

@@ -27,12 +27,13 @@ import queue
 import time
 import uuid
 from collections.abc import Generator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, InputError
 from ..jobs import CancelToken, Progress, is_cancelled
-from .items import BatchItem, ItemOutcome, run_item_job
+from .items import BATCH_RUN_KEY, BatchItem, ItemOutcome, run_item_job
 
 __all__ = ["connect", "run_on_cluster", "run_remote_item", "DaskMembers", "RemoteCancel", "require_distributed",
            "EXTRA", "CONNECT_TIMEOUT_S"]
@@ -299,7 +300,9 @@ def run_on_cluster(items: Sequence[BatchItem], todo: Sequence[int], outcomes: li
             # that dies takes only the item it was running with it
             while waiting and len(futures) < threads:
                 k = waiting.pop(0)
-                future = client.submit(run_remote_item, items[k], k, topic, stop, bool(members), task,
+                # the run's id goes into the bundle: a retry (its worker lost after the bundle was written) keeps it
+                item = replace(items[k], metadata={**items[k].metadata, BATCH_RUN_KEY: batch})
+                future = client.submit(run_remote_item, item, k, topic, stop, bool(members), task,
                                        key=f"napari-binn-item-{k}-{batch}", pure=False, retries=1)
                 futures[future] = k
                 pending.add(future)

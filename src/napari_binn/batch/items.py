@@ -183,6 +183,12 @@ def run_item_job(item: BatchItem, cancel: CancelToken | None = None, members: An
     from ..results import save_results
     from ..roi import read_roi
 
+    run_id = item.metadata.get(BATCH_RUN_KEY)
+    if run_id and bundle_complete(item.out) and _bundle_run_id(item.out) == run_id:
+        # a retry of an item whose first attempt wrote its bundle, then lost its worker before the outcome was read
+        outcome = outcome_of_bundle(item)
+        outcome.message = "written by this batch's first attempt (its worker was lost after it finished); kept"
+        return outcome
     outcome = ItemOutcome(item.name, Path(item.out), status="running")
     t0 = time.perf_counter()
     try:
@@ -278,6 +284,19 @@ def check_batch_folder(folder: str | Path, items: Sequence[BatchItem], *, overwr
             for left in Path(item.out).parent.glob(f".{Path(item.out).name}.partial-*"):
                 shutil.rmtree(left, ignore_errors=True)
     return keep
+
+
+#: the key of ``BatchItem.metadata`` (and so of the bundle's metadata.json) naming the distributed batch run that
+#: wrote it: a retried task that finds a complete bundle of its own run keeps it instead of failing on it
+BATCH_RUN_KEY = "batch_run"
+
+
+def _bundle_run_id(path: str | Path) -> str | None:
+    try:
+        value = json.loads((Path(path) / "metadata.json").read_text(encoding="utf-8")).get(BATCH_RUN_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def outcome_of_bundle(item: BatchItem) -> ItemOutcome:
