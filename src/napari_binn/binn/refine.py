@@ -223,18 +223,22 @@ class _Problem:
         r = torch.where(self.obs, sim - self.data, torch.zeros_like(sim)) / self.sigma
         return (r * r).sum()
 
-    def penalised(self) -> np.ndarray:
-        """1 for the parameters the smoothness prior penalises (the scaled second differences), 0 for each table's
-        value and slope."""
+    def _penalised_slices(self) -> tuple[slice, slice]:
+        """Where in z the smoothness prior acts: each table's scaled second differences (not its value and slope)."""
         m = self.cfg.nodes
-        P = np.ones(2 * m)
-        P[[0, 1, m, m + 1]] = 0.0
+        return slice(2, m), slice(m + 2, 2 * m)
+
+    def penalised(self) -> np.ndarray:
+        """1 for the parameters the smoothness prior penalises, 0 for each table's value and slope."""
+        P = np.zeros(2 * self.cfg.nodes)
+        for part in self._penalised_slices():
+            P[part] = 1.0
         return P
 
     def prior(self, z: torch.Tensor) -> torch.Tensor:
-        """Sum of squares of the penalised parameters (see :meth:`penalised`)."""
-        m = self.cfg.nodes
-        return (z[2:m] ** 2).sum() + (z[m + 2:] ** 2).sum()
+        """Sum of squares of the penalised parameters."""
+        d, g = self._penalised_slices()
+        return (z[d] ** 2).sum() + (z[g] ** 2).sum()
 
     def tv(self, u0: torch.Tensor) -> torch.Tensor:
         i, j = self.tg.face_i, self.tg.face_j
@@ -421,7 +425,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     for r in worse:
         notes.append(f"initial state '{r['initial']}': the refined curves fit worse than the BINN's own (misfit "
                      f"{r['chi2_start'] / n:.4g} -> {r['chi2'] / n:.4g}, beyond the misfit's own noise); discarded")
-    runs = [r for r in runs if not _fits_worse(r, n)]
+    runs = [r for r in runs if not any(r is w for w in worse)]
     if not runs:  # no initial state improved on the BINN: keep its curves, say so
         fit.metadata["refine"] = {"failed": True, "misfit_start": min(r["chi2_start"] for r in worse) / n,
                                   "misfit": min(r["chi2"] for r in worse) / n, "noise_sd": prob.sigma,
