@@ -27,6 +27,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --crb-only     # identifiability of each case's constants, no pipeline
     python benchmarks/discovery_bench.py --selftest     # checks the scorer on known expressions
     python benchmarks/discovery_bench.py --list         # the case table
+    python benchmarks/discovery_bench.py --validation   # eight other cases no default was chosen on
     python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
 
 The last line printed is a JSON object: {"cases", "structures_recovered", "true_form_listed", "per_case": {name: {"binn_d_rel_err",
@@ -118,7 +119,8 @@ class Case:
                               noise_model=self.noise_model, seed=seed, u0_fraction=self.u0_fraction, rtol=1e-6)
 
     def describe(self) -> str:
-        noise = "Poisson counts" if self.noise_model == "poisson" else f"{self.noise:.0%} Gaussian of K"
+        noise = {"poisson": "Poisson counts", "proportional": f"{self.noise:.0%} proportional (sd = noise x u)"}.get(
+            self.noise_model, f"{self.noise:.0%} Gaussian of K")
         return (f"{self.model} {self.params} on {self.domain}, {self.grid[0]}x{self.grid[1]} boxes of "
                 f"{self.dx_um:g} µm, {self.frames} frames / {self.hours:g} h, {noise}, u0 {self.u0_fraction} K")
 
@@ -142,6 +144,29 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("fkpp_wound_poisson", "fisher_kpp", {"D": 1500.0, "r": 0.07, "K": K0}, "wound", "poisson",
          dx_um=100.0, u0_fraction=0.2, note="constant D, logistic G, circular wound, Poisson ~20/box"),
 ]}
+
+
+#: validation cases: other forms, domains, noise and frame counts than CASES, never used to choose a default
+#: (``--validation``): a check that the figures above are not the product of tuning to those eight
+VALIDATION: dict[str, Case] = {c.name: c for c in [
+    Case("v_richards_triangle", "richards", {"D": 700.0, "r": 0.08, "K": K0, "gamma": 2.0}, "triangle",
+         "gaussian_k", u0_fraction=0.6, note="Richards G = r (1 - (u/K)^2), a patch spreading along a triangle"),
+    Case("v_allee_scratch", "allee", {"D": 1000.0, "r": 0.25, "K": K0, "A": 0.15}, "scratch", "gaussian_k",
+         u0_fraction=0.6, note="Allee G (threshold 0.15 K), scratch, 5% Gaussian"),
+    Case("v_fkpp_disc_poisson", "fisher_kpp", {"D": 1000.0, "r": 0.06, "K": K0}, "disc", "poisson",
+         dx_um=100.0, u0_fraction=0.5, note="constant D, logistic G, a patch in a disc, Poisson ~20/box"),
+    Case("v_porous_disc_proportional", "porous_fisher", {"D0": 3000.0, "m": 1.0, "r": 0.06, "K": K0}, "disc",
+         "proportional", noise=0.1, u0_fraction=0.6, note="D = D0 u/K, disc, 10% proportional noise"),
+    Case("v_contact_wound", "contact_inhibition", {"D0": 2500.0, "r": 0.06, "K": K0}, "wound", "gaussian_k",
+         u0_fraction=0.5, note="D = D0/(1 + u/K), a wound closing"),
+    Case("v_gompertz_islands_poisson", "gompertz", {"D": 900.0, "r": 0.04, "K": K0}, "islands", "poisson",
+         dx_um=100.0, u0_fraction=0.5, note="Gompertz G, islands, Poisson ~20/box"),
+    Case("v_fkpp_scratch_short", "fisher_kpp", {"D": 600.0, "r": 0.07, "K": K0}, "scratch", "gaussian_k",
+         u0_fraction=0.5, frames=7, hours=36.0, note="constant D, logistic G, a short movie: 7 frames / 36 h"),
+    Case("v_power_scratch", "porous_fisher", {"D0": 6000.0, "m": 2.0, "r": 0.05, "K": K0}, "scratch",
+         "gaussian_k", u0_fraction=0.7, note="D = D0 (u/K)^2, scratch"),
+]}
+ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,7 +440,8 @@ def crb_case(case: Case, seed: int = 0, step: float = 0.1, quick: bool = False) 
     """Sensitivity of the clean simulated field to each true constant (+``step`` relative change, initial
     condition held fixed), against the case's noise: per constant the RMS change over the observed boxes
     (frames 1..) divided by the noise sd, and the Cramér–Rao bound of its relative sd (Fisher information from
-    the finite-difference sensitivities of all constants together; Poisson noise: sd = sqrt(u / box area))."""
+    the finite-difference sensitivities of all constants together; Poisson noise: sd = sqrt(u / box area);
+    proportional: noise x u)."""
     from napari_binn.pde.solver import simulate
     from napari_binn.synthetic.models import _model_functions
 
@@ -428,6 +454,8 @@ def crb_case(case: Case, seed: int = 0, step: float = 0.1, quick: bool = False) 
     if case.noise_model == "poisson":
         area = (case.dx_um / 1000.0) ** 2
         sd = np.sqrt(np.maximum(base, 1.0 / area) / area)
+    elif case.noise_model == "proportional":  # sd = noise x u (floored at 1% of K where the field is ~0)
+        sd = case.noise * np.maximum(np.abs(base), 0.01 * K)
     else:
         sd = np.full(base.shape, case.noise * K)
     names = [k for k in truth.constants if k != "m" and not (k == "K" and case.model == "diffusion")]
@@ -597,7 +625,7 @@ def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     out = []
     for row in rows:
-        case = CASES[row["case"]]
+        case = ALL_CASES[row["case"]]
         _, truth = make_synthetic(case.model, dict(case.params), grid=(8, 8), times_h=[0.0, 1.0])
         u = np.linspace(*row["u_range"], 200)
         new = dict(row, rescored=True)
@@ -670,7 +698,9 @@ def _fmt(v: Any, pct: bool = True) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--cases", nargs="+", default=None, help=f"subset of {list(CASES)}")
+    ap.add_argument("--cases", nargs="+", default=None, help=f"subset of {list(ALL_CASES)}")
+    ap.add_argument("--validation", action="store_true",
+                    help="the validation cases (never used to choose a default) instead of the eight")
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
@@ -687,13 +717,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-score the rows of an earlier --json-out file with this scorer (no pipeline run)")
     args = ap.parse_args(argv)
 
-    names = args.cases or list(CASES)
-    unknown = [n for n in names if n not in CASES]
+    names = args.cases or list(VALIDATION if args.validation else CASES)
+    unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
-        ap.error(f"unknown case(s) {unknown}; cases: {list(CASES)}")
+        ap.error(f"unknown case(s) {unknown}; cases: {list(ALL_CASES)}")
     if args.list:
         for name in names:
-            print(f"{name:<22} {CASES[name].note}\n{'':<22} {CASES[name].describe()}")
+            print(f"{name:<22} {ALL_CASES[name].note}\n{'':<22} {ALL_CASES[name].describe()}")
         return 0
     if args.rescore:
         with open(args.rescore) as fh:
@@ -702,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['case']} seed {r['seed']}: D = {r['final_d']} [{_fmt(r['final_d_rel_err'])}, structure "
                   f"{r['d_structure_ok']}]  G = {r['final_g']} [{_fmt(r['final_g_rel_err'])}, structure "
                   f"{r['g_structure_ok']}]")
-        summary = summarise(rows, [n for n in CASES if any(r["case"] == n for r in rows)])
+        summary = summarise(rows, [n for n in ALL_CASES if any(r["case"] == n for r in rows)])
         if args.json_out:
             with open(args.json_out, "w") as fh:
                 json.dump({"rows": rows, "summary": summary, "rescored_from": args.rescore}, fh, indent=1,
@@ -724,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'case':<22}{'constant':>9}{'RMS change/noise':>18}{'chi2 of +10%':>14}{'CRB rel sd':>12}")
         for name in names:
             t0 = time.perf_counter()
-            res = crb_case(CASES[name], args.seeds[0], quick=args.quick)
+            res = crb_case(ALL_CASES[name], args.seeds[0], quick=args.quick)
             res["seconds"] = time.perf_counter() - t0
             out[name] = res
             for k, v in res["constants"].items():
@@ -748,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name in names:
-        case = CASES[name]
+        case = ALL_CASES[name]
         print(f"== {name}: {case.note}\n   {case.describe()}", flush=True)
         for seed in args.seeds:
             row = run_case(case, seed, overrides, args.quick, keep=Path(args.keep) if args.keep else None,

@@ -39,7 +39,7 @@ def _score(bench, expr, truth, n_true, scale=None):
 def test_true_expressions_score_their_structure(bench):
     from napari_binn.synthetic.models import make_synthetic
 
-    for name, case in bench.CASES.items():
+    for name, case in bench.ALL_CASES.items():
         _, truth = make_synthetic(case.model, dict(case.params), grid=(8, 8), times_h=[0.0, 1.0])
         d, g = truth.expressions()
         assert _score(bench, d, d, bench.D_FORMS[truth.forms["D"]].n_constants)["structure_ok"], name
@@ -97,6 +97,21 @@ def test_case_table_covers_the_issue(bench):
     full, _ = bench.CASES["fkpp_scratch"].make(0)
     assert full.shape == (17, 40, 40)
     del make_synthetic
+
+
+def test_validation_cases_are_other_data(bench, capsys):
+    """The validation set shares no case with the eight and differs from them in form, domain, noise or frames."""
+    assert len(bench.VALIDATION) >= 8 and not set(bench.VALIDATION) & set(bench.CASES)
+    assert bench.ALL_CASES == {**bench.CASES, **bench.VALIDATION}
+    seen = {(c.model, c.domain, c.noise_model, c.frames) for c in bench.CASES.values()}
+    for name, case in bench.VALIDATION.items():
+        assert (case.model, case.domain, case.noise_model, case.frames) not in seen, name
+        fld, truth = case.make(0, quick=True)
+        assert fld.shape == (6, 16, 16) and fld.mask.any(), name
+        assert truth.forms["G"] in bench.G_FORMS and truth.forms["D"] in bench.D_FORMS, name
+    assert bench.main(["--validation", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "v_richards_triangle" in out and "fkpp_scratch " not in out
 
 
 def test_options(bench, capsys):
