@@ -28,6 +28,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --selftest     # checks the scorer on known expressions
     python benchmarks/discovery_bench.py --list         # the case table
     python benchmarks/discovery_bench.py --validation   # eight other cases no default was chosen on
+    python benchmarks/discovery_bench.py --fresh        # eight more, written after the last default was chosen
     python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
 
 The last line printed is a JSON object: {"cases", "structures_recovered", "true_form_listed", "per_case": {name: {"binn_d_rel_err",
@@ -166,7 +167,27 @@ VALIDATION: dict[str, Case] = {c.name: c for c in [
     Case("v_power_scratch", "porous_fisher", {"D0": 6000.0, "m": 2.0, "r": 0.05, "K": K0}, "scratch",
          "gaussian_k", u0_fraction=0.7, note="D = D0 (u/K)^2, scratch"),
 ]}
-ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION}
+#: fresh cases, written after the held-out BIC switch (``refit.holdout_bic_switch``) was chosen on CASES and
+#: VALIDATION, to test that choice on data it never saw (``--fresh``)
+FRESH: dict[str, Case] = {c.name: c for c in [
+    Case("f_contact_scratch", "contact_inhibition", {"D0": 3000.0, "r": 0.06, "K": K0}, "scratch", "gaussian_k",
+         u0_fraction=0.6, note="D = D0/(1 + u/K), scratch"),
+    Case("f_contact_disc_poisson", "contact_inhibition", {"D0": 2500.0, "r": 0.07, "K": K0}, "disc", "poisson",
+         dx_um=100.0, u0_fraction=0.8, note="D = D0/(1 + u/K), a patch in a disc, Poisson ~20/box"),
+    Case("f_fkpp_islands_poisson", "fisher_kpp", {"D": 700.0, "r": 0.06, "K": K0}, "islands", "poisson",
+         dx_um=100.0, u0_fraction=0.5, note="constant D, logistic G, islands, Poisson ~20/box"),
+    Case("f_porous_wound_proportional", "porous_fisher", {"D0": 2500.0, "m": 1.0, "r": 0.05, "K": K0}, "wound",
+         "proportional", noise=0.1, u0_fraction=0.5, note="D = D0 u/K, a wound closing, 10% proportional noise"),
+    Case("f_allee_disc", "allee", {"D": 900.0, "r": 0.2, "K": K0, "A": 0.25}, "disc", "gaussian_k",
+         u0_fraction=0.7, frames=13, note="Allee G (threshold 0.25 K), a patch in a disc, 13 frames"),
+    Case("f_gompertz_polygon", "gompertz", {"D": 700.0, "r": 0.035, "K": K0}, "polygon", "gaussian_k",
+         u0_fraction=0.4, frames=13, note="Gompertz G, polygon, 13 frames"),
+    Case("f_diffusion_islands_poisson", "diffusion", {"D": 1200.0, "K": K0}, "islands", "poisson", dx_um=100.0,
+         u0_fraction=0.9, note="growth switched off, islands, Poisson ~20/box"),
+    Case("f_richards_wound_poisson", "richards", {"D": 800.0, "r": 0.06, "K": K0, "gamma": 2.0}, "wound",
+         "poisson", dx_um=100.0, u0_fraction=0.4, note="Richards G, a wound closing, Poisson ~20/box"),
+]}
+ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -701,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", nargs="+", default=None, help=f"subset of {list(ALL_CASES)}")
     ap.add_argument("--validation", action="store_true",
                     help="the validation cases (never used to choose a default) instead of the eight")
+    ap.add_argument("--fresh", action="store_true",
+                    help="the fresh cases (written after the last default was chosen) instead of the eight")
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
@@ -717,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-score the rows of an earlier --json-out file with this scorer (no pipeline run)")
     args = ap.parse_args(argv)
 
-    names = args.cases or list(VALIDATION if args.validation else CASES)
+    names = args.cases or list(FRESH if args.fresh else VALIDATION if args.validation else CASES)
     unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; cases: {list(ALL_CASES)}")

@@ -99,19 +99,27 @@ def test_case_table_covers_the_issue(bench):
     del make_synthetic
 
 
-def test_validation_cases_are_other_data(bench, capsys):
-    """The validation set shares no case with the eight and differs from them in form, domain, noise or frames."""
-    assert len(bench.VALIDATION) >= 8 and not set(bench.VALIDATION) & set(bench.CASES)
-    assert bench.ALL_CASES == {**bench.CASES, **bench.VALIDATION}
+def test_validation_and_fresh_cases_are_other_data(bench, capsys):
+    """The validation and fresh sets share no case with the eight or each other, and each case differs from every
+    earlier one in form, domain, noise or frames."""
+    sets = [bench.CASES, bench.VALIDATION, bench.FRESH]
+    assert len(bench.VALIDATION) >= 8 and len(bench.FRESH) >= 8
+    assert sum(map(len, sets)) == len(bench.ALL_CASES) == len(set().union(*sets))
     seen = {(c.model, c.domain, c.noise_model, c.frames) for c in bench.CASES.values()}
-    for name, case in bench.VALIDATION.items():
-        assert (case.model, case.domain, case.noise_model, case.frames) not in seen, name
-        fld, truth = case.make(0, quick=True)
-        assert fld.shape == (6, 16, 16) and fld.mask.any(), name
-        assert truth.forms["G"] in bench.G_FORMS and truth.forms["D"] in bench.D_FORMS, name
+    for later in sets[1:]:
+        for name, case in later.items():
+            key = (case.model, case.domain, case.noise_model, case.frames)
+            assert key not in seen, name
+            fld, truth = case.make(0, quick=True)
+            assert fld.shape == (6, 16, 16) and fld.mask.any(), name
+            assert truth.forms["G"] in bench.G_FORMS and truth.forms["D"] in bench.D_FORMS, name
+        seen |= {(c.model, c.domain, c.noise_model, c.frames) for c in later.values()}
     assert bench.main(["--validation", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "v_richards_triangle" in out and "fkpp_scratch " not in out
+    assert "v_richards_triangle" in out and "fkpp_scratch " not in out and "f_contact_scratch" not in out
+    assert bench.main(["--fresh", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "f_contact_scratch" in out and "v_richards_triangle" not in out
 
 
 def test_options(bench, capsys):

@@ -10,7 +10,7 @@ from napari_binn.symbolic import FunctionSamples, discover_equations
 from napari_binn.symbolic.expression import U, free_floats
 from napari_binn.symbolic.forms import (FORMS_D, FORMS_G, check_form_names, constant_bounds, fit_forms, is_admissible,
                                         pde_safe)
-from napari_binn.symbolic.selection import block_errors, heldout_choice, paired_worse_pvalue
+from napari_binn.symbolic.selection import block_errors, heldout_choice, insample_switch, paired_worse_pvalue
 
 K = 2000.0
 UU = np.linspace(100.0, 1900.0, 80)
@@ -167,6 +167,22 @@ def test_heldout_rule_prefers_the_simpler_form_the_data_cannot_exclude():
     assert head == 0 and excluded == [False, True] and np.isinf(totals[1])
     with pytest.raises(ValueError, match="level"):
         heldout_choice([best], [1], level=1.5)
+
+
+def test_insample_switch_needs_a_large_bic_gain_and_no_worse_heldout_error():
+    excluded = [False, False, False, True]
+    totals = [10.0, 9.5, 9.0, 50.0]          # 0: the held-out headline (fewest constants)
+    # 1 and 2 predict the held-out frames no worse; 2 has the lowest training BIC, 3 is excluded (lower BIC still)
+    bics = [1000.0, 850.0, 800.0, 100.0]
+    assert insample_switch(0, excluded, totals, bics, 100.0) == (2, 200.0)
+    assert insample_switch(0, excluded, totals, bics, 250.0) == (0, None)   # gain 200 not above the margin
+    assert insample_switch(0, excluded, totals, bics, None) == (0, None)    # switched off
+    # a candidate with a higher held-out error than the headline is never taken, however low its BIC
+    assert insample_switch(0, excluded, [10.0, 9.5, 10.5, 50.0], bics, 100.0) == (1, 150.0)
+    # unknown BICs (a failed fit) are skipped; an unknown headline BIC keeps the headline
+    assert insample_switch(0, excluded, totals, [1000.0, None, float("nan"), 1.0], 10.0) == (0, None)
+    assert insample_switch(0, excluded, totals, [None, 1.0, 1.0, 1.0], 10.0) == (0, None)
+    assert insample_switch(None, excluded, totals, bics, 10.0) == (None, None)
 
 
 def test_paired_test_and_blocks():

@@ -126,6 +126,7 @@ def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_co
     g = {c["form"]: c for c in hold["G"]["candidates"]}
     assert [c["excluded"] for c in g.values() if c["n_constants"] == 1] == [True]  # constant growth: clearly worse
     assert not g["0.075 - 3.5e-5*u"]["excluded"] and hold["G"]["headline"] == "0.075 - 3.5e-5*u"
+    assert hold["G"]["headline_reason"] == "fewest constants" == out.metadata["headline_reason"]["D"]
     assert set(out.metadata["alternatives"]["G"]) | set(out.metadata["same_as_headline"]["G"]) == {
         c for c, v in g.items() if not v["excluded"]} - {"0.075 - 3.5e-5*u"}
     # a saturating D with a vanishing saturation constant (the constant D in another guise as the symbolic stage
@@ -144,6 +145,19 @@ def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_co
     assert all("cannot tell apart" in line or "same curve" in line for line in lines)
 
 
+def test_the_insample_switch_only_acts_on_named_library_forms():
+    """switch_bics keeps the headline's BIC and those of library forms ([saturating], ...), not the symbolic
+    front's other expressions (which gain in-sample BIC by making up for a wrong partner function)."""
+    from types import SimpleNamespace
+
+    from napari_binn.pipeline import switch_bics
+
+    f = SimpleNamespace(rows=[SimpleNamespace(form=form) for form in ("", "saturating", "", "linear", "")])
+    rows, bics = [4, 1, 2, 3], [10.0, 11.0, 12.0, 13.0]  # candidate k is front row rows[k]
+    assert switch_bics(f, rows, 0, bics) == [10.0, 11.0, None, 13.0]  # the headline (row 4) keeps its BIC
+    assert switch_bics(f, rows, 2, bics) == [None, 11.0, 12.0, 13.0]
+
+
 def test_holdout_frames_errors(pipeline_config):
     field = _noisy_fkpp(frames=4)
     from napari_binn.symbolic.discover import Equations
@@ -158,6 +172,11 @@ def test_holdout_frames_errors(pipeline_config):
     cfg.refit.holdout_frames, cfg.refit.holdout_level = 1, 0.0
     with pytest.raises(ValueError, match=r"refit\.holdout_level"):
         run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    for bad in (-1.0, float("inf"), "100", True):
+        cfg = pipeline_config()
+        cfg.refit.holdout_frames, cfg.refit.holdout_bic_switch = 1, bad
+        with pytest.raises(ValueError, match=r"refit\.holdout_bic_switch.*finite number >= 0"):
+            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
     # checked before training, as soon as the field is known
     cfg = pipeline_config()
     cfg.refit.holdout_frames = 3

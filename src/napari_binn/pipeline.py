@@ -32,9 +32,10 @@ from .pde import SimulationError, simulate_job
 from .pde.mechanistic import MechanisticFit, fit_mechanistic_job
 from .qc import QCReport, compare
 from .symbolic import Equations, discover_equations_job
+from .symbolic.discover import DiscoveredFunction
 from .symbolic.expression import free_floats
 from .symbolic.forms import check_form_names, n_constants, pde_safe
-from .symbolic.selection import block_errors, heldout_choice
+from .symbolic.selection import block_errors, heldout_choice, insample_switch
 
 __all__ = ["DensityConfig", "SymbolicConfig", "SimulationConfig", "RefitConfig", "PipelineConfig",
            "PipelineResult", "run_pipeline", "train_job", "STAGES"]
@@ -105,7 +106,11 @@ class RefitConfig:
     than ``holdout_margin`` (a fraction of the best's squared error) at ``holdout_level``; the headline is the one with the fewest constants among those not excluded (then the smallest expression; the others are
     the alternatives the data cannot exclude), then refitted on all frames. Unset: min(3, (frames - 2) // 2), so
     at least 2 frames stay to refit on and short fields (3 frames) choose by BIC. 0 = choose by BIC instead; with
-    ``candidates`` = 1 only the symbolic selection is refitted either way. initial: the state every refit (and the
+    ``candidates`` = 1 only the symbolic selection is refitted either way. holdout_bic_switch: a candidate the
+    held-out test keeps replaces that headline when it is a named form of the library, its BIC on the training
+    frames is lower by more than this and its held-out error is no higher: the earlier frames can tell forms apart that the last ones cannot (a falling D
+    seen while dense islands spread). The margin is large because a wrong partner function or count noise moves
+    the in-sample BIC by tens to hundreds (docs/method.md); None: never. initial: the state every refit (and the
     held-out prediction) starts from: 'data' (the first frame, negative noise at 0), 'denoised' (also empty space
     that holds only noise at 0: on noisy data, spurious cells in a wound otherwise grow and fill it, and the fit
     makes up for it with a smaller D), or 'auto' (the first refit is done from both; the one that fits the data
@@ -121,6 +126,7 @@ class RefitConfig:
     holdout_frames: int | None = None
     holdout_level: float = 0.05
     holdout_margin: float = 0.05
+    holdout_bic_switch: float | None = 100.0
     initial: str = "auto"
 
 
@@ -512,6 +518,10 @@ def check_holdout(rc: RefitConfig, n_frames: int) -> None:
         raise ConfigError(f"refit.holdout_level = {rc.holdout_level!r}: allowed values are in (0, 1), e.g. 0.05")
     if not 0.0 <= float(rc.holdout_margin) < 1.0:
         raise ConfigError(f"refit.holdout_margin = {rc.holdout_margin!r}: allowed values are in [0, 1), e.g. 0.05")
+    sw = rc.holdout_bic_switch
+    if sw is not None and (isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 0.0 <= float(sw) < math.inf):
+        raise ConfigError(f"refit.holdout_bic_switch = {sw!r}: allowed values are a finite number >= 0 (a BIC "
+                          "difference, e.g. 100) or unset (never switch)")
 
 
 def _u_floor(fld: DensityField) -> float:
@@ -597,6 +607,14 @@ def _holdout_candidates(f, n: int) -> list[int]:
     return sorted(out, key=lambda i: (n_constants(f.rows[i].expression.sympy), f.rows[i].complexity, i))
 
 
+def switch_bics(f: DiscoveredFunction, rows: list[int], head: int, bics: list[float | None]) -> list[float | None]:
+    """The training-frame BICs the in-sample switch may act on (:func:`~napari_binn.symbolic.selection.insample_switch`):
+    the headline's and those of named library forms; None for the symbolic front's other expressions, which gain
+    in-sample BIC by making up for a wrong partner function (a Richards wound's G went to a 4-constant expression
+    by 222 and its D from 19% to 99% off)."""
+    return [b if k == head or f.rows[i].form else None for k, (i, b) in enumerate(zip(rows, bics))]
+
+
 def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, kw: dict[str, Any],
                        cancel: CancelToken | None, index: int):
     """Choose D and G by how well they predict the held-out last frames (see :class:`RefitConfig`).
@@ -677,6 +695,14 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             continue
         pos = 0 if key == "D" else 1
         f = eq.D if key == "D" else eq.G
+        parsimonious = head
+        head, bic_gain = insample_switch(head, excluded, totals,
+                                         switch_bics(f, [ij[pos] for ij in avail], head,
+                                                     [cache[ij][1].get("train_bic") for ij in avail]),
+                                         rc.holdout_bic_switch)
+        reason = "fewest constants" if bic_gain is None else (
+            f"training-frame BIC {bic_gain:.0f} below the fewest-constant form "
+            f"{_row_label(f, avail[parsimonious][pos])}, held-out error no higher")
         current = {"D": avail[head][0], "G": avail[head][1]}
         kept = [ij for k, ij in enumerate(avail) if not excluded[k] and k != head]
         # compared as refitted (the curves the held-out test judged), not with the symbolic fit's constants: a
@@ -693,6 +719,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
                             "p_worse": None if not np.isfinite(pvals[k]) else float(pvals[k]),
                             "excluded": bool(excluded[k])} for k, ij in enumerate(avail)],
             "with": _row_label(eq.G if key == "D" else eq.D, avail[head][1 - pos]),
+            "headline_reason": reason,
         }
         if round_ >= 1 and current[key] == before:
             break
@@ -708,8 +735,9 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
     alternatives = {k: v["alternatives"] for k, v in chosen.items()}
     same = {k: v["same_as_headline"] for k, v in chosen.items()}
     refitted = {k: v["refitted"] for k, v in chosen.items()}
+    reasons = {k: v["headline_reason"] for k, v in chosen.items()}
     out = replace(out, metadata={**out.metadata, "alternatives": alternatives, "same_as_headline": same,
-                                 "alternatives_refitted": refitted})
+                                 "alternatives_refitted": refitted, "headline_reason": reasons})
     return out, cache[final][1].get("params")
 
 
@@ -727,6 +755,7 @@ def alternatives_text(eq: Equations | None) -> list[str]:
     alts = (eq.metadata.get("alternatives") if eq is not None else None) or {}
     same = (eq.metadata.get("same_as_headline") if eq is not None else None) or {}
     refitted = (eq.metadata.get("alternatives_refitted") if eq is not None else None) or {}
+    reasons = (eq.metadata.get("headline_reason") if eq is not None else None) or {}
     out = []
     for key in ("D", "G"):
         f = getattr(eq, key, None)
@@ -735,7 +764,8 @@ def alternatives_text(eq: Equations | None) -> list[str]:
         head = f.selected.text + (f" [{f.selected_row.form}]" if f.selected_row.form else "")
         if alts.get(key):
             named = [_as_refitted(a, refitted.get(key, {})) for a in alts[key]]
-            out.append(f"{key}(u): the data cannot tell apart: {head} (headline, fewest constants); "
+            out.append(f"{key}(u): the data cannot tell apart: {head} (headline, "
+                       f"{reasons.get(key, 'fewest constants')}); "
                        + "; ".join(named))
         if same.get(key):
             out.append(f"{key}(u): also consistent, but the same curve as the headline on the observed densities "

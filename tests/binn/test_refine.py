@@ -103,6 +103,24 @@ def test_the_band_reaches_the_curves_of_the_other_initial_state(small_case):
     assert any("widened" in note for note in meta["notes"])
 
 
+def test_the_surrogates_first_frame_is_never_fitted_jointly(small_case):
+    """joint = true fits the initial state too, from the denoised first frame but not from the surrogate's (its
+    smooth first frame fills gaps that growth alone can then close: D went towards 0); progress still ends at
+    its total."""
+    fld, _, fit = small_case
+    cfg = RefineConfig(iterations=5, smoothness=[1.0], distill_steps=10, joint=True, bands=False)
+    events = []
+    refined = refine_binn(fld, copy.deepcopy(fit), cfg, callback=events.append)
+    meta = refined.metadata["refine"]
+    assert meta["initial"] in ("denoised", "surrogate", "denoised+joint"), meta["initial"]
+    joint_steps = [e for e in events if "joint initial state" in (e.message or "")]
+    assert len(joint_steps) == 1 and "[1/2]" in joint_steps[0].message  # the denoised state, the first of two
+    # one prior strength per state, one joint fit (denoised), one distillation step
+    assert events[-1].data["done"] and events[-1].step == events[-1].total == 1 + 1 + 1 + 1
+    alone = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**{**cfg.__dict__, "initial": "surrogate"}))
+    assert alone.metadata["refine"]["initial"] == "surrogate"
+
+
 def test_too_few_frames_is_a_clear_error(small_case):
     fld, _, fit = small_case
     cfg = RefineConfig(min_frames=6)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["SELECTION_RULES", "pareto_indices", "front_scores", "select_index", "significant_indices",
-           "block_errors", "paired_worse_pvalue", "heldout_choice"]
+           "block_errors", "paired_worse_pvalue", "heldout_choice", "insample_switch"]
 
 SELECTION_RULES = ("best", "accuracy", "score")
 
@@ -170,3 +170,28 @@ def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[in
     size = list(complexities) if complexities is not None else [0] * len(totals)
     head = min(near, key=lambda i: (int(size[i]), totals[i], i))
     return head, excluded, pvals, totals.tolist()
+
+
+def insample_switch(head: int | None, excluded: Sequence[bool], totals: Sequence[float],
+                    bics: Sequence[float | None], margin: float | None) -> tuple[int | None, float | None]:
+    """Second look at the held-out headline (:func:`heldout_choice`) with the frames the held-out test does not see.
+
+    The held-out frames are the last ones; what tells some forms apart (a density-dependent D seen while dense
+    islands spread) can lie in the earlier frames the candidates were refitted on. A candidate the held-out test
+    keeps replaces the headline when its BIC on those training frames is lower than the headline's by more than
+    ``margin`` and its held-out error is no higher. Among several, the lowest BIC wins. ``bics``: per candidate,
+    its training-frame BIC (None when unknown); ``margin`` None: never switch. (Capping the switch at one constant
+    more than the headline was tried: on a Gompertz polygon whose G no candidate got right it then replaced the
+    true constant D with a saturating one; without the cap D stayed right and G became a 4-constant form.)
+
+    Returns (the headline index, its BIC gain over the held-out headline, or None when unchanged)."""
+    if head is None or margin is None or bics[head] is None or not math.isfinite(bics[head]):
+        return head, None
+    best, best_bic = head, float(bics[head])
+    for i, b in enumerate(bics):
+        if (i == head or excluded[i] or b is None or not math.isfinite(b) or not totals[i] <= totals[head]
+                or not float(bics[head]) - float(b) > float(margin)):
+            continue
+        if float(b) < best_bic:
+            best, best_bic = i, float(b)
+    return (head, None) if best == head else (best, float(bics[head]) - best_bic)
