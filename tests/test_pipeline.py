@@ -157,6 +157,19 @@ def test_the_insample_switch_only_acts_on_named_library_forms():
     assert switch_bics(f, rows, 0, bics) == [10.0, 11.0, None, 13.0]  # the headline (row 4) keeps its BIC
     assert switch_bics(f, rows, 2, bics) == [None, 11.0, 12.0, 13.0]
 
+    # the report's line names the reason, and that only the held-out frames could not tell the forms apart
+    from napari_binn.pipeline import alternatives_text
+
+    row = SimpleNamespace(text="2000.0/(0.0005*u + 1)")
+    d = SimpleNamespace(selected=row, selected_row=SimpleNamespace(form="saturating"))
+    reason = "training-frame BIC 508 below the fewest-constant form 1.58e+3, held-out error no higher"
+    eq = SimpleNamespace(D=d, G=None, metadata={"alternatives": {"D": ["1.58e+3"]}, "headline_reason": {"D": reason}})
+    (line,) = alternatives_text(eq)
+    assert line.startswith("D(u): the held-out frames cannot tell apart: 2000.0/(0.0005*u + 1) [saturating] "
+                           f"(headline, {reason}); 1.58e+3")
+    eq.metadata["headline_reason"] = {"D": "fewest constants"}
+    assert alternatives_text(eq)[0].startswith("D(u): the data cannot tell apart:")
+
 
 def test_holdout_frames_errors(pipeline_config):
     field = _noisy_fkpp(frames=4)

@@ -764,8 +764,9 @@ def alternatives_text(eq: Equations | None) -> list[str]:
         head = f.selected.text + (f" [{f.selected_row.form}]" if f.selected_row.form else "")
         if alts.get(key):
             named = [_as_refitted(a, refitted.get(key, {})) for a in alts[key]]
-            out.append(f"{key}(u): the data cannot tell apart: {head} (headline, "
-                       f"{reasons.get(key, 'fewest constants')}); "
+            reason = reasons.get(key, "fewest constants")
+            who = "the data" if reason == "fewest constants" else "the held-out frames"
+            out.append(f"{key}(u): {who} cannot tell apart: {head} (headline, {reason}); "
                        + "; ".join(named))
         if same.get(key):
             out.append(f"{key}(u): also consistent, but the same curve as the headline on the observed densities "
