@@ -307,3 +307,31 @@ def test_wald_plus_ic_intervals_cover_initial_condition_noise():
         fit_mechanistic(field, "fisher_kpp", intervals="wald+ic", ic_samples=1, **kw)
     with pytest.raises(ValueError, match="intervals"):
         fit_mechanistic(field, "fisher_kpp", intervals="bootstrap", **kw)
+
+
+def test_a_constant_sympy_d_takes_the_solvers_constant_path_with_the_same_result(clean_field):
+    from napari_binn.pde.mechanistic import _Problem, _resolve_model
+
+    const = _resolve_model({"D": "D", "G": "r*(1 - u/K)"})
+    # numerically the same D, but a function of u: the solver's array path
+    varying = _resolve_model({"D": "D + 1e-300*u", "G": "r*(1 - u/K)"})
+    assert const.d_constant and not varying.d_constant
+    assert _resolve_model("fisher_kpp").d_constant and not _resolve_model("porous_fisher").d_constant
+    sims = []
+    for model in (const, varying):
+        prob = _Problem(clean_field, model, dict(TRUTH), ["D", "r", "K"], {}, "ols", 0.0, 1e-4, 10, None, None)
+        sims.append(prob.simulate(dict(TRUTH)))
+    np.testing.assert_allclose(sims[0], sims[1], rtol=1e-10, atol=1e-9)
+
+
+def test_a_sympy_function_never_hands_back_its_input():
+    from napari_binn.pde.mechanistic import _resolve_model
+
+    model = _resolve_model({"D": "u", "G": "0*u + c"})
+    x = np.linspace(0.0, 1.0, 5)
+    d = model.D(x, {"c": 1.0})
+    assert d is not x and not np.shares_memory(d, x)
+    d[:] = -1.0
+    assert x[-1] == 1.0
+    g = model.G(x, {"c": 0.5})  # a number broadcast to the input's shape
+    assert g.shape == x.shape and np.all(g == 0.5)

@@ -6,7 +6,7 @@ import torch
 
 from napari_binn.pde import simulate
 from napari_binn.pde.grid import MaskedGrid
-from napari_binn.pde.torch_solver import TorchGrid, interp_table, simulate_tables
+from napari_binn.pde.torch_solver import TorchGrid, interp_table, simulate_tables, simulate_tables_batch
 
 
 def _triangle(n=14):
@@ -119,3 +119,55 @@ def test_without_a_gradient_nothing_is_kept_and_the_method_is_checked():
     assert not out.requires_grad
     with pytest.raises(ValueError, match="method"):
         simulate_tables(grid, u0, np.array([0.0, 1.0]), 1.0, D, G, method="euler")
+
+
+@pytest.mark.parametrize("delay", [False, True])
+def test_a_batch_gives_every_member_exactly_its_own_simulation(delay):
+    mask = _triangle()
+    grid = MaskedGrid(mask, 50.0)
+    tg = TorchGrid(grid)
+    K = 2000.0
+    rng = np.random.default_rng(3)
+    u0 = torch.tensor(grid.from_grid(np.where(mask, K * rng.random(mask.shape), 0.0)))
+    nodes = np.linspace(0, 1.3 * K, 9)
+    # members whose largest D differs take other step schedules (different groups); equal ones step together
+    D = np.stack([200.0 + 800.0 * nodes / K, 200.0 + 800.0 * nodes / K, 3000.0 - nodes, np.full(9, 50.0)])
+    G = np.stack([0.1 * (1 - nodes / K), 0.05 * (1 - nodes / K), np.zeros(9), 0.3 * (1 - nodes / K)])
+    t = np.array([0.0, 1.0, 3.0, 6.0])
+    tf = (lambda th: 1.0 - 0.5 * np.exp(-th / 2.0)) if delay else None
+    batch = simulate_tables_batch(tg, u0, t, 1.3 * K, D, G, time_factor=tf)
+    assert batch.shape == (4, t.size, grid.n)
+    for b in range(4):
+        alone = simulate_tables(tg, u0, t, 1.3 * K, torch.tensor(D[b]), torch.tensor(G[b]), time_factor=tf)
+        assert np.array_equal(batch[b], alone.numpy())
+    with pytest.raises(ValueError, match="same shape"):
+        simulate_tables_batch(tg, u0, t, 1.3 * K, D, G[:, :5])
+
+
+def test_the_refinements_jacobian_is_the_one_simulation_at_a_time(monkeypatch):
+    from napari_binn.binn import refine as R
+
+    mask = _triangle()
+    grid = MaskedGrid(mask, 50.0)
+    K = 2000.0
+    rng = np.random.default_rng(4)
+    prob = R._Problem.__new__(R._Problem)  # only what _jacobian uses
+    prob.cfg = R.RefineConfig(nodes=7)
+    prob.tg, prob.grid = TorchGrid(grid), grid
+    prob.t = np.array([0.0, 2.0, 4.0])
+    prob.u_max, prob.D_scale, prob.G_scale, prob.D_cap = 1.3 * K, 500.0, 0.05, 1e5
+    prob.max_steps, prob.time_factor, prob.sigma = 20000, None, 40.0
+    prob.curves = R._Curves(7)
+    prob.obs = torch.as_tensor(rng.random((3, grid.n)) > 0.2)
+    u0 = torch.tensor(grid.from_grid(np.where(mask, K * rng.random(mask.shape), 0.0)))
+    z = rng.normal(size=14)
+    with torch.no_grad():
+        base = (prob.simulate(torch.as_tensor(z), u0)[prob.obs] / prob.sigma).numpy()
+        expected = np.empty((base.size, z.size))
+        for k in range(z.size):
+            step = 1e-4 * max(1.0, abs(z[k]))
+            zk = z.copy()
+            zk[k] += step
+            expected[:, k] = ((prob.simulate(torch.as_tensor(zk), u0)[prob.obs] / prob.sigma).numpy() - base) / step
+    monkeypatch.setattr(R, "_JACOBIAN_BATCH", 4)  # several batches, the last one short
+    assert np.array_equal(R._jacobian(prob, z, u0), expected)

@@ -45,7 +45,7 @@ import torch
 from ..field import DensityField
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
 from ..pde.grid import MaskedGrid
-from ..pde.torch_solver import TorchGrid, simulate_tables
+from ..pde.torch_solver import TorchGrid, simulate_tables, simulate_tables_batch
 from .fit import BinnFit
 
 __all__ = ["RefineConfig", "refine_binn", "refine_binn_job", "INITIAL_STATES"]
@@ -53,6 +53,7 @@ __all__ = ["RefineConfig", "refine_binn", "refine_binn_job", "INITIAL_STATES"]
 INITIAL_STATES = ("auto", "surrogate", "data", "denoised")
 _AUTO = ("denoised", "surrogate")  # tried by initial = "auto"
 _STAGE = "refine"
+_JACOBIAN_BATCH = 26  # simulations per batch in _jacobian (bounds its memory: 3 states x batch x boxes)
 _JOINT_GAIN = 0.02  # a joint fit is kept only when its misfit is this fraction below the best held fixed
 
 
@@ -283,16 +284,28 @@ def _lbfgs(params: list[torch.Tensor], loss_fn, iterations: int, cancel: CancelT
 
 
 def _jacobian(prob: _Problem, z: np.ndarray, u0: torch.Tensor) -> np.ndarray:
-    """Finite-difference Jacobian of the noise-scaled residuals on observed boxes with respect to z."""
-    obs = prob.obs
+    """Finite-difference Jacobian of the noise-scaled residuals on observed boxes with respect to z (the
+    simulations batched, _JACOBIAN_BATCH at a time: the same numbers as one at a time, several times faster)."""
+    obs = prob.obs.numpy()
+    steps = [1e-4 * max(1.0, abs(z[k])) for k in range(z.size)]
+    points = [z]
+    for k, step in enumerate(steps):
+        zk = z.copy()
+        zk[k] += step
+        points.append(zk)
+    resid = []
     with torch.no_grad():
-        base = (prob.simulate(torch.as_tensor(z), u0)[obs] / prob.sigma).numpy()
-        J = np.empty((base.size, z.size))
-        for k in range(z.size):
-            step = 1e-4 * max(1.0, abs(z[k]))
-            zk = z.copy()
-            zk[k] += step
-            J[:, k] = ((prob.simulate(torch.as_tensor(zk), u0)[obs] / prob.sigma).numpy() - base) / step
+        for start in range(0, len(points), _JACOBIAN_BATCH):
+            tables = [prob.tables(torch.as_tensor(p)) for p in points[start:start + _JACOBIAN_BATCH]]
+            D = np.stack([d.numpy() for d, _ in tables])
+            G = np.stack([g.numpy() for _, g in tables])
+            sims = simulate_tables_batch(prob.tg, u0, prob.t, prob.u_max, D, G, cfl=prob.cfg.cfl,
+                                         max_steps=prob.max_steps, time_factor=prob.time_factor)
+            resid.extend(sim[obs] / prob.sigma for sim in sims)
+    base = resid[0]
+    J = np.empty((base.size, z.size))
+    for k, step in enumerate(steps):
+        J[:, k] = (resid[k + 1] - base) / step
     return J
 
 

@@ -64,6 +64,7 @@ class MaskedGrid:
         self._nx = nx
         self._buf_u = np.zeros(mask.size)
         self._buf_d = np.zeros(mask.size)
+        self._buf_acc = np.empty(mask.size)
         self._buf_fx = np.empty(mask.size - 1)
         self._buf_tx = np.empty(mask.size - 1)
         self._buf_fy = np.empty(max(mask.size - nx, 0))
@@ -94,7 +95,10 @@ class MaskedGrid:
         """
         nx = self._nx
         ug = self._scatter(u, self._buf_u)
-        acc = out if (self.full and out is not None) else np.empty(self.mask.size)
+        if self.full:
+            acc = out if out is not None else np.empty(self.mask.size)
+        else:  # scratch space: only the mask's boxes of it are handed back, as a copy
+            acc = self._buf_acc
         fx, tx, fy, ty = self._buf_fx, self._buf_tx, self._buf_fy, self._buf_ty
         np.subtract(ug[1:], ug[:-1], out=fx)
         np.subtract(ug[nx:], ug[:-nx], out=fy)
@@ -120,7 +124,7 @@ class MaskedGrid:
             return acc
         if out is None:
             return acc[self.flat]
-        np.take(acc, self.flat, out=out)
+        acc.take(self.flat, out=out)
         return out
 
     def jacobian(self, u: np.ndarray, d: np.ndarray, dd: np.ndarray, reaction_diag: np.ndarray,

@@ -75,6 +75,8 @@ class _Model:
     T: Callable[[np.ndarray, Mapping[str, float]], np.ndarray] | None
     positive: frozenset[str]
     text: dict[str, str]
+    #: D does not depend on u: simulations pass the number, so the solver takes its constant-D path
+    d_constant: bool = False
 
 
 def _pos(u: np.ndarray) -> np.ndarray:
@@ -86,7 +88,7 @@ def _builtin_model(name: str) -> _Model:
     logistic = lambda u, p: p["r"] * (1.0 - np.asarray(u, float) / p["K"])  # noqa: E731
     if name == "fisher_kpp":
         return _Model(name, ("D", "r", "K"), const("D"), logistic, None,
-                      frozenset({"D", "r", "K"}), {"D": "D", "G": "r (1 - u/K)"})
+                      frozenset({"D", "r", "K"}), {"D": "D", "G": "r (1 - u/K)"}, d_constant=True)
     if name == "porous_fisher":
         return _Model(name, ("D0", "m", "r", "K"),
                       lambda u, p: p["D0"] * (_pos(u) / p["K"]) ** p["m"], logistic, None,
@@ -95,11 +97,12 @@ def _builtin_model(name: str) -> _Model:
         return _Model(name, ("D", "r", "K", "A"), const("D"),
                       lambda u, p: p["r"] * (1.0 - np.asarray(u, float) / p["K"])
                       * (np.asarray(u, float) / p["K"] - p["A"]), None,
-                      frozenset({"D", "r", "K"}), {"D": "D", "G": "r (1 - u/K)(u/K - A)"})
+                      frozenset({"D", "r", "K"}), {"D": "D", "G": "r (1 - u/K)(u/K - A)"}, d_constant=True)
     if name == "richards":
         return _Model(name, ("D", "r", "K", "gamma"), const("D"),
                       lambda u, p: p["r"] * (1.0 - (_pos(u) / p["K"]) ** p["gamma"]), None,
-                      frozenset({"D", "r", "K", "gamma"}), {"D": "D", "G": "r (1 - (u/K)^gamma)"})
+                      frozenset({"D", "r", "K", "gamma"}), {"D": "D", "G": "r (1 - (u/K)^gamma)"},
+                      d_constant=True)
     raise InputError(
         f"unknown mechanistic model {name!r}; use one of {', '.join(MODEL_NAMES)} or a dict "
         "{'D': sympy_expr, 'G': sympy_expr[, 'T': sympy_expr]} in the symbol u (and t)"
@@ -140,15 +143,21 @@ def _sympy_model(spec: Mapping[str, Any]) -> _Model:
 
         def call(x: np.ndarray, p: Mapping[str, float]) -> np.ndarray:
             x = np.asarray(x, dtype=np.float64)
-            return np.broadcast_to(np.asarray(f(x, *[p[n] for n in params]), dtype=np.float64),
-                                   x.shape).copy()
+            y = f(x, *[p[n] for n in params])
+            # a fresh float64 array of x's shape is returned as it is (the solver calls this twice per step);
+            # anything else (a number, another dtype, x itself) becomes a new array of x's shape
+            if (type(y) is np.ndarray and y.dtype == np.float64 and y.shape == x.shape
+                    and not np.may_share_memory(y, x)):
+                return y
+            return np.broadcast_to(np.asarray(y, dtype=np.float64), x.shape).copy()
 
         return call
 
     T = compile_(exprs["T"], t_sym) if "T" in exprs else None
     text = {k: str(v) for k, v in exprs.items()}
+    d_constant = all(s.name != "u" for s in exprs["D"].free_symbols)
     return _Model("sympy", params, compile_(exprs["D"], u_sym), compile_(exprs["G"], u_sym), T,
-                  positive, text)
+                  positive, text, d_constant)
 
 
 def _resolve_model(model: str | Mapping[str, Any]) -> _Model:
@@ -467,7 +476,8 @@ class _Problem:
         m = self.model
         T = None if m.T is None else (lambda t: m.T(np.asarray(t, float), p))
         u0 = self.u0 if u0 is None else u0
-        return self._simulate(lambda u: m.D(u, p), lambda u: m.G(u, p), u0, self.field.mask,
+        D = float(m.D(np.zeros(1), p)[0]) if m.d_constant else (lambda u: m.D(u, p))
+        return self._simulate(D, lambda u: m.G(u, p), u0, self.field.mask,
                               self.field.dx_um, self.field.t_h, T, rtol=self.rtol)
 
     def weights(self, pred_obs: np.ndarray) -> np.ndarray | None:

@@ -29,7 +29,7 @@ import torch
 
 from .grid import MaskedGrid
 
-__all__ = ["TorchGrid", "interp_table", "simulate_tables", "MAX_GROWTH_STEP"]
+__all__ = ["TorchGrid", "interp_table", "simulate_tables", "simulate_tables_batch", "MAX_GROWTH_STEP"]
 
 #: largest h x max|G| per step
 MAX_GROWTH_STEP = 0.1
@@ -156,6 +156,94 @@ def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: flo
     return torch.stack(out)
 
 
+def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: float, D: np.ndarray,
+                          G: np.ndarray, *, cfl: float = 0.8, max_steps: int = 20000,
+                          time_factor: Callable[[float], float] | None = None) -> np.ndarray:
+    """:func:`simulate_tables` for B pairs of tables at once, forward only (no gradient): D, G are (B, m) float64
+    arrays, all from the one initial state ``u0``; returns (B, len(t_h), n).
+
+    For finite-difference Jacobians (many slightly different tables): numpy's per-operation overhead, which
+    dominates one simulation on a few thousand boxes, is paid once per step for the whole batch. The members
+    whose step schedule agrees in an output interval (the same number of steps of the same size; it depends on
+    each member's tables and state) step together, so every member gets exactly the numbers that
+    :func:`simulate_tables` gives it alone (each operation is elementwise, or sums per box in the same order).
+    """
+    D = np.asarray(D, dtype=np.float64)
+    G = np.asarray(G, dtype=np.float64)
+    if D.ndim != 2 or D.shape != G.shape:
+        raise ValueError(f"D and G must be (B, m) arrays of the same shape; got {D.shape} and {G.shape}")
+    Dt = [torch.as_tensor(d) for d in D]
+    Gt = [torch.as_tensor(g) for g in G]
+    t = _check(tg, u0, t_h, Dt[0], Gt[0], cfl)
+    for d, g in zip(Dt[1:], Gt[1:]):
+        _check(tg, u0, t, d, g, cfl)
+    B = D.shape[0]
+    rhs = _BatchRhs(tg, float(u_max), D, G)
+    tf = time_factor or (lambda _t: 1.0)
+    u = np.repeat(u0.detach().numpy().astype(np.float64)[None, :], B, axis=0)
+    out = np.empty((B, t.size, tg.n))
+    out[:, 0] = u
+    done = [0] * B
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(t.size - 1):
+            groups: dict[tuple[int, float], list[int]] = {}
+            for b in range(B):
+                n_sub, h = _substeps(tg, t, k, float(u[b].max()), Dt[b], Gt[b], cfl, u_max, done[b], max_steps)
+                groups.setdefault((n_sub, h), []).append(b)
+            for (n_sub, h), members in groups.items():
+                rows = np.asarray(members)
+                ub = u[rows]
+                for s in range(n_sub):
+                    tf0, tf1 = tf(t[k] + s * h), tf(t[k] + (s + 1) * h)
+                    f0 = rhs(ub, rows) * tf0
+                    u1 = ub + h * f0
+                    f1 = rhs(u1, rows) * tf1
+                    ub = ub + 0.5 * h * (f0 + f1)
+                u[rows] = ub
+                for b in members:
+                    done[b] += n_sub
+            out[:, k + 1] = u
+    return out
+
+
+class _BatchRhs:
+    """:class:`_NumpyRhs`'s right-hand side for a batch of states (b, n), each with its own tables."""
+
+    def __init__(self, tg: TorchGrid, u_max: float, D: np.ndarray, G: np.ndarray) -> None:
+        self.i = tg.grid.face_i
+        self.j = tg.grid.face_j
+        self.n = tg.n
+        self.half_inv_dx2 = 0.5 * tg.inv_dx2
+        self.m = D.shape[1]
+        self.scale = (self.m - 1) / u_max
+        self.top = self.m - 1 - 1e-9
+        self.D, self.G = D.reshape(-1), G.reshape(-1)
+        self._faces: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _face_index(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Face ends of b stacked states, as indices into their (b * n) flattened boxes."""
+        if b not in self._faces:
+            off = (np.arange(b) * self.n)[:, None]
+            self._faces[b] = ((self.i + off).reshape(-1), (self.j + off).reshape(-1))
+        return self._faces[b]
+
+    def __call__(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        b = u.shape[0]
+        up = np.maximum(u, 0.0)
+        raw = up * self.scale
+        pos = np.minimum(raw, self.top)
+        k = pos.astype(np.int64)
+        w = pos - k
+        k += (rows * self.m)[:, None]  # the member's own table
+        d = self.D[k] * (1.0 - w) + self.D[k + 1] * w
+        g = self.G[k] * (1.0 - w) + self.G[k + 1] * w
+        i, j = self.i, self.j
+        flux = ((d[:, i] + d[:, j]) * (u[:, j] - u[:, i]) * self.half_inv_dx2).reshape(-1)
+        fi, fj = self._face_index(b)
+        div = np.bincount(fi, flux, b * self.n) - np.bincount(fj, flux, b * self.n)
+        return div.reshape(b, self.n) + g * up
+
+
 class _NumpyRhs:
     """The right-hand side div(D(u+) grad u) + G(u+) u+ and its vector-Jacobian product, in numpy."""
 
@@ -176,13 +264,15 @@ class _NumpyRhs:
         raw = up * self.scale
         pos = np.minimum(raw, self.top)
         k = pos.astype(np.int64)
+        k1 = k + 1
         w = pos - k
-        d = self.D[k] * (1.0 - w) + self.D[k + 1] * w
-        g = self.G[k] * (1.0 - w) + self.G[k + 1] * w
-        return up, raw, k, w, d, g
+        w0 = 1.0 - w
+        d = self.D[k] * w0 + self.D[k1] * w
+        g = self.G[k] * w0 + self.G[k1] * w
+        return up, raw, k, k1, w, w0, d, g
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
-        up, _, _, _, d, g = self._interp(u)
+        up, _, _, _, _, _, d, g = self._interp(u)
         i, j = self.i, self.j
         flux = (d[i] + d[j]) * (u[j] - u[i]) * self.half_inv_dx2
         return np.bincount(i, flux, self.n) - np.bincount(j, flux, self.n) + g * up
@@ -190,7 +280,7 @@ class _NumpyRhs:
     def vjp(self, u: np.ndarray, a: np.ndarray, aD: np.ndarray, aG: np.ndarray) -> np.ndarray:
         """a^T d rhs / du at u; adds a^T d rhs / dD and / dG into aD, aG (the clamps pass the gradient at their
         bounds, as torch.clamp does)."""
-        up, raw, k, w, d, g = self._interp(u)
+        up, raw, k, k1, w, w0, d, g = self._interp(u)
         i, j, n = self.i, self.j, self.n
         a_flux = (a[i] - a[j]) * self.half_inv_dx2
         a_grad = a_flux * (d[i] + d[j])
@@ -200,8 +290,8 @@ class _NumpyRhs:
         a_g = a * up
         # k <= m - 2 (the position is clamped below m - 1), so k + 1 is a node
         a_up = a * g + np.where(raw <= self.top, a_d * self.dD[k] + a_g * self.dG[k], 0.0)
-        aD += np.bincount(k, a_d * (1.0 - w), self.m) + np.bincount(k + 1, a_d * w, self.m)
-        aG += np.bincount(k, a_g * (1.0 - w), self.m) + np.bincount(k + 1, a_g * w, self.m)
+        aD += np.bincount(k, a_d * w0, self.m) + np.bincount(k1, a_d * w, self.m)
+        aG += np.bincount(k, a_g * w0, self.m) + np.bincount(k1, a_g * w, self.m)
         return a_u + np.where(u >= 0.0, a_up, 0.0)
 
 
