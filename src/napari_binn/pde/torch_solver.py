@@ -22,6 +22,7 @@ history for) an enormous number of steps when D is huge.
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Callable
 
 import numpy as np
@@ -148,10 +149,7 @@ def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: flo
         done += n_sub
         tk = t[k]
         for s in range(n_sub):
-            f0 = _rhs(tg, u, u_max, D, G) * tf(tk + s * h)
-            u1 = u + h * f0
-            f1 = _rhs(tg, u1, u_max, D, G) * tf(tk + (s + 1) * h)
-            u = u + 0.5 * h * (f0 + f1)
+            _, u = _heun_step(lambda x: _rhs(tg, x, u_max, D, G), u, h, tf(tk + s * h), tf(tk + (s + 1) * h))
         out.append(u)
     return torch.stack(out)
 
@@ -178,7 +176,7 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
     for d, g in zip(Dt[1:], Gt[1:]):
         _check(tg, u0, t, d, g, cfl)
     B = D.shape[0]
-    rhs = _BatchRhs(tg, float(u_max), D, G)
+    rhs = _NumpyRhs(tg, float(u_max), D, G)
     tf = time_factor or (lambda _t: 1.0)
     u = np.repeat(u0.detach().numpy().astype(np.float64)[None, :], B, axis=0)
     out = np.empty((B, t.size, tg.n))
@@ -193,12 +191,9 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
             for (n_sub, h), members in groups.items():
                 rows = np.asarray(members)
                 ub = u[rows]
+                f = partial(rhs, rows=rows)
                 for s in range(n_sub):
-                    tf0, tf1 = tf(t[k] + s * h), tf(t[k] + (s + 1) * h)
-                    f0 = rhs(ub, rows) * tf0
-                    u1 = ub + h * f0
-                    f1 = rhs(u1, rows) * tf1
-                    ub = ub + 0.5 * h * (f0 + f1)
+                    _, ub = _heun_step(f, ub, h, tf(t[k] + s * h), tf(t[k] + (s + 1) * h))
                 u[rows] = ub
                 for b in members:
                     done[b] += n_sub
@@ -206,19 +201,48 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
     return out
 
 
-class _BatchRhs:
-    """:class:`_NumpyRhs`'s right-hand side for a batch of states (b, n), each with its own tables."""
+def _heun_step(rhs: Callable, u, h: float, tf0: float, tf1: float):
+    """One Heun step of size h from u, numpy array or torch tensor (time factors tf0, tf1 at its two ends):
+    (the predictor, the new state)."""
+    f0 = rhs(u) * tf0
+    u1 = u + h * f0
+    f1 = rhs(u1) * tf1
+    return u1, u + 0.5 * h * (f0 + f1)
+
+
+class _NumpyRhs:
+    """The right-hand side div(D(u+) grad u) + G(u+) u+ and its vector-Jacobian product, in numpy.
+
+    D, G: tables (m,) for states (n,); or (B, m), one pair per member, for a batch of states (b, n) whose members
+    ``rows`` name (forward only: the vector-Jacobian product is for one pair of tables)."""
 
     def __init__(self, tg: TorchGrid, u_max: float, D: np.ndarray, G: np.ndarray) -> None:
         self.i = tg.grid.face_i
         self.j = tg.grid.face_j
         self.n = tg.n
         self.half_inv_dx2 = 0.5 * tg.inv_dx2
-        self.m = D.shape[1]
+        self.m = D.shape[-1]
         self.scale = (self.m - 1) / u_max
         self.top = self.m - 1 - 1e-9
-        self.D, self.G = D.reshape(-1), G.reshape(-1)
+        self.D, self.G = D.reshape(-1), G.reshape(-1)  # a batch's tables end to end
+        if D.ndim == 1:
+            self.dD = np.diff(D) * self.scale  # slope of each table segment, per density unit
+            self.dG = np.diff(G) * self.scale
         self._faces: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _interp(self, u: np.ndarray, rows: np.ndarray | None = None):
+        up = np.maximum(u, 0.0)
+        raw = up * self.scale
+        pos = np.minimum(raw, self.top)
+        k = pos.astype(np.int64)
+        w = pos - k
+        if rows is not None:
+            k += (rows * self.m)[:, None]  # each member's own tables
+        k1 = k + 1
+        w0 = 1.0 - w
+        d = self.D[k] * w0 + self.D[k1] * w
+        g = self.G[k] * w0 + self.G[k1] * w
+        return up, raw, k, k1, w, w0, d, g
 
     def _face_index(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Face ends of b stacked states, as indices into their (b * n) flattened boxes."""
@@ -227,55 +251,17 @@ class _BatchRhs:
             self._faces[b] = ((self.i + off).reshape(-1), (self.j + off).reshape(-1))
         return self._faces[b]
 
-    def __call__(self, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        b = u.shape[0]
-        up = np.maximum(u, 0.0)
-        raw = up * self.scale
-        pos = np.minimum(raw, self.top)
-        k = pos.astype(np.int64)
-        w = pos - k
-        k += (rows * self.m)[:, None]  # the member's own table
-        d = self.D[k] * (1.0 - w) + self.D[k + 1] * w
-        g = self.G[k] * (1.0 - w) + self.G[k + 1] * w
+    def __call__(self, u: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        up, _, _, _, _, _, d, g = self._interp(u, rows)
         i, j = self.i, self.j
-        flux = ((d[:, i] + d[:, j]) * (u[:, j] - u[:, i]) * self.half_inv_dx2).reshape(-1)
+        if rows is None:  # (indexing with d[..., i] would cost this hot path a third more)
+            flux = (d[i] + d[j]) * (u[j] - u[i]) * self.half_inv_dx2
+            return np.bincount(i, flux, self.n) - np.bincount(j, flux, self.n) + g * up
+        b = u.shape[0]
         fi, fj = self._face_index(b)
+        flux = ((d[:, i] + d[:, j]) * (u[:, j] - u[:, i]) * self.half_inv_dx2).reshape(-1)
         div = np.bincount(fi, flux, b * self.n) - np.bincount(fj, flux, b * self.n)
         return div.reshape(b, self.n) + g * up
-
-
-class _NumpyRhs:
-    """The right-hand side div(D(u+) grad u) + G(u+) u+ and its vector-Jacobian product, in numpy."""
-
-    def __init__(self, tg: TorchGrid, u_max: float, D: np.ndarray, G: np.ndarray) -> None:
-        self.i = tg.grid.face_i
-        self.j = tg.grid.face_j
-        self.n = tg.n
-        self.half_inv_dx2 = 0.5 * tg.inv_dx2
-        self.m = D.shape[0]
-        self.scale = (self.m - 1) / u_max
-        self.top = self.m - 1 - 1e-9
-        self.D, self.G = D, G
-        self.dD = np.diff(D) * self.scale  # slope of each table segment, per density unit
-        self.dG = np.diff(G) * self.scale
-
-    def _interp(self, u: np.ndarray):
-        up = np.maximum(u, 0.0)
-        raw = up * self.scale
-        pos = np.minimum(raw, self.top)
-        k = pos.astype(np.int64)
-        k1 = k + 1
-        w = pos - k
-        w0 = 1.0 - w
-        d = self.D[k] * w0 + self.D[k1] * w
-        g = self.G[k] * w0 + self.G[k1] * w
-        return up, raw, k, k1, w, w0, d, g
-
-    def __call__(self, u: np.ndarray) -> np.ndarray:
-        up, _, _, _, _, _, d, g = self._interp(u)
-        i, j = self.i, self.j
-        flux = (d[i] + d[j]) * (u[j] - u[i]) * self.half_inv_dx2
-        return np.bincount(i, flux, self.n) - np.bincount(j, flux, self.n) + g * up
 
     def vjp(self, u: np.ndarray, a: np.ndarray, aD: np.ndarray, aG: np.ndarray) -> np.ndarray:
         """a^T d rhs / du at u; adds a^T d rhs / dD and / dG into aD, aG (the clamps pass the gradient at their
@@ -323,12 +309,10 @@ class _HeunAdjoint(torch.autograd.Function):
             done += n_sub
             for s in range(n_sub):
                 tf0, tf1 = tf(t[k] + s * h), tf(t[k] + (s + 1) * h)
-                f0 = rhs(u) * tf0
-                u1 = u + h * f0
-                f1 = rhs(u1) * tf1
+                u1, u_next = _heun_step(rhs, u, h, tf0, tf1)
                 if need:
                     steps.append((u, u1, h, tf0, tf1))
-                u = u + 0.5 * h * (f0 + f1)
+                u = u_next
             marks.append(len(steps))
             out.append(u)
         if need:
