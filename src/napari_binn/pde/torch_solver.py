@@ -22,8 +22,8 @@ history for) an enormous number of steps when D is huge.
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -143,13 +143,14 @@ def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: flo
     out = [u0]
     u = u0
     tf = time_factor or (lambda _t: 1.0)
+    rhs = partial(_rhs, tg, u_max=u_max, D=D, G=G)
     done = 0
     for k in range(t.size - 1):
         n_sub, h = _substeps(tg, t, k, float(u.detach().max()), D, G, cfl, u_max, done, max_steps)
         done += n_sub
         tk = t[k]
         for s in range(n_sub):
-            _, u = _heun_step(lambda x: _rhs(tg, x, u_max, D, G), u, h, tf(tk + s * h), tf(tk + (s + 1) * h))
+            _, u = _heun_step(rhs, u, h, tf(tk + s * h), tf(tk + (s + 1) * h))
         out.append(u)
     return torch.stack(out)
 
