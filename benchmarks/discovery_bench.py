@@ -5,7 +5,8 @@ whole default pipeline (``run_pipeline`` with the default ``PipelineConfig``; ``
 the noisy field, and the case is scored on
 
 - the BINN's own D(u) and G(u) (``result.fit.D`` / ``result.fit.G``): relative L2 error over the central 90% of
-  the observed density (``fit.u_grid(200, central=True)``);
+  the observed density, as issue 12 defines it (``fit.u_grid(200, central=True, from_zero=False)``: the raw
+  quantiles, which start below 0 where the noise makes empty space negative; the product's plots start at 0);
 - the final closed form (the BIC-selected forms with the refitted constants, ``result.mechanistic['closed form
   (refitted)']``; the symbolic selection when there is no refit): relative L2 error as above, and whether it has
   the true *structure*: the same additive terms (with signs) as the truth after sympy expansion (numbers become
@@ -419,7 +420,7 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
     row_stage_seconds = {k: round(v, 1) for k, v in result.metadata.get("seconds", {}).items()}
     d_form, g_form = D_FORMS[truth.forms["D"]], G_FORMS[truth.forms["G"]]
     d_true_expr, g_true_expr = truth.expressions()
-    u = result.fit.u_grid(200, central=True)
+    u = result.fit.u_grid(200, central=True, from_zero=False)
     Dt, Gt = truth.D(u), truth.G(u)
     row: dict[str, Any] = {"case": case.name, "seed": seed, "seconds": seconds, "stage_seconds": row_stage_seconds,
                            "u_range": [float(u[0]), float(u[-1])],

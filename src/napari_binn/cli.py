@@ -276,7 +276,7 @@ def demo_comparison(result, truth) -> list[str]:
     mech = result.mechanistic.get("closed form (refitted)")
     if mech is not None:
         eq = eq.with_params(mech)
-    lo, hi = result.fit.u_range["q05"], result.fit.u_range["q95"]
+    lo, hi = result.fit.density_range()
     u = np.linspace(lo, hi, 200)
     lines, found_exprs, same_forms = [], {}, {}
     for key in ("D", "G"):

@@ -779,7 +779,7 @@ def determined_text(fit: BinnFit | None, tolerance: float = 0.25) -> list[str]:
     if fit is None:
         return []
     unit = fit.units.get("u", "u")
-    lo, hi = fit.u_range["q05"], fit.u_range["q95"]
+    lo, hi = fit.density_range()
     out = []
     for key in ("D", "G"):
         if fit.band_sd(key, fit.u_grid(3)) is None:

@@ -24,7 +24,7 @@ def _rates_figure(result, path: Path) -> None:
     plt = _plt()
     fit, eq = result.fit, result.equations
     u = fit.u_grid(200, central=False)
-    lo, hi = fit.u_range.get("q05", u[0]), fit.u_range.get("q95", u[-1])
+    lo, hi = fit.density_range()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
     for ax, key, label in ((axes[0], "D", "D(u)  [µm²/h]"), (axes[1], "G", "G(u)  [1/h]")):
         ens = fit.D_ensemble(u) if key == "D" else fit.G_ensemble(u)

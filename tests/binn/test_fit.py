@@ -74,7 +74,7 @@ def test_bands_and_determined_range(binn_field, tiny):
         ens = fit.D_ensemble(u) if key == "D" else fit.G_ensemble(u)
         np.testing.assert_allclose(sd, ens.std(0, ddof=1), rtol=1e-12, atol=1e-300)
         lo, hi = fit.determined_range(key, tolerance=1e9)  # everything is determined at a huge tolerance
-        assert (lo, hi) == pytest.approx((fit.u_range["q05"], fit.u_range["q95"]))
+        assert (lo, hi) == pytest.approx(fit.density_range())
         assert fit.determined_range(key, tolerance=1e-12) is None  # nothing at a vanishing one
     # a refinement's band, when there is one, is preferred
     fit.metadata["refine"] = {"u_nodes": [0.0, 1.0], "D_sd": [0.0, 2.0]}  # the keys refine_binn writes
@@ -91,4 +91,20 @@ def test_bands_and_determined_range(binn_field, tiny):
         fit.determined_range("D", tolerance=0)
     single = fit_binn(f, BinnConfig(steps=5, n_models=1, **tiny))
     assert single.band_sd("D", u) is None  # no spread is known
-    assert single.determined_range("D") == pytest.approx((single.u_range["q05"], single.u_range["q95"]))
+    assert single.determined_range("D") == pytest.approx(single.density_range())
+
+
+def test_density_range_starts_at_zero(binn_field, tiny):
+    """Negative observed values (noise around empty space) are kept in ``u_range`` but not shown as densities."""
+    fit = fit_binn(binn_field(), BinnConfig(steps=5, n_models=1, **tiny))
+    q95 = fit.u_range["q95"]
+    fit.u_range = {**fit.u_range, "q05": -0.2, "min": -0.5}
+    assert fit.density_range() == (0.0, q95)
+    assert fit.density_range(central=False) == (0.0, fit.u_range["max"])
+    assert fit.density_range(from_zero=False) == (-0.2, q95)
+    assert fit.u_grid(5)[0] == 0.0 and fit.u_grid(5, from_zero=False)[0] == -0.2
+    lo, hi = fit.determined_range("D")  # a single model: the data range alone, from 0
+    assert lo == 0.0 and hi == pytest.approx(q95)
+    # a density scale that is all below 0 (e.g. an offset intensity) keeps its range rather than emptying it
+    fit.u_range = {**fit.u_range, "q05": -3.0, "q95": -1.0}
+    assert fit.density_range() == (-3.0, -1.0)

@@ -169,7 +169,7 @@ class BinnFit:
 
     def determined_range(self, kind: str, tolerance: float = 0.25, n: int = 201) -> tuple[float, float] | None:
         """The density range (units of u) where the learned ``kind`` is determined by the data: inside the observed
-        densities' central 90% (``u_range`` q05..q95: where there are data) and where the band is narrow,
+        densities' central 90% (:meth:`density_range`: where there are data, from 0 up) and where the band is narrow,
         2·band_sd / max(|f(u)|, 0.1·max|f|) < ``tolerance`` (f the ensemble mean; the floor keeps a G that
         crosses zero from counting as undetermined at its root). The longest such stretch, or None when there
         is none. With a single model (no band) it is the data range alone."""
@@ -212,10 +212,16 @@ class BinnFit:
         """Torch module u -> ensemble-mean G(u) in 1/h (accepted by ``pde.simulate``)."""
         return PhysicalRate([m.gnet for m in self.members], self.scales.K, self.scales.G_unit, "G")
 
-    def u_grid(self, n: int = 101, central: bool = True) -> np.ndarray:
-        """Evenly spaced densities over the observed range (central 90% if ``central``, else min..max)."""
-        lo, hi = (("q05", "q95") if central else ("min", "max"))
-        return np.linspace(self.u_range[lo], self.u_range[hi], n)
+    def density_range(self, central: bool = True, from_zero: bool = True) -> tuple[float, float]:
+        """The observed densities' range: central 90% (``u_range`` q05..q95) if ``central``, else min..max. With
+        ``from_zero`` it starts at 0 at the lowest: observed values below 0 are noise around empty space (the field
+        starts them at 0 too), not densities, so plots, the determined range and reports start at 0."""
+        lo, hi = (float(self.u_range[k]) for k in (("q05", "q95") if central else ("min", "max")))
+        return (max(lo, 0.0) if from_zero and hi > 0 else lo), hi
+
+    def u_grid(self, n: int = 101, central: bool = True, from_zero: bool = True) -> np.ndarray:
+        """``n`` evenly spaced densities over :meth:`density_range` (same arguments)."""
+        return np.linspace(*self.density_range(central, from_zero), n)
 
     def __repr__(self) -> str:
         flags = " (cancelled: best model so far)" if self.metadata.get("cancelled") else ""
