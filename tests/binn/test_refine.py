@@ -4,8 +4,10 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from napari_binn.binn import BinnConfig, BinnFit, fit_binn
+from napari_binn.binn import refine as refine_module
 from napari_binn.binn.refine import TAPE_BYTES_PER_BOX_STEP, RefineConfig, refine_binn, steps_within_memory
 from napari_binn.pipeline import refine_text
 from napari_binn.synthetic import make_synthetic
@@ -115,8 +117,9 @@ def test_the_surrogates_first_frame_is_never_fitted_jointly(small_case):
     assert meta["initial"] in ("denoised", "surrogate", "denoised+joint"), meta["initial"]
     joint_steps = [e for e in events if "joint initial state" in (e.message or "")]
     assert len(joint_steps) == 1 and "[1/2]" in joint_steps[0].message  # the denoised state, the first of two
-    # one prior strength per state, one joint fit (denoised), one distillation step
-    assert events[-1].data["done"] and events[-1].step == events[-1].total == 1 + 1 + 1 + 1
+    # one prior strength per state, the noise correction and the joint fit (denoised), one distillation step
+    assert events[-1].data["done"] and events[-1].step == events[-1].total == 1 + 1 + 1 + 1 + 1
+    assert sum("noise bias corrected" in (e.message or "") for e in events) == 1  # the denoised state's only
     alone = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**{**cfg.__dict__, "initial": "surrogate"}))
     assert alone.metadata["refine"]["initial"] == "surrogate"
 
@@ -138,6 +141,9 @@ def test_too_few_frames_is_a_clear_error(small_case):
     ("min_frames", 2, ">= 3"),
     ("iterations", 0, ">= 1"),
     ("max_memory_gb", 0, "positive number of GB"),
+    ("noise_draws", -1, "whole number >= 0"),
+    ("noise_draws", 2.5, "whole number >= 0"),
+    ("noise_draws", True, "whole number >= 0"),
 ])
 def test_bad_config_values_name_the_key(key, value, allowed):
     with pytest.raises(ValueError, match=rf"refine\.{key}: .*{allowed}"):
@@ -296,3 +302,109 @@ def test_a_little_more_misfit_from_the_prior_is_not_a_failed_refinement():
     assert _fits_worse({"chi2_start": 1.034 * n, "chi2": 2.56 * n}, n)
     assert _fits_worse({"chi2_start": 1.0 * n, "chi2": 1.0 * n + 2.1 * (2 * n) ** 0.5}, n)
     assert _fits_worse({"chi2_start": 1.0 * n, "chi2": float("nan")}, n)
+
+
+@pytest.fixture(scope="module")
+def counts_case():
+    """Poisson cell counts (about 20 per box at K): the first frame's noise is what the correction is for."""
+    fld, truth = make_synthetic("fisher_kpp", {"D": 1500.0, "r": 0.07, "K": 2000.0}, domain="scratch", grid=(10, 10),
+                                dx_um=100.0, times_h=np.linspace(0, 24, 5), noise_model="poisson", seed=2)
+    fit = fit_binn(fld, BinnConfig(hidden=(16, 16), rate_hidden=(8,), steps=200, warmup_steps=100, batch_size=256,
+                                   n_collocation=128, weak_weight=0.0, device="cpu", seed=0))
+    return fld, truth, fit
+
+
+def test_the_first_frames_noise_draws_have_its_mean_and_variance_and_keep_the_state_nonnegative(counts_case):
+    fld, _, fit = counts_case
+    prob = refine_module._Problem(fld, fit, RefineConfig())
+    assert min(prob.noise_ab) >= 0  # fitted to the surrogate's residuals (this tiny BINN's own error too)
+    a, b = prob.noise_ab = (100.0, 10.0)  # as for counts: the variance grows with the density
+    u0 = prob.ic_denoised.clone()
+    u0[:5] = 0.0  # boxes set to 0 as empty space hold no noise
+    draws = refine_module._noise_draws(prob, u0, 400)
+    e = torch.stack(draws).numpy()
+    assert np.all(e[:, :5] == 0) and np.all(u0.numpy() + e >= -1e-9)
+    var = a + b * u0.numpy()[5:]
+    assert abs(float(e[:, 5:].mean())) < 4 * np.sqrt(var.mean() / e[:, 5:].size)
+    np.testing.assert_allclose(e[:, 5:].var(0).mean(), var.mean(), rtol=0.05)
+    # reproducible: a fixed seed
+    again = refine_module._noise_draws(prob, u0, 3)
+    assert all(torch.equal(x, y) for x, y in zip(again, draws[:3]))
+    # no noise, no draws
+    prob.noise_ab = (0.0, 0.0)
+    assert refine_module._noise_draws(prob, u0, 4) == []
+
+
+def test_the_noise_carried_forward_shrinks_as_d_grows_and_its_gradient_is_right(counts_case):
+    """The bias the correction removes: a larger D damps the first frame's noise, so a plain misfit rewards it."""
+    fld, _, fit = counts_case
+    prob = refine_module._Problem(fld, fit, RefineConfig())
+    u0 = prob.ic_denoised
+    draws = refine_module._noise_draws(prob, u0, 4)
+    z = torch.tensor(prob.z0, requires_grad=True)
+    spread = refine_module._noise_spread(prob, z, u0, draws)
+    grad = torch.autograd.grad(spread, z)[0].numpy()
+
+    def at(dz):
+        with torch.no_grad():
+            return float(refine_module._noise_spread(prob, torch.as_tensor(prob.z0 + dz), u0, draws))
+
+    level = np.zeros_like(prob.z0)
+    level[0] = 0.5  # D's table value up everywhere (the parametrisation's first coordinate)
+    assert at(level) < float(spread) < at(-level)
+    for k in (0, 1, prob.cfg.nodes, prob.cfg.nodes + 1):  # D's and G's value and slope
+        step = np.zeros_like(prob.z0)
+        step[k] = 1e-4
+        fd = (at(step) - at(-step)) / 2e-4
+        assert fd == pytest.approx(grad[k], rel=1e-3, abs=1e-6 * abs(float(spread)))
+    assert grad[0] < 0
+
+
+def test_the_noise_correction_carries_the_noise_further_is_recorded_and_can_be_switched_off(counts_case):
+    fld, _, fit = counts_case
+    cfg = dict(iterations=30, smoothness=[1.0], distill_steps=100, initial="denoised", joint=False, bands=False)
+    # the step itself: from the plain misfit's minimum, the corrected curves damp the first frame's noise less
+    # (the plain minimum was pulled towards damping it), at a little more misfit
+    prob = refine_module._Problem(fld, fit, RefineConfig(**cfg))
+    u0 = prob.ic_denoised
+    z = torch.tensor(prob.z0, requires_grad=True)
+    refine_module._lbfgs([z], lambda: 0.5 * prob.chi2(prob.simulate(z, u0)) + 0.5 * prob.prior(z), 60, None)
+    z_plain = z.detach().numpy().copy()
+    z_corr, chi2, info = refine_module._noise_corrected(prob, z_plain, u0, 1.0, RefineConfig(**cfg, noise_draws=8),
+                                                        None)
+    draws = refine_module._noise_draws(prob, u0, 8)
+    with torch.no_grad():
+        spread = [float(refine_module._noise_spread(prob, torch.as_tensor(v), u0, draws)) for v in (z_plain, z_corr)]
+    assert spread[1] > spread[0] and info["shift"] > 0
+    assert info["misfit_before"] <= info["misfit_after"] < info["misfit_before"] + 0.05
+    # in a refinement: recorded, said, reproducible; noise_draws = 0 switches it off
+    off = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**cfg, noise_draws=0))
+    on = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**cfg, noise_draws=8))
+    assert off.metadata["refine"]["noise_correction"] is None
+    nc = on.metadata["refine"]["noise_correction"]
+    assert nc["draws"] == 8 and nc["shift"] > 0 and nc["noise_spread"] > 0
+    assert on.metadata["refine"]["D"] != off.metadata["refine"]["D"]
+    assert any("noise corrected for" in note for note in on.metadata["refine"]["notes"])
+    again = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**cfg, noise_draws=8))
+    assert again.metadata["refine"]["D"] == on.metadata["refine"]["D"]
+
+
+def test_a_network_whose_units_saturated_in_training_still_takes_the_refined_curve(small_case):
+    """Contact islands: the BINN's D-network had saturated (constant to 1e-6 over u, gradients below L-BFGS's
+    tolerance), so the networks kept a flat D 25% from the refined table while the tables were right."""
+    _, _, fit = small_case
+    fit = copy.deepcopy(fit)
+    for m in fit.members:
+        with torch.no_grad():
+            for lin in m.dnet.layers[:-1]:
+                lin.weight.zero_()
+                lin.bias.fill_(-50.0)  # every hidden unit dead: the output cannot change with u
+    lo, hi = fit.u_range["min"], fit.u_range["max"]
+    u = np.linspace(lo, hi, 50)
+    assert np.ptp(fit.D(u)) < 1e-6 * np.abs(fit.D(u)).max()
+    nodes = np.linspace(0.0, 1.3 * hi, 25)
+    D_tab = 2000.0 / (1.0 + nodes / max(hi, 1e-9))  # falling with density
+    G_tab = fit.G(nodes)
+    err = refine_module._distill(fit, nodes, D_tab, G_tab, (lo, hi), 200)
+    assert err["D"] < 0.01, err
+    assert _rel(fit.D(u), np.interp(u, nodes, D_tab)) < 0.01

@@ -157,22 +157,37 @@ class BoundedNet(nn.Module):
             # give an affine D(u) rather than an exponential one; the cap lo + span (1 - exp(-d / span)) keeps D
             # below hi with a gradient everywhere and is d itself while d << span
             self.register_buffer("unit", torch.tensor(float(unit)))
+        self._start_output(init_fraction)
+
+    def _start_output(self, init_fraction: float) -> None:
+        """The output layer's bias so that the output starts at lo + init_fraction (hi - lo); its weights x 0.1."""
+        lo, hi = float(self.lo), float(self.hi)
+        if self.softplus:
             frac = min(max(init_fraction, 0.0), 0.999)
-            start = max(-math.log1p(-frac) * (hi - lo) / unit, 1e-6)
-            frac_z = math.log(math.expm1(start)) if start < 30 else start
-            with torch.no_grad():
-                self.layers[-1].bias.fill_(frac_z)
-                self.layers[-1].weight.mul_(0.1)
-            return
-        if self.decades > 0:
-            floor = 10.0 ** (-self.decades)
-            frac = 1.0 + math.log10(min(max(init_fraction, floor * 1.01), 0.99)) / self.decades
+            start = max(-math.log1p(-frac) * (hi - lo) / float(self.unit), 1e-6)
+            bias = math.log(math.expm1(start)) if start < 30 else start
         else:
-            frac = init_fraction
-        frac = min(max(frac, 1e-4), 1 - 1e-4)
+            if self.decades > 0:
+                floor = 10.0 ** (-self.decades)
+                frac = 1.0 + math.log10(min(max(init_fraction, floor * 1.01), 0.99)) / self.decades
+            else:
+                frac = init_fraction
+            frac = min(max(frac, 1e-4), 1 - 1e-4)
+            bias = math.log(frac / (1 - frac))
         with torch.no_grad():
-            self.layers[-1].bias.fill_(math.log(frac / (1 - frac)))
+            self.layers[-1].bias.fill_(bias)
             self.layers[-1].weight.mul_(0.1)
+
+    def reinitialise(self, init_fraction: float, seed: int = 0) -> None:
+        """Fresh weights (as at construction, from ``seed``) with the output at ``init_fraction`` of its range: for a
+        network whose hidden units saturated in training, so that its output no longer changes with u and its
+        gradients are too small for any optimiser to leave that state."""
+        gen = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for lin in self.layers:
+                nn.init.xavier_normal_(lin.weight, generator=gen)
+                nn.init.zeros_(lin.bias)
+        self._start_output(init_fraction)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """(N,) scaled input -> (N,) bounded output."""

@@ -55,6 +55,7 @@ _AUTO = ("denoised", "surrogate")  # tried by initial = "auto"
 _STAGE = "refine"
 _JACOBIAN_BATCH = 26  # simulations per batch in _jacobian (bounds its memory: 3 states x batch x boxes)
 _JOINT_GAIN = 0.02  # a joint fit is kept only when its misfit is this fraction below the best held fixed
+_DISTILL_RETRY = 0.01  # a network further than this (relative L2) from its refined table is fitted again afresh
 
 
 @dataclass
@@ -72,7 +73,8 @@ class RefineConfig:
     total-variation weight tv_weight (relative to
     the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
     distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the bands D_sd,
-    G_sd (Laplace, widened by the spread between initial states).
+    G_sd (Laplace, widened by the spread between initial states). noise_draws: draws of the first frame's noise
+    for the first-order correction of the bias it gives the curves (0: off; see :func:`_noise_corrected`).
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
     max_memory_gb: the memory the states one simulation keeps for its gradient may hold; on large fields it
     lowers max_steps to max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see
@@ -88,6 +90,7 @@ class RefineConfig:
     cfl: float = 0.8
     distill_steps: int = 200
     bands: bool = True
+    noise_draws: int = 16
     min_frames: int = 3
     max_steps: int = 5000
     max_memory_gb: float = 6.0
@@ -110,6 +113,9 @@ class RefineConfig:
         need(0.0 < float(self.cfl) < 1.0, "cfl", f"must be in (0, 1); got {self.cfl}")
         need(float(self.tv_weight) >= 0, "tv_weight", f"must be >= 0; got {self.tv_weight}")
         need(int(self.distill_steps) >= 0, "distill_steps", f"must be >= 0; got {self.distill_steps}")
+        need(isinstance(self.noise_draws, (int, np.integer)) and not isinstance(self.noise_draws, bool)
+             and int(self.noise_draws) >= 0, "noise_draws",
+             f"must be a whole number >= 0 (0 switches the correction off); got {self.noise_draws!r}")
         need(int(self.min_frames) >= 3, "min_frames", f"must be >= 3; got {self.min_frames}")
         need(int(self.max_steps) >= 10, "max_steps", f"must be >= 10; got {self.max_steps}")
         need(np.isfinite(float(self.max_memory_gb)) and float(self.max_memory_gb) > 0, "max_memory_gb",
@@ -203,6 +209,10 @@ class _Problem:
         sur = np.stack([self.grid.from_grid(s) for s in fit.u(xx3, yy3, tt)])
         res = (sur - data)[obs]
         self.sigma = float(max(np.sqrt(np.mean(res ** 2)), 1e-3 * K))
+        # the noise variance as a + b u (u the surrogate's value; b > 0 for counts): for the first frame's draws
+        A = np.stack([np.ones(res.size), np.maximum(sur[obs], 0.0)], axis=1)
+        coef = np.linalg.lstsq(A, res ** 2, rcond=None)[0]
+        self.noise_ab = (max(float(coef[0]), 0.0), max(float(coef[1]), 0.0))
         self.time_factor = None
         if fit.config.use_delay:
             self.time_factor = lambda th: float(fit.T(np.asarray([th]))[0])
@@ -354,7 +364,15 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
         best = max(range(len(fits)), key=lambda i: fits[i]["log_evidence"])
     out = {"initial": initial, "base": initial, "fits": fits, "chosen": fits[best], "z": fits[best]["z"],
            "u0": u0_fixed, "chi2": fits[best]["chi2"], "chi2_start": chi2_start, "jacobian": jac.get(best), "s2": s2,
-           "notes": [], "joint": None}
+           "notes": [], "joint": None, "noise_correction": None}
+    if _corrects_noise(cfg, initial) and not is_cancelled(cancel):
+        zc, chi2c, info = _noise_corrected(prob, out["z"], u0_fixed, out["chosen"]["smoothness"], cfg, cancel)
+        if is_cancelled(cancel):
+            return None
+        # the Jacobian (for the bands) stays the one at the uncorrected curves, which the correction moves a little
+        out.update(z=zc, chi2=chi2c, noise_correction=info)
+        yield clock.event(_STAGE, offset + len(cfg.smoothness) + 1, f"{label}initial state '{initial}': first "
+                          f"frame's noise bias corrected ({info['draws']} draws): misfit {chi2c / n:.4g}")
     if _joint_from(cfg, initial) and not is_cancelled(cancel):
         zj = torch.tensor(out["z"], requires_grad=True)
         wj = torch.zeros_like(u0_fixed, requires_grad=True)  # the change of the initial state / noise s.d.
@@ -370,9 +388,81 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
             u0c = torch.clamp(u0_fixed + prob.sigma * wj.detach(), min=0.0)
             chi2_joint = float(prob.chi2(prob.simulate(zj.detach(), u0c)))
         out["joint"] = {"z": zj.detach().numpy().copy(), "u0": u0c, "chi2": chi2_joint}
-        yield clock.event(_STAGE, offset + len(cfg.smoothness) + 1, f"{label}joint initial state: misfit "
+        yield clock.event(_STAGE, offset + len(cfg.smoothness) + 1 + _corrects_noise(cfg, initial),
+                          f"{label}joint initial state: misfit "
                           f"{chi2_joint / n:.4g} (held fixed: {out['chi2'] / n:.4g})")
     return out
+
+
+def _corrects_noise(cfg: RefineConfig, initial: str) -> bool:
+    """Whether the first frame's noise is corrected for: with ``cfg.noise_draws``, for the initial states that are
+    the data's first frame ('data', 'denoised'); the surrogate's first frame carries its own smooth error instead."""
+    return int(cfg.noise_draws) > 0 and initial != "surrogate"
+
+
+def _noise_draws(prob: _Problem, u0: torch.Tensor, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` draws of the first frame's noise e on the mask: mean 0, variance a + b u0 (``prob.noise_ab``),
+    gamma-distributed so that u0 + e stays >= 0, and 0 where u0 is 0 (boxes set to 0 as empty space hold no
+    noise). Empty when there is no noise to draw. A fixed ``seed``: a run is reproducible."""
+    u0n = u0.detach().numpy()
+    a, b = prob.noise_ab
+    var = a + b * u0n
+    keep = (u0n > 0) & (var > 0)
+    if not keep.any():
+        return []
+    rng = np.random.default_rng(seed)
+    shape = np.where(keep, u0n ** 2 / np.where(keep, var, 1.0), 1.0)
+    scale = np.where(keep, var / np.where(keep, u0n, 1.0), 0.0)
+    return [torch.as_tensor(np.where(keep, rng.gamma(shape, scale) - u0n, 0.0)) for _ in range(int(count))]
+
+
+def _noise_spread(prob: _Problem, z: torch.Tensor, u0: torch.Tensor, draws: list[torch.Tensor]) -> torch.Tensor:
+    """B(z): the mean over ``draws`` of |S(z, u0 + e) - S(z, u0)|² on the observed boxes, in noise-variance units
+    (differentiable in z): the first frame's noise as the simulation carries it forward."""
+    base = prob.simulate(z, u0)
+    spread = torch.zeros((), dtype=base.dtype)
+    for e in draws:
+        r = torch.where(prob.obs, prob.simulate(z, u0 + e) - base, torch.zeros_like(base)) / prob.sigma
+        spread = spread + (r * r).sum() / len(draws)
+    return spread
+
+
+def _noise_corrected(prob: _Problem, z: np.ndarray, u0: torch.Tensor, lam: float, cfg: RefineConfig,
+                     cancel: CancelToken | None) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """First-order correction of the bias that the first frame's noise gives the curves.
+
+    The simulation starts from the noisy first frame, so the misfit also holds that noise carried forward, whose
+    expected size B(z) (:func:`_noise_spread`) depends on the curves: it shrinks as D grows, so the misfit's
+    minimum is pulled towards a larger D (and a growth that damps the noise). B's gradient is estimated at the
+    chosen curves from ``cfg.noise_draws`` draws of the first frame's noise (:func:`_noise_draws`), held fixed, and
+    the misfit minus that linear term is minimised again from the chosen curves at the chosen prior strength: the
+    bias-corrected estimating equation, to first order. (Subtracting B(z) itself is not bounded below where the
+    curves amplify the noise, D near 0; a frozen gradient is.)"""
+    n = prob.n_obs
+    a, b = prob.noise_ab
+    info: dict[str, Any] = {"draws": int(cfg.noise_draws), "noise_variance": [a, b]}
+    with torch.no_grad():
+        chi2_before = float(prob.chi2(prob.simulate(torch.as_tensor(z), u0)))
+    draws = _noise_draws(prob, u0, int(cfg.noise_draws))
+    if not draws:
+        info.update(note="no noise to correct for (noise variance 0 or an empty first frame)")
+        return z, chi2_before, info
+    zt = torch.tensor(z, requires_grad=True)
+    spread = _noise_spread(prob, zt, u0, draws)
+    grad_b = torch.autograd.grad(spread, zt)[0].detach()
+    zc = torch.tensor(z, requires_grad=True)
+
+    def loss_fn():
+        return (0.5 * prob.chi2(prob.simulate(zc, u0)) + 0.5 * lam * prob.prior(zc)
+                - 0.5 * (grad_b * zc).sum()) / n
+
+    _lbfgs([zc], loss_fn, cfg.iterations, cancel)
+    zv = zc.detach().numpy().copy()
+    with torch.no_grad():
+        chi2_after = float(prob.chi2(prob.simulate(zc, u0)))
+    info.update(noise_spread=float(spread.detach()) / n, misfit_before=chi2_before / n, misfit_after=chi2_after / n,
+                shift=float(np.linalg.norm(zv - z)))
+    return zv, chi2_after, info
 
 
 def _joint_from(cfg: RefineConfig, initial: str) -> bool:
@@ -428,7 +518,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     prob = _Problem(field, fit, cfg)
     n = prob.n_obs
     initials = list(_AUTO) if cfg.initial == "auto" else [cfg.initial]
-    steps = [len(cfg.smoothness) + (1 if _joint_from(cfg, initial) else 0) for initial in initials]
+    steps = [len(cfg.smoothness) + _corrects_noise(cfg, initial) + _joint_from(cfg, initial) for initial in initials]
     total = sum(steps) + 1
     clock = ProgressClock(total)
     yield clock.event(_STAGE, 0, f"refining D(u), G(u) through the solver ({n} observed values, "
@@ -463,6 +553,11 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         notes.append(f"time steps per simulation capped at {prob.max_steps} (refine.max_steps {cfg.max_steps}) to "
                      f"keep the autograd memory under refine.max_memory_gb = {cfg.max_memory_gb:g} GB on "
                      f"{prob.tg.n} boxes; D above {prob.D_cap:.4g} µm²/h is not tried")
+    nc = win.get("noise_correction")
+    if nc is not None and "misfit_after" in nc and "+joint" not in win["initial"]:
+        notes.append(f"the first frame's noise corrected for to first order ({nc['draws']} draws of noise variance "
+                     f"{nc['noise_variance'][0]:.3g} + {nc['noise_variance'][1]:.3g} u): misfit "
+                     f"{nc['misfit_before']:.4g} -> {nc['misfit_after']:.4g}")
     if len(runs) > 1:
         notes.append("initial state chosen by the lower final misfit: " + ", ".join(
             f"'{r['initial']}' {r['chi2'] / n:.4g}" for r in runs))
@@ -492,6 +587,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         "ladder": [{"initial": r["base"], "smoothness": f["smoothness"], "misfit": f["chi2"] / n,
                     "log_evidence": f.get("log_evidence")} for r in runs for f in r["fits"]],
         "initial": win["initial"], "distill_rel_err": err, "seconds": time.perf_counter() - t_start,
+        "noise_correction": win.get("noise_correction"),
         "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every frame, in "
                           "units of the surrogate's noise variance",
                           "D_sd, G_sd: Laplace bands (the initial state held exact)" + (
@@ -529,7 +625,11 @@ def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float) 
 def _distill(fit: BinnFit, nodes: np.ndarray, D_tab: np.ndarray, G_tab: np.ndarray,
              observed: tuple[float, float], steps: int) -> dict[str, float]:
     """Fit every member's D- and G-network to the tables over the observed range (L-BFGS, ``steps`` iterations); returns the relative
-    L2 misfit of the ensemble mean to each table there."""
+    L2 misfit of the ensemble mean to each table there. A network that stays more than _DISTILL_RETRY from its
+    table is started again from fresh weights and fitted once more, the better of the two kept: a BINN's network
+    whose hidden units saturated in training (contact islands: a D constant to 1e-6 over u, gradients below
+    L-BFGS's tolerance) cannot take the refined curve's shape, and the curves the plots show would not be the
+    refined ones."""
     u = np.linspace(observed[0], observed[1], 128)
     D_t = np.interp(u, nodes, D_tab)
     G_t = np.interp(u, nodes, G_tab)
@@ -539,30 +639,46 @@ def _distill(fit: BinnFit, nodes: np.ndarray, D_tab: np.ndarray, G_tab: np.ndarr
         uh = torch.as_tensor(u / K, dtype=dtype)
         for net, target, unit in ((m.dnet, D_t, d_unit), (m.gnet, G_t, g_unit)):
             y = torch.as_tensor(target / unit, dtype=dtype)
-            scale = float(y.abs().max()) or 1.0
-            params = list(net.parameters())
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
-
-            def closure(net=net, y=y, scale=scale, opt=opt):
-                opt.zero_grad(set_to_none=True)
-                loss = torch.mean(((net(uh) - y) / scale) ** 2)
-                loss.backward()
-                return loss
-
-            before = [p.detach().clone() for p in params]
-            for _ in range(max(1, steps // 20)):
-                opt.step(closure)
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                with torch.no_grad():
-                    for p, b in zip(params, before):
-                        p.copy_(b)
-            for p in params:
-                p.requires_grad_(False)
+            err = _fit_net(net, uh, y, steps)
+            if err > _DISTILL_RETRY:
+                before = [p.detach().clone() for p in net.parameters()]
+                lo, hi = float(net.lo), float(net.hi)
+                net.reinitialise((float(y.mean()) - lo) / (hi - lo) if hi > lo else 0.5)
+                if not _fit_net(net, uh, y, steps) < err:
+                    with torch.no_grad():
+                        for p, b in zip(net.parameters(), before):
+                            p.copy_(b)
     rel = {"D": float(np.linalg.norm(fit.D(u) - D_t) / max(np.linalg.norm(D_t), 1e-30)),
            "G": float(np.linalg.norm(fit.G(u) - G_t) / max(np.linalg.norm(G_t), 1e-30))}
     return rel
+
+
+def _fit_net(net: torch.nn.Module, uh: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Fit ``net``(uh) to ``y`` in place (L-BFGS, ``steps`` iterations in bursts of 20; parameters restored if they
+    go non-finite); returns the relative L2 misfit."""
+    scale = float(y.abs().max()) or 1.0
+    params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.mean(((net(uh) - y) / scale) ** 2)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in params]
+    for _ in range(max(1, steps // 20)):
+        opt.step(closure)
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        return float(torch.linalg.norm(net(uh) - y) / max(float(torch.linalg.norm(y)), 1e-30))
 
 
 def refine_binn(field: DensityField, fit: BinnFit, config: RefineConfig | None = None, *,
