@@ -267,6 +267,23 @@ def test_blow_up_raises_with_time_reached(method):
     assert 0.9 < info.value.t_reached_h < 1.05
 
 
+@pytest.mark.parametrize("method", ["rkc", "bdf"])
+def test_a_simulation_that_would_run_on_for_ever_fails_instead(method, monkeypatch):
+    """Past a budget of right-hand-side evaluations a simulation fails (a refit then excludes the candidate) rather
+    than run on (a held-out refit candidate once spent over 30 minutes inside RKC steps; not reproduced)."""
+    from napari_binn.pde import solver
+
+    mask = np.ones((6, 6), bool)
+    u0 = np.where(_disc(6, 2), 1000.0, 0.0)
+    args = (1000.0, 0.1, u0, mask, 25.0, [0.0, 1.0])
+    used = list(simulate_job(*args, method=method))[-1].data["n_rhs"]
+    assert used < solver._MAX_RHS  # an ordinary simulation is far inside it
+    monkeypatch.setattr(solver, "_MAX_RHS", used // 2)
+    with pytest.raises(SimulationError, match=rf"more than {used // 2} evaluations.*too stiff") as info:
+        simulate(*args, method=method)
+    assert 0.0 <= info.value.t_reached_h < 1.0
+
+
 def test_auto_picks_rkc_for_moderate_and_bdf_for_very_stiff_problems():
     mask = np.ones((6, 6), bool)
     u0 = np.where(_disc(6, 2), 1000.0, 0.0)

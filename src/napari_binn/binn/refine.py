@@ -19,7 +19,9 @@ itself) or ``"denoised"`` (the first frame with empty space that holds only nois
 space would otherwise grow like cells), fixed while the ladder runs, or ``"auto"`` (default: both "denoised" and
 "surrogate" are tried and the one with the lower final misfit is kept); with ``joint`` the initial state is then
 fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2% below the best
-misfit of every initial state held fixed. An initial state whose refined curves fit worse than the BINN's own
+misfit of every initial state held fixed. From a first frame of data ('denoised', 'data') the chosen curves are
+corrected for the bias that the first frame's noise, carried forward by the simulation, gives them
+(``noise_draws``; :func:`_noise_corrected`). An initial state whose refined curves fit worse than the BINN's own
 from it, by more than the misfit's noise, is discarded; when every one is, the BINN's curves are kept
 (``metadata['refine']['failed']``).
 

@@ -39,6 +39,13 @@ _MAX_RKC_STAGES = 2000
 _NEGATIVE_FAIL = 1e-3  # relative to max(u0): negatives beyond this are an error, smaller ones are clipped
 
 
+#: evaluations of the PDE's right-hand side one simulation may take (a few hundred are usual: 160-864 on the
+#: discovery benchmark's fields); beyond it the simulation fails rather than run on. A safety net, not a measured
+#: fix: a held-out refit candidate on the polygon case (seed 2, 5 December) once spent over 30 minutes inside RKC
+#: steps; the same run repeated finished its refits in 83 s without reaching this budget (cause not found)
+_MAX_RHS = 200_000
+
+
 class SimulationError(RuntimeError):
     """The solver could not continue; ``t_reached_h`` is the last time (h) it reached."""
 
@@ -102,6 +109,9 @@ class _Problem:
     # -- system ----------------------------------------------------------------------------------------
     def rhs(self, t: float, u: np.ndarray) -> np.ndarray:
         self.n_rhs += 1
+        if self.n_rhs > _MAX_RHS:
+            raise SimulationError(f"more than {_MAX_RHS} evaluations of the right-hand side (a few hundred is usual): "
+                                  "the step size collapsed, so these D(u), G(u) are too stiff to simulate or blow up", t)
         self.t_now = t
         up = np.maximum(u, 0.0, out=self._up)
         f = self.grid.divergence(u, self.eval_d(up), out=np.empty_like(u))
