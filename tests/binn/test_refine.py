@@ -370,8 +370,10 @@ def test_the_noise_correction_carries_the_noise_further_is_recorded_and_can_be_s
     z = torch.tensor(prob.z0, requires_grad=True)
     refine_module._lbfgs([z], lambda: 0.5 * prob.chi2(prob.simulate(z, u0)) + 0.5 * prob.prior(z), 60, None)
     z_plain = z.detach().numpy().copy()
-    z_corr, chi2, info = refine_module._noise_corrected(prob, z_plain, u0, 1.0, RefineConfig(**cfg, noise_draws=8),
-                                                        None)
+    with torch.no_grad():
+        chi2_plain = float(prob.chi2(prob.simulate(torch.as_tensor(z_plain), u0)))
+    z_corr, chi2, info = refine_module._noise_corrected(prob, z_plain, chi2_plain, u0, 1.0,
+                                                        RefineConfig(**cfg, noise_draws=8), None)
     draws = refine_module._noise_draws(prob, u0, 8)
     with torch.no_grad():
         spread = [float(refine_module._noise_spread(prob, torch.as_tensor(v), u0, draws)) for v in (z_plain, z_corr)]

@@ -368,7 +368,8 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
            "u0": u0_fixed, "chi2": fits[best]["chi2"], "chi2_start": chi2_start, "jacobian": jac.get(best), "s2": s2,
            "notes": [], "joint": None, "noise_correction": None}
     if _corrects_noise(cfg, initial) and not is_cancelled(cancel):
-        zc, chi2c, info = _noise_corrected(prob, out["z"], u0_fixed, out["chosen"]["smoothness"], cfg, cancel)
+        zc, chi2c, info = _noise_corrected(prob, out["z"], out["chi2"], u0_fixed, out["chosen"]["smoothness"], cfg,
+                                           cancel)
         if is_cancelled(cancel):
             return None
         # the Jacobian (for the bands) stays the one at the uncorrected curves, which the correction moves a little
@@ -429,8 +430,8 @@ def _noise_spread(prob: _Problem, z: torch.Tensor, u0: torch.Tensor, draws: list
     return spread
 
 
-def _noise_corrected(prob: _Problem, z: np.ndarray, u0: torch.Tensor, lam: float, cfg: RefineConfig,
-                     cancel: CancelToken | None) -> tuple[np.ndarray, float, dict[str, Any]]:
+def _noise_corrected(prob: _Problem, z: np.ndarray, chi2_before: float, u0: torch.Tensor, lam: float,
+                     cfg: RefineConfig, cancel: CancelToken | None) -> tuple[np.ndarray, float, dict[str, Any]]:
     """First-order correction of the bias that the first frame's noise gives the curves.
 
     The simulation starts from the noisy first frame, so the misfit also holds that noise carried forward, whose
@@ -439,12 +440,11 @@ def _noise_corrected(prob: _Problem, z: np.ndarray, u0: torch.Tensor, lam: float
     chosen curves from ``cfg.noise_draws`` draws of the first frame's noise (:func:`_noise_draws`), held fixed, and
     the misfit minus that linear term is minimised again from the chosen curves at the chosen prior strength: the
     bias-corrected estimating equation, to first order. (Subtracting B(z) itself is not bounded below where the
-    curves amplify the noise, D near 0; a frozen gradient is.)"""
+    curves amplify the noise, D near 0; a frozen gradient is.) ``chi2_before``: the misfit at ``z`` (the ladder
+    has it)."""
     n = prob.n_obs
     a, b = prob.noise_ab
     info: dict[str, Any] = {"draws": int(cfg.noise_draws), "noise_variance": [a, b]}
-    with torch.no_grad():
-        chi2_before = float(prob.chi2(prob.simulate(torch.as_tensor(z), u0)))
     draws = _noise_draws(prob, u0, int(cfg.noise_draws))
     if not draws:
         info.update(note="no noise to correct for (noise variance 0 or an empty first frame)")
