@@ -282,6 +282,29 @@ def test_denoised_initial_condition_removes_growing_noise_specks():
         fit_mechanistic(field, "fisher_kpp", initial="smooth")
 
 
+def test_ic_noise_model_follows_counts():
+    # the bootstrap's first-frame noise is a + b u fitted to the residuals: counts (variance 100 u, as Poisson counts
+    # in boxes of 0.01 mm²) give no noise to empty boxes; noise of one size gives the same s.d. everywhere
+    from types import SimpleNamespace
+
+    from napari_binn.pde.mechanistic import _ic_noise_sd
+
+    rng = np.random.default_rng(0)
+    pred = np.concatenate([np.zeros((3, 10, 20)), np.full((3, 10, 20), 1500.0)], axis=1)
+    pred[:, :, :10] = np.linspace(0.0, 2000.0, 10)  # a gradient of densities for the fit
+    obs = np.ones(pred.shape, bool)
+    u0 = np.where(np.arange(20) < 10, 0.0, 1500.0)[None, :].repeat(20, axis=0)
+    where = np.ones(u0.shape, bool)
+    for var, empty_sd, full_sd in ((lambda u: 100.0 * u, 0.0, math.sqrt(100.0 * 1500.0)),
+                                   (lambda u: np.full(u.shape, 50.0 ** 2), 50.0, 50.0)):
+        y = pred + rng.standard_normal(pred.shape) * np.sqrt(var(pred))
+        prob = SimpleNamespace(best=(0.0, None, np.concatenate([u0[None], pred])), obs=obs, y=y[obs], u0=u0)
+        sd, (a, b) = _ic_noise_sd(prob, where)
+        assert a >= 0 and b >= 0
+        assert abs(sd[u0[where] == 0].mean() - empty_sd) < 0.15 * full_sd, (a, b)
+        assert abs(sd[u0[where] > 0].mean() / full_sd - 1) < 0.15, (a, b)
+
+
 def test_wald_plus_ic_intervals_cover_initial_condition_noise():
     # noise in frame 0 (the initial condition) shifts every prediction: the plain Wald interval of D misses the
     # truth for this seed; adding the initial-condition bootstrap spread widens it to cover, moderately
@@ -302,6 +325,8 @@ def test_wald_plus_ic_intervals_cover_initial_condition_noise():
     # one Gauss-Newton step per sample: 1 + n_params simulations each
     assert ic.n_evals - wald.n_evals == 8 * (1 + 2)
     assert ic.metadata["ic_bootstrap"]["samples"] == 8 and ic.metadata["ic_bootstrap"]["failed"] == 0
+    a, b = ic.metadata["ic_bootstrap"]["noise_variance"]  # noise of one size: a ~ sd², little of it in b u
+    assert 0.5 < a / (0.05 * TRUTH["K"]) ** 2 < 2.0 and b * TRUTH["K"] < a
     assert ic.intervals == "wald+ic" and "wald+ic" in ic.summary()
     with pytest.raises(ValueError, match="ic_samples"):
         fit_mechanistic(field, "fisher_kpp", intervals="wald+ic", ic_samples=1, **kw)
