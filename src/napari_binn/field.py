@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from .errors import InputError
 
-__all__ = ["DensityField", "initial_state"]
+__all__ = ["DensityField", "initial_state", "noise_variance"]
 
 
 def initial_state(frame: np.ndarray, mask: np.ndarray, *, denoise: bool = False) -> np.ndarray:
@@ -43,6 +43,16 @@ def _denoise_empty_space(u0: np.ndarray, mask: np.ndarray) -> np.ndarray:
     noise_sd = 1.4826 * float(np.median(np.abs(detail - np.median(detail)))) / 0.87
     threshold = 3.0 * noise_sd / (2.0 * math.sqrt(math.pi))
     return np.where(mask & (local > threshold), np.maximum(u0, 0.0), 0.0)
+
+
+def noise_variance(u: np.ndarray, residuals: np.ndarray) -> tuple[float, float]:
+    """(a, b) of a noise variance a + b u, fitted by least squares to the squared ``residuals`` of a model whose
+    predicted densities are ``u`` (negative ones taken as 0), each clipped to >= 0: b > 0 for counts (Poisson:
+    variance proportional to u, none in empty boxes), b = 0 for noise of one size."""
+    u = np.asarray(u, np.float64).ravel()
+    A = np.stack([np.ones(u.size), np.maximum(u, 0.0)], axis=1)
+    coef = np.linalg.lstsq(A, np.asarray(residuals, np.float64).ravel() ** 2, rcond=None)[0]
+    return max(float(coef[0]), 0.0), max(float(coef[1]), 0.0)
 
 
 

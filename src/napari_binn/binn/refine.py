@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..field import DensityField
+from ..field import DensityField, noise_variance
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
 from ..pde.grid import MaskedGrid
 from ..pde.torch_solver import TorchGrid, simulate_tables, simulate_tables_batch
@@ -212,9 +212,7 @@ class _Problem:
         res = (sur - data)[obs]
         self.sigma = float(max(np.sqrt(np.mean(res ** 2)), 1e-3 * K))
         # the noise variance as a + b u (u the surrogate's value; b > 0 for counts): for the first frame's draws
-        A = np.stack([np.ones(res.size), np.maximum(sur[obs], 0.0)], axis=1)
-        coef = np.linalg.lstsq(A, res ** 2, rcond=None)[0]
-        self.noise_ab = (max(float(coef[0]), 0.0), max(float(coef[1]), 0.0))
+        self.noise_ab = noise_variance(sur[obs], res)
         self.time_factor = None
         if fit.config.use_delay:
             self.time_factor = lambda th: float(fit.T(np.asarray([th]))[0])
@@ -254,6 +252,11 @@ class _Problem:
         """Sum of squares of the penalised parameters."""
         d, g = self._penalised_slices()
         return (z[d] ** 2).sum() + (z[g] ** 2).sum()
+
+    def penalised_misfit(self, z: torch.Tensor, u0: torch.Tensor, lam: float) -> torch.Tensor:
+        """0.5 chi² of the simulation from ``u0`` + 0.5 ``lam`` x prior: the loss every fit here minimises (/ n_obs),
+        the joint fit and the noise correction with one term more."""
+        return 0.5 * self.chi2(self.simulate(z, u0)) + 0.5 * lam * self.prior(z)
 
     def tv(self, u0: torch.Tensor) -> torch.Tensor:
         i, j = self.tg.face_i, self.tg.face_j
@@ -343,7 +346,7 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
     fits = []
     for step, lam in enumerate(cfg.smoothness, 1):
         def loss_fn(lam=lam):
-            return (0.5 * prob.chi2(prob.simulate(z, u0_fixed)) + 0.5 * lam * prob.prior(z)) / n
+            return prob.penalised_misfit(z, u0_fixed, lam) / n
 
         _lbfgs([z], loss_fn, cfg.iterations, cancel)
         if is_cancelled(cancel):
@@ -383,8 +386,7 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
 
         def joint_loss():
             u0j = u0_fixed + prob.sigma * wj
-            return (0.5 * prob.chi2(prob.simulate(zj, u0j)) + 0.5 * lam * prob.prior(zj)
-                    + cfg.tv_weight * prob.tv(u0j)) / n
+            return (prob.penalised_misfit(zj, u0j, lam) + cfg.tv_weight * prob.tv(u0j)) / n
 
         _lbfgs([zj, wj], joint_loss, cfg.iterations, cancel)
         with torch.no_grad():
@@ -455,8 +457,7 @@ def _noise_corrected(prob: _Problem, z: np.ndarray, chi2_before: float, u0: torc
     zc = torch.tensor(z, requires_grad=True)
 
     def loss_fn():
-        return (0.5 * prob.chi2(prob.simulate(zc, u0)) + 0.5 * lam * prob.prior(zc)
-                - 0.5 * (grad_b * zc).sum()) / n
+        return (prob.penalised_misfit(zc, u0, lam) - 0.5 * (grad_b * zc).sum()) / n
 
     _lbfgs([zc], loss_fn, cfg.iterations, cancel)
     zv = zc.detach().numpy().copy()
