@@ -145,6 +145,40 @@ def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_co
     assert all("cannot tell apart" in line or "same curve" in line for line in lines)
 
 
+def test_held_out_candidates_get_their_own_simulation_budget(monkeypatch, pipeline_config):
+    """refit.holdout_max_evals bounds each held-out candidate's fit (the other refits keep refit.max_evals); a
+    candidate stopped by it is still compared at the best state it reached, and the record says it did not
+    converge."""
+    import napari_binn.pipeline as pl
+    from napari_binn.symbolic.discover import Equations
+
+    field = _noisy_fkpp(frames=5)
+    eq = Equations.from_forms(D=["700.0", "600.0 + 0.1*u"], G=["0.05", "0.075 - 3.5e-5*u"], u_range=(0.0, 2000.0))
+    budgets = []
+    real = pl.fit_mechanistic_job
+
+    def recording(fld, model, **kw):
+        budgets.append((fld.n_frames, kw["max_evals"]))
+        return (yield from real(fld, model, **kw))
+
+    monkeypatch.setattr(pl, "fit_mechanistic_job", recording)
+    cfg = pipeline_config()
+    cfg.refit.max_evals, cfg.refit.holdout_max_evals, cfg.refit.holdout_frames, cfg.refit.initial = 40, 5, 1, "data"
+    res = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    cands = res.metadata["refit_candidates"]
+    assert res.metadata["holdout"]["max_evals"] == 5
+    held_out = [b for n, b in budgets if n == 4]  # fitted on the frames before the held-out one
+    assert len(held_out) == len(cands) >= 3 and set(held_out) == {5}
+    assert {b for n, b in budgets if n == 5} == {40}  # the reference model and the final refit
+    assert all(c["simulations"] <= 5 for c in cands)
+    stopped = [c for c in cands if not c["converged"]]
+    assert stopped and all(c["heldout_sse"] is not None and np.isfinite(c["heldout_sse"]) for c in stopped)
+    for bad in (0, 2.5, "100", True):
+        cfg.refit.holdout_max_evals = bad
+        with pytest.raises(ValueError, match=r"refit\.holdout_max_evals must be a whole number >= 1"):
+            cfg.validate()
+
+
 def test_the_insample_switch_only_acts_on_named_library_forms():
     """switch_bics keeps the headline's BIC and those of library forms ([saturating], ...), not the symbolic
     front's other expressions (which gain in-sample BIC by making up for a wrong partner function)."""
@@ -297,7 +331,7 @@ def test_held_out_choice_alternates_until_both_choices_hold(monkeypatch):
     def fake_fit(train, model, init=None, **kw):
         cand = dict(init)
         fitted.append(cand)
-        return SimpleNamespace(params=cand, bic=1.0, D=None, G=None)
+        return SimpleNamespace(params=cand, bic=1.0, D=None, G=None, converged=True, n_evals=1)
         yield  # a job generator that returns at once
 
     def fake_simulate(*args, **kw):

@@ -93,7 +93,11 @@ class RefitConfig:
     """Mechanistic refits against the data. closed_form: re-estimate the discovered constants (with 95%
     intervals). reference_model: a classic model fitted for comparison ('fisher_kpp', 'porous_fisher', ...; ''
     for none). weighting: 'ols' | 'gls'. intervals: 'wald+ic' (Wald plus the initial frame's noise, by bootstrap) |
-    'wald' | 'profile' | 'profile+ic' | 'none'. max_evals: simulations per fit. candidates: how many forms of
+    'wald' | 'profile' | 'profile+ic' | 'none'. max_evals: simulations per fit. holdout_max_evals: simulations per
+    held-out candidate's fit (below); a candidate not converged by then is judged at the best state it reached:
+    the test compares predictions, and the candidates that need more are many-constant expressions whose
+    constants wander along directions the data hardly constrain (half the refit stage's time went to them on the
+    discovery benchmark's polygon). candidates: how many forms of
     each Pareto front are refitted against the data (the selected one, the simplest one and the best-scoring ones
     between; first D with G fixed, then G with the chosen D, then D again, and on by turns until a round keeps
     its choice when held-out frames choose), as the 2020 BINN paper chose among its
@@ -121,6 +125,7 @@ class RefitConfig:
     weighting: str = "ols"
     intervals: str = "wald+ic"
     max_evals: int = 200
+    holdout_max_evals: int = 100
     candidates: int = 6
     bic_margin: float = 6.0
     holdout_frames: int | None = None
@@ -201,6 +206,7 @@ class PipelineConfig:
         choice("refit.weighting", r.weighting, ("ols", "gls"))
         choice("refit.intervals", r.intervals, tuple(i for i in _INTERVALS if i) + ("none",))
         number("refit.max_evals", r.max_evals, 1, strict=False, whole=True)
+        number("refit.holdout_max_evals", r.holdout_max_evals, 1, strict=False, whole=True)
         number("refit.candidates", r.candidates, 1, strict=False, whole=True)
         number("refit.bic_margin", r.bic_margin, 0, strict=False)
         choice("refit.initial", r.initial, REFIT_INITIAL)
@@ -666,7 +672,8 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             errors = block_errors(pred[n_t - h:], late, fld.mask, HOLDOUT_BLOCK)
             rec.update(params={p: float(v) for p, v in fit.params.items()},
                        heldout_sse=float(np.sum(errors)) if np.all(np.isfinite(errors)) else None,
-                       train_bic=float(fit.bic) if np.isfinite(fit.bic) else None)
+                       train_bic=float(fit.bic) if np.isfinite(fit.bic) else None,
+                       converged=bool(fit.converged), simulations=int(fit.n_evals))
         except Exception as err:  # a candidate that cannot be fitted or simulated is excluded, not fatal
             rec["error"] = str(err)
         cache[ij] = (errors, rec)
@@ -725,7 +732,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             break
     result.metadata["refit_candidates"] = rows
     n_blocks = next((len(e) for e, _ in cache.values() if e is not None), 0)
-    result.metadata["holdout"] = {"frames": h, "level": float(rc.holdout_level),
+    result.metadata["holdout"] = {"frames": h, "level": float(rc.holdout_level), "max_evals": kw.get("max_evals"),
                                   "margin": float(rc.holdout_margin), "block_boxes": HOLDOUT_BLOCK,
                                   "n_blocks": n_blocks, "test": "one-sided paired t test over blocks", **chosen}
     final = (current["D"], current["G"])
@@ -871,7 +878,8 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
     if rc.closed_form and eq is not None and eq.D is not None and eq.G is not None and not is_cancelled(cancel):
         start = None
         if holdout_count(rc, fld.n_frames) > 0 and rc.candidates > 1:
-            eq, start = yield from _select_by_holdout(result, eq, rc, {**kw, "intervals": None}, cancel, index)
+            eq, start = yield from _select_by_holdout(result, eq, rc, {**kw, "intervals": None,
+                                                                       "max_evals": rc.holdout_max_evals}, cancel, index)
             result.equations = eq
         elif rc.candidates > 1:
             eq = yield from _select_by_bic(result, eq, rc.candidates, rc.bic_margin, {**kw, "intervals": None},
