@@ -37,3 +37,21 @@ def test_report_of_a_density_alone_says_what_it_has(fkpp_field, tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8").replace("&#x27;", "'")
     assert f"{fkpp_field.n_frames} frames" in page and "pixel size assumed" in page
     assert "cancelled during 'binn'" in page and "Discovered equations" not in page
+
+
+def test_report_says_how_many_held_out_candidates_stopped_at_the_budget(pipeline_run, tmp_path):
+    import dataclasses
+
+    result, _ = pipeline_run
+    rows = [{"D": "1", "G": "2", "converged": True, "simulations": 30},
+            {"D": "3", "G": "4", "converged": False, "simulations": 100},
+            {"D": "5", "G": "6", "converged": False, "simulations": 100}]
+    meta = {**result.metadata, "refit_candidates": rows,
+            "holdout": {"frames": 2, "level": 0.05, "margin": 0.05, "n_blocks": 6, "block_boxes": 4, "max_evals": 100}}
+    write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "2 of 3 candidates reached the budget of 100 simulations per fit before converging" in page
+    rows[1]["converged"] = rows[2]["converged"] = True
+    write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Forms chosen by the last 2 frames held out" in page and "reached the budget" not in page

@@ -124,6 +124,16 @@ def write_figures(result, directory: Path) -> dict[str, str]:
     return out
 
 
+def _budget_text(metadata: dict, holdout: dict) -> str:
+    """How many held-out candidates were compared before their fit converged (at the simulation budget)."""
+    rows = [r for r in metadata.get("refit_candidates", []) if isinstance(r, dict) and "converged" in r]
+    stopped = sum(not r["converged"] for r in rows)
+    if not stopped:
+        return ""
+    return (f" {stopped} of {len(rows)} candidates reached the budget of {holdout.get('max_evals', '?')} simulations "
+            "per fit before converging and were compared at the best state they reached.")
+
+
 def write_report(result, directory: Path, files: dict[str, str]) -> None:
     """Write ``report.html``: equations, QC table, refits, figures and links to every file."""
     esc = html.escape
@@ -168,7 +178,7 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
                          f"{holdout.get('n_blocks', '?')} blocks of {holdout.get('block_boxes', 4)} x "
                          f"{holdout.get('block_boxes', 4)} boxes finds it worse than the best by more than "
                          f"{100 * float(holdout.get('margin', 0)):.0f}% at level {holdout.get('level')}; the headline "
-                         "has the fewest constants among the rest.</p>")
+                         "has the fewest constants among the rest." + _budget_text(result.metadata, holdout) + "</p>")
         refit = result.metadata.get("closed_form_refitted")
         if refit:
             parts.append("<p>Constants refitted against the data: " +
