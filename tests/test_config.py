@@ -17,6 +17,28 @@ def test_toml_roundtrip(tmp_path):
     assert again.binn.hidden == (32, 16)
 
 
+def test_a_setting_unset_where_its_default_is_not_survives_the_round_trip(tmp_path):
+    """refit.holdout_bic_switch = None means "never switch"; TOML has no null, and leaving the key out read back as
+    the default 100, so a saved configuration (and every results bundle's config.toml) switched again. It is written
+    as "none"; "none" is refused where the default is already None (leave it out) and for settings that cannot be
+    None."""
+    cfg = PipelineConfig()
+    cfg.refit.holdout_bic_switch = None
+    path = tmp_path / "c.toml"
+    cfg.to_toml(path)
+    assert 'holdout_bic_switch = "none"' in path.read_text()
+    again = PipelineConfig.from_toml(path)
+    assert again.refit.holdout_bic_switch is None and again == cfg
+    PipelineConfig().to_toml(path)
+    assert '"none"' not in path.read_text() and PipelineConfig.from_toml(path) == PipelineConfig()
+    for text, message in [('[refit]\nholdout_bic_switch = "never"\n', r'finite number \(or "none" to unset it\)'),
+                          ('[refit]\nholdout_frames = "none"\n', r"whole number \(or leave it out\)"),
+                          ('[refit]\nmax_evals = "none"\n', r"refit\.max_evals must be a whole number; got 'none'")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            PipelineConfig.from_toml(path)
+
+
 def test_unknown_keys_are_named(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[density]\nbox_size = 40\n")

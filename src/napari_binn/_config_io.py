@@ -17,12 +17,28 @@ from .errors import ConfigError
 C = TypeVar("C")
 
 
+#: TOML has no null: a setting that is None where its default is not (e.g. ``refit.holdout_bic_switch``, "never")
+#: is written as this text, and read back as None for any setting that may be None
+NONE = "none"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as a TOML-ready dict: tuples become lists, None values are left out."""
+    """A dataclass as a TOML-ready dict: tuples become lists; None values are left out, or written as ``"none"``
+    where the default is not None (leaving them out would read back as the default)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if value is None:
+            if _default(f) is not None:
+                out[f.name] = NONE
             continue
         out[f.name] = _plain(value)
     return out
@@ -55,17 +71,22 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
-        check_type(hints.get(name, Any), value, key)
+        hint = hints.get(name, Any)
+        unset_by_text = type(None) in typing.get_args(hint) and _default(fields[name]) is not None
+        if unset_by_text and value == NONE and not _fits(hint, value):
+            kwargs[name] = None
+            continue
+        check_type(hint, value, key, unset_by_text)
         kwargs[name] = _coerce(hints.get(name, Any), value, key)
     return cls(**kwargs)
 
 
-def _describe(hint: Any) -> str:
-    """A type hint in words, for error messages."""
+def _describe(hint: Any, unset_by_text: bool = False) -> str:
+    """A type hint in words, for error messages (unset_by_text: None is written "none", not left out)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + (
-            " (or leave it out)" if type(None) in args else "")
+        unset = f' (or "{NONE}" to unset it)' if unset_by_text else " (or leave it out)"
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + (unset if type(None) in args else "")
     if origin in (list, tuple):
         plural = {int: "whole numbers", float: "finite numbers", str: "texts (in quotes)"}
         return f"a list of {plural.get(args[0], _describe(args[0])) if args else 'values'}"
@@ -103,12 +124,12 @@ def _fits(hint: Any, value: Any) -> bool:
     return True
 
 
-def check_type(hint: Any, value: Any, key: str) -> None:
+def check_type(hint: Any, value: Any, key: str, unset_by_text: bool = False) -> None:
     """Raise ConfigError naming ``key``, the value and the type expected, when ``value`` is not a ``hint``
     (numbers must be finite; a table where a value belongs is refused)."""
     if not _fits(hint, value):
         got = "a table" if isinstance(value, dict) else f"{value!r}"
-        raise ConfigError(f"{key} must be {_describe(hint)}; got {got}", key=key)
+        raise ConfigError(f"{key} must be {_describe(hint, unset_by_text)}; got {got}", key=key)
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

@@ -114,7 +114,7 @@ class RefitConfig:
     held-out test keeps replaces that headline when it is a named form of the library, its BIC on the training
     frames is lower by more than this and its held-out error is no higher: the earlier frames can tell forms apart that the last ones cannot (a falling D
     seen while dense islands spread). The margin is large because a wrong partner function or count noise moves
-    the in-sample BIC by tens to hundreds (docs/method.md); None: never. initial: the state every refit (and the
+    the in-sample BIC by tens to hundreds (docs/method.md); None (``"none"`` in TOML): never. initial: the state every refit (and the
     held-out prediction) starts from: 'data' (the first frame, negative noise at 0), 'denoised' (also empty space
     that holds only noise at 0: on noisy data, spurious cells in a wound otherwise grow and fill it, and the fit
     makes up for it with a smaller D), or 'auto' (the first refit is done from both; the one that fits the data
