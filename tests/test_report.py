@@ -51,6 +51,10 @@ def test_report_says_how_many_held_out_candidates_stopped_at_the_budget(pipeline
     write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "2 of 3 candidates reached the budget of 100 simulations per fit before converging" in page
+    rows[2]["simulations"] = 40  # stopped short of the budget (an optimiser failure): not counted as reaching it
+    write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "1 of 3 candidates reached the budget of 100 simulations per fit before converging" in page
     rows[1]["converged"] = rows[2]["converged"] = True
     write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
     page = (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -125,12 +125,14 @@ def write_figures(result, directory: Path) -> dict[str, str]:
 
 
 def _budget_text(metadata: dict, holdout: dict) -> str:
-    """How many held-out candidates were compared before their fit converged (at the simulation budget)."""
+    """How many held-out candidates were compared at the simulation budget, before their fit converged (a fit that
+    stopped short of it for another reason is not counted)."""
     rows = [r for r in metadata.get("refit_candidates", []) if isinstance(r, dict) and "converged" in r]
-    stopped = sum(not r["converged"] for r in rows)
+    budget = holdout.get("max_evals")
+    stopped = sum(not r["converged"] and budget is not None and r.get("simulations", 0) >= budget for r in rows)
     if not stopped:
         return ""
-    return (f" {stopped} of {len(rows)} candidates reached the budget of {holdout.get('max_evals', '?')} simulations "
+    return (f" {stopped} of {len(rows)} candidates reached the budget of {budget} simulations "
             "per fit before converging and were compared at the best state they reached.")
 
 
