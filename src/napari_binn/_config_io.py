@@ -77,7 +77,7 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
             kwargs[name] = None
             continue
         check_type(hint, value, key, unset_by_text)
-        kwargs[name] = _coerce(hints.get(name, Any), value, key)
+        kwargs[name] = _coerce(hint, value, key)
     return cls(**kwargs)
 
 

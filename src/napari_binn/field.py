@@ -55,8 +55,6 @@ def noise_variance(u: np.ndarray, residuals: np.ndarray) -> tuple[float, float]:
     return max(float(coef[0]), 0.0), max(float(coef[1]), 0.0)
 
 
-
-
 @dataclass
 class DensityField:
     """Cell density on a regular grid of square boxes, restricted to a mask, over time.
