@@ -13,6 +13,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from ._kernels import available as _compiled
+from ._kernels import grid_divergence
+
 __all__ = ["MaskedGrid"]
 
 
@@ -69,6 +72,7 @@ class MaskedGrid:
         self._buf_tx = np.empty(mask.size - 1)
         self._buf_fy = np.empty(max(mask.size - nx, 0))
         self._buf_ty = np.empty(max(mask.size - nx, 0))
+        self._no_d = np.empty(0)
 
     # -- scatter / gather ------------------------------------------------------------------------------
     def to_grid(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
@@ -93,6 +97,13 @@ class MaskedGrid:
 
         ``out``: optional (n,) array to write into (returned).
         """
+        if _compiled():  # the same numbers, compiled (napari_binn.pde._kernels)
+            const = np.ndim(d) == 0
+            d_arr = self._no_d if const else np.ascontiguousarray(d, dtype=np.float64)
+            return grid_divergence(np.ascontiguousarray(u, dtype=np.float64), d_arr, const,
+                                            float(d) if const else 0.0, self.flat, self._wx_flat, self._wy_flat,
+                                            self._nx, self.mask.size, self._buf_u, self._buf_d,
+                                            out if out is not None else np.empty(self.n))
         nx = self._nx
         ug = self._scatter(u, self._buf_u)
         if self.full:

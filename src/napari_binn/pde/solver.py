@@ -28,6 +28,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
+from ._kernels import available as _compiled
+from ._kernels import rkc_stage
 from .callables import as_numpy_function, as_time_function, is_constant
 from .grid import MaskedGrid
 
@@ -216,12 +218,16 @@ def _rkc_step(problem: _Problem, t: float, y: np.ndarray, f0: np.ndarray, h: flo
     y_prev = y + mut[1] * hf0
     for j in range(2, s + 1):
         fj = problem.rhs(t + c[j - 1] * h, y_prev)
-        y_new = (1.0 - mu[j] - nu[j]) * y
-        y_new += mu[j] * y_prev
-        y_new += nu[j] * y_prev2
-        fj *= mut[j] * h
-        y_new += fj
-        y_new += gt[j] * hf0
+        if _compiled():  # the same numbers, compiled
+            y_new = rkc_stage(y, y_prev, y_prev2, fj, hf0, float(1.0 - mu[j] - nu[j]), float(mu[j]),
+                                       float(nu[j]), float(mut[j] * h), float(gt[j]))
+        else:
+            y_new = (1.0 - mu[j] - nu[j]) * y
+            y_new += mu[j] * y_prev
+            y_new += nu[j] * y_prev2
+            fj *= mut[j] * h
+            y_new += fj
+            y_new += gt[j] * hf0
         y_prev2, y_prev = y_prev, y_new
     return y_prev
 

@@ -1,13 +1,15 @@
 """A differentiable (torch) twin of the masked finite-volume solver, for fitting D(u) and G(u) through the PDE.
 
-Same discretisation as :mod:`napari_binn.pde.solver` (the faces and weights of :class:`~napari_binn.pde.grid.MaskedGrid`:
-face diffusivity the mean of its two boxes, zero flux at the mask edge; D and G evaluated at max(u, 0), reaction
-G(u+) u+), but with a fixed-step Heun (explicit second-order Runge–Kutta) time stepper whose result is a torch
-tensor differentiable with respect to D, G and the initial state (for the gradient of a data misfit). By default
-the steps run in numpy and the gradient is their discrete adjoint, written out by hand (the states of every step
-are kept, 16 bytes per box and step); ``method="autograd"`` runs the same steps as torch operations and lets
-autograd record them (about 500 bytes per box and step, and 4 times slower on the discovery benchmark's 1600
-boxes: per-operation overhead dominates at this size). The two agree to round-off (tests/test_torch_solver.py).
+Same discretisation as :mod:`napari_binn.pde.solver` (the faces and weights of
+:class:`~napari_binn.pde.grid.MaskedGrid`: face diffusivity the mean of its two boxes, zero flux at the mask edge; D
+and G evaluated at max(u, 0), reaction G(u+) u+), but with a fixed-step Heun (explicit second-order Runge–Kutta)
+time stepper whose result is a torch tensor differentiable with respect to D, G and the initial state (for the
+gradient of a data misfit). By default the steps run outside torch and the gradient is their discrete adjoint,
+written out by hand (the states of every step are kept, 16 bytes per box and step): compiled loops
+(:mod:`napari_binn.pde._kernels`, numba) where numba is available, else numpy, with the same numbers to the last
+bit; ``method="autograd"`` runs the same steps as torch operations and lets autograd record them (about 500 bytes
+per box and step, and 4 times slower on the discovery benchmark's 1600 boxes: per-operation overhead dominates at
+this size). The two agree to round-off (tests/test_torch_solver.py).
 
 D and G are given as tables on evenly spaced density nodes (linear interpolation between nodes, constant beyond
 the last node), which is what :mod:`napari_binn.binn.refine` fits.
@@ -28,6 +30,8 @@ from functools import partial
 import numpy as np
 import torch
 
+from ._kernels import available as _compiled
+from ._kernels import heun_adjoint_interval, heun_interval
 from .grid import MaskedGrid
 
 __all__ = ["TorchGrid", "interp_table", "simulate_tables", "simulate_tables_batch", "MAX_GROWTH_STEP"]
@@ -127,11 +131,11 @@ def simulate_tables(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_max: flo
     D (µm²/h) and G (1/h): tables on evenly spaced nodes over [0, u_max] (density units). t_h: output times
     in hours, strictly increasing, ``t_h[0]`` the time of u0. Differentiable in u0, D and G.
 
-    method: ``"adjoint"`` (default; float64 CPU tensors) steps in numpy and gives the gradient by the discrete
-    adjoint of the same Heun steps, written out by hand (same numbers as autograd to round-off, several times
-    faster: per-step torch overhead dominates on fields of a few thousand boxes); ``"autograd"`` steps in torch
-    and lets autograd record every step (any device or dtype). Tensors on another device or dtype use
-    ``"autograd"``.
+    method: ``"adjoint"`` (default; float64 CPU tensors) steps outside torch (compiled loops, else numpy) and gives
+    the gradient by the discrete adjoint of the same Heun steps, written out by hand (same numbers as autograd to
+    round-off, several times faster: per-step torch overhead dominates on fields of a few thousand boxes);
+    ``"autograd"`` steps in torch and lets autograd record every step (any device or dtype). Tensors on another
+    device or dtype use ``"autograd"``.
     Raises ValueError for bad input and when more than ``max_steps`` steps would be needed.
     """
     if method not in ("adjoint", "autograd"):
@@ -161,11 +165,12 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
     """:func:`simulate_tables` for B pairs of tables at once, forward only (no gradient): D, G are (B, m) float64
     arrays, all from the one initial state ``u0``; returns (B, len(t_h), n).
 
-    For finite-difference Jacobians (many slightly different tables): numpy's per-operation overhead, which
-    dominates one simulation on a few thousand boxes, is paid once per step for the whole batch. The members
-    whose step schedule agrees in an output interval (the same number of steps of the same size; it depends on
-    each member's tables and state) step together, so every member gets exactly the numbers that
-    :func:`simulate_tables` gives it alone (each operation is elementwise, or sums per box in the same order).
+    For finite-difference Jacobians (many slightly different tables). With the compiled loops each member steps
+    on its own. In numpy, whose per-operation overhead dominates one simulation on a few thousand boxes, the
+    members whose step schedule agrees in an output interval (the same number of steps of the same size; it
+    depends on each member's tables and state) step together, paying that overhead once per step for the batch.
+    Either way every member gets exactly the numbers that :func:`simulate_tables` gives it alone (each operation
+    is elementwise, or sums per box in the same order).
     """
     D = np.asarray(D, dtype=np.float64)
     G = np.asarray(G, dtype=np.float64)
@@ -177,11 +182,22 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
     for d, g in zip(Dt[1:], Gt[1:]):
         _check(tg, u0, t, d, g, cfl)
     B = D.shape[0]
-    rhs = _NumpyRhs(tg, float(u_max), D, G)
     tf = time_factor or (lambda _t: 1.0)
     u = np.repeat(u0.detach().numpy().astype(np.float64)[None, :], B, axis=0)
     out = np.empty((B, t.size, tg.n))
     out[:, 0] = u
+    if _compiled():  # member by member: the compiled steps have no per-operation overhead to share
+        for b in range(B):
+            rhs = _NumpyRhs(tg, float(u_max), D[b], G[b])
+            done = 0
+            with np.errstate(over="ignore", invalid="ignore"):
+                for k in range(t.size - 1):
+                    n_sub, h = _substeps(tg, t, k, float(u[b].max()), Dt[b], Gt[b], cfl, u_max, done, max_steps)
+                    done += n_sub
+                    u[b] = rhs.steps(u[b], h, *_time_factors(tf, t[k], h, n_sub))
+                    out[b, k + 1] = u[b]
+        return out
+    rhs = _NumpyRhs(tg, float(u_max), D, G)
     done = [0] * B
     with np.errstate(over="ignore", invalid="ignore"):
         for k in range(t.size - 1):
@@ -202,6 +218,12 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
     return out
 
 
+def _time_factors(tf: Callable[[float], float], t0: float, h: float, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """The time factor at the start and at the end of each of ``n_sub`` steps of size h from t0."""
+    return (np.array([tf(t0 + s * h) for s in range(n_sub)], dtype=np.float64),
+            np.array([tf(t0 + (s + 1) * h) for s in range(n_sub)], dtype=np.float64))
+
+
 def _heun_step(rhs: Callable, u, h: float, tf0: float, tf1: float):
     """One Heun step of size h from u, numpy array or torch tensor (time factors tf0, tf1 at its two ends):
     (the predictor, the new state)."""
@@ -212,7 +234,8 @@ def _heun_step(rhs: Callable, u, h: float, tf0: float, tf1: float):
 
 
 class _NumpyRhs:
-    """The right-hand side div(D(u+) grad u) + G(u+) u+ and its vector-Jacobian product, in numpy.
+    """The right-hand side div(D(u+) grad u) + G(u+) u+ and its vector-Jacobian product, in numpy; the Heun steps
+    and their adjoint (:meth:`steps`, :meth:`adjoint_steps`), compiled where numba is available.
 
     D, G: tables (m,) for states (n,); or (B, m), one pair per member, for a batch of states (b, n) whose members
     ``rows`` name (forward only: the vector-Jacobian product is for one pair of tables)."""
@@ -230,6 +253,7 @@ class _NumpyRhs:
             self.dD = np.diff(D) * self.scale  # slope of each table segment, per density unit
             self.dG = np.diff(G) * self.scale
         self._faces: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._none = np.empty((0, self.n))  # no states kept
 
     def _interp(self, u: np.ndarray, rows: np.ndarray | None = None):
         up = np.maximum(u, 0.0)
@@ -264,6 +288,34 @@ class _NumpyRhs:
         div = np.bincount(fi, flux, b * self.n) - np.bincount(fj, flux, b * self.n)
         return div.reshape(b, self.n) + g * up
 
+    def steps(self, u: np.ndarray, h: float, tf0: np.ndarray, tf1: np.ndarray,
+              keep: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """``tf0.size`` Heun steps of size h from u (one pair of tables), compiled where numba is available (the
+        same numbers as :func:`_heun_step`); ``keep``: two (steps, n) arrays that receive each step's start state
+        and predictor. Returns the new state."""
+        if not _compiled():
+            for s in range(tf0.size):
+                u1, u_next = _heun_step(self, u, h, float(tf0[s]), float(tf1[s]))
+                if keep is not None:
+                    keep[0][s], keep[1][s] = u, u1
+                u = u_next
+            return u
+        U, U1 = keep if keep is not None else (self._none, self._none)
+        return heun_interval(u, h, tf0, tf1, self.D, self.G, self.i, self.j, self.scale, self.top,
+                                      self.half_inv_dx2, U, U1)
+
+    def adjoint_steps(self, a: np.ndarray, h: float, tf0: np.ndarray, tf1: np.ndarray, U: np.ndarray,
+                      U1: np.ndarray, aD: np.ndarray, aG: np.ndarray) -> np.ndarray:
+        """The discrete adjoint of :meth:`steps` (states kept in U, U1), last step first: returns the adjoint
+        state at the first step's start and adds the tables' gradients into aD, aG."""
+        if not _compiled():
+            for s in range(tf0.size - 1, -1, -1):
+                a_u1 = self.vjp(U1[s], (0.5 * h * float(tf1[s])) * a, aD, aG)
+                a = a + a_u1 + self.vjp(U[s], float(tf0[s]) * (0.5 * h * a + h * a_u1), aD, aG)
+            return a
+        return heun_adjoint_interval(a, h, tf0, tf1, U, U1, self.D, self.G, self.dD, self.dG, self.i,
+                                              self.j, self.scale, self.top, self.half_inv_dx2, aD, aG)
+
     def vjp(self, u: np.ndarray, a: np.ndarray, aD: np.ndarray, aG: np.ndarray) -> np.ndarray:
         """a^T d rhs / du at u; adds a^T d rhs / dD and / dG into aD, aG (the clamps pass the gradient at their
         bounds, as torch.clamp does)."""
@@ -283,8 +335,8 @@ class _NumpyRhs:
 
 
 class _HeunAdjoint(torch.autograd.Function):
-    """The Heun stepper in numpy; backward is its discrete adjoint (stored states: u and the predictor u1 of
-    every step, 16 bytes per box and step).
+    """The Heun stepper outside torch (:meth:`_NumpyRhs.steps`); backward is its discrete adjoint (stored states: u and
+    the predictor u1 of every step, 16 bytes per box and step).
 
     Overflow is not warned about but returned: where the tables are steep the linearised steps can grow even when
     the simulation stays bounded (the step size bounds D, not D'(u) grad u), so the gradient can be infinite or
@@ -302,22 +354,19 @@ class _HeunAdjoint(torch.autograd.Function):
         tf = time_factor or (lambda _t: 1.0)
         u = u0.detach().numpy().astype(np.float64, copy=True)  # no step changes a state in place: no copies below
         out = [u]
-        steps: list[tuple[np.ndarray, np.ndarray, float, float, float]] = []
-        marks = []
+        intervals: list[tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         done = 0
         for k in range(t.size - 1):
             n_sub, h = _substeps(tg, t, k, float(u.max()), D, G, cfl, u_max, done, max_steps)
             done += n_sub
-            for s in range(n_sub):
-                tf0, tf1 = tf(t[k] + s * h), tf(t[k] + (s + 1) * h)
-                u1, u_next = _heun_step(rhs, u, h, tf0, tf1)
-                if need:
-                    steps.append((u, u1, h, tf0, tf1))
-                u = u_next
-            marks.append(len(steps))
+            tf0, tf1 = _time_factors(tf, t[k], h, n_sub)
+            keep = (np.empty((n_sub, u.size)), np.empty((n_sub, u.size))) if need else None
+            u = rhs.steps(u, h, tf0, tf1, keep)
+            if need:
+                intervals.append((h, tf0, tf1, *keep))
             out.append(u)
         if need:
-            ctx.rhs, ctx.steps, ctx.marks = rhs, steps, marks
+            ctx.rhs, ctx.intervals = rhs, intervals
         return torch.as_tensor(np.stack(out))
 
     @staticmethod
@@ -328,15 +377,12 @@ class _HeunAdjoint(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         g_out = grad_out.detach().numpy()
-        rhs, steps, marks = ctx.rhs, ctx.steps, ctx.marks
+        rhs, intervals = ctx.rhs, ctx.intervals
         aD = np.zeros(rhs.m)
         aG = np.zeros(rhs.m)
         a = g_out[-1].copy()
-        for k in range(len(marks) - 1, -1, -1):
-            start = marks[k - 1] if k > 0 else 0
-            for s in range(marks[k] - 1, start - 1, -1):
-                u, u1, h, tf0, tf1 = steps[s]
-                a_u1 = rhs.vjp(u1, (0.5 * h * tf1) * a, aD, aG)
-                a = a + a_u1 + rhs.vjp(u, tf0 * (0.5 * h * a + h * a_u1), aD, aG)
+        for k in range(len(intervals) - 1, -1, -1):
+            h, tf0, tf1, U, U1 = intervals[k]
+            a = rhs.adjoint_steps(a, h, tf0, tf1, U, U1, aD, aG)
             a = a + g_out[k]
         return (torch.as_tensor(a), torch.as_tensor(aD), torch.as_tensor(aG), None, None, None, None, None, None)
