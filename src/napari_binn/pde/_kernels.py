@@ -50,9 +50,17 @@ def _jit(fn):
 
 
 @_jit
-def _lookup(u, D, G, scale, top, up, raw, kk, w, w0, d, g):
-    """Table lookup at max(u, 0), as ``_NumpyRhs._interp``: fills up, raw, kk, w, w0, d, g (n,)."""
-    for b in range(u.size):
+def _lookup(u, D, G, scale, top):
+    """Table lookup at max(u, 0), as ``_NumpyRhs._interp``: (up, raw, kk, w, w0, d, g), each (n,)."""
+    n = u.size
+    up = np.empty(n)
+    raw = np.empty(n)
+    kk = np.empty(n, np.int64)
+    w = np.empty(n)
+    w0 = np.empty(n)
+    d = np.empty(n)
+    g = np.empty(n)
+    for b in range(n):
         x = u[b]
         if x < 0.0:  # np.maximum(u, 0): NaN stays NaN, -0.0 stays -0.0
             x = 0.0
@@ -69,20 +77,14 @@ def _lookup(u, D, G, scale, top, up, raw, kk, w, w0, d, g):
         w0[b] = 1.0 - wv
         d[b] = D[k] * w0[b] + D[k + 1] * wv
         g[b] = G[k] * w0[b] + G[k + 1] * wv
+    return up, raw, kk, w, w0, d, g
 
 
 @_jit
 def table_rhs(u, D, G, fi, fj, scale, top, half_inv_dx2):
     """div(D(u+) grad u) + G(u+) u+ for tables D, G on nodes 0, 1/scale, ... (as ``_NumpyRhs.__call__``)."""
     n = u.size
-    up = np.empty(n)
-    raw = np.empty(n)
-    kk = np.empty(n, np.int64)
-    w = np.empty(n)
-    w0 = np.empty(n)
-    d = np.empty(n)
-    g = np.empty(n)
-    _lookup(u, D, G, scale, top, up, raw, kk, w, w0, d, g)
+    up, _raw, _kk, _w, _w0, d, g = _lookup(u, D, G, scale, top)
     acc_i = np.zeros(n)
     acc_j = np.zeros(n)
     for f in range(fi.size):
@@ -102,14 +104,7 @@ def table_vjp(u, a, D, G, dD, dG, fi, fj, scale, top, half_inv_dx2, aD, aG):
     """a^T d rhs / du at u, adding a^T d rhs / dD and / dG into aD, aG (as ``_NumpyRhs.vjp``)."""
     n = u.size
     m = D.size
-    up = np.empty(n)
-    raw = np.empty(n)
-    kk = np.empty(n, np.int64)
-    w = np.empty(n)
-    w0 = np.empty(n)
-    d = np.empty(n)
-    g = np.empty(n)
-    _lookup(u, D, G, scale, top, up, raw, kk, w, w0, d, g)
+    up, raw, kk, w, w0, d, g = _lookup(u, D, G, scale, top)
     au_j = np.zeros(n)  # bincount(j, a_grad)
     au_i = np.zeros(n)  # bincount(i, a_grad)
     ad_i = np.zeros(n)  # bincount(i, a_c)

@@ -101,9 +101,9 @@ class MaskedGrid:
             const = np.ndim(d) == 0
             d_arr = self._no_d if const else np.ascontiguousarray(d, dtype=np.float64)
             return grid_divergence(np.ascontiguousarray(u, dtype=np.float64), d_arr, const,
-                                            float(d) if const else 0.0, self.flat, self._wx_flat, self._wy_flat,
-                                            self._nx, self.mask.size, self._buf_u, self._buf_d,
-                                            out if out is not None else np.empty(self.n))
+                                   float(d) if const else 0.0, self.flat, self._wx_flat, self._wy_flat, self._nx,
+                                   self.mask.size, self._buf_u, self._buf_d,
+                                   out if out is not None else np.empty(self.n))
         nx = self._nx
         ug = self._scatter(u, self._buf_u)
         if self.full:

@@ -219,8 +219,8 @@ def _rkc_step(problem: _Problem, t: float, y: np.ndarray, f0: np.ndarray, h: flo
     for j in range(2, s + 1):
         fj = problem.rhs(t + c[j - 1] * h, y_prev)
         if _compiled():  # the same numbers, compiled
-            y_new = rkc_stage(y, y_prev, y_prev2, fj, hf0, float(1.0 - mu[j] - nu[j]), float(mu[j]),
-                                       float(nu[j]), float(mut[j] * h), float(gt[j]))
+            y_new = rkc_stage(y, y_prev, y_prev2, fj, hf0, float(1.0 - mu[j] - nu[j]), float(mu[j]), float(nu[j]),
+                              float(mut[j] * h), float(gt[j]))
         else:
             y_new = (1.0 - mu[j] - nu[j]) * y
             y_new += mu[j] * y_prev

@@ -187,15 +187,10 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
     out = np.empty((B, t.size, tg.n))
     out[:, 0] = u
     if _compiled():  # member by member: the compiled steps have no per-operation overhead to share
-        for b in range(B):
-            rhs = _NumpyRhs(tg, float(u_max), D[b], G[b])
-            done = 0
-            with np.errstate(over="ignore", invalid="ignore"):
-                for k in range(t.size - 1):
-                    n_sub, h = _substeps(tg, t, k, float(u[b].max()), Dt[b], Gt[b], cfl, u_max, done, max_steps)
-                    done += n_sub
-                    u[b] = rhs.steps(u[b], h, *_time_factors(tf, t[k], h, n_sub))
-                    out[b, k + 1] = u[b]
+        with np.errstate(over="ignore", invalid="ignore"):
+            for b in range(B):
+                rhs = _NumpyRhs(tg, float(u_max), D[b], G[b])
+                out[b] = _integrate(rhs, tg, t, u[b], Dt[b], Gt[b], cfl, float(u_max), max_steps, tf)[0]
         return out
     rhs = _NumpyRhs(tg, float(u_max), D, G)
     done = [0] * B
@@ -216,6 +211,26 @@ def simulate_tables_batch(tg: TorchGrid, u0: torch.Tensor, t_h: np.ndarray, u_ma
                     done[b] += n_sub
             out[:, k + 1] = u
     return out
+
+
+def _integrate(rhs: "_NumpyRhs", tg: TorchGrid, t: np.ndarray, u: np.ndarray, D: torch.Tensor, G: torch.Tensor,
+               cfl: float, u_max: float, max_steps: int, tf: Callable[[float], float], keep: bool = False
+               ) -> tuple[np.ndarray, list[tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+    """Heun steps (:meth:`_NumpyRhs.steps`) from u through every output interval of t: the states at t (len(t), n)
+    and, with ``keep``, per interval (h, tf0, tf1, U, U1) for the adjoint (else an empty list)."""
+    out = [u]
+    intervals = []
+    done = 0
+    for k in range(t.size - 1):
+        n_sub, h = _substeps(tg, t, k, float(u.max()), D, G, cfl, u_max, done, max_steps)
+        done += n_sub
+        tf0, tf1 = _time_factors(tf, t[k], h, n_sub)
+        states = (np.empty((n_sub, u.size)), np.empty((n_sub, u.size))) if keep else None
+        u = rhs.steps(u, h, tf0, tf1, states)
+        if keep:
+            intervals.append((h, tf0, tf1, *states))
+        out.append(u)
+    return np.stack(out), intervals
 
 
 def _time_factors(tf: Callable[[float], float], t0: float, h: float, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +317,7 @@ class _NumpyRhs:
             return u
         U, U1 = keep if keep is not None else (self._none, self._none)
         return heun_interval(u, h, tf0, tf1, self.D, self.G, self.i, self.j, self.scale, self.top,
-                                      self.half_inv_dx2, U, U1)
+                             self.half_inv_dx2, U, U1)
 
     def adjoint_steps(self, a: np.ndarray, h: float, tf0: np.ndarray, tf1: np.ndarray, U: np.ndarray,
                       U1: np.ndarray, aD: np.ndarray, aG: np.ndarray) -> np.ndarray:
@@ -313,8 +328,8 @@ class _NumpyRhs:
                 a_u1 = self.vjp(U1[s], (0.5 * h * float(tf1[s])) * a, aD, aG)
                 a = a + a_u1 + self.vjp(U[s], float(tf0[s]) * (0.5 * h * a + h * a_u1), aD, aG)
             return a
-        return heun_adjoint_interval(a, h, tf0, tf1, U, U1, self.D, self.G, self.dD, self.dG, self.i,
-                                              self.j, self.scale, self.top, self.half_inv_dx2, aD, aG)
+        return heun_adjoint_interval(a, h, tf0, tf1, U, U1, self.D, self.G, self.dD, self.dG, self.i, self.j,
+                                     self.scale, self.top, self.half_inv_dx2, aD, aG)
 
     def vjp(self, u: np.ndarray, a: np.ndarray, aD: np.ndarray, aG: np.ndarray) -> np.ndarray:
         """a^T d rhs / du at u; adds a^T d rhs / dD and / dG into aD, aG (the clamps pass the gradient at their
@@ -353,21 +368,10 @@ class _HeunAdjoint(torch.autograd.Function):
         rhs = _NumpyRhs(tg, u_max, D.detach().numpy(), G.detach().numpy())
         tf = time_factor or (lambda _t: 1.0)
         u = u0.detach().numpy().astype(np.float64, copy=True)  # no step changes a state in place: no copies below
-        out = [u]
-        intervals: list[tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        done = 0
-        for k in range(t.size - 1):
-            n_sub, h = _substeps(tg, t, k, float(u.max()), D, G, cfl, u_max, done, max_steps)
-            done += n_sub
-            tf0, tf1 = _time_factors(tf, t[k], h, n_sub)
-            keep = (np.empty((n_sub, u.size)), np.empty((n_sub, u.size))) if need else None
-            u = rhs.steps(u, h, tf0, tf1, keep)
-            if need:
-                intervals.append((h, tf0, tf1, *keep))
-            out.append(u)
+        out, intervals = _integrate(rhs, tg, t, u, D, G, cfl, u_max, max_steps, tf, keep=need)
         if need:
             ctx.rhs, ctx.intervals = rhs, intervals
-        return torch.as_tensor(np.stack(out))
+        return torch.as_tensor(out)
 
     @staticmethod
     def backward(ctx, grad_out):
