@@ -144,6 +144,7 @@ def test_too_few_frames_is_a_clear_error(small_case):
     ("noise_draws", -1, "whole number >= 0"),
     ("noise_draws", 2.5, "whole number >= 0"),
     ("noise_draws", True, "whole number >= 0"),
+    ("affine_start", "yes", "true or false"),
 ])
 def test_bad_config_values_name_the_key(key, value, allowed):
     with pytest.raises(ValueError, match=rf"refine\.{key}: .*{allowed}"):
@@ -284,7 +285,7 @@ def test_an_initial_state_whose_refinement_fits_worse_is_discarded_and_the_other
 
     monkeypatch.setattr(R, "_lbfgs", first_ruined)
     out = refine_binn(fld, copy.deepcopy(fit), RefineConfig(smoothness=[1.0], initial="auto", joint=False,
-                                                           distill_steps=20))
+                                                           distill_steps=20, affine_start=False))
     meta = out.metadata["refine"]
     assert not meta.get("failed") and meta["initial"] == "surrogate" and meta["misfit"] < meta["misfit_start"]
     assert any(note.startswith("initial state 'denoised'") and "discarded" in note for note in meta["notes"])
@@ -410,3 +411,49 @@ def test_a_network_whose_units_saturated_in_training_still_takes_the_refined_cur
     err = refine_module._distill(fit, nodes, D_tab, G_tab, (lo, hi), 200)
     assert err["D"] < 0.01, err
     assert _rel(fit.D(u), np.interp(u, nodes, D_tab)) < 0.01
+
+
+def test_the_affine_start_is_affine_and_fits_better_than_the_lines_it_starts_from(small_case):
+    fld, _, fit = small_case
+    cfg = RefineConfig(iterations=30, smoothness=[1.0], initial="data", joint=False, noise_draws=0)
+    prob = refine_module._Problem(fld, fit, cfg)
+    m, n = cfg.nodes, prob.n_obs
+    z = refine_module._affine_start(prob, prob.ic_data, cfg, None)
+    assert z.shape == (2 * m,) and np.all(z[2:m] == 0) and np.all(z[m + 2:] == 0)
+    assert prob.prior(torch.as_tensor(z)) == 0  # the limit of an infinitely strong smoothness prior
+    # the lines closest to the BINN's curves, which the fit starts from
+    x = np.linspace(0.0, 1.0, m)
+    lines = np.zeros(2 * m)
+    for k in (0, m):
+        f = prob.curves.to_values(torch.as_tensor(prob.z0[k:k + m])).numpy()
+        inside = (prob.nodes >= prob.observed_range[0]) & (prob.nodes <= prob.observed_range[1])
+        slope, value = np.polyfit(x[inside], f[inside], 1)
+        lines[k:k + 2] = value, slope
+    with torch.no_grad():
+        chi2 = [float(prob.chi2(prob.simulate(torch.as_tensor(v), prob.ic_data))) / n for v in (lines, z)]
+    assert chi2[1] < chi2[0], chi2
+
+
+def test_curves_far_off_are_left_for_the_affine_start(small_case, monkeypatch):
+    """A BINN whose D is 30x too small and whose G has the wrong sign: the first prior strength is also started from
+    the best affine curves, whichever ends it lower is kept and recorded, and the refinement then fits better than
+    from the bad curves alone."""
+    fld, truth, fit = small_case
+    real_init = refine_module._Problem.__init__
+
+    def bad_start(self, field, fit_, cfg):
+        real_init(self, field, fit_, cfg)
+        m = cfg.nodes
+        d = np.maximum(fit_.D(self.nodes), 1e-9) / 30.0
+        self.z0 = np.concatenate([self.curves.from_values(refine_module._softplus_inv(d / self.D_scale)),
+                                  -self.z0[m:]])
+
+    monkeypatch.setattr(refine_module._Problem, "__init__", bad_start)
+    cfg = dict(iterations=20, smoothness=[1.0], initial="data", joint=False, noise_draws=0, distill_steps=50)
+    both = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**cfg))
+    alone = refine_binn(fld, copy.deepcopy(fit), RefineConfig(affine_start=False, **cfg))
+    mb, ma = both.metadata["refine"], alone.metadata["refine"]
+    assert mb["start"] == "affine" and ma["start"] == "BINN"
+    assert mb["misfit"] < ma["misfit"], (mb["misfit"], ma["misfit"])
+    u = fit.u_grid()
+    assert _rel(both.D(u), truth.D(u)) < 0.25 and _rel(both.G(u), truth.G(u)) < 0.25
