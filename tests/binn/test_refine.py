@@ -421,14 +421,14 @@ def test_the_affine_start_is_affine_and_fits_better_than_the_lines_it_starts_fro
     z = refine_module._affine_start(prob, prob.ic_data, cfg, None)
     assert z.shape == (2 * m,) and np.all(z[2:m] == 0) and np.all(z[m + 2:] == 0)
     assert prob.prior(torch.as_tensor(z)) == 0  # the limit of an infinitely strong smoothness prior
-    # the lines closest to the BINN's curves, which the fit starts from
-    x = np.linspace(0.0, 1.0, m)
-    lines = np.zeros(2 * m)
+    # the lines closest to the BINN's curves, which the fit starts from: straight, and near the BINN's curves
+    lines = refine_module._closest_lines(prob)
+    assert np.all(lines[2:m] == 0) and np.all(lines[m + 2:] == 0)
+    inside = (prob.nodes >= prob.observed_range[0]) & (prob.nodes <= prob.observed_range[1])
     for k in (0, m):
         f = prob.curves.to_values(torch.as_tensor(prob.z0[k:k + m])).numpy()
-        inside = (prob.nodes >= prob.observed_range[0]) & (prob.nodes <= prob.observed_range[1])
-        slope, value = np.polyfit(x[inside], f[inside], 1)
-        lines[k:k + 2] = value, slope
+        g = prob.curves.to_values(torch.as_tensor(lines[k:k + m])).numpy()
+        assert np.sum((g - f)[inside] ** 2) <= np.sum((f[inside] - f[inside].mean()) ** 2) + 1e-12
     with torch.no_grad():
         chi2 = [float(prob.chi2(prob.simulate(torch.as_tensor(v), prob.ic_data))) / n for v in (lines, z)]
     assert chi2[1] < chi2[0], chi2

@@ -338,6 +338,22 @@ def _log_evidence(chi2: float, z: np.ndarray, J: np.ndarray, lam: float, P: np.n
                  - 0.5 * logdet)
 
 
+def _closest_lines(prob: _Problem) -> np.ndarray:
+    """z of the straight lines (each table's value and slope, second differences 0) closest in least squares to the
+    BINN's curves, in the tables' own scales, over the nodes within the observed densities."""
+    m = prob.cfg.nodes
+    x = np.linspace(0.0, 1.0, m)
+    inside = (prob.nodes >= prob.observed_range[0]) & (prob.nodes <= prob.observed_range[1])
+    if inside.sum() < 2:
+        inside[:] = True
+    z = np.zeros(2 * m)
+    for k in (0, m):
+        f = prob.curves.to_values(torch.as_tensor(prob.z0[k:k + m])).numpy()
+        slope, value = np.polyfit(x[inside], f[inside], 1)
+        z[k:k + 2] = value, slope
+    return z
+
+
 def _affine_start(prob: _Problem, u0: torch.Tensor, cfg: RefineConfig, cancel: CancelToken | None) -> np.ndarray:
     """The best affine curves: D affine in its softplus scale and G affine in u (each table's value and slope
     free, its second differences 0, so the smoothness prior is 0: the limit of an infinitely strong prior), fitted
@@ -346,16 +362,8 @@ def _affine_start(prob: _Problem, u0: torch.Tensor, cfg: RefineConfig, cancel: C
     than this simple start leads to (the discovery benchmark's Poisson wound, seed 2, from the clean first frame:
     misfit 1.030 from the BINN's curves, 1.019 from the true ones). Returns the parameter vector z."""
     m, n = cfg.nodes, prob.n_obs
-    x = np.linspace(0.0, 1.0, m)
-    inside = (prob.nodes >= prob.observed_range[0]) & (prob.nodes <= prob.observed_range[1])
-    if inside.sum() < 2:
-        inside[:] = True
-    lines = []
-    for part in (slice(0, m), slice(m, 2 * m)):
-        f = prob.curves.to_values(torch.as_tensor(prob.z0[part])).numpy()
-        slope, value = np.polyfit(x[inside], f[inside], 1)
-        lines.append([value, slope])
-    p = torch.tensor(np.concatenate(lines), requires_grad=True)
+    lines = _closest_lines(prob)
+    p = torch.tensor(np.concatenate([lines[:2], lines[m:m + 2]]), requires_grad=True)
     zeros = torch.zeros(m - 2, dtype=p.dtype)
 
     def z_of(q: torch.Tensor) -> torch.Tensor:
@@ -379,18 +387,15 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
         chi2_start = float(prob.chi2(prob.simulate(z, u0_fixed)))
     fits = []
     start = "BINN"
-    for step, lam in enumerate(cfg.smoothness, 1):
-        def loss_fn(lam=lam):
-            return prob.penalised_misfit(z, u0_fixed, lam) / n
 
-        loss = _lbfgs([z], loss_fn, cfg.iterations, cancel)
+    def fit_at(zt: torch.Tensor, lam: float) -> float:  # L-BFGS on zt in place; its lowest loss
+        return _lbfgs([zt], lambda: prob.penalised_misfit(zt, u0_fixed, lam) / n, cfg.iterations, cancel)
+
+    for step, lam in enumerate(cfg.smoothness, 1):
+        loss = fit_at(z, lam)
         if step == 1 and cfg.affine_start and not is_cancelled(cancel):
             za = torch.tensor(_affine_start(prob, u0_fixed, cfg, cancel), requires_grad=True)
-
-            def loss_a(lam=lam):
-                return prob.penalised_misfit(za, u0_fixed, lam) / n
-
-            loss_aff = _lbfgs([za], loss_a, cfg.iterations, cancel)
+            loss_aff = fit_at(za, lam)
             if loss_aff < loss or not math.isfinite(loss):
                 z, start = za, "affine"
         if is_cancelled(cancel):
