@@ -360,3 +360,25 @@ def test_a_sympy_function_never_hands_back_its_input():
     assert x[-1] == 1.0
     g = model.G(x, {"c": 0.5})  # a number broadcast to the input's shape
     assert g.shape == x.shape and np.all(g == 0.5)
+
+
+def test_a_refits_trials_keep_the_first_simulations_method_and_a_budget_from_it(clean_field):
+    """After a refit's first simulation its trials use the same method and at most 20x its right-hand sides, so a
+    trial that puts a pole of G inside the densities fails fast (a refused step) instead of running for minutes."""
+    from napari_binn.pde.mechanistic import _TRIAL_RHS_FLOOR, _Problem, _resolve_model
+    from napari_binn.pde.solver import SimulationError
+
+    model = _resolve_model({"D": "D", "G": "r*(1 - u/K) + a*u/(b*u + exp(c*u))"})
+    start = {**TRUTH, "a": 0.0, "b": 1.0, "c": 0.0}
+    prob = _Problem(clean_field, model, start, ["D", "r", "K", "a"], {"b": 1.0, "c": 0.0}, "ols", 0.0, 1e-4,
+                    10, None, None)
+    assert prob.rhs_budget is None and prob.sim_method == "auto"
+    first = prob.simulate(start)
+    assert np.isfinite(first[:, clean_field.mask]).all()
+    assert prob.sim_method == "rkc" and prob.rhs_budget >= _TRIAL_RHS_FLOOR
+    # b u + exp(c u) = 0 near u = 670 and 3900: G is huge and changes sign across the densities of the data
+    pole = {**start, "a": 2e-5, "b": -0.002, "c": 0.000534}
+    t0 = time.perf_counter()
+    with pytest.raises(SimulationError, match="evaluations of the right-hand side"):
+        prob.simulate(pole)
+    assert time.perf_counter() - t0 < 60.0

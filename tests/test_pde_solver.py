@@ -291,3 +291,56 @@ def test_auto_picks_rkc_for_moderate_and_bdf_for_very_stiff_problems():
     stiff = list(simulate_job(1e5, 0.1, u0, mask, 1.0, [0.0, 1.0]))
     assert moderate[-1].data["method"] == "rkc"
     assert stiff[-1].data["method"] == "bdf"
+
+
+def test_a_budget_of_right_hand_sides_given_per_simulation():
+    mask = np.ones((6, 6), bool)
+    u0 = np.where(_disc(6, 2), 1000.0, 0.0)
+    args = (1000.0, 0.1, u0, mask, 25.0, [0.0, 1.0])
+    used = list(simulate_job(*args))[-1].data["n_rhs"]
+    assert list(simulate_job(*args, max_rhs=used))[-1].data["n_rhs"] == used
+    with pytest.raises(SimulationError, match=rf"more than {used - 1} evaluations"):
+        run_job(simulate_job(*args, max_rhs=used - 1))
+
+
+def _porous_case():
+    mask = _triangle(24)
+    y, x = np.mgrid[:24, :24]
+    u0 = np.where(mask & (x < 9), 1200.0 + 40.0 * np.sin(y), 0.0)
+    D = lambda v: 2e-3 * v**2 + 5.0  # noqa: E731
+    G = lambda v: 0.05 * (1 - v / K) + 2e-5 * v * np.exp(-v / 500.0)  # noqa: E731
+    return D, G, u0, mask, 25.0, np.linspace(0.0, 24.0, 5)
+
+
+def test_tabulated_d_and_g_give_the_exact_evaluations_result():
+    """``tabulate_to``: D and G interpolated from a fine table in compiled code (the refits) agree with evaluating
+    them at every box to far inside the solver's tolerance."""
+    from napari_binn.pde import solver
+
+    D, G, u0, mask, dx, t = _porous_case()
+    exact = simulate(D, G, u0, mask, dx, t)
+    table = run_job(simulate_job(D, G, u0, mask, dx, t, tabulate_to=2 * K))
+    if solver._compiled():
+        assert not np.array_equal(table[-1][mask], exact[-1][mask])  # the table path was taken
+    np.testing.assert_allclose(table[mask[None] & np.ones((t.size, 1, 1), bool)],
+                               exact[mask[None] & np.ones((t.size, 1, 1), bool)], rtol=0, atol=1e-5 * K)
+    assert np.abs(table[-1] - u0)[mask].max() > 50.0  # and the density did change
+
+
+@pytest.mark.parametrize("case", ["below the states", "D negative at a node", "no compiled loops", "bdf"])
+def test_tabulated_path_falls_back_to_exact_evaluation(case, monkeypatch):
+    """Exact evaluation, to the last bit, wherever the table cannot be used: states above it, D or G invalid at a
+    node, no compiled loops, or an implicit method (whose Newton iterations use the exact D'(u))."""
+    from napari_binn.pde import solver
+
+    D, G, u0, mask, dx, t = _porous_case()
+    top, method = 2 * K, "bdf" if case == "bdf" else "auto"
+    if case == "below the states":
+        top = 1.0  # every state has a density above it
+    elif case == "D negative at a node":
+        D0 = D
+        D = lambda v: D0(v) * (1 - v / 3000.0)  # noqa: E731  (negative above 3000: never reached here)
+    else:
+        monkeypatch.setattr(solver, "_compiled", lambda: False)
+    exact = simulate(D, G, u0, mask, dx, t, method=method)
+    np.testing.assert_array_equal(run_job(simulate_job(D, G, u0, mask, dx, t, method=method, tabulate_to=top)), exact)

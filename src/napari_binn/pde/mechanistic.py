@@ -47,8 +47,8 @@ from scipy import optimize
 
 from ..errors import InputError
 from ..field import DensityField, initial_state, noise_variance
-from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled
-from .solver import SimulationError, simulate
+from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
+from .solver import SimulationError, simulate_job
 
 __all__ = ["MechanisticFit", "fit_mechanistic", "fit_mechanistic_job", "MODEL_NAMES"]
 
@@ -57,6 +57,13 @@ MODEL_NAMES = ("fisher_kpp", "porous_fisher", "allee", "richards")
 _Z95 = 1.959963984540054  # sqrt of the chi-squared (1 dof) 95% quantile 3.8415
 _INTERVALS = ("wald+ic", "wald", "profile", "profile+ic", None)
 _POSITIVE_NAMES = frozenset({"D", "D0", "D1", "D2", "r", "K", "gamma", "lambda"})
+#: a refit's simulations after its first take at most this many times the first one's right-hand-side
+#: evaluations (and never fewer than _TRIAL_RHS_FLOOR): 20x allows a trial some 400x stiffer than the start under
+#: RKC, whose cost grows like the square root of the stiffness. A measured case: a held-out candidate of the polygon
+#: case with G = G_0 + G_1 u + G_2 u/(G_3 u + exp(G_4 u)), whose trials put a pole of G just inside the densities,
+#: spent 87 s and 115 s in single simulations (the usual: 160-864 evaluations, some 10-40 ms)
+_TRIAL_RHS_FACTOR = 20
+_TRIAL_RHS_FLOOR = 5000
 
 
 class _Stop(Exception):
@@ -359,7 +366,7 @@ class _Problem:
                  fixed: dict[str, float], weighting: str, gls_gamma: float, rtol: float,
                  max_evals: int, cancel: CancelToken | None, on_eval: Callable | None,
                  initial: str = "data"):
-        self._simulate, self._sim_error = simulate, SimulationError
+        self._simulate, self._sim_error = simulate_job, SimulationError
         self.field, self.model, self.free, self.fixed = field, model, free, fixed
         self.p0 = p0
         self.log = np.array([n in model.positive for n in free], dtype=bool)
@@ -385,6 +392,7 @@ class _Problem:
         self.last_error = ""
         self.best: tuple[float, np.ndarray, np.ndarray] | None = None  # (cost, theta, prediction)
         self._cache: dict[bytes, np.ndarray] = {}
+        self.sim_method, self.rhs_budget = "auto", None  # set by the first simulation (see simulate)
         self.penalty = 10.0 * math.sqrt(float(np.mean(self.y ** 2)) + self.scale_u ** 2)
         top = max(float(np.max(self.y, initial=0.0)), float(np.max(np.where(field.mask, u0, 0.0), initial=0.0)))
         self.u_check = np.linspace(0.0, top, 65)
@@ -479,8 +487,19 @@ class _Problem:
         T = None if m.T is None else (lambda t: m.T(np.asarray(t, float), p))
         u0 = self.u0 if u0 is None else u0
         D = float(m.D(np.zeros(1), p)[0]) if m.d_constant else (lambda u: m.D(u, p))
-        return self._simulate(D, lambda u: m.G(u, p), u0, self.field.mask,
-                              self.field.dx_um, self.field.t_h, T, rtol=self.rtol)
+        # D, G tabulated up to twice the largest observed density (a refit's hundreds of simulations); every
+        # simulation after the first uses the first one's method and at most _TRIAL_RHS_FACTOR x its right-hand
+        # sides, so that a trial whose D or G is orders of magnitude stiffer (e.g. a growth term with a pole just
+        # inside the density range) fails fast as a refused step instead of running for minutes
+        events: list[Progress] = []
+        out = run_job(self._simulate(D, lambda u: m.G(u, p), u0, self.field.mask, self.field.dx_um,
+                                     self.field.t_h, T, rtol=self.rtol, method=self.sim_method,
+                                     tabulate_to=2.0 * self.u_check[-1], max_rhs=self.rhs_budget), events.append)
+        if self.rhs_budget is None and events:
+            last = events[-1].data
+            self.sim_method = last["method"]
+            self.rhs_budget = max(_TRIAL_RHS_FACTOR * int(last["n_rhs"]), _TRIAL_RHS_FLOOR)
+        return out
 
     def weights(self, pred_obs: np.ndarray) -> np.ndarray | None:
         if self.weighting == "ols":

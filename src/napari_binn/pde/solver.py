@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import InputError
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
 from ._kernels import available as _compiled
-from ._kernels import rkc_stage
+from ._kernels import rkc_stage, table_rhs
 from .callables import as_numpy_function, as_time_function, is_constant
 from .grid import MaskedGrid
 
@@ -42,10 +42,17 @@ _NEGATIVE_FAIL = 1e-3  # relative to max(u0): negatives beyond this are an error
 
 
 #: evaluations of the PDE's right-hand side one simulation may take (a few hundred are usual: 160-864 on the
-#: discovery benchmark's fields); beyond it the simulation fails rather than run on. A safety net, not a measured
-#: fix: a held-out refit candidate on the polygon case (seed 2, 5 December) once spent over 30 minutes inside RKC
-#: steps; the same run repeated finished its refits in 83 s without reaching this budget (cause not found)
+#: discovery benchmark's fields); beyond it the simulation fails rather than run on. A safety net: a held-out refit
+#: candidate on the polygon case (seed 2, 5 December) once spent over 30 minutes inside RKC steps. A likely cause,
+#: seen 6 December: trials of a growth form with a pole inside the densities (G_2 u / (G_3 u + exp(G_4 u)), G_3 < 0)
+#: took 87-115 s per simulation; a refit now gives its trials a budget from its first simulation
+#: (``mechanistic._TRIAL_RHS_FACTOR``)
 _MAX_RHS = 200_000
+
+#: nodes of the tables of D(u), G(u) that ``simulate_job(tabulate_to=...)`` interpolates linearly (the refits'
+#: simulations); on [0, 3000] cells/mm² a node every 0.73: the interpolation error is below h²/8 |f''|, some 1e-5
+#: of D = c u² at u = 100 (tests/test_pde_solver.py checks simulations against the closed forms evaluated exactly)
+_TABLE_NODES = 4097
 
 
 class SimulationError(RuntimeError):
@@ -59,8 +66,10 @@ class SimulationError(RuntimeError):
 class _Problem:
     """Right-hand side, Jacobian and spectral-radius bound of the semi-discrete system on the mask."""
 
-    def __init__(self, D: Any, G: Any, T: Any, grid: MaskedGrid, scale: float) -> None:
+    def __init__(self, D: Any, G: Any, T: Any, grid: MaskedGrid, scale: float,
+                 tabulate_to: float | None = None, max_rhs: int | None = None) -> None:
         self.grid = grid
+        self.max_rhs = int(max_rhs) if max_rhs else _MAX_RHS
         self.D = as_numpy_function(D, "D(u)")
         self.G = as_numpy_function(G, "G(u)")
         self.T = as_time_function(T)
@@ -71,6 +80,25 @@ class _Problem:
         self.n_rhs = 0
         self.t_now = 0.0
         self._up = np.empty(grid.n)
+        self._table = self._tabulate(tabulate_to) if tabulate_to else None
+
+    def _tabulate(self, u_top: float) -> tuple | None:
+        """Tables of D and G on ``_TABLE_NODES`` nodes over [0, u_top] for the compiled right-hand side, or None
+        (compiled loops unavailable, or D or G not finite, or D < 0, at some node: the right-hand side then
+        evaluates D and G at every box, which names the offending density and box if a state reaches it)."""
+        if not (_compiled() and np.isfinite(u_top) and u_top > 0):
+            return None
+        nodes = np.linspace(0.0, float(u_top), _TABLE_NODES)
+        with np.errstate(all="ignore"):
+            d = np.full(nodes.size, self.d_const) if self.d_const is not None else np.asarray(self.D(nodes), float)
+            g = np.asarray(self.G(nodes), float)
+        if d.shape != nodes.shape or g.shape != nodes.shape or not (np.all(d >= 0) and np.isfinite(d.max())
+                                                                    and np.isfinite(g.sum())):
+            return None
+        fi = np.ascontiguousarray(self.grid.face_i, dtype=np.int64)
+        fj = np.ascontiguousarray(self.grid.face_j, dtype=np.int64)
+        return (d, g, fi, fj, (_TABLE_NODES - 1) / float(u_top), _TABLE_NODES - 1 - 1e-9, float(u_top),
+                0.5 / self.grid.dx_um ** 2)
 
     # -- checked evaluations ---------------------------------------------------------------------------
     def _where(self, k: int) -> str:
@@ -111,17 +139,23 @@ class _Problem:
     # -- system ----------------------------------------------------------------------------------------
     def rhs(self, t: float, u: np.ndarray) -> np.ndarray:
         self.n_rhs += 1
-        if self.n_rhs > _MAX_RHS:
-            raise SimulationError(f"more than {_MAX_RHS} evaluations of the right-hand side (a few hundred is usual): "
-                                  "the step size collapsed, so these D(u), G(u) are too stiff to simulate or blow up", t)
+        if self.n_rhs > self.max_rhs:
+            raise SimulationError(f"more than {self.max_rhs} evaluations of the right-hand side (a few hundred is "
+                                  "usual): the step size collapsed, so these D(u), G(u) are too stiff to simulate or "
+                                  "blow up", t)
         self.t_now = t
-        up = np.maximum(u, 0.0, out=self._up)
-        f = self.grid.divergence(u, self.eval_d(up), out=np.empty_like(u))
-        g = self.eval_g(up)
-        if g is up:
-            g = g.copy()
-        g *= up
-        f += g
+        tab = self._table
+        if tab is not None and u.size and u.max() <= tab[6]:  # (NaN fails the test: the checked path reports it)
+            d, g, fi, fj, scale, top, _, half_inv_dx2 = tab
+            f = table_rhs(np.ascontiguousarray(u, dtype=np.float64), d, g, fi, fj, scale, top, half_inv_dx2)
+        else:
+            up = np.maximum(u, 0.0, out=self._up)
+            f = self.grid.divergence(u, self.eval_d(up), out=np.empty_like(u))
+            g = self.eval_g(up)
+            if g is up:
+                g = g.copy()
+            g *= up
+            f += g
         tf = self.time_factor(t)
         if tf != 1.0:
             f *= tf
@@ -393,9 +427,17 @@ def _arguments(u0: Any, mask: Any, dx_um: Any, t_h: Any) -> tuple[Any, Any, Any,
 def simulate_job(D: Any, G: Any, u0: Any, mask: Any = None, dx_um: float | None = None, t_h: Any = None,
                  T: Any = None, *, rtol: float = 1e-4, atol: float | None = None, method: str = "auto",
                  max_step_h: float | None = None, cancel: CancelToken | None = None,
+                 tabulate_to: float | None = None, max_rhs: int | None = None,
                  ) -> Generator[Progress, None, np.ndarray]:
     """Generator form of :func:`simulate`: yields ``Progress(stage='simulate')`` after each output time
     (``data``: ``frame``, ``t_h``, ``u`` (the (Ny, Nx) frame), ``method``, ``n_rhs``) and returns the array.
+
+    ``tabulate_to``: a density; D and G are then evaluated once on a fine table over [0, tabulate_to] and the
+    explicit method's (RKC's) right-hand side interpolates it in compiled code wherever the state stays below it (for
+    the many simulations of a refit, where evaluating closed forms box by box was some 40% of the time; the
+    numbers differ from exact evaluation by the interpolation error only). States above it, D or G invalid at a
+    node, or no compiled loops: exact evaluation as without it. ``max_rhs``: the most right-hand-side evaluations
+    the simulation may take before it fails (default 200000; a refit's trials get a budget from their start).
 
     On cancel (checked between output times) it returns the frames computed so far with the remaining
     frames all NaN; the last event's ``data['cancelled']`` is True. Nothing is raised.
@@ -408,7 +450,7 @@ def simulate_job(D: Any, G: Any, u0: Any, mask: Any = None, dx_um: float | None 
     scale = scale if scale > 0 else 1.0
     # Fisher-type fronts are pulled by their low-density leading edge, so atol must shrink with rtol
     atol_v = float(atol) if atol is not None else 1e-2 * rtol * scale
-    problem = _Problem(D, G, T, grid, scale)
+    problem = _Problem(D, G, T, grid, scale, tabulate_to, max_rhs)
     max_step = float(max_step_h) if max_step_h is not None else np.inf
     if not (max_step > 0):
         raise InputError(f"max_step_h must be > 0 hours; got {max_step_h}")
@@ -424,6 +466,10 @@ def simulate_job(D: Any, G: Any, u0: Any, mask: Any = None, dx_um: float | None 
         rho = problem.spectral_radius(float(t[0]), y0)
         h_typ = min(max_step, span / 20.0, float(np.min(np.diff(t))))
         chosen = "rkc" if _rkc_stages_for(h_typ * rho) <= _AUTO_MAX_RKC_STAGES else "bdf"
+    if chosen != "rkc":
+        # the implicit methods' Newton iterations use the exact Jacobian (D'(u) of the callable), which a table
+        # would not match where D or G bends within a node interval (D ∝ u^0.05 near 0 slowed BDF some 25x)
+        problem._table = None
     stats: dict[str, Any] = {"steps": 0, "rejected": 0, "max_stages": 0}
     if chosen == "rkc":
         frames = _integrate_rkc(problem, y0, t, rtol, atol_v, max_step, stats)
