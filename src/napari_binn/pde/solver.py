@@ -80,12 +80,15 @@ class _Problem:
         self.n_rhs = 0
         self.t_now = 0.0
         self._up = np.empty(grid.n)
+        # the compiled right-hand side's arguments after the state, and the density up to which they hold
         self._table = self._tabulate(tabulate_to) if tabulate_to else None
+        self._table_top = float(tabulate_to) if self._table is not None else -np.inf
 
     def _tabulate(self, u_top: float) -> tuple | None:
-        """Tables of D and G on ``_TABLE_NODES`` nodes over [0, u_top] for the compiled right-hand side, or None
-        (compiled loops unavailable, or D or G not finite, or D < 0, at some node: the right-hand side then
-        evaluates D and G at every box, which names the offending density and box if a state reaches it)."""
+        """``table_rhs``'s arguments after the state (tables of D and G on ``_TABLE_NODES`` nodes over [0, u_top],
+        the faces, the lookup's scale and top, 1 / 2dx²), or None (compiled loops unavailable, or D or G not
+        finite, or D < 0, at some node: the right-hand side then evaluates D and G at every box, which names the
+        offending density and box if a state reaches it)."""
         if not (_compiled() and np.isfinite(u_top) and u_top > 0):
             return None
         nodes = np.linspace(0.0, float(u_top), _TABLE_NODES)
@@ -97,8 +100,7 @@ class _Problem:
             return None
         fi = np.ascontiguousarray(self.grid.face_i, dtype=np.int64)
         fj = np.ascontiguousarray(self.grid.face_j, dtype=np.int64)
-        return (d, g, fi, fj, (_TABLE_NODES - 1) / float(u_top), _TABLE_NODES - 1 - 1e-9, float(u_top),
-                0.5 / self.grid.dx_um ** 2)
+        return d, g, fi, fj, (_TABLE_NODES - 1) / float(u_top), _TABLE_NODES - 1 - 1e-9, 0.5 / self.grid.dx_um ** 2
 
     # -- checked evaluations ---------------------------------------------------------------------------
     def _where(self, k: int) -> str:
@@ -144,10 +146,8 @@ class _Problem:
                                   "usual): the step size collapsed, so these D(u), G(u) are too stiff to simulate or "
                                   "blow up", t)
         self.t_now = t
-        tab = self._table
-        if tab is not None and u.size and u.max() <= tab[6]:  # (NaN fails the test: the checked path reports it)
-            d, g, fi, fj, scale, top, _, half_inv_dx2 = tab
-            f = table_rhs(np.ascontiguousarray(u, dtype=np.float64), d, g, fi, fj, scale, top, half_inv_dx2)
+        if self._table is not None and u.size and u.max() <= self._table_top:  # NaN fails: the checked path says so
+            f = table_rhs(np.ascontiguousarray(u, dtype=np.float64), *self._table)
         else:
             up = np.maximum(u, 0.0, out=self._up)
             f = self.grid.divergence(u, self.eval_d(up), out=np.empty_like(u))
