@@ -392,6 +392,64 @@ def test_the_noise_correction_carries_the_noise_further_is_recorded_and_can_be_s
     assert again.metadata["refine"]["D"] == on.metadata["refine"]["D"]
 
 
+def test_the_bands_share_of_the_first_frames_noise_is_the_first_order_refit_per_draw(counts_case, monkeypatch):
+    """The Laplace band holds the first frame exact; its noise moves the curves too. Each draw e of that noise
+    moves the estimate by -cov (g(u0 + e) - g(u0)) (refine._noise_steps, g the misfit's gradient): checked by
+    central differences of the misfit (not through the solver's adjoint); the share goes into the band in
+    quadrature. (Whether the band then holds the truth is measured on the discovery benchmark's runs.)"""
+    fld, _, fit = counts_case
+    lam = 1.0
+    prob = refine_module._Problem(fld, fit, RefineConfig(smoothness=[lam]))
+    u0 = prob.ic_denoised
+
+    def loss(zk, state):  # the penalised misfit the refinement minimises, in units of the noise variance
+        return 0.5 * prob.chi2(prob.simulate(zk, state)) + 0.5 * lam * prob.prior(zk)
+
+    zt = torch.tensor(prob.z0, requires_grad=True)
+    refine_module._lbfgs([zt], lambda: loss(zt, u0) / prob.n_obs, 300, None)
+    z = zt.detach().numpy().copy()
+    J = refine_module._jacobian(prob, z, u0)
+    s2 = 1.0  # the loss above is the misfit in units of the noise variance
+    cov = np.linalg.pinv(J.T @ J / s2 + lam * np.diag(prob.penalised()))
+    draws = refine_module._noise_draws(prob, u0, 3, seed=refine_module._BAND_DRAW_SEED)
+    steps = refine_module._noise_steps(prob, z, cov, s2, u0, draws)
+
+    def misfit(v, state):
+        with torch.no_grad():
+            return 0.5 * float(prob.chi2(prob.simulate(torch.as_tensor(v), state)))
+
+    H = np.linalg.pinv(cov)
+    rng = np.random.default_rng(0)
+    for e, dz in zip(draws, steps):
+        # -H dz is the gradient difference: check it along the step and along a random direction
+        for v in (dz / np.linalg.norm(dz), rng.normal(size=z.size) / np.sqrt(z.size)):
+            h = 1e-4
+            fd = sum(sign * (misfit(z + sign * h * v, u0 + e) - misfit(z + sign * h * v, u0)) for sign in (1, -1))
+            assert float(v @ (-H @ dz)) == pytest.approx(fd / (2 * h), rel=1e-3, abs=1e-6 * abs(fd / (2 * h)))
+    # in the bands, in quadrature; none without draws
+    laplace_d, _, none = refine_module._bands(prob, z, J, lam, s2, u0, [])
+    assert none is None
+    d_sd, _, share = refine_module._bands(prob, z, J, lam, s2, u0, draws)
+    np.testing.assert_allclose(d_sd, laplace_d)
+    assert np.all(share["D"] >= 0) and np.any(share["D"] > 0) and np.any(share["G"] > 0)
+    # a refinement records the share and widens its band by it; noise_draws = 0, or the surrogate's first frame,
+    # leaves the Laplace band alone
+    cfg = dict(iterations=20, smoothness=[lam], distill_steps=20, joint=False)
+    meta = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**cfg, initial="denoised")).metadata["refine"]
+    for key in ("D", "G"):
+        noise = np.asarray(meta[f"{key}_noise_sd"])
+        assert np.all(np.asarray(meta[f"{key}_sd"]) >= noise - 1e-12) and np.any(noise > 0)
+    assert any("first frame's noise" in note for note in meta["notes"])
+    for kw in ({"initial": "denoised", "noise_draws": 0}, {"initial": "surrogate"}):
+        off = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**cfg, **kw)).metadata["refine"]
+        assert off["D_noise_sd"] is None and off["G_noise_sd"] is None
+    # nor about a first frame fitted jointly (an estimate the later frames constrain, not the noisy frame)
+    monkeypatch.setattr(refine_module, "_JOINT_GAIN", -1.0)  # the joint fit always kept
+    joint = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**{**cfg, "joint": True}, initial="denoised"))
+    assert joint.metadata["refine"]["initial"] == "denoised+joint"
+    assert joint.metadata["refine"]["D_noise_sd"] is None
+
+
 def test_a_network_whose_units_saturated_in_training_still_takes_the_refined_curve(small_case):
     """Contact islands: the BINN's D-network had saturated (constant to 1e-6 over u, gradients below L-BFGS's
     tolerance), so the networks kept a flat D 25% from the refined table while the tables were right."""

@@ -26,11 +26,13 @@ from it, by more than the misfit's noise, is discarded; when every one is, the B
 (``metadata['refine']['failed']``).
 
 Bands: a Laplace approximation (Gauss–Newton Hessian from a finite-difference Jacobian of the simulation) gives
-D_sd, G_sd at the nodes with the initial state held as known. With more than one initial state tried
-(``"auto"``), half the largest difference between the kept curves and those refined from the other initial
-state is added in quadrature (also stored as D_initial_sd, G_initial_sd), so the ± 2 sd band reaches the other
-curves: the initial state is the largest error source, and the Laplace band alone ignores it. Both initial states
-can still be wrong the same way.
+D_sd, G_sd at the nodes with the initial state held as known. From a first frame of data held fixed (not one
+fitted jointly), the spread its noise gives the curves is added in quadrature (D_noise_sd, G_noise_sd:
+``noise_draws`` draws of that noise, each re-fitted to first order; :func:`_bands`). With more than one initial
+state tried (``"auto"``), half the largest difference between the kept curves and those refined from the other
+initial state is added in quadrature too (also stored as D_initial_sd, G_initial_sd), so the ± 2 sd band reaches
+the other curves: the initial state is the largest error source, and the Laplace band alone ignores it. Both
+initial states can still be wrong the same way.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ _AUTO = ("denoised", "surrogate")  # tried by initial = "auto"
 _STAGE = "refine"
 _JACOBIAN_BATCH = 26  # simulations per batch in _jacobian (bounds its memory: 3 states x batch x boxes)
 _JOINT_GAIN = 0.02  # a joint fit is kept only when its misfit is this fraction below the best held fixed
+_BAND_DRAW_SEED = 1  # the first frame's noise drawn for the bands: other draws than the bias correction's (seed 0)
 _DISTILL_RETRY = 0.01  # a network further than this (relative L2) from its refined table is fitted again afresh
 
 
@@ -75,8 +78,9 @@ class RefineConfig:
     total-variation weight tv_weight (relative to
     the misfit at the noise level). cfl: step size as a fraction of the stable step, in (0, 1).
     distill_steps: L-BFGS iterations fitting the networks to the refined tables. bands: compute the bands D_sd,
-    G_sd (Laplace, widened by the spread between initial states). noise_draws: draws of the first frame's noise
-    for the first-order correction of the bias it gives the curves (0: off; see :func:`_noise_corrected`).
+    G_sd (Laplace, widened by the spread the first frame's noise gives the curves and by the spread between
+    initial states). noise_draws: draws of the first frame's noise for the first-order correction of the bias it
+    gives the curves (see :func:`_noise_corrected`) and, other draws, for the bands' share of it (0: both off).
     affine_start: also start the first prior strength from the best affine curves (see :func:`_affine_start`) and
     go on from whichever start ends it with the lower penalised misfit.
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
@@ -622,9 +626,17 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         D_tab, G_tab = (v.numpy().copy() for v in prob.tables(torch.as_tensor(z_best)))
     D_sd = G_sd = None
     spread = None
+    noise_share = None
     if cfg.bands:
         J = win["jacobian"] if win["jacobian"] is not None else _jacobian(prob, z_best, win["u0"])
-        D_sd, G_sd = _bands(prob, z_best, J, chosen["smoothness"], win["s2"])
+        # the first frame's noise, drawn about the first frame the curves were refined from: not about the
+        # surrogate's frame (smooth, its error is not this noise), nor about one fitted jointly (an estimate the
+        # later frames constrain; drawing the whole noise about it greyed every density of the Allee islands)
+        draws = (_noise_draws(prob, win["u0"], int(cfg.noise_draws), seed=_BAND_DRAW_SEED)
+                 if _corrects_noise(cfg, win["base"]) and "+joint" not in win["initial"] else [])
+        D_sd, G_sd, noise_share = _bands(prob, z_best, J, chosen["smoothness"], win["s2"], win["u0"], draws)
+        if noise_share is not None:
+            D_sd, G_sd = np.hypot(D_sd, noise_share["D"]), np.hypot(G_sd, noise_share["G"])
         if len(runs) > 1:  # the initial state's share: the ± 2 sd band reaches every other initial state's curves
             with torch.no_grad():
                 other = [[v.numpy() for v in prob.tables(torch.as_tensor(r["z"]))] for r in runs if r is not win]
@@ -638,6 +650,8 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         "D_sd": None if D_sd is None else D_sd.tolist(), "G_sd": None if G_sd is None else G_sd.tolist(),
         "D_initial_sd": None if spread is None else spread["D"].tolist(),
         "G_initial_sd": None if spread is None else spread["G"].tolist(),
+        "D_noise_sd": None if noise_share is None else noise_share["D"].tolist(),
+        "G_noise_sd": None if noise_share is None else noise_share["G"].tolist(),
         "misfit_start": win["chi2_start"] / n, "misfit": win["chi2"] / n, "noise_sd": prob.sigma,
         "smoothness": chosen["smoothness"],
         "ladder": [{"initial": r["base"], "smoothness": f["smoothness"], "misfit": f["chi2"] / n,
@@ -647,10 +661,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         "noise_correction": win.get("noise_correction"),
         "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every frame, in "
                           "units of the surrogate's noise variance",
-                          "D_sd, G_sd: Laplace bands (the initial state held exact)" + (
-                              ", widened in quadrature by half the largest difference from the curves refined "
-                              "from the other initial state(s) (D_initial_sd, G_initial_sd)" if spread is not None
-                              else "; too narrow when the initial state is wrong")],
+                          _band_note(noise_share is not None, spread is not None)],
     }
     yield clock.event(_STAGE, total, f"refinement done: misfit {win['chi2_start'] / n:.4g} -> {win['chi2'] / n:.4g}, "
                       f"smoothness {chosen['smoothness']:g}, initial state '{win['initial']}', networks match the "
@@ -658,7 +669,26 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     return fit
 
 
-def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float) -> tuple[np.ndarray, np.ndarray]:
+def _band_note(noise: bool, initial: bool) -> str:
+    """The note that says what the bands D_sd, G_sd hold."""
+    widened = ([" the spread the first frame's noise gives the curves (D_noise_sd, G_noise_sd)"] if noise else []) + (
+        [" half the largest difference from the curves refined from the other initial state(s) (D_initial_sd, "
+         "G_initial_sd)"] if initial else [])
+    text = "D_sd, G_sd: Laplace bands (the initial state held exact)"
+    if widened:
+        text += ", widened in quadrature by" + " and by".join(widened)
+    return text + ("" if initial else "; too narrow when the initial state is wrong")
+
+
+def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float, u0: torch.Tensor,
+           draws: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+    """(D_sd, G_sd, noise share) at the nodes. D_sd, G_sd: the Laplace band, the initial state ``u0`` held exact
+    (Gauss-Newton Hessian J^T J / s2 + lam P). Noise share: the s.d. the first frame's noise gives the curves
+    (None without ``draws``): each draw e of that noise moves the estimate by one step (:func:`_noise_steps`),
+    as the mechanistic fits' '+ic' intervals re-fit each draw by one Gauss-Newton step; the sample covariance of
+    those steps, mapped onto the tables. The Laplace band counts only the later frames'
+    noise, and a first frame's noise moves the curves too: on count data and at a steep front it moves them
+    more (docs/method.md, "Bands")."""
     m = prob.cfg.nodes
     P = prob.penalised()
     H = J.T @ J / s2 + lam * np.diag(P)
@@ -676,7 +706,28 @@ def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float) 
             JG[:, k] = (Gk - G0) / eps
     D_sd = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JD, cov, JD), 0.0))
     G_sd = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JG, cov, JG), 0.0))
-    return D_sd, G_sd
+    if len(draws) < 2:
+        return D_sd, G_sd, None
+    C = np.cov(_noise_steps(prob, z, cov, s2, u0, draws), rowvar=False)
+    share = {"D": np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JD, C, JD), 0.0)),
+             "G": np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JG, C, JG), 0.0))}
+    return D_sd, G_sd, share
+
+
+def _noise_steps(prob: _Problem, z: np.ndarray, cov: np.ndarray, s2: float, u0: torch.Tensor,
+                 draws: list[torch.Tensor]) -> np.ndarray:
+    """(len(draws), z.size): for each draw e of the first frame's noise, the step that re-fits the curves from
+    u0 + e to first order, -cov (g(u0 + e) - g(u0)), g the gradient in z of half the misfit over s2 (autograd
+    through the solver; the prior's gradient cancels) and cov the inverse Gauss-Newton Hessian of :func:`_bands`.
+    (With J^T (S(z, u0 + e) - S(z, u0)) in place of the gradient difference, the residuals' share of it,
+    J(u0 + e) - J(u0) times them, is lost: on a 10 x 10 count field that moved the step by half its length.)"""
+
+    def grad(state: torch.Tensor) -> np.ndarray:
+        zt = torch.tensor(z, requires_grad=True)
+        return torch.autograd.grad(0.5 * prob.chi2(prob.simulate(zt, state)) / s2, zt)[0].numpy()
+
+    g0 = grad(u0)
+    return np.stack([-cov @ (grad(u0 + e) - g0) for e in draws])
 
 
 def _distill(fit: BinnFit, nodes: np.ndarray, D_tab: np.ndarray, G_tab: np.ndarray,
