@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--only-batch", action="store_true", help="only the per-shape batch screenshot")
     parser.add_argument("--bands", metavar="BUNDLE", default="",
-                        help="only 10_bands.png: the results dock on a saved bundle (train it with n_models >= 2)")
+                        help="only 10_bands.png: the results dock on a saved bundle (a refined BINN, e.g. the "
+                             "demo's, or an ensemble, n_models >= 2)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,8 +181,8 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
 
 def bands(bundle: Path, out: Path) -> None:
-    """The results dock on a bundle of an ensemble fit: D(u), G(u) with their ± 2 sd bands, the densities the data
-    leave undetermined greyed, and the library rows in the tables."""
+    """The results dock on a bundle whose BINN has a band (refined, or an ensemble): D(u), G(u) with their ± 2 sd
+    bands, the densities the data leave undetermined greyed, and the library rows in the tables."""
     import napari
 
     from napari_binn._napari._state import get_state
