@@ -49,6 +49,13 @@ def _jit(fn):
         return numba.njit(nogil=True)(fn)
 
 
+def lookup_scale_top(m: int, u_max: float) -> tuple[float, float]:
+    """The lookup's (scale, top) for a table of ``m`` evenly spaced nodes over [0, u_max]: a density u sits at
+    position min(u * scale, top) in node units, top just below the last node so that a segment's upper node
+    k + 1 stays inside the table. (The torch lookup of ``torch_solver.interp_table`` writes it out in torch.)"""
+    return (int(m) - 1) / float(u_max), int(m) - 1 - 1e-9
+
+
 @_jit
 def _lookup(u, D, G, scale, top):
     """Table lookup at max(u, 0), as ``_NumpyRhs._interp``: (up, raw, kk, w, w0, d, g), each (n,)."""

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import InputError
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
 from ._kernels import available as _compiled
-from ._kernels import rkc_stage, table_rhs
+from ._kernels import lookup_scale_top, rkc_stage, table_rhs
 from .callables import as_numpy_function, as_time_function, is_constant
 from .grid import MaskedGrid
 
@@ -100,7 +100,7 @@ class _Problem:
             return None
         fi = np.ascontiguousarray(self.grid.face_i, dtype=np.int64)
         fj = np.ascontiguousarray(self.grid.face_j, dtype=np.int64)
-        return d, g, fi, fj, (_TABLE_NODES - 1) / float(u_top), _TABLE_NODES - 1 - 1e-9, 0.5 / self.grid.dx_um ** 2
+        return d, g, fi, fj, *lookup_scale_top(_TABLE_NODES, u_top), 0.5 / self.grid.dx_um ** 2
 
     # -- checked evaluations ---------------------------------------------------------------------------
     def _where(self, k: int) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ._kernels import available as _compiled
-from ._kernels import heun_adjoint_interval, heun_interval
+from ._kernels import heun_adjoint_interval, heun_interval, lookup_scale_top
 from .grid import MaskedGrid
 
 __all__ = ["TorchGrid", "interp_table", "simulate_tables", "simulate_tables_batch", "MAX_GROWTH_STEP"]
@@ -261,8 +261,7 @@ class _NumpyRhs:
         self.n = tg.n
         self.half_inv_dx2 = 0.5 * tg.inv_dx2
         self.m = D.shape[-1]
-        self.scale = (self.m - 1) / u_max
-        self.top = self.m - 1 - 1e-9
+        self.scale, self.top = lookup_scale_top(self.m, u_max)
         self.D, self.G = D.reshape(-1), G.reshape(-1)  # a batch's tables end to end
         if D.ndim == 1:
             self.dD = np.diff(D) * self.scale  # slope of each table segment, per density unit
