@@ -16,7 +16,10 @@ the noisy field, and the case is scored on
 - whether the true structure is *listed*: the headline, or one of the alternatives the held-out choice could not
   exclude ("the data cannot tell apart"), scored as above with the constants of its held-out refit;
 - N(t) error: relative L2 over frames of the total cell number simulated by the final closed form vs the clean
-  truth; and seconds for the whole pipeline.
+  truth; and seconds for the whole pipeline;
+- the BINN's bands (``band_scores``), on the same grid: the share where the truth lies inside the learned curve
+  ± 2 sd (``binn_d_band_coverage``), the share the product calls determined (``..._band_determined_share``; the
+  GUI greys the rest) and the curve's error there (``..._band_rel_err_determined``).
 
 For a zero truth (growth switched off) the "relative" error of G is taken relative to 0.05 /h (a typical
 growth rate), i.e. ||G_fit|| / (0.05 /h x sqrt(n)).
@@ -237,6 +240,23 @@ def rel_err(values: np.ndarray, truth: np.ndarray, scale: float | None = None) -
     return float(np.linalg.norm(values - truth) / denom)
 
 
+def band_scores(fit: Any, kind: str, u: np.ndarray, truth_values: np.ndarray,
+                scale: float | None = None) -> dict[str, Any]:
+    """How honest the learned curve's band is, on the density grid ``u``: ``coverage``, the share of u where the
+    truth lies inside the curve ± 2 ``fit.band_sd`` (about 0.95 for a calibrated band); ``determined_share``, the
+    share of u inside ``fit.determined_range`` (the rest is greyed in the GUI); ``rel_err_determined``, the curve's
+    relative L2 error there (None where nothing is determined). All None without a band."""
+    sd = fit.band_sd(kind, u)
+    if sd is None:
+        return {"coverage": None, "determined_share": None, "rel_err_determined": None}
+    values = fit.D(u) if kind == "D" else fit.G(u)
+    det = fit.determined_range(kind)
+    inside = (u >= det[0]) & (u <= det[1]) if det is not None else np.zeros(u.shape, bool)
+    return {"coverage": float(np.mean(np.abs(values - truth_values) <= 2.0 * sd)),
+            "determined_share": float(np.mean(inside)),
+            "rel_err_determined": rel_err(values[inside], truth_values[inside], scale) if inside.sum() > 2 else None}
+
+
 def score_function(expr: Any, values: np.ndarray, truth_expr: Any, truth_values: np.ndarray, n_true: int,
                    scale: float | None = None) -> dict[str, Any]:
     """Structure and error of one final closed form against the truth on the same density grid.
@@ -426,6 +446,9 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
                            "u_range": [float(u[0]), float(u[-1])],
                            "binn_d_rel_err": rel_err(result.fit.D(u), Dt),
                            "binn_g_rel_err": rel_err(result.fit.G(u), Gt, G_SCALE)}
+    for key, t_vals, scale in (("d", Dt, None), ("g", Gt, G_SCALE)):
+        for name, value in band_scores(result.fit, key.upper(), u, t_vals, scale).items():
+            row[f"binn_{key}_band_{name}"] = value
     d_expr, g_expr, d_fn, g_fn, source = final_closed_form(result)
     row["final_source"] = source
     for key, expr, fn, t_expr, t_vals, form in (("d", d_expr, d_fn, d_true_expr, Dt, d_form),
@@ -682,6 +705,8 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         per_case[name] = {
             "binn_d_rel_err": _median([r["binn_d_rel_err"] for r in rs]),
             "binn_g_rel_err": _median([r["binn_g_rel_err"] for r in rs]),
+            **{f"binn_{k}_band_{name}": _median([r.get(f"binn_{k}_band_{name}") for r in rs])
+               for k in ("d", "g") for name in ("coverage", "rel_err_determined")},
             "final_d_rel_err": _median([r["final_d_rel_err"] for r in rs]),
             "final_g_rel_err": _median([r["final_g_rel_err"] for r in rs]),
             "structure_ok": bool(sum(ok) * 2 >= len(ok)),
@@ -813,6 +838,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['d_structure_ok']}]  G = {row['final_g']}  [{_fmt(row['final_g_rel_err'])}, structure "
                   f"{row['g_structure_ok']}] | constants D {row['d_constant_errors']} G {row['g_constant_errors']}"
                   f" | N(t) {_fmt(row['n_t_rel_err'])} | {row['seconds']:.0f} s", flush=True)
+            print("     bands: " + "  ".join(
+                f"{key.upper()} holds the truth on {_fmt(row[f'binn_{key}_band_coverage'])} of u, determined on "
+                f"{_fmt(row[f'binn_{key}_band_determined_share'])} (error there "
+                f"{_fmt(row[f'binn_{key}_band_rel_err_determined'])})" for key in ("d", "g")), flush=True)
             for key in ("d", "g"):
                 if row[f"{key}_true_form_alternatives"]:
                     print(f"     the true {key.upper()} form is among the alternatives the data cannot exclude: "

@@ -195,3 +195,30 @@ def test_the_true_form_among_the_alternatives_is_found(bench):
              "n_t_rel_err": 0.01}]
     s = bench.summarise(rows, ["a"])
     assert s["structures_recovered"] == 0 and s["true_form_listed"] == 1 and s["per_case"]["a"]["true_form_listed"]
+
+
+def test_band_scores_measure_coverage_and_the_determined_range(bench):
+    """The band scores read the fit's own band and determined range: a band that holds the truth on the left half
+    only covers half the grid; the determined range (narrow band) is scored by its own error; no band, no scores."""
+
+    class Fit:
+        def __init__(self, sd):
+            self.sd = sd
+
+        def D(self, u):
+            return np.full_like(u, 1000.0)
+
+        def band_sd(self, kind, u):
+            return None if self.sd is None else np.interp(u, [0.0, 1000.0, 1001.0, 2000.0], self.sd)
+
+        def determined_range(self, kind):
+            return (0.0, 1000.0) if self.sd is not None else None
+
+    u = np.linspace(0.0, 2000.0, 201)
+    truth = np.where(u <= 1000.0, 1050.0, 1500.0)  # 5% off on the left, 50% off on the right
+    s = bench.band_scores(Fit([30.0, 30.0, 100.0, 100.0]), "D", u, truth)
+    assert s["coverage"] == pytest.approx(101 / 201)  # inside ± 60 on the left, outside ± 200 on the right
+    assert s["determined_share"] == pytest.approx(101 / 201)
+    assert s["rel_err_determined"] == pytest.approx(50.0 / 1050.0)
+    assert bench.band_scores(Fit(None), "D", u, truth) == {"coverage": None, "determined_share": None,
+                                                           "rel_err_determined": None}
