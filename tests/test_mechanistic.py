@@ -105,6 +105,14 @@ def test_sympy_strings_constants_stay_fixed_and_time_factor(clean_field):
     assert fit.params["r"] == pytest.approx(TRUTH["r"], rel=0.02)
 
 
+def test_a_sympy_models_constants_get_units_from_where_they_stand(clean_field):
+    # the names the pipeline gives a closed form's constants (D_0, G_0, G_1) say nothing of their units
+    fit = fit_mechanistic(clean_field, {"D": "D_0", "G": "G_0 + G_1*u"}, init={"D_0": 500.0, "G_0": 0.05, "G_1": -2e-5},
+                          max_evals=3, intervals=None)
+    assert fit.units == {"D_0": "µm²/h", "G_0": "1/h", "G_1": f"1/h·({clean_field.units})^-1"}
+    assert "1/h·(" in fit.summary()
+
+
 def test_fixed_parameters_are_held(clean_field):
     fit = fit_mechanistic(clean_field, "fisher_kpp", fixed={"K": 1700.0}, weighting="gls")
     assert fit.params["K"] == 1700.0 and fit.ci95["K"] == (1700.0, 1700.0)

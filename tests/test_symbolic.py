@@ -26,6 +26,7 @@ from napari_binn.symbolic.expression import (
     complexity,
     constant_units,
     free_floats,
+    parameter_units,
     round_significant,
     supported_digits,
 )
@@ -193,6 +194,32 @@ def test_constant_units_by_role():
     a, b = sp.Float(0.5), sp.Float(2.0)
     units = constant_units(a * sp.exp(b * U), "1/h", "u/K")
     assert units[a] == "1/h" and units[b] == "(u/K)^-1"
+
+
+def test_constant_units_solve_the_dimensions_of_every_form():
+    F, dens = sp.Float, "cells/mm²"
+    # contact inhibition: b·u is dimensionless, so b is per density and D0 carries the output unit
+    d0, b = F(2000.0), F(4e-4)
+    assert constant_units(d0 / (b * U + 1), "µm²/h", dens) == {d0: "µm²/h", b: "(cells/mm²)^-1"}
+    # Allee growth with minus signs in front of constants: (a - c u)(u - A)
+    a, c, thr = F(1.5e-4), F(7.5e-8), F(400.0)
+    units = constant_units((a - c * U) * (U - thr), "1/h", dens)
+    assert units[a] == "1/h·(cells/mm²)^-1" and units[-c] == "1/h·(cells/mm²)^-2" and units[-thr] == "cells/mm²"
+    # Gompertz: log(u) is read in u's unit
+    g0, g1 = F(0.2), F(0.03)
+    assert constant_units(g0 - g1 * sp.log(U), "1/h", dens) == {g0: "1/h", -g1: "1/h"}
+    # a scale the form leaves free, and a sum of a density and a rate: no unit can be given
+    assert set(constant_units(F(3.0) / (F(2.0) + F(1.5) * U), "µm²/h", dens).values()) == {""}
+    assert constant_units(F(0.3) + U, "1/h", dens) == {F(0.3): ""}
+
+
+def test_parameter_units_of_named_constants_use_exponent_values():
+    G_0, G_1, G_2, u = sp.symbols("G_0 G_1 G_2 u")
+    units = parameter_units(G_0 * u**G_2 + G_1, {"G_0": 0.07, "G_1": 0.01, "G_2": 1.5}, "1/h", "cells/mm²")
+    assert units == {"G_0": "1/h·(cells/mm²)^-1.5", "G_1": "1/h", "G_2": "1"}
+    r, K = sp.symbols("r K")
+    assert parameter_units(r * (1 - u / K), {"r": 0.05, "K": 2000.0}, "1/h", "cells/mm²") == \
+        {"K": "cells/mm²", "r": "1/h"}
 
 
 def test_complexity_counts_nodes():

@@ -148,7 +148,9 @@ def _describe(outcome: ItemOutcome, result: Any) -> None:
                 outcome.constants[name] = [float(value), _num(lo), _num(hi), (refit.units or {}).get(name, "")]
         elif eq is not None and eq.D is not None and eq.G is not None:
             _, init = eq.parameters()
-            outcome.constants = {name: [float(v), None, None, ""] for name, v in init.items()}
+            units = {f"{key}_{i}": c.units for key in ("D", "G")
+                     for i, c in enumerate(getattr(eq, key).selected.constants)}
+            outcome.constants = {name: [float(v), None, None, units.get(name, "")] for name, v in init.items()}
         for key in ("D", "G"):
             f = getattr(eq, key, None) if eq is not None else None
             setattr(outcome, key, readable(f.text, 4) if f is not None else "-")

@@ -192,6 +192,33 @@ def _param_units(name: str, density_units: str) -> str:
     return ""
 
 
+#: the unit of each function's value, for a sympy model's constants (its optional T(t) is dimensionless)
+_OUTPUT_UNITS = {"D": "µm²/h", "G": "1/h"}
+
+
+def _expression_units(text: Mapping[str, str], params: Mapping[str, float], density_units: str) -> dict[str, str]:
+    """Units of a sympy model's constants from where each stands in D(u) (µm²/h) and G(u) (1/h), with u in
+    ``density_units`` (:func:`~napari_binn.symbolic.expression.parameter_units`): ``G_1`` in ``G_0 + G_1*u`` is 1/h
+    per density unit, ``D_0`` in ``D_0*u**2`` µm²/h per density unit squared, which names alone cannot say.
+    Constants of T(t) only, or whose unit the expressions leave open, are left out."""
+    import sympy
+
+    from ..symbolic.expression import parameter_units
+
+    out: dict[str, str] = {}
+    for key, y_units in _OUTPUT_UNITS.items():
+        if key not in text:
+            continue
+        try:
+            expr = sympy.sympify(text[key])
+        except (sympy.SympifyError, TypeError):
+            continue
+        for name, unit in parameter_units(expr, dict(params), y_units, density_units).items():
+            if unit and name not in out:
+                out[name] = unit
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- result
 
 
@@ -782,6 +809,8 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
     if prob.best is not None:
         residuals[prob.obs] = pred[1:][prob.obs] - prob.y
     units = {name: _param_units(name, field.units) for name in spec.params}
+    if spec.name == "sympy":
+        units.update(_expression_units(spec.text, params, field.units))
     return MechanisticFit(
         model=spec.name if isinstance(model, str) else "sympy",
         params=params, ci95={n: ci95[n] for n in spec.params}, units=units,

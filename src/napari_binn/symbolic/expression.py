@@ -35,6 +35,7 @@ __all__ = [
     "refit_constants",
     "snap_constants",
     "constant_units",
+    "parameter_units",
     "round_significant",
 ]
 
@@ -395,55 +396,72 @@ def supported_digits(value: float, spread: float, *, max_digits: int = 6) -> int
 # A unit is a pair (power of the output unit, power of the density unit).
 
 
-def _unit_of(expr, required, assign):
-    """Infer the unit of ``expr`` (or impose ``required``), recording units of Float constants in ``assign``."""
+def _unit_of(expr, unknown: dict, values: dict, constraints: list) -> tuple:
+    """The unit of ``expr`` as a pair of expressions linear in the constants' unknown unit powers (``unknown``: a
+    pair of symbols per constant, a Float or a Symbol), adding to ``constraints`` what dimensional consistency
+    requires: the terms of a sum share one unit; arguments of exp, log and the like, and non-numeric exponents,
+    are dimensionless; an exponent that is a number or a constant (its value in ``values``) is dimensionless and
+    scales its base's unit."""
     zero = (sp.Integer(0), sp.Integer(0))
-    if isinstance(expr, sp.Float):
-        if expr not in assign:
-            assign[expr] = required if required is not None else zero
-        return assign[expr]
+    if expr in unknown:
+        return unknown[expr]
     if expr == U:
         return (sp.Integer(0), sp.Integer(1))
-    if expr.is_Number or not expr.has(U) and not expr.atoms(sp.Float):
+    if expr.is_Number or not expr.args:
         return zero
     if isinstance(expr, sp.Add):
-        fixed = [a for a in expr.args if a.has(U)]
-        unit = required
-        if unit is None and fixed:
-            unit = _unit_of(fixed[0], None, assign)
-        for a in expr.args:
-            _unit_of(a, unit, assign)
-        return unit if unit is not None else zero
+        units = [_unit_of(a, unknown, values, constraints) for a in expr.args]
+        for other in units[1:]:
+            constraints.extend((other[0] - units[0][0], other[1] - units[0][1]))
+        return units[0]
     if isinstance(expr, sp.Mul):
-        consts = [a for a in expr.args if isinstance(a, sp.Float)]
-        others = [a for a in expr.args if not isinstance(a, sp.Float)]
         total = zero
-        for a in others:
-            ua = _unit_of(a, None, assign)
+        for a in expr.args:
+            ua = _unit_of(a, unknown, values, constraints)
             total = (total[0] + ua[0], total[1] + ua[1])
-        for i, c in enumerate(consts):
-            if i == 0 and required is not None:
-                _unit_of(c, (required[0] - total[0], required[1] - total[1]), assign)
-            else:
-                _unit_of(c, zero, assign)
-        return required if (required is not None and consts) else total
+        return total
     if isinstance(expr, sp.Pow):
         base, ex = expr.args
-        if ex.is_Number and not isinstance(ex, sp.Float):
-            if required is not None and isinstance(base, (sp.Add, sp.Float)):
-                ub = _unit_of(base, (required[0] / ex, required[1] / ex), assign)
-            else:
-                ub = _unit_of(base, None, assign)
-            return (ub[0] * ex, ub[1] * ex)
-        _unit_of(ex, zero, assign)
-        if isinstance(ex, sp.Float) and base.has(U) and not base.free_symbols - {U}:
-            ub = _unit_of(base, None, assign)
-            return (ub[0] * sp.Rational(str(float(ex))), ub[1] * sp.Rational(str(float(ex))))
-        _unit_of(base, zero, assign)
+        if ex in unknown or ex.is_Number:
+            if ex in unknown:
+                constraints.extend(unknown[ex])
+            value = values.get(ex, ex)
+            power = sp.Rational(str(float(value))) if not isinstance(value, (sp.Integer, sp.Rational)) else value
+            ub = _unit_of(base, unknown, values, constraints)
+            return (ub[0] * power, ub[1] * power)
+        constraints.extend(_unit_of(ex, unknown, values, constraints))
+        constraints.extend(_unit_of(base, unknown, values, constraints))
         return zero
+    if isinstance(expr, (sp.Max, sp.Min, sp.Abs)):  # the unit of its (non-numeric) arguments
+        units = [_unit_of(a, unknown, values, constraints) for a in expr.args if not a.is_Number]
+        for other in units[1:]:
+            constraints.extend((other[0] - units[0][0], other[1] - units[0][1]))
+        return units[0] if units else zero
     for a in expr.args:  # exp, log, sqrt-like functions: dimensionless argument and value
-        _unit_of(a, zero, assign)
+        # (a density alone, as in log(u), is read as the number it is in its unit: no constraint)
+        constraints.extend(c for c in _unit_of(a, unknown, values, constraints) if not sp.sympify(c).is_Number)
     return zero
+
+
+def _solve_units(expr, constants: list, values: dict, y_units: str, u_units: str) -> list[str]:
+    """Unit strings of ``constants`` (atoms of ``expr``) for ``expr`` in ``y_units`` with u in ``u_units``; "" where
+    the constraints leave a unit free or contradict each other."""
+    unknown = {c: (sp.Dummy(f"p{i}"), sp.Dummy(f"q{i}")) for i, c in enumerate(constants)}
+    constraints: list = []
+    whole = _unit_of(expr, unknown, values, constraints)
+    constraints.extend((whole[0] - 1, whole[1]))
+    constraints = [c for c in (sp.expand(c) for c in constraints) if c != 0]
+    symbols = [s for pair in unknown.values() for s in pair]
+    solution: dict = {}
+    if symbols:
+        solved = sp.linsolve(constraints, symbols) if constraints else sp.FiniteSet(tuple(symbols))
+        if solved:
+            solution = dict(zip(symbols, next(iter(solved))))
+    out = []
+    for p, q in unknown.values():
+        unit = (solution.get(p), solution.get(q))
+        out.append(_format_unit(unit, y_units, u_units) if all(v is not None and v.is_Number for v in unit) else "")
+    return out
 
 
 def _format_unit(unit, y_units: str, u_units: str) -> str:
@@ -464,12 +482,25 @@ def _format_unit(unit, y_units: str, u_units: str) -> str:
 def constant_units(expr: sp.Expr, y_units: str, u_units: str) -> dict[sp.Float, str]:
     """Unit string of every Float constant of ``expr``, given the units of the value and of u.
 
-    Sums share one unit, arguments of exp/log and exponents are dimensionless, a constant factor takes what its
-    product needs to reach the output unit (D0 in D0·u^2 is µm²/h·u^-2).
+    Dimensional analysis: each constant's unit is an unknown power of the value's unit and of u's unit, fixed by
+    the constraints that the whole has the value's unit, the terms of a sum share one unit, and arguments of
+    exp/log and exponents are dimensionless (D0 in D0·u^2 is µm²/h·u^-2; b in D0/(1 + b·u) is u^-1). A constant
+    the constraints do not fix (D0/(a + b·u) leaves a scale free), or any constant of an expression that is not
+    dimensionally consistent, gets "" (unknown).
     """
-    assign: dict = {}
-    _unit_of(expr, (sp.Integer(1), sp.Integer(0)), assign)
-    return {f: _format_unit(assign.get(f, (0, 0)), y_units, u_units) for f in free_floats(expr)}
+    floats = free_floats(expr)
+    return dict(zip(floats, _solve_units(expr, floats, {}, y_units, u_units)))
+
+
+def parameter_units(expr: sp.Expr, values: dict[str, float], y_units: str, u_units: str) -> dict[str, str]:
+    """:func:`constant_units` for an expression whose constants are symbols (``D_0``, ``r``...) with the values
+    ``values`` (by name; a constant's unit can depend on an exponent's value, as in ``G_0*u**G_2``). u is the
+    symbol named "u", whatever its assumptions."""
+    expr = sp.sympify(expr)
+    expr = expr.xreplace({s: U for s in expr.free_symbols if s.name == "u"})
+    symbols = sorted((s for s in expr.free_symbols if s.name in values), key=lambda s: s.name)
+    units = _solve_units(expr, symbols, {s: float(values[s.name]) for s in symbols}, y_units, u_units)
+    return {s.name: unit for s, unit in zip(symbols, units)}
 
 
 # -- the expression object ---------------------------------------------------------------------------------------
