@@ -25,6 +25,12 @@ def test_figures_and_report_of_a_whole_run(pipeline_run, tmp_path):
     info = result.fit.metadata["refine"]
     assert f"misfit {info['misfit_start']:.4g} -&gt; {info['misfit']:.4g}" in page
     assert all(html.escape(note) in page for note in info["notes"]) and info["notes"]
+    # the refitted constants with their units (read from where each stands in the closed form)
+    refit = result.metadata["closed_form_refitted"]
+    units = result.mechanistic["closed form (refitted)"].units
+    assert any(units.get(k) for k in refit)
+    for name, value in refit.items():
+        assert html.escape(f"{name} = {value:.4g} {units.get(name, '')}".rstrip()) in page
 
 
 def test_report_of_a_density_alone_says_what_it_has(fkpp_field, tmp_path):

@@ -183,8 +183,11 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
                          "has the fewest constants among the rest." + _budget_text(result.metadata, holdout) + "</p>")
         refit = result.metadata.get("closed_form_refitted")
         if refit:
+            mech = result.mechanistic.get("closed form (refitted)")
+            units = dict(getattr(mech, "units", None) or {})
             parts.append("<p>Constants refitted against the data: " +
-                         esc(", ".join(f"{k} = {v:.4g}" for k, v in refit.items())) + "</p>")
+                         esc(", ".join(f"{k} = {v:.4g} {units.get(k, '')}".rstrip() for k, v in refit.items()))
+                         + "</p>")
     if result.qc is not None:
         parts.append("<h2>Quality control</h2><pre>" + esc(result.qc.table()) + "</pre>")
     for name, fit in result.mechanistic.items():
