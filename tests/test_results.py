@@ -31,6 +31,13 @@ def test_bundle_roundtrip_and_resume(result, tmp_path):
                  "equations.json", "equations.txt", "equations.tex", "metrics.json", "report.html",
                  "figures/rates.png", "figures/counts.png", "mechanistic.json"):
         assert (out / name).exists(), name
+    # the plain-text equations: u's unit, and the refitted constants with their intervals and units
+    text = (out / "equations.txt").read_text(encoding="utf-8")
+    assert f"u: density in {result.field.units}" in text
+    mech = result.mechanistic["closed form (refitted)"]
+    for name, value in result.metadata["closed_form_refitted"].items():
+        lo, hi = mech.ci95[name]
+        assert f"{name} = {value:.4g}  [{lo:.4g}, {hi:.4g}]  {mech.units[name]}".rstrip() in text
     loaded = load_results(out)
     assert np.array_equal(loaded.field.u, result.field.u, equal_nan=True)
     assert loaded.config == result.config

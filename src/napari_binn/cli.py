@@ -240,17 +240,12 @@ def _print_equations(args, result) -> None:
         f = getattr(eq, key, None)
         if f is not None:
             _say(args, f"  {equation_text(key, f)}")
-    from .pipeline import alternatives_text, determined_text, refine_text
+    from .pipeline import alternatives_text, determined_text, refine_text, refit_text
 
     for line in alternatives_text(eq) + determined_text(result.fit) + refine_text(result.fit):
         _say(args, f"  {line}")
-    refit = result.metadata.get("closed_form_refitted")
-    mech = result.mechanistic.get("closed form (refitted)")
-    if mech is not None and refit:
-        _say(args, "closed form with its constants refitted against the data (95% intervals):")
-        for name, value in refit.items():
-            lo, hi = mech.ci95.get(name, (float("nan"), float("nan")))
-            _say(args, f"  {name} = {value:.4g}  [{lo:.4g}, {hi:.4g}]  {mech.units.get(name, '')}")
+    for line in refit_text(result):
+        _say(args, line)
 
 
 def _print_qc(args, result) -> None:

@@ -802,6 +802,25 @@ def determined_text(fit: BinnFit | None, tolerance: float = 0.25) -> list[str]:
     return out
 
 
+def refit_text(result: PipelineResult) -> list[str]:
+    """The closed form with its constants refitted against the data: a heading, the two equations, then one line
+    per constant with its 95% interval and unit. Empty when the refit did not run (or is of forms no longer
+    selected)."""
+    from .symbolic.expression import equation_text
+
+    eq, refitted = result.equations, result.refitted_equations()
+    mech = result.mechanistic.get("closed form (refitted)")
+    values = result.metadata.get("closed_form_refitted")
+    if refitted is None or refitted is eq or mech is None or not values:
+        return []
+    lines = ["closed form with its constants refitted against the data (95% intervals):"]
+    lines += [f"  {equation_text(k, f)}" for k, f in (("D", refitted.D), ("G", refitted.G)) if f is not None]
+    for name, value in values.items():
+        lo, hi = (mech.ci95 or {}).get(name, (math.nan, math.nan))
+        lines.append(f"  {name} = {value:.4g}  [{lo:.4g}, {hi:.4g}]  {(mech.units or {}).get(name, '')}".rstrip())
+    return lines
+
+
 def refine_text(fit: BinnFit | None) -> list[str]:
     """What the refinement through the PDE solver did (``fit.metadata['refine']``): one summary line, then its
     notes (e.g. a cap on its time steps). Empty when the BINN was not refined."""

@@ -9,7 +9,8 @@ Layout (schema ``SCHEMA_VERSION``)::
     simulations.npz      every simulated / surrogate array, keyed by model name (+ sim_<name>.tif)
     binn/                network weights (safetensors) and their JSON description
     equations.json       discovered D(u), G(u): Pareto fronts (each row with its constants and units), selections
-    equations.txt/.tex   the selected equations as plain text and LaTeX
+    equations.txt/.tex   the selected equations as plain text (with u's unit and, after a refit, the refitted constants
+                         with their 95% intervals and units) and LaTeX
     mechanistic.json     refits: the model (expressions), parameters, 95% intervals, AIC/BIC
     metrics.json         the QC table (per-frame errors, N(t) errors)
     figures/*.png        D(u), G(u) with bands; N(t); observed / simulated / residual snapshots
@@ -264,12 +265,18 @@ def _write_bundle(result, out: Path, figures: bool) -> dict[str, str]:
     if result.equations is not None:
         eq = result.equations
         _write_json(out / "equations.json", eq.to_dict())
+        from .pipeline import refit_text
+
         text = [equation_text(k, f) for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
+        if result.field is not None:
+            text.append(f"u: density in {result.field.units}")
+        refit = refit_text(result)
+        text += [""] + refit if refit else []
         (out / "equations.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
         tex = [f"{k}(u) = {f.latex}" for k, f in (("D", eq.D), ("G", eq.G)) if f is not None]
         (out / "equations.tex").write_text("\n".join(tex) + "\n", encoding="utf-8")
         files["equations.json"] = "discovered closed forms, Pareto fronts, constants with units"
-        files["equations.txt"] = "the selected equations, plain text"
+        files["equations.txt"] = "the selected equations, plain text (and refitted, with intervals and units)"
         files["equations.tex"] = "the selected equations, LaTeX"
     if result.mechanistic:
         _write_json(out / "mechanistic.json", {name: f.to_dict() for name, f in result.mechanistic.items()})
