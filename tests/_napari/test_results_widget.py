@@ -161,6 +161,8 @@ def test_refit_against_the_data(make_napari_viewer, qtbot):
     assert "closed form (refitted)" in names and "fisher_kpp" in names
     assert viewer.layers[LAYER_NAMES["simulated"]].metadata["model"] == "closed form (refitted)"
     assert "candidate form(s) compared by BIC" in res.status.text()
+    # the refitted constants with their intervals and units: D_0 µm²/h, G_1 1/h per density unit
+    assert "µm²/h" in res.status.text() and f"1/h·({field.units})^-1" in res.status.text()
     res.shutdown()
 
 

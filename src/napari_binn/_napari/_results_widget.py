@@ -353,7 +353,7 @@ class ResultsWidget(QWidget):
         self.show_equations()
         self.show_simulation(_REFITTED)
         n = len(res.metadata.get("refit_candidates", [])) or 1
-        consts = "; ".join(f"{k} = {v:.4g} [{fit.ci95[k][0]:.3g}, {fit.ci95[k][1]:.3g}]"
+        consts = "; ".join(f"{k} = {v:.4g} [{fit.ci95[k][0]:.3g}, {fit.ci95[k][1]:.3g}] {fit.units.get(k, '')}".rstrip()
                            for k, v in fit.params.items() if k in fit.ci95)
         self.status.setText(f"Refitted against the data ({n} candidate form(s) compared by BIC): {consts}. "
                             "Next: export the bundle.")
