@@ -815,10 +815,21 @@ def refit_text(result: PipelineResult) -> list[str]:
         return []
     lines = ["closed form with its constants refitted against the data (95% intervals):"]
     lines += [f"  {equation_text(k, f)}" for k, f in (("D", refitted.D), ("G", refitted.G)) if f is not None]
+    return lines + [f"  {line}" for line in refit_constants_text(result)]
+
+
+def refit_constants_text(result: PipelineResult) -> list[str]:
+    """One line per constant of the refitted closed form: its value, 95% interval and unit (``D_0 = 845.5
+    [686.1, 1005]  µm²/h``). Empty without a refit."""
+    mech = result.mechanistic.get("closed form (refitted)")
+    values = result.metadata.get("closed_form_refitted")
+    if mech is None or not values:
+        return []
+    out = []
     for name, value in values.items():
         lo, hi = (mech.ci95 or {}).get(name, (math.nan, math.nan))
-        lines.append(f"  {name} = {value:.4g}  [{lo:.4g}, {hi:.4g}]  {(mech.units or {}).get(name, '')}".rstrip())
-    return lines
+        out.append(f"{name} = {value:.4g}  [{lo:.4g}, {hi:.4g}]  {(mech.units or {}).get(name, '')}".rstrip())
+    return out
 
 
 def refine_text(fit: BinnFit | None) -> list[str]:

@@ -221,4 +221,6 @@ def test_reopened_bundle_is_refitted_simulated_and_exported_as_the_cli_does(make
     assert float(state.equations.D.sympy) == pytest.approx(D0, rel=0.05) and float(state.equations.D.sympy) != 700
     assert res.tables["D"].item(state.equations.D.selected_index, 3).text() == state.equations.D.text
     assert f"D(u) = {readable(state.equations.D.text)}" in viewer.canvas.overlays.text.text
+    # and says the refitted constants with their intervals and units
+    assert f"D_0 = {D0:.4g} [" in res.status.text() and "µm²/h" in res.status.text()
     res.shutdown()

@@ -352,9 +352,10 @@ class ResultsWidget(QWidget):
         self.progress.setValue(100)
         self.show_equations()
         self.show_simulation(_REFITTED)
+        from ..pipeline import refit_constants_text
+
         n = len(res.metadata.get("refit_candidates", [])) or 1
-        consts = "; ".join(f"{k} = {v:.4g} [{fit.ci95[k][0]:.3g}, {fit.ci95[k][1]:.3g}] {fit.units.get(k, '')}".rstrip()
-                           for k, v in fit.params.items() if k in fit.ci95)
+        consts = "; ".join(" ".join(line.split()) for line in refit_constants_text(res))
         self.status.setText(f"Refitted against the data ({n} candidate form(s) compared by BIC): {consts}. "
                             "Next: export the bundle.")
 
@@ -511,6 +512,9 @@ class ResultsWidget(QWidget):
             from ..qc import compare
 
             result = dataclasses.replace(result, qc=compare(result.field, result.simulations))
+        from ..pipeline import refit_constants_text
+
+        constants = "; ".join(" ".join(line.split()) for line in refit_constants_text(result))
         refitted = result.refitted_equations()  # show the constants the data support, as after a refit here
         if refitted is not result.equations:
             result = dataclasses.replace(result, equations=refitted)
@@ -530,7 +534,8 @@ class ResultsWidget(QWidget):
         self.status.setToolTip(str(bundle))
         self.status.setText(f"Opened {Path(bundle).name if bundle else 'the result'}: " + ", ".join(
             n for n, v in (("density", s.field), ("BINN", s.fit), ("equations", s.equations),
-                           ("simulations", s.simulations or None)) if v is not None) + ".")
+                           ("simulations", s.simulations or None)) if v is not None) + "."
+                            + (f" Constants refitted against the data (95% intervals): {constants}." if constants else ""))
 
     def _layer_inserted(self, event: Any) -> None:
         self._adopt_bundle_layer(event.value)
