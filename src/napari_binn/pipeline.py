@@ -808,10 +808,8 @@ def refit_text(result: PipelineResult) -> list[str]:
     selected)."""
     from .symbolic.expression import equation_text
 
-    eq, refitted = result.equations, result.refitted_equations()
-    mech = result.mechanistic.get("closed form (refitted)")
-    values = result.metadata.get("closed_form_refitted")
-    if refitted is None or refitted is eq or mech is None or not values:
+    eq, refitted = result.equations, result.refitted_equations()  # eq itself when there is no refit of its forms
+    if refitted is None or refitted is eq:
         return []
     lines = ["closed form with its constants refitted against the data (95% intervals):"]
     lines += [f"  {equation_text(k, f)}" for k, f in (("D", refitted.D), ("G", refitted.G)) if f is not None]

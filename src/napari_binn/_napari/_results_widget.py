@@ -352,10 +352,8 @@ class ResultsWidget(QWidget):
         self.progress.setValue(100)
         self.show_equations()
         self.show_simulation(_REFITTED)
-        from ..pipeline import refit_constants_text
-
         n = len(res.metadata.get("refit_candidates", [])) or 1
-        consts = "; ".join(" ".join(line.split()) for line in refit_constants_text(res))
+        consts = _refit_constants_line(res)
         self.status.setText(f"Refitted against the data ({n} candidate form(s) compared by BIC): {consts}. "
                             "Next: export the bundle.")
 
@@ -512,9 +510,7 @@ class ResultsWidget(QWidget):
             from ..qc import compare
 
             result = dataclasses.replace(result, qc=compare(result.field, result.simulations))
-        from ..pipeline import refit_constants_text
-
-        constants = "; ".join(" ".join(line.split()) for line in refit_constants_text(result))
+        constants = _refit_constants_line(result)
         refitted = result.refitted_equations()  # show the constants the data support, as after a refit here
         if refitted is not result.equations:
             result = dataclasses.replace(result, equations=refitted)
@@ -592,6 +588,13 @@ def _front_paths(sim: np.ndarray, mask: np.ndarray, scale: tuple, translate: tup
             if len(c) >= 2:
                 paths.append(np.column_stack([np.full(len(c), tt + st * t), ty + sy * c[:, 0], tx + sx * c[:, 1]]))
     return paths
+
+
+def _refit_constants_line(result: Any) -> str:
+    """The refitted constants with their intervals and units on one status line ("" without a refit)."""
+    from ..pipeline import refit_constants_text
+
+    return "; ".join(" ".join(line.split()) for line in refit_constants_text(result))
 
 
 def _latex(text: str):

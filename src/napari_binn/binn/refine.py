@@ -704,14 +704,15 @@ def _bands(prob: _Problem, z: np.ndarray, J: np.ndarray, lam: float, s2: float, 
             Dk, Gk = (v.numpy() for v in prob.tables(torch.as_tensor(zk)))
             JD[:, k] = (Dk - D0) / eps
             JG[:, k] = (Gk - G0) / eps
-    D_sd = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JD, cov, JD), 0.0))
-    G_sd = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JG, cov, JG), 0.0))
+
+    def sd(Jt: np.ndarray, C: np.ndarray) -> np.ndarray:  # s.d. of a table's nodes for a covariance C of z
+        return np.sqrt(np.maximum(np.einsum("ik,kl,il->i", Jt, C, Jt), 0.0))
+
+    D_sd, G_sd = sd(JD, cov), sd(JG, cov)
     if len(draws) < 2:
         return D_sd, G_sd, None
     C = np.cov(_noise_steps(prob, z, cov, s2, u0, draws), rowvar=False)
-    share = {"D": np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JD, C, JD), 0.0)),
-             "G": np.sqrt(np.maximum(np.einsum("ik,kl,il->i", JG, C, JG), 0.0))}
-    return D_sd, G_sd, share
+    return D_sd, G_sd, {"D": sd(JD, C), "G": sd(JG, C)}
 
 
 def _noise_steps(prob: _Problem, z: np.ndarray, cov: np.ndarray, s2: float, u0: torch.Tensor,
