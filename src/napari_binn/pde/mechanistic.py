@@ -201,19 +201,13 @@ def _expression_units(text: Mapping[str, str], params: Mapping[str, float], dens
     ``density_units`` (:func:`~napari_binn.symbolic.expression.parameter_units`): ``G_1`` in ``G_0 + G_1*u`` is 1/h
     per density unit, ``D_0`` in ``D_0*u**2`` µm²/h per density unit squared, which names alone cannot say.
     Constants of T(t) only, or whose unit the expressions leave open, are left out."""
-    import sympy
-
     from ..symbolic.expression import parameter_units
 
     out: dict[str, str] = {}
     for key, y_units in _OUTPUT_UNITS.items():
-        if key not in text:
+        if key not in text:  # text: str() of the model's own sympy expressions, so it parses
             continue
-        try:
-            expr = sympy.sympify(text[key])
-        except (sympy.SympifyError, TypeError):
-            continue
-        for name, unit in parameter_units(expr, dict(params), y_units, density_units).items():
+        for name, unit in parameter_units(text[key], dict(params), y_units, density_units).items():
             if unit and name not in out:
                 out[name] = unit
     return out
