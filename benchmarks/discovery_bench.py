@@ -29,6 +29,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py [--seeds 0 1 2] [--cases fkpp_scratch ...] [--quick]
         [--set binn.steps=3000 refit.candidates=4 ...] [--json-out results.json]
     python benchmarks/discovery_bench.py --crb-only     # identifiability of each case's constants, no pipeline
+    python benchmarks/discovery_bench.py --oracle-only  # the true structure fitted to each noisy field: a yardstick
     python benchmarks/discovery_bench.py --selftest     # checks the scorer on known expressions
     python benchmarks/discovery_bench.py --list         # the case table
     python benchmarks/discovery_bench.py --validation   # eight other cases no default was chosen on
@@ -50,6 +51,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -475,6 +477,9 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
     n_true = total_cells(truth.u_clean, case.dx_um)
     row["n_t_rel_err"] = (rel_err(total_cells(sim, case.dx_um), n_true) if sim is not None else None)
     row["warnings"] = list(result.metadata.get("warnings", []))[:5]
+    oracle = oracle_fit(case, field, truth, u)  # after the pipeline: not in its seconds
+    row.update(oracle_d_rel_err=oracle["oracle_d_rel_err"], oracle_g_rel_err=oracle["oracle_g_rel_err"],
+               oracle_constants=oracle["constants"])
     return row
 
 
@@ -538,6 +543,73 @@ def crb_case(case: Case, seed: int = 0, step: float = 0.1, quick: bool = False) 
             "observed_u_central90_over_K": [float(q05 / K), float(q95 / K)],
             "fraction_of_roi_changing_by_0.1K": float(moving.mean()),
             "mass_ratio_end_over_start": float(np.nansum(truth.u_clean[-1]) / np.nansum(truth.u_clean[0]))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oracle (no pipeline): the true structure fitted to the same noisy field, all its constants free
+# ---------------------------------------------------------------------------------------------------------------
+#: the true structure of each synthetic model as ``fit_mechanistic`` takes it, and the constants held at their true
+#: value (the exponent m, which the discovery benchmark's forms hold too)
+ORACLE_MODELS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "fisher_kpp": ("fisher_kpp", ()),
+    "porous_fisher": ("porous_fisher", ("m",)),
+    "allee": ("allee", ()),
+    "richards": ("richards", ()),
+    "contact_inhibition": ({"D": "D0/(1 + u/K)", "G": "r*(1 - u/K)"}, ()),
+    "gompertz": ({"D": "D", "G": "r*log(K/Max(u, 1e-6*K))"}, ()),
+    "diffusion": ({"D": "D", "G": "0"}, ()),
+}
+
+
+def oracle_fit(case: Case, field, truth, u: np.ndarray, max_evals: int = 200) -> dict[str, Any]:
+    """What a fit that knows the true structure reaches on ``field``: the true model fitted by
+    ``fit_mechanistic`` (the pipeline's refit: OLS, the first frame as the initial state, 'data' or 'denoised'
+    whichever fits better, as ``refit.initial = 'auto'`` chooses), started from the true constants, with its
+    95% intervals ('wald+ic': the first frame's noise included). Scored like the BINN, on the densities ``u``:
+    D and G relative L2 error, and per constant the relative error and the interval's relative half-width. A
+    yardstick for the BINN's own curves: where this fit, given the structure, misses by X%, a free curve off by
+    about X% is at the limit of what the data tell."""
+    from napari_binn.pde.mechanistic import fit_mechanistic
+
+    model, held = ORACLE_MODELS[case.model]
+    consts = {k: float(v) for k, v in truth.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(model, dict):
+        names = sorted({str(s) for key in ("D", "G") for s in sp.sympify(model[key]).free_symbols} - {"u"})
+    else:
+        names = [k for k in consts if k in {"D", "D0", "m", "r", "K", "A", "gamma"}]
+    fixed = {k: consts[k] for k in held}
+    init = {k: consts[k] for k in names if k not in held}
+    t0 = time.perf_counter()
+    loglik = {}
+    with warnings.catch_warnings():  # "first frame has N negative boxes (noise)": expected on these fields
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for initial in ("data", "denoised"):
+            quick_fit = fit_mechanistic(field, model, init=init, fixed=fixed, intervals=None, max_evals=max_evals,
+                                        initial=initial)
+            loglik[initial] = quick_fit.loglik if np.isfinite(quick_fit.loglik) else -np.inf
+        initial = "denoised" if loglik["denoised"] > loglik["data"] else "data"
+        fit = fit_mechanistic(field, model, init=init, fixed=fixed, intervals="wald+ic", max_evals=max_evals,
+                              initial=initial)
+    consts_out = {}
+    for k in init:
+        lo, hi = fit.ci95.get(k, (math.nan, math.nan))
+        finite = bool(np.isfinite(hi - lo))
+        consts_out[k] = {"value": fit.params[k], "true": consts[k], "rel_err": fit.params[k] / consts[k] - 1.0,
+                         "ci95_rel_half_width": (hi - lo) / (2 * abs(consts[k])) if finite else None,
+                         "ci95_holds_truth": bool(lo <= consts[k] <= hi) if finite else None}
+    return {"initial": initial, "converged": bool(fit.converged),
+            "oracle_d_rel_err": rel_err(fit.D(u), truth.D(u)),
+            "oracle_g_rel_err": rel_err(fit.G(u), truth.G(u), G_SCALE),
+            "constants": consts_out, "seconds": time.perf_counter() - t0}
+
+
+def oracle_case(case: Case, seed: int, quick: bool = False) -> dict[str, Any]:
+    """:func:`oracle_fit` on one case and seed, scored over the central 90% of the observed density (the
+    BINN's ``u_range`` q05..q95)."""
+    field, truth = case.make(seed, quick)
+    vals = field.u[field.observed]
+    u = np.linspace(*np.percentile(vals, [5, 95]), 200)
+    return {"case": case.name, "seed": seed, **oracle_fit(case, field, truth, u)}
 
 
 #: The nearest wrong structure tried against each true form in --crb-only (None: no non-nested alternative).
@@ -709,6 +781,8 @@ def summarise(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
                for k in ("d", "g") for name in ("coverage", "rel_err_determined")},
             "final_d_rel_err": _median([r["final_d_rel_err"] for r in rs]),
             "final_g_rel_err": _median([r["final_g_rel_err"] for r in rs]),
+            "oracle_d_rel_err": _median([r.get("oracle_d_rel_err") for r in rs]),
+            "oracle_g_rel_err": _median([r.get("oracle_g_rel_err") for r in rs]),
             "structure_ok": bool(sum(ok) * 2 >= len(ok)),
             "seconds": _median([r["seconds"] for r in rs]),
             "n_t_rel_err": _median([r["n_t_rel_err"] for r in rs]),
@@ -753,6 +827,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
+    ap.add_argument("--oracle-only", action="store_true",
+                    help="the true structure fitted to each noisy field (constants free), no pipeline: the errors a "
+                         "fit that knows the structure reaches, a yardstick for the BINN's curves")
     ap.add_argument("--list", action="store_true", help="print the case table and exit")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="PipelineConfig overrides, e.g. binn.steps=3000 refit.candidates=4")
@@ -825,6 +902,25 @@ def main(argv: list[str] | None = None) -> int:
                                   for n, r in out.items()}}))
         return 0
 
+    if args.oracle_only:
+        rows = []
+        for name in names:
+            for seed in args.seeds:
+                r = oracle_case(ALL_CASES[name], seed, quick=args.quick)
+                rows.append(r)
+                print(f"{name:<26} seed {seed}: D {_fmt(r['oracle_d_rel_err'])} G {_fmt(r['oracle_g_rel_err'])} "
+                      f"(initial '{r['initial']}', converged {r['converged']}, {r['seconds']:.0f} s) | " + "  ".join(
+                          f"{k} {c['rel_err']:+.1%} (95% ±{_fmt(c['ci95_rel_half_width'])})"
+                          for k, c in r["constants"].items()), flush=True)
+        summary = {"oracle": {n: {key: _median([r[key] for r in rows if r["case"] == n])
+                                  for key in ("oracle_d_rel_err", "oracle_g_rel_err")}
+                              for n in names}}
+        if args.json_out:
+            with open(args.json_out, "w") as fh:
+                json.dump({"rows": rows, "summary": summary, "seeds": args.seeds}, fh, indent=1, default=str)
+        print(json.dumps(summary))
+        return 0
+
     rows = []
     for name in names:
         case = ALL_CASES[name]
@@ -838,6 +934,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['d_structure_ok']}]  G = {row['final_g']}  [{_fmt(row['final_g_rel_err'])}, structure "
                   f"{row['g_structure_ok']}] | constants D {row['d_constant_errors']} G {row['g_constant_errors']}"
                   f" | N(t) {_fmt(row['n_t_rel_err'])} | {row['seconds']:.0f} s", flush=True)
+            print(f"     the true structure fitted (oracle): D {_fmt(row['oracle_d_rel_err'])} G "
+                  f"{_fmt(row['oracle_g_rel_err'])}", flush=True)
             print("     bands: " + "  ".join(
                 f"{key.upper()} holds the truth on {_fmt(row[f'binn_{key}_band_coverage'])} of u, determined on "
                 f"{_fmt(row[f'binn_{key}_band_determined_share'])} (error there "

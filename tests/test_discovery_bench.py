@@ -150,6 +150,26 @@ def test_crb_quick_sees_every_constant(bench):
     assert all(v["rms_change_over_noise"] > 0 and np.isfinite(v["crb_rel_sd"]) for v in res["constants"].values())
 
 
+def test_oracle_recovers_every_model_from_a_clean_field(bench):
+    """The oracle's model for each synthetic model is the generator's: on a noise-free field (quick size) it finds
+    the true constants and curves; its intervals are reported per free constant."""
+    import dataclasses
+
+    models = {}
+    for case in bench.ALL_CASES.values():
+        models.setdefault(case.model, case)
+    assert set(models) <= set(bench.ORACLE_MODELS)
+    for model, case in models.items():
+        clean = dataclasses.replace(case, noise=0.0, noise_model="gaussian_k")
+        res = bench.oracle_case(clean, seed=0, quick=True)
+        assert res["converged"], model
+        assert res["oracle_d_rel_err"] < 0.01 and res["oracle_g_rel_err"] < 0.01, (model, res)
+        held = set(bench.ORACLE_MODELS[model][1])
+        free = {k for k in case.params if k not in held and not (model == "diffusion" and k == "K")}
+        assert set(res["constants"]) == free, model
+        assert all(abs(c["rel_err"]) < 0.02 for c in res["constants"].values()), (model, res["constants"])
+
+
 def test_summary_medians_and_targets(bench):
     rows = [{"case": "a", "binn_d_rel_err": e, "binn_g_rel_err": 0.05, "final_d_rel_err": 0.02,
              "final_g_rel_err": 0.03, "structure_ok": ok, "seconds": 100.0, "n_t_rel_err": 0.01}
