@@ -22,7 +22,7 @@ import sympy as sp
 from . import __version__
 from ._config_io import from_dict, read_toml, to_dict, write_toml
 from .binn import BinnConfig, BinnFit, train_binn
-from .binn.refine import RefineConfig, refine_binn_job
+from .binn.refine import RefineConfig, check_frames, refine_binn_job
 from .density import extract_density_job
 from .errors import ConfigError, InputError
 from .field import DensityField
@@ -283,6 +283,8 @@ def train_job(field_: DensityField, config: PipelineConfig, *, cancel: CancelTok
     path that trains a BINN (the pipeline, the command line, the training dock, batches) goes through here.
     members: where the ensemble members train (``train_binn``'s ``members``: None, one after another)."""
     config.refine.validate()
+    if config.refine.enabled:  # a field too short for the refinement is refused before the training, not after it
+        check_frames(config.refine, field_.n_frames)
     fit = yield from train_binn(field_, config.binn, cancel=cancel, members=members)
     if config.refine.enabled and not fit.metadata.get("cancelled") and not is_cancelled(cancel):
         fit = yield from refine_binn_job(field_, fit, config.refine, cancel=cancel)

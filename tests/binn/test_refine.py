@@ -145,6 +145,9 @@ def test_too_few_frames_is_a_clear_error(small_case):
     ("noise_draws", 2.5, "whole number >= 0"),
     ("noise_draws", True, "whole number >= 0"),
     ("affine_start", "yes", "true or false"),
+    ("holdout_frames", -1, "whole number >= 0"),
+    ("holdout_frames", 1.5, "whole number >= 0"),
+    ("holdout_frames", True, "whole number >= 0"),
 ])
 def test_bad_config_values_name_the_key(key, value, allowed):
     with pytest.raises(ValueError, match=rf"refine\.{key}: .*{allowed}"):
@@ -515,3 +518,67 @@ def test_curves_far_off_are_left_for_the_affine_start(small_case, monkeypatch):
     assert mb["misfit"] < ma["misfit"], (mb["misfit"], ma["misfit"])
     u = fit.u_grid()
     assert _rel(both.D(u), truth.D(u)) < 0.25 and _rel(both.G(u), truth.G(u)) < 0.25
+
+
+def test_the_held_out_frames_choose_the_prior_strength_when_asked(small_case, tmp_path):
+    """holdout_frames = 1: the ladder is fitted again to the first 4 of the 5 frames, and the strength whose fit
+    predicts the 5th with the lowest misfit is kept (no evidence computed); the default keeps the evidence."""
+    fld, _, fit = small_case
+    fit.save(tmp_path / "start")
+    meta = {}
+    for held in (1, 0):
+        cfg = copy.deepcopy(SMALL)
+        cfg.holdout_frames = held
+        events = []
+        meta[held] = refine_binn(fld, BinnFit.load(tmp_path / "start"), cfg, callback=events.append).metadata["refine"]
+        steps = [ev.step for ev in events]  # the held-out ladder counted in the progress: never past the total
+        assert events[-1].data["done"] and steps == sorted(steps) and steps[-1] == events[-1].total, steps
+    ladder = meta[1]["ladder"]
+    assert all(np.isfinite(r["holdout_misfit"]) and r["log_evidence"] is None for r in ladder)
+    assert meta[1]["smoothness"] == min(ladder, key=lambda r: r["holdout_misfit"])["smoothness"]
+    assert meta[1]["smoothness_chosen_by"] == "held-out frames (the last 1)"
+    assert all(r["holdout_misfit"] is None and np.isfinite(r["log_evidence"]) for r in meta[0]["ladder"])
+    assert meta[0]["smoothness_chosen_by"] == "evidence"
+    assert meta[0]["smoothness"] == max(meta[0]["ladder"], key=lambda r: r["log_evidence"])["smoothness"]
+
+
+def test_the_held_out_fits_see_only_the_earlier_frames_and_predict_the_later(small_case):
+    fld, _, fit = small_case
+    prob = refine_module._Problem(fld, fit, SMALL)
+    part = prob.truncated(3)
+    assert len(part.t) == 3 and part.n_obs == int(prob.obs[:3].sum()) and part.n_obs < prob.n_obs
+    z = torch.as_tensor(prob.z0)
+    with torch.no_grad():
+        whole, first = prob.simulate(z, prob.ic_data), part.simulate(z, prob.ic_data)
+        np.testing.assert_allclose(first.numpy(), whole[:3].numpy(), rtol=1e-10, atol=1e-9)
+        r = torch.where(prob.obs[3:], whole[3:] - prob.data[3:], torch.zeros_like(whole[3:])) / prob.sigma
+    assert prob.heldout_misfit(prob.z0, prob.ic_data, 3) == pytest.approx(float((r * r).sum()) / int(prob.obs[3:].sum()))
+    assert len(prob.t) == 5 and prob.n_obs == int(prob.obs.sum())  # the full problem is untouched
+
+
+@pytest.mark.parametrize("held, frames, smoothness, expected", [
+    (None, 17, [1.0, 0.1], 3), (None, 5, [1.0, 0.1], 1), (None, 4, [1.0, 0.1], 1), (None, 3, [1.0, 0.1], 0),
+    (0, 17, [1.0, 0.1], 0), (2, 5, [1.0, 0.1], 2), (3, 17, [1.0], 0),
+])
+def test_how_many_frames_are_held_out(held, frames, smoothness, expected):
+    from napari_binn.binn.refine import holdout_count
+
+    assert holdout_count(RefineConfig(holdout_frames=held, smoothness=smoothness), frames) == expected
+
+
+def test_too_many_held_out_frames_are_refused_before_the_training(small_case, pipeline_config, fkpp_field,
+                                                                  monkeypatch):
+    fld, _, fit = small_case
+    with pytest.raises(ValueError, match=r"refine\.holdout_frames = 3 leaves 2 of the field's 5 frames.*at most 2"):
+        refine_binn(fld, fit, RefineConfig(holdout_frames=3))
+    from napari_binn import pipeline as pipeline_module
+    from napari_binn.jobs import run_job
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the refinement's frames were checked")
+
+    monkeypatch.setattr(pipeline_module, "train_binn", no_training)
+    cfg = pipeline_config()
+    cfg.refine.holdout_frames = 4
+    with pytest.raises(ValueError, match=r"refine\.holdout_frames = 4"):
+        run_job(pipeline_module.run_pipeline(fkpp_field, cfg, stages=("binn",)))
