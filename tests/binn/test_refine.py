@@ -535,7 +535,9 @@ def test_the_held_out_frames_choose_the_prior_strength_when_asked(small_case, tm
         assert events[-1].data["done"] and steps == sorted(steps) and steps[-1] == events[-1].total, steps
     ladder = meta[1]["ladder"]
     assert all(np.isfinite(r["holdout_misfit"]) and r["log_evidence"] is None for r in ladder)
-    assert meta[1]["smoothness"] == min(ladder, key=lambda r: r["holdout_misfit"])["smoothness"]
+    # the strongest prior the held-out test does not exclude; the best predictor is never excluded
+    assert meta[1]["smoothness"] == next(r for r in ladder if not r["holdout_excluded"])["smoothness"]
+    assert not min(ladder, key=lambda r: r["holdout_misfit"])["holdout_excluded"]
     assert meta[1]["smoothness_chosen_by"] == "held-out frames (the last 1)"
     assert all(r["holdout_misfit"] is None and np.isfinite(r["log_evidence"]) for r in meta[0]["ladder"])
     assert meta[0]["smoothness_chosen_by"] == "evidence"
@@ -552,7 +554,8 @@ def test_the_held_out_fits_see_only_the_earlier_frames_and_predict_the_later(sma
         whole, first = prob.simulate(z, prob.ic_data), part.simulate(z, prob.ic_data)
         np.testing.assert_allclose(first.numpy(), whole[:3].numpy(), rtol=1e-10, atol=1e-9)
         r = torch.where(prob.obs[3:], whole[3:] - prob.data[3:], torch.zeros_like(whole[3:])) / prob.sigma
-    assert prob.heldout_misfit(prob.z0, prob.ic_data, 3) == pytest.approx(float((r * r).sum()) / int(prob.obs[3:].sum()))
+    blocks = prob.heldout_errors(prob.z0, prob.ic_data, 3)  # 12 x 12 boxes: 9 blocks of 4 x 4
+    assert blocks.shape == (9,) and blocks.sum() == pytest.approx(float((r * r).sum()))
     assert len(prob.t) == 5 and prob.n_obs == int(prob.obs.sum())  # the full problem is untouched
 
 
