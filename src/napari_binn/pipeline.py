@@ -848,8 +848,9 @@ def refine_text(fit: BinnFit | None) -> list[str]:
                 f"({num('misfit_start', '.4g')} -> {num('misfit', '.4g')}); the BINN's own curves are kept"] + [
             str(note) for note in info.get("notes", [])]
     line = (f"D(u), G(u) refined through the PDE solver: misfit {num('misfit_start', '.4g')} -> "
-            f"{num('misfit', '.4g')}, smoothness {num('smoothness', 'g')}, initial state "
-            f"'{info.get('initial', '?')}'")
+            f"{num('misfit', '.4g')}, smoothness {num('smoothness', 'g')}"
+            + (f" (chosen by {info['smoothness_chosen_by']})" if info.get("smoothness_chosen_by") not in
+               (None, "fixed") else "") + f", initial state '{info.get('initial', '?')}'")
     if isinstance(info.get("seconds"), (int, float)):
         line += f", {info['seconds']:.0f} s"
     return [line] + [str(note) for note in info.get("notes", [])]

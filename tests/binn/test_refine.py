@@ -538,9 +538,14 @@ def test_the_held_out_frames_choose_the_prior_strength_when_asked(small_case, tm
     # the strongest prior the held-out test does not exclude; the best predictor is never excluded
     assert meta[1]["smoothness"] == next(r for r in ladder if not r["holdout_excluded"])["smoothness"]
     assert not min(ladder, key=lambda r: r["holdout_misfit"])["holdout_excluded"]
-    assert meta[1]["smoothness_chosen_by"] == "held-out frames (the last 1)"
+    assert meta[1]["smoothness_chosen_by"] == "prediction of the last 1 frame(s)"
     assert all(r["holdout_misfit"] is None and np.isfinite(r["log_evidence"]) for r in meta[0]["ladder"])
-    assert meta[0]["smoothness_chosen_by"] == "evidence"
+    assert meta[0]["smoothness_chosen_by"] == "Laplace evidence"
+    from types import SimpleNamespace
+
+    for held, how in ((0, "Laplace evidence"), (1, "prediction of the last 1 frame(s)")):  # what the CLI and report say
+        line = refine_text(SimpleNamespace(metadata={"refine": meta[held]}))[0]
+        assert f"smoothness {meta[held]['smoothness']:g} (chosen by {how})," in line, line
     assert meta[0]["smoothness"] == max(meta[0]["ladder"], key=lambda r: r["log_evidence"])["smoothness"]
 
 

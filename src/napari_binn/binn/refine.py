@@ -754,7 +754,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
                     "log_evidence": f.get("log_evidence"), "holdout_misfit": f.get("holdout_misfit"),
                     "holdout_excluded": f.get("holdout_excluded")}
                    for r in runs for f in r["fits"]],
-        "smoothness_chosen_by": (f"held-out frames (the last {held})" if held else "evidence")
+        "smoothness_chosen_by": (f"prediction of the last {held} frame(s)" if held else "Laplace evidence")
         if len(cfg.smoothness) > 1 else "fixed",
         "initial": win["initial"], "start": win.get("start"), "distill_rel_err": err,
         "seconds": time.perf_counter() - t_start,
