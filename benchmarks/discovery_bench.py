@@ -569,16 +569,12 @@ def oracle_fit(case: Case, field, truth, u: np.ndarray, max_evals: int = 200) ->
     D and G relative L2 error, and per constant the relative error and the interval's relative half-width. A
     yardstick for the BINN's own curves: where this fit, given the structure, misses by X%, a free curve off by
     about X% is at the limit of what the data tell."""
-    from napari_binn.pde.mechanistic import fit_mechanistic
+    from napari_binn.pde.mechanistic import _resolve_model, fit_mechanistic
 
     model, held = ORACLE_MODELS[case.model]
     consts = {k: float(v) for k, v in truth.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if isinstance(model, dict):
-        names = sorted({str(s) for key in ("D", "G") for s in sp.sympify(model[key]).free_symbols} - {"u"})
-    else:
-        names = [k for k in consts if k in {"D", "D0", "m", "r", "K", "A", "gamma"}]
     fixed = {k: consts[k] for k in held}
-    init = {k: consts[k] for k in names if k not in held}
+    init = {k: consts[k] for k in _resolve_model(model).params if k not in held}
     t0 = time.perf_counter()
     loglik = {}
     with warnings.catch_warnings():  # "first frame has N negative boxes (noise)": expected on these fields

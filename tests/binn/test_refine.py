@@ -521,8 +521,9 @@ def test_curves_far_off_are_left_for_the_affine_start(small_case, monkeypatch):
 
 
 def test_the_held_out_frames_choose_the_prior_strength_when_asked(small_case, tmp_path):
-    """holdout_frames = 1: the ladder is fitted again to the first 4 of the 5 frames, and the strength whose fit
-    predicts the 5th with the lowest misfit is kept (no evidence computed); the default keeps the evidence."""
+    """holdout_frames = 1: the ladder is fitted again to the first 4 of the 5 frames, and the strongest prior whose
+    prediction of the 5th the paired test over blocks does not exclude is kept (no evidence computed); the default
+    keeps the evidence."""
     fld, _, fit = small_case
     fit.save(tmp_path / "start")
     meta = {}

@@ -158,14 +158,15 @@ class RefineConfig:
         self.validate()
 
 
-def check_frames(cfg: RefineConfig, n_frames: int) -> None:
+def check_frames(cfg: RefineConfig, n_frames: int) -> int:
     """A ValueError naming the key when a field of ``n_frames`` frames is too short for ``cfg``: fewer than
-    ``min_frames``, or too few left to fit beside ``holdout_frames``. (The pipeline checks before training.)"""
+    ``min_frames``, or too few left to fit beside ``holdout_frames``; else the frames held out
+    (:func:`holdout_count`). (The pipeline checks before training.)"""
     if n_frames < cfg.min_frames:
         raise ValueError(f"refinement through the solver needs at least refine.min_frames = {cfg.min_frames} "
                          f"frames; the field has {n_frames}. Use more frames, or switch it off "
                          "(refine.enabled = false)")
-    holdout_count(cfg, n_frames)
+    return holdout_count(cfg, n_frames)
 
 
 def holdout_count(cfg: RefineConfig, n_frames: int) -> int:
@@ -289,8 +290,8 @@ class _Problem:
             sim = self.simulate(torch.as_tensor(z), u0)[frames:].numpy()
         obs, data = self.obs[frames:].numpy(), self.data[frames:].numpy()
         pred = np.stack([self.grid.to_grid(s) for s in sim]) / self.sigma
-        seen = np.stack([self.grid.to_grid(np.where(o, d, np.nan)) for o, d in zip(obs, data)]) / self.sigma
-        return block_errors(pred, seen, self.grid.mask, _HOLDOUT_BLOCK)
+        observed = np.stack([self.grid.to_grid(np.where(o, d, np.nan)) for o, d in zip(obs, data)]) / self.sigma
+        return block_errors(pred, observed, self.grid.mask, _HOLDOUT_BLOCK)
 
     def tables(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.cfg.nodes
@@ -471,10 +472,11 @@ def _ladder(prob: _Problem, cfg: RefineConfig, u0: torch.Tensor,
         yield {"smoothness": lam, "z": z.detach().numpy().copy(), "chi2": chi2, "start": start}
 
 
-def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelToken | None, clock: ProgressClock,
-              offset: int, label: str) -> Generator[Progress, None, dict[str, Any] | None]:
-    """The ladder from the fixed initial state ``initial``, its prior strength chosen (by the held-out frames or the
-    evidence), then (``cfg.joint``) the joint initial state; None on cancel."""
+def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, held: int, cancel: CancelToken | None,
+              clock: ProgressClock, offset: int, label: str) -> Generator[Progress, None, dict[str, Any] | None]:
+    """The ladder from the fixed initial state ``initial``, its prior strength chosen (by the last ``held`` frames,
+    :func:`holdout_count`, or with 0 by the evidence), then (``cfg.joint``) the joint initial state; None on
+    cancel."""
     n = prob.n_obs
     u0_fixed = {"data": prob.ic_data, "denoised": prob.ic_denoised, "surrogate": prob.ic_surrogate}[initial]
     with torch.no_grad():
@@ -491,12 +493,11 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, cancel: CancelTok
         return None
     start = fits[-1]["start"]
     steps = len(cfg.smoothness)
-    held = holdout_count(cfg, len(prob.t))
     # the noise variance re-estimated from the best misfit (the evidence and the bands)
     s2 = max(min(f["chi2"] for f in fits) / n, 1e-12)
     jac: dict[int, np.ndarray] = {}
     best = 0
-    if len(fits) > 1 and held:  # forward prediction: the ladder again on the earlier frames predicts the later
+    if held:  # forward prediction (never with one strength: holdout_count is then 0): the ladder again on the earlier frames predicts the later
         keep = len(prob.t) - held
         trial = list(_ladder(prob.truncated(keep), cfg, u0_fixed, cancel))
         if is_cancelled(cancel) or len(trial) < len(fits):
@@ -664,12 +665,11 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     cfg.validate()
     if not isinstance(field, DensityField):
         raise ValueError(f"refinement needs a DensityField; got {type(field).__name__}")
-    check_frames(cfg, field.n_frames)
+    held = check_frames(cfg, field.n_frames)
     t_start = time.perf_counter()
     prob = _Problem(field, fit, cfg)
     n = prob.n_obs
     initials = list(_AUTO) if cfg.initial == "auto" else [cfg.initial]
-    held = holdout_count(cfg, field.n_frames)
     steps = [len(cfg.smoothness) + (held > 0) + _corrects_noise(cfg, initial) + _joint_from(cfg, initial)
              for initial in initials]
     total = sum(steps) + 1
@@ -680,7 +680,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     for k, initial in enumerate(initials):
         label = f"[{k + 1}/{len(initials)}] " if len(initials) > 1 else ""
         offset = sum(steps[:k])
-        run = yield from _strategy(prob, cfg, initial, cancel, clock, offset, label)
+        run = yield from _strategy(prob, cfg, initial, held, cancel, clock, offset, label)
         if run is None:
             yield clock.event(_STAGE, offset, "refinement cancelled: the BINN's own curves are kept", cancelled=True)
             return fit
