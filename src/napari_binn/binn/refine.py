@@ -24,7 +24,9 @@ itself) or ``"denoised"`` (the first frame with empty space that holds only nois
 space would otherwise grow like cells), fixed while the ladder runs, or ``"auto"`` (default: both "denoised" and
 "surrogate" are tried and the one with the lower final misfit is kept); with ``joint`` the initial state is then
 fitted too, with a total-variation penalty, and kept only when it lowers the misfit by more than 2% below the best
-misfit of every initial state held fixed. From a first frame of data ('denoised', 'data') the chosen curves are
+misfit of every initial state held fixed. The first frame of data is the field's first frame, or with
+``initial_frames`` = n the mean of its first n frames, each moved back to the first frame's time by the surrogate's
+change (:func:`_first_frame`; an option). From a first frame of data ('denoised', 'data') the chosen curves are
 corrected for the bias that the first frame's noise, carried forward by the simulation, gives them
 (``noise_draws``; :func:`_noise_corrected`). An initial state whose refined curves fit worse than the BINN's own
 from it, by more than the misfit's noise, is discarded; when every one is, the BINN's curves are kept
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..field import DensityField, noise_variance
+from ..field import DensityField, initial_state, noise_variance
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
 from ..pde.grid import MaskedGrid
 from ..pde.torch_solver import TorchGrid, simulate_tables, simulate_tables_batch
@@ -98,6 +100,12 @@ class RefineConfig:
     0.05) is kept; None (``"none"`` in TOML): min(3, (frames - 2) // 2) frames while at least 3 stay to fit,
     else the evidence. Measured on the discovery benchmark: better than the evidence in 9 runs of 32 and worse
     in 8, so not the default.
+    initial_frames: 1 (default): the first frame of data ('data', 'denoised') is the field's first frame; n > 1:
+    the mean of the first n frames, each moved back to the first frame's time by the BINN surrogate's change
+    (u_t - (s_t - s_0)), before the empty-space denoising, with the noise variance of the correction's and the
+    bands' draws divided by n. It halves the first frame's noise variance at n = 2, at the cost of the surrogate's
+    error in that change. Measured on the discovery benchmark (n = 2): the polygon's G and the Poisson counts'
+    D better, the Allee islands and the disc's diffusion worse, so not the default (docs/discovery-benchmark.md).
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
     max_memory_gb: the memory the states one simulation keeps for its gradient may hold; on large fields it
     lowers max_steps to max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see
@@ -119,6 +127,7 @@ class RefineConfig:
     max_steps: int = 5000
     max_memory_gb: float = 6.0
     holdout_frames: int | None = 0
+    initial_frames: int = 1
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -147,6 +156,9 @@ class RefineConfig:
                                              and int(self.holdout_frames) >= 0), "holdout_frames",
              f"must be unset or a whole number >= 0 (0 chooses the prior strength by the evidence); got "
              f"{self.holdout_frames!r}")
+        need(isinstance(self.initial_frames, (int, np.integer)) and not isinstance(self.initial_frames, bool)
+             and int(self.initial_frames) >= 1, "initial_frames",
+             f"must be a whole number >= 1 (1: the first frame alone); got {self.initial_frames!r}")
         need(int(self.min_frames) >= 3, "min_frames", f"must be >= 3; got {self.min_frames}")
         need(int(self.max_steps) >= 10, "max_steps", f"must be >= 10; got {self.max_steps}")
         need(np.isfinite(float(self.max_memory_gb)) and float(self.max_memory_gb) > 0, "max_memory_gb",
@@ -160,13 +172,21 @@ class RefineConfig:
 
 def check_frames(cfg: RefineConfig, n_frames: int) -> int:
     """A ValueError naming the key when a field of ``n_frames`` frames is too short for ``cfg``: fewer than
-    ``min_frames``, or too few left to fit beside ``holdout_frames``; else the frames held out
-    (:func:`holdout_count`). (The pipeline checks before training.)"""
+    ``min_frames``, too few left to fit beside ``holdout_frames``, or no fitted frame after the ``initial_frames``
+    averaged into the first; else the frames held out (:func:`holdout_count`). (The pipeline checks before
+    training.)"""
     if n_frames < cfg.min_frames:
         raise ValueError(f"refinement through the solver needs at least refine.min_frames = {cfg.min_frames} "
                          f"frames; the field has {n_frames}. Use more frames, or switch it off "
                          "(refine.enabled = false)")
-    return holdout_count(cfg, n_frames)
+    held = holdout_count(cfg, n_frames)
+    n = int(cfg.initial_frames)
+    if n >= n_frames - held:
+        raise ValueError(f"refine.initial_frames = {n} averages {n} of the {n_frames - held} frames the refinement "
+                         f"fits (the field has {n_frames}" + (f", {held} held out" if held else "") + "); at least "
+                         f"one fitted frame must follow them: use at most {max(n_frames - held - 1, 1)} (1: the "
+                         "first frame alone)")
+    return held
 
 
 def holdout_count(cfg: RefineConfig, n_frames: int) -> int:
@@ -216,6 +236,23 @@ class _Curves:
         return np.concatenate([[f[0], (f[1] - f[0]) / h], (f[2:] - 2 * f[1:-1] + f[:-2]) / h ** 1.5])
 
 
+def _first_frame(field: DensityField, fit: BinnFit, n: int) -> np.ndarray:
+    """The (Ny, Nx) first frame of data the initial states 'data' and 'denoised' start from: the field's first frame
+    (n = 1, the frame itself), or the mean of its first n frames, each moved back to the first frame's time by the
+    BINN surrogate's change since then (u_t - (s_t - s_0)); a box unobserved in all n frames is NaN."""
+    if n <= 1:
+        return field.u[0]
+    yy, xx = np.meshgrid(field.y_um, field.x_um, indexing="ij")
+
+    def surrogate(th: float) -> np.ndarray:
+        return fit.u(xx, yy, np.full(xx.shape, th))
+
+    s0 = surrogate(float(field.t_h[0]))
+    moved = np.stack([field.u[k] - (surrogate(float(field.t_h[k])) - s0) for k in range(n)])
+    seen = np.isfinite(moved).sum(axis=0)
+    return np.where(seen > 0, np.nansum(moved, axis=0) / np.maximum(seen, 1), np.nan)
+
+
 def _softplus_inv(y: np.ndarray) -> np.ndarray:
     y = np.maximum(y, 1e-6)
     return np.where(y > 30, y, np.log(np.expm1(np.minimum(y, 30))))
@@ -259,15 +296,18 @@ class _Problem:
         yy, xx = np.meshgrid(field.y_um, field.x_um, indexing="ij")
         sur0 = fit.u(xx, yy, np.full(xx.shape, self.t[0]))
         self.ic_surrogate = torch.as_tensor(np.maximum(self.grid.from_grid(sur0), 0.0))
-        self.ic_data = torch.as_tensor(self.grid.from_grid(field.initial_state()))
-        self.ic_denoised = torch.as_tensor(self.grid.from_grid(field.initial_state(denoise=True)))
+        first = _first_frame(field, fit, int(cfg.initial_frames))
+        self.ic_data = torch.as_tensor(self.grid.from_grid(initial_state(first, field.mask)))
+        self.ic_denoised = torch.as_tensor(self.grid.from_grid(initial_state(first, field.mask, denoise=True)))
         # the noise level: the surrogate's misfit to the data (it fits the data to about the noise)
         tt, yy3, xx3 = np.meshgrid(self.t, field.y_um, field.x_um, indexing="ij")
         sur = np.stack([self.grid.from_grid(s) for s in fit.u(xx3, yy3, tt)])
         res = (sur - data)[obs]
         self.sigma = float(max(np.sqrt(np.mean(res ** 2)), 1e-3 * K))
         # the noise variance as a + b u (u the surrogate's value; b > 0 for counts): for the first frame's draws
-        self.noise_ab = noise_variance(sur[obs], res)
+        # (a mean of initial_frames frames: that variance / initial_frames)
+        a, b = noise_variance(sur[obs], res)
+        self.noise_ab = (a / int(cfg.initial_frames), b / int(cfg.initial_frames))
         self.time_factor = None
         if fit.config.use_delay:
             self.time_factor = lambda th: float(fit.T(np.asarray([th]))[0])
@@ -711,6 +751,10 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         notes.append(f"the first frame's noise corrected for to first order ({nc['draws']} draws of noise variance "
                      f"{nc['noise_variance'][0]:.3g} + {nc['noise_variance'][1]:.3g} u): misfit "
                      f"{nc['misfit_before']:.4g} -> {nc['misfit_after']:.4g}")
+    if int(cfg.initial_frames) > 1 and win["base"] != "surrogate":
+        notes.append(f"the first frame of data is the mean of the first {int(cfg.initial_frames)} frames, each moved "
+                     "back to the first frame's time by the BINN surrogate's change since then "
+                     "(refine.initial_frames)")
     if win.get("start") == "affine":
         notes.append("started from the best affine curves: from them the first prior strength ended with a lower "
                      "penalised misfit than from the BINN's curves")
@@ -756,7 +800,8 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
                    for r in runs for f in r["fits"]],
         "smoothness_chosen_by": (f"prediction of the last {held} frame(s)" if held else "Laplace evidence")
         if len(cfg.smoothness) > 1 else "fixed",
-        "initial": win["initial"], "start": win.get("start"), "distill_rel_err": err,
+        "initial": win["initial"], "initial_frames": int(cfg.initial_frames), "start": win.get("start"),
+        "distill_rel_err": err,
         "seconds": time.perf_counter() - t_start,
         "noise_correction": win.get("noise_correction"),
         "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every frame, in "
