@@ -104,8 +104,9 @@ class RefineConfig:
     the mean of the first n frames, each moved back to the first frame's time by the BINN surrogate's change
     (u_t - (s_t - s_0)), before the empty-space denoising, with the noise variance of the correction's and the
     bands' draws divided by n. It halves the first frame's noise variance at n = 2, at the cost of the surrogate's
-    error in that change. Measured on the discovery benchmark (n = 2): the polygon's G and the Poisson counts'
-    D better, the Allee islands and the disc's diffusion worse, so not the default (docs/discovery-benchmark.md).
+    error in that change (and frame 1, in the misfit, shares that noise). Measured on the discovery benchmark
+    (n = 2): the polygon's G better (with noise_draws = 0 also the Poisson counts' D), the Allee islands and the
+    disc's diffusion worse, so not the default (docs/discovery-benchmark.md).
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
     max_memory_gb: the memory the states one simulation keeps for its gradient may hold; on large fields it
     lowers max_steps to max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see
