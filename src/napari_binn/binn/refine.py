@@ -237,19 +237,14 @@ class _Curves:
         return np.concatenate([[f[0], (f[1] - f[0]) / h], (f[2:] - 2 * f[1:-1] + f[:-2]) / h ** 1.5])
 
 
-def _first_frame(field: DensityField, fit: BinnFit, n: int) -> np.ndarray:
-    """The (Ny, Nx) first frame of data the initial states 'data' and 'denoised' start from: the field's first frame
-    (n = 1, the frame itself), or the mean of its first n frames, each moved back to the first frame's time by the
-    BINN surrogate's change since then (u_t - (s_t - s_0)); a box unobserved in all n frames is NaN."""
-    if n <= 1:
-        return field.u[0]
-    yy, xx = np.meshgrid(field.y_um, field.x_um, indexing="ij")
-
-    def surrogate(th: float) -> np.ndarray:
-        return fit.u(xx, yy, np.full(xx.shape, th))
-
-    s0 = surrogate(float(field.t_h[0]))
-    moved = np.stack([field.u[k] - (surrogate(float(field.t_h[k])) - s0) for k in range(n)])
+def _first_frame(frames: np.ndarray, surrogate: list[np.ndarray]) -> np.ndarray:
+    """The (Ny, Nx) first frame of data the initial states 'data' and 'denoised' start from, given the field's
+    first n ``frames`` and the BINN surrogate on the same boxes at the same times: the first frame itself (n = 1),
+    or the mean of the n frames, each moved back to the first frame's time by the surrogate's change since then
+    (u_t - (s_t - s_0)); a box unobserved in all n frames is NaN."""
+    if len(surrogate) <= 1:
+        return frames[0]
+    moved = np.stack([frames[k] - (surrogate[k] - surrogate[0]) for k in range(len(surrogate))])
     seen = np.isfinite(moved).sum(axis=0)
     return np.where(seen > 0, np.nansum(moved, axis=0) / np.maximum(seen, 1), np.nan)
 
@@ -295,9 +290,11 @@ class _Problem:
                                   self.curves.from_values(g_start / self.G_scale)])
         # initial states on the mask
         yy, xx = np.meshgrid(field.y_um, field.x_um, indexing="ij")
-        sur0 = fit.u(xx, yy, np.full(xx.shape, self.t[0]))
-        self.ic_surrogate = torch.as_tensor(np.maximum(self.grid.from_grid(sur0), 0.0))
-        first = _first_frame(field, fit, int(cfg.initial_frames))
+        # the surrogate on the grid at the first frames: the first for its initial state, initial_frames of them
+        # for the first frame of data
+        sur_first = [fit.u(xx, yy, np.full(xx.shape, th)) for th in self.t[:int(cfg.initial_frames)]]
+        self.ic_surrogate = torch.as_tensor(np.maximum(self.grid.from_grid(sur_first[0]), 0.0))
+        first = _first_frame(field.u, sur_first)
         self.ic_data = torch.as_tensor(self.grid.from_grid(initial_state(first, field.mask)))
         self.ic_denoised = torch.as_tensor(self.grid.from_grid(initial_state(first, field.mask, denoise=True)))
         # the noise level: the surrogate's misfit to the data (it fits the data to about the noise)
@@ -538,7 +535,8 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, held: int, cancel
     s2 = max(min(f["chi2"] for f in fits) / n, 1e-12)
     jac: dict[int, np.ndarray] = {}
     best = 0
-    if held:  # forward prediction (never with one strength: holdout_count is then 0): the ladder again on the earlier frames predicts the later
+    if held:  # forward prediction (never with one strength: holdout_count is then 0): the ladder again on the
+        # earlier frames predicts the later
         keep = len(prob.t) - held
         trial = list(_ladder(prob.truncated(keep), cfg, u0_fixed, cancel))
         if is_cancelled(cancel) or len(trial) < len(fits):
