@@ -603,8 +603,8 @@ def test_the_first_frame_of_data_can_average_the_first_frames_moved_back_by_the_
     first = refine_module._first_frame
     yy, xx = np.meshgrid(fld.y_um, fld.x_um, indexing="ij")
     sur = [fit.u(xx, yy, np.full(xx.shape, t)) for t in fld.t_h]
-    np.testing.assert_array_equal(first(fld.u, sur[:1]), fld.u[0])  # the default: the frame itself
-    prob = refine_module._Problem(fld, fit, RefineConfig())
+    np.testing.assert_array_equal(first(fld.u, sur[:1]), fld.u[0])  # n = 1: the frame itself
+    prob = refine_module._Problem(fld, fit, RefineConfig(initial_frames=1))
     np.testing.assert_array_equal(prob.ic_denoised.numpy(), prob.grid.from_grid(fld.initial_state(denoise=True)))
     # with a surrogate that knows the clean field, the mean of n frames moved back keeps the clean first frame and
     # averages the noise: its error shrinks about as 1 / sqrt(n)
@@ -628,6 +628,13 @@ def test_the_first_frame_of_data_can_average_the_first_frames_moved_back_by_the_
     two = refine_module._Problem(fld, fit, RefineConfig(initial_frames=2))
     np.testing.assert_array_equal(two.ic_data.numpy(), two.grid.from_grid(initial_state(first(fld.u, sur[:2]), m)))
     np.testing.assert_allclose(two.noise_ab, np.asarray(prob.noise_ab) / 2)
+    # frame 1 went into that first frame: it is not fitted again; the other frames, the scales and the noise level
+    # are the single frame's
+    assert prob.obs[1].any() and not two.obs[1].any() and not two.data[1].any()
+    np.testing.assert_array_equal(two.obs[[0, *range(2, fld.n_frames)]].numpy(),
+                                  prob.obs[[0, *range(2, fld.n_frames)]].numpy())
+    assert two.n_obs == prob.n_obs - int(prob.obs[1].sum())
+    assert (two.sigma, two.u_max) == (prob.sigma, prob.u_max)
 
 
 def test_a_refinement_from_averaged_first_frames_says_so(small_case, tmp_path):
@@ -636,7 +643,8 @@ def test_a_refinement_from_averaged_first_frames_says_so(small_case, tmp_path):
     out = refine_binn(fld, BinnFit.load(tmp_path / "start"), RefineConfig(**{**SMALL.__dict__, "initial_frames": 2}))
     meta = out.metadata["refine"]
     assert meta["initial_frames"] == 2 and not meta.get("failed")
-    assert any("mean of the first 2 frames" in note for note in meta["notes"])
+    assert any("mean of the first 2 frames" in note and "the second frame is not fitted" in note
+               for note in meta["notes"])
     plain = refine_binn(fld, BinnFit.load(tmp_path / "start"), SMALL)
     assert plain.metadata["refine"]["initial_frames"] == 1
     assert not any("mean of the first" in note for note in plain.metadata["refine"]["notes"])
