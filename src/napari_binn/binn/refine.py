@@ -640,9 +640,12 @@ def _noise_corrected(prob: _Problem, z: np.ndarray, chi2_before: float, u0: torc
     minimum is pulled towards a larger D (and a growth that damps the noise). B's gradient is estimated at the
     chosen curves from ``cfg.noise_draws`` draws of the first frame's noise (:func:`_noise_draws`), held fixed, and
     the misfit minus that linear term is minimised again from the chosen curves at the chosen prior strength: the
-    bias-corrected estimating equation, to first order. (Subtracting B(z) itself is not bounded below where the
-    curves amplify the noise, D near 0; a frozen gradient is.) ``chi2_before``: the misfit at ``z`` (the ladder
-    has it)."""
+    bias-corrected estimating equation, to first order, but for one term of the same order that it leaves out,
+    J^T E[S(z, u0 + e) - S(z, u0)] (J the simulation's Jacobian in z): the mean shift the noise gives a simulation
+    that is not linear in u0. With it, the lab's synthetic runs gained on balance and Jin 2016's learned curves fit
+    worse (docs/discovery-benchmark.md, "Lab checks on what the noise correction leaves"). (Subtracting B(z)
+    itself is not bounded below where the curves amplify the noise, D near 0; a frozen gradient is.)
+    ``chi2_before``: the misfit at ``z`` (the ladder has it)."""
     n = prob.n_obs
     a, b = prob.noise_ab
     info: dict[str, Any] = {"draws": int(cfg.noise_draws), "noise_variance": [a, b]}
