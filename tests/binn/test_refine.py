@@ -192,30 +192,60 @@ def test_the_refine_section_round_trips_through_toml(tmp_path):
         PipelineConfig.from_toml(tmp_path / "bad.toml")
 
 
-def test_a_joint_fit_must_beat_every_initial_state_held_fixed():
-    """The joint fit (the initial state fitted too) is kept only when its misfit is more than 2% below the best
-    misfit of any initial state held fixed, not just its own start: on the demo sample the surrogate's first frame
-    fitted jointly (0.9732) beat its own start by 4% but the denoised frame held fixed (0.9839) by 1%, and its D
-    went to about 0."""
+def test_a_joint_fit_must_beat_every_initial_state_held_fixed_by_half_the_first_frames_noise_excess():
+    """The joint fit (the initial state fitted too) is kept only when its misfit is below the best misfit of any
+    initial state held fixed, not just its own start, by more than half of B n, the misfit the first frame's noise
+    is expected to add to a fit from it held fixed. Figures (per observation) from the lab runs: the Allee islands'
+    seed 0 (joint kept: its curves 10.8 / 7.0% off, 28.8 / 43.5% from the surrogate's frame) and seed 1 (not kept:
+    18.1 / 15.8% against 51.5 / 82.9%), and Jin 2016 (5 frames: its large B keeps out a joint fit 3.8% below the
+    best fixed misfit, which a flat 2% rule kept and whose simulation fit the data worse)."""
     from napari_binn.binn.refine import _keep_joint_fits
 
-    def run(base, chi2, joint):
+    def run(base, chi2, joint, excess):
         return {"base": base, "initial": base, "chi2": chi2, "z": "fixed", "u0": "fixed", "jacobian": "J",
-                "notes": [], "joint": None if joint is None else {"z": "joint", "u0": "joint", "chi2": joint}}
+                "notes": [], "joint": None if joint is None else {"z": "joint", "u0": "joint", "chi2": joint,
+                                                                  "noise_excess": excess}}
 
-    n = 100
-    demo = [run("denoised", 98.39, 96.56), run("surrogate", 101.8, 97.32)]
-    _keep_joint_fits(demo, n)
-    assert [r["initial"] for r in demo] == ["denoised", "surrogate"]
-    assert all(r["z"] == "fixed" and "joint" not in r for r in demo)
-    assert "not 2% below the best with an initial state held fixed (0.9839)" in demo[1]["notes"][0]
-    allee = [run("denoised", 102.45, 97.13), run("surrogate", 101.63, 97.52)]
-    _keep_joint_fits(allee, n)
-    assert [r["initial"] for r in allee] == ["denoised+joint", "surrogate+joint"]
-    assert all(r["z"] == "joint" and r["chi2"] < 98 and r["jacobian"] is None for r in allee)
-    alone = [run("data", 100.0, None)]
+    n = 10000
+    allee0 = [run("denoised", 10245.0, 9723.0, 683.0), run("surrogate", 10160.0, None, None)]
+    _keep_joint_fits(allee0, n)
+    assert [r["initial"] for r in allee0] == ["denoised+joint", "surrogate"]
+    assert allee0[0]["z"] == "joint" and allee0[0]["chi2"] == 9723.0 and allee0[0]["jacobian"] is None
+    assert all("joint" not in r for r in allee0)
+    allee1 = [run("denoised", 10641.0, 9951.0, 872.0), run("surrogate", 10139.0, None, None)]
+    _keep_joint_fits(allee1, n)
+    assert [r["initial"] for r in allee1] == ["denoised", "surrogate"] and allee1[0]["z"] == "fixed"
+    assert ("fitted jointly: misfit 0.9951, not 0.0436 below the best with an initial state held fixed (1.014; 0.5 x "
+            "the misfit the first frame's noise is expected to add, 0.0872); not kept") in allee1[0]["notes"][0]
+    jin = [run("denoised", 13140.0, 12635.0, 2847.0), run("surrogate", 13394.0, None, None)]
+    _keep_joint_fits(jin, n)
+    assert jin[0]["initial"] == "denoised" and (13140.0 - 12635.0) / 13140.0 > 0.02
+    # with no noise in the first frame (B = 0) any joint fit below the best fixed misfit is kept, and no other
+    clean = [run("data", 10000.0, 9999.0, 0.0)]
+    _keep_joint_fits(clean, n)
+    assert clean[0]["initial"] == "data+joint"
+    clean = [run("data", 10000.0, 10000.0, 0.0)]
+    _keep_joint_fits(clean, n)
+    assert clean[0]["initial"] == "data"
+    alone = [run("data", 100.0, None, None)]
     _keep_joint_fits(alone, n)
     assert alone[0]["initial"] == "data" and not alone[0]["notes"]
+
+
+def test_the_joint_fits_noise_excess_is_the_corrections_and_estimated_without_it(counts_case):
+    """B n, the keep rule's unit: the noise correction's B where it ran, 0 where it found no noise to draw, and
+    estimated from draws of the noise with the correction off (noise_draws = 0)."""
+    fld, _, fit = counts_case
+    prob = refine_module._Problem(fld, fit, RefineConfig())
+    u0, z = prob.ic_denoised, prob.z0
+    assert refine_module._noise_excess(prob, z, u0, {"noise_spread": 0.25}) == 0.25 * prob.n_obs
+    assert refine_module._noise_excess(prob, z, u0, {"note": "no noise to correct for"}) == 0.0
+    draws = refine_module._noise_draws(prob, u0, refine_module._EXCESS_DRAWS)
+    with torch.no_grad():
+        expected = float(refine_module._noise_spread(prob, torch.as_tensor(z), u0, draws))
+    assert expected > 0
+    assert refine_module._noise_excess(prob, z, u0, None) == pytest.approx(expected, rel=1e-12)
+    assert refine_module._noise_excess(prob, z, torch.zeros_like(u0), None) == 0.0  # an empty first frame
 
 
 def test_lbfgs_keeps_its_best_point_when_the_line_search_meets_refused_curves():
@@ -367,6 +397,43 @@ def test_the_noise_carried_forward_shrinks_as_d_grows_and_its_gradient_is_right(
     assert grad[0] < 0
 
 
+def test_the_noise_corrections_term_is_the_mean_the_noise_gives_the_misfits_gradient(counts_case):
+    """The correction's linear term: the mean that the first frame's noise gives the misfit's gradient at the
+    curves, E[J_e^T (S(u0 + e) - S(u0))]: B's gradient plus J^T E[S(u0 + e) - S(u0)], the mean shift the noise
+    gives a simulation that is not linear in its initial state."""
+    fld, _, fit = counts_case
+    prob = refine_module._Problem(fld, fit, RefineConfig())
+    u0 = prob.ic_denoised
+    draws = refine_module._noise_draws(prob, u0, 4)
+    z = torch.tensor(prob.z0, requires_grad=True)
+    held = refine_module._noise_spread(prob, z, u0, draws, hold_base=True)
+    g_held = torch.autograd.grad(held, z)[0].numpy()
+    spread = refine_module._noise_spread(prob, z, u0, draws)
+    g_spread = torch.autograd.grad(spread, z)[0].numpy()
+    assert float(held) == float(spread)  # the same value, B(z)
+    with torch.no_grad():
+        base = prob.simulate(torch.as_tensor(prob.z0), u0)
+        shift = sum(torch.where(prob.obs, prob.simulate(torch.as_tensor(prob.z0), u0 + e) - base,
+                                torch.zeros_like(base)) for e in draws) / len(draws)
+    zs = torch.tensor(prob.z0, requires_grad=True)
+    g_shift = torch.autograd.grad((prob.simulate(zs, u0) * shift).sum() / prob.sigma ** 2, zs)[0].numpy()
+    scale = np.abs(g_held).max()
+    assert np.abs(g_shift).max() > 1e-3 * scale  # the mean shift is there on counts
+    np.testing.assert_allclose(g_held, g_spread + 2 * g_shift, rtol=1e-6, atol=1e-8 * scale)
+
+    # and by finite differences: the gradient of the mean of |S(z, u0 + e) - S(z0, u0)|², S(z0, u0) held
+    def at(dz):
+        zz = torch.as_tensor(prob.z0 + dz)
+        with torch.no_grad():
+            return float(sum((torch.where(prob.obs, prob.simulate(zz, u0 + e) - base, torch.zeros_like(base))
+                              / prob.sigma).pow(2).sum() for e in draws) / len(draws))
+
+    for k in (0, 1, prob.cfg.nodes, prob.cfg.nodes + 1):
+        step = np.zeros_like(prob.z0)
+        step[k] = 1e-4
+        assert (at(step) - at(-step)) / 2e-4 == pytest.approx(g_held[k], rel=1e-3, abs=1e-6 * float(held))
+
+
 def test_the_noise_correction_carries_the_noise_further_is_recorded_and_can_be_switched_off(counts_case):
     fld, _, fit = counts_case
     cfg = dict(iterations=30, smoothness=[1.0], distill_steps=100, initial="denoised", joint=False, bands=False)
@@ -450,7 +517,7 @@ def test_the_bands_share_of_the_first_frames_noise_is_the_first_order_refit_per_
         off = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**cfg, **kw)).metadata["refine"]
         assert off["D_noise_sd"] is None and off["G_noise_sd"] is None
     # nor about a first frame fitted jointly (an estimate the later frames constrain, not the noisy frame)
-    monkeypatch.setattr(refine_module, "_JOINT_GAIN", -1.0)  # the joint fit always kept
+    monkeypatch.setattr(refine_module, "_JOINT_NOISE_SHARE", -1e9)  # the joint fit always kept
     joint = refine_binn(fld, copy.deepcopy(fit), RefineConfig(**{**cfg, "joint": True}, initial="denoised"))
     assert joint.metadata["refine"]["initial"] == "denoised+joint"
     assert joint.metadata["refine"]["D_noise_sd"] is None
