@@ -96,6 +96,41 @@ def test_refit_reselects_the_true_forms_by_bic(pipeline_config):
     assert dataclasses.replace(res, mechanistic={}).refitted_equations() is res.equations
 
 
+def test_the_closed_form_simulation_follows_the_refits_choice(pipeline_config):
+    """The simulate stage runs before the refit, so its 'closed form' simulation is of the symbolic selection; when
+    the refit's choice changes the forms, the refit simulates the chosen ones, so the QC row and the overlay show
+    the equations the result holds (on Jin 2016 the symbolic selection was a nested form whose simulation failed,
+    and the row was missing though the chosen D0 u simulates)."""
+    from napari_binn.symbolic.discover import Equations
+    from napari_binn.synthetic.models import make_synthetic
+
+    field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(10, 12),
+                              dx_um=50.0, times_h=np.linspace(0, 24, 5), noise=0.05, seed=0)
+    eq = Equations.from_forms(D=["700.0", "600.0 + 0.1*u", "700.0*exp(-0.0002*u) + 0.1*u"],
+                              G=["0.05", "0.075 - 3.5e-5*u", "0.08*exp(-0.0005*u) - 0.002"], u_range=(0.0, 2000.0))
+    cfg = pipeline_config()
+    cfg.refit.max_evals = 100
+    cfg.refit.reference_model = ""
+    cfg.refit.holdout_frames = 0
+    before = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("simulate",)))
+    assert before.metadata["closed_form_simulated"] == {"D": str(eq.D.sympy), "G": str(eq.G.sympy)}
+    events = []
+    res = run_job(run_pipeline(before, cfg, stages=("refit", "qc")), events.append)
+    chosen = {"D": str(res.equations.D.sympy), "G": str(res.equations.G.sympy)}
+    assert chosen != before.metadata["closed_form_simulated"]  # the refit changed the forms (D constant, G linear)
+    assert res.metadata["closed_form_simulated"] == chosen
+    fresh = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=res.equations), cfg, stages=("simulate",)))
+    np.testing.assert_array_equal(res.simulations["closed form"], fresh.simulations["closed form"])
+    assert not np.array_equal(res.simulations["closed form"], before.simulations["closed form"])
+    assert any(e.stage == "refit" and e.data.get("inner_stage") == "simulate" for e in events)
+    assert "closed form" in res.qc.table()
+    # a refit that keeps the forms leaves the simulation alone; one that was never tried is not started
+    again = run_job(run_pipeline(res, cfg, stages=("refit",)))
+    assert again.simulations["closed form"] is res.simulations["closed form"]
+    plain = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    assert "closed form" not in plain.simulations and "closed_form_simulated" not in plain.metadata
+
+
 def _noisy_fkpp(frames=5):
     from napari_binn.synthetic.models import make_synthetic
 

@@ -232,8 +232,9 @@ class PipelineResult:
     field: the density data. fit: the BINN. equations: discovered closed forms (after the refit stage, the forms
     the refit stage chose, with the symbolic fit's constants; the refitted constants are in
     ``metadata['closed_form_refitted']``, and :meth:`refitted_equations` puts them in). simulations: (T, Ny,
-    Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G', 'closed form', 'closed form
-    (refitted)' and the reference model's name. mechanistic: refits keyed
+    Nx) arrays in the field's units, keyed 'BINN surrogate', 'learned D, G', 'closed form' (the forms in
+    ``metadata['closed_form_simulated']``, with the symbolic fit's constants: the refit stage simulates them again
+    when its choice changes them), 'closed form (refitted)' and the reference model's name. mechanistic: refits keyed
     'closed form (refitted)' and the reference model's name. qc: the comparison table. metadata: timings, version, cancellation, warnings.
     """
 
@@ -411,18 +412,40 @@ def _simulate_stage(result: PipelineResult, config: PipelineConfig, cancel: Canc
             runs.append(("learned D, G", result.fit.D, result.fit.G, T))
     eq = result.equations
     if sc.closed_form and eq is not None and eq.D is not None and eq.G is not None:
-        floor = _u_floor(fld)
-        runs.append(("closed form", pde_safe(eq.D.sympy, floor), pde_safe(eq.G.sympy, floor), None))
+        runs.append(_closed_form_run(result, eq))
+    yield from _simulate_runs(result, runs, config, cancel, "simulate", index)
+
+
+def _forms(eq: Equations) -> dict[str, str]:
+    """The selected D and G of ``eq`` as text (sympy's), to tell whether a choice changed them."""
+    return {"D": str(eq.D.sympy), "G": str(eq.G.sympy)}
+
+
+def _closed_form_run(result: PipelineResult, eq: Equations) -> tuple[str, Any, Any, None]:
+    """The 'closed form' simulation's run: ``eq``'s selected forms with the symbolic fit's constants, held finite
+    below the field's lowest density (:func:`pde_safe`). Records those forms in
+    ``result.metadata['closed_form_simulated']``: the refit stage simulates again when its choice changes them."""
+    result.metadata["closed_form_simulated"] = _forms(eq)
+    floor = _u_floor(result.field)
+    return ("closed form", pde_safe(eq.D.sympy, floor), pde_safe(eq.G.sympy, floor), None)
+
+
+def _simulate_runs(result: PipelineResult, runs: list[tuple[str, Any, Any, Any]], config: PipelineConfig,
+                   cancel: CancelToken | None, stage: str, index: int):
+    """Simulate each (name, D, G, T) of ``runs`` into ``result.simulations[name]``; a simulation that fails is
+    left out with a warning (``result.metadata['warnings']``) and a progress event, and the others go on."""
+    sc = config.simulation
     for name, D, G, T in runs:
         if is_cancelled(cancel):
             return
         try:
             result.simulations[name] = yield from _tag(simulate_job(
-                D, G, fld, T=T, rtol=sc.rtol, method=sc.method, cancel=cancel), "simulate", index)
+                D, G, result.field, T=T, rtol=sc.rtol, method=sc.method, cancel=cancel), stage, index)
         except (SimulationError, ValueError) as err:
+            result.simulations.pop(name, None)
             result.metadata["warnings"].append(f"simulation '{name}' failed: {err}")
-            yield Progress("simulate", 0, None, f"simulation '{name}' failed: {err}",
-                           data={"pipeline_stage": "simulate", "failed": name})
+            yield Progress(stage, 0, None, f"simulation '{name}' failed: {err}",
+                           data={"pipeline_stage": stage, "failed": name})
 
 
 def _candidate_indices(f, n: int) -> list[int]:
@@ -916,6 +939,11 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
             eq = yield from _select_by_bic(result, eq, rc.candidates, rc.bic_margin, {**kw, "intervals": None},
                                            cancel, index)
             result.equations = eq
+        simulated = result.metadata.get("closed_form_simulated")
+        if simulated is not None and simulated != _forms(eq) and not is_cancelled(cancel):
+            # the 'closed form' simulation (tried by the simulate stage) was of the forms before this choice:
+            # simulate the chosen ones, so the QC row and the overlay show the equations the result now holds
+            yield from _simulate_runs(result, [_closed_form_run(result, eq)], config, cancel, "refit", index)
         model, init = solver_model(eq, fld)
         if start:  # the held-out fit's constants are closer to the data than the curve fit's
             init = {k: float(start.get(k, v)) for k, v in init.items()}
