@@ -196,8 +196,8 @@ def test_a_joint_fit_must_beat_every_initial_state_held_fixed_by_half_the_first_
     """The joint fit (the initial state fitted too) is kept only when its misfit is below the best misfit of any
     initial state held fixed, not just its own start, by more than half of B n, the misfit the first frame's noise
     is expected to add to a fit from it held fixed. Figures (per observation) from the lab runs: the Allee islands'
-    seed 0 (joint kept: its curves 10.8 / 7.0% off, 28.8 / 43.5% from the surrogate's frame) and seed 1 (not kept:
-    18.1 / 15.8% against 51.5 / 82.9%), and Jin 2016 (5 frames: its large B keeps out a joint fit 3.8% below the
+    seed 0 (joint kept: its curves 4.9 / 6.8% off, 28.8 / 43.5% from the surrogate's frame) and seed 1 (not kept:
+    18.1 / 15.8% against 117.1 / 177.6%), and Jin 2016 (5 frames: its large B keeps out a joint fit 3.8% below the
     best fixed misfit, which a flat 2% rule kept and whose simulation fit the data worse)."""
     from napari_binn.binn.refine import _keep_joint_fits
 
