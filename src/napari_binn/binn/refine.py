@@ -110,7 +110,8 @@ class RefineConfig:
     (u_t - (s_t - s_0)), before the empty-space denoising, with the noise variance of the correction's and the
     bands' draws divided by n; frames 2..n are then left out of the misfit (that mean holds their noise; fitted,
     they pulled D down). It halves the first frame's noise variance at n = 2, at the cost of the surrogate's error
-    in that change and of n - 1 fitted frames. Measured (n = 2, docs/discovery-benchmark.md): on the discovery
+    in that change and of n - 1 fitted frames. Measured (n = 2, docs/discovery-benchmark.md; 6 December, before
+    the noise correction took its mean-shift term): on the discovery
     benchmark the BINN's D within 15% in 8 of 8 cases and G within 10% in 7 (7 and 6 at n = 1), the structure in
     22 of 24 runs as at n = 1; Allee growth and curves that were already close a few points worse; on Jin 2016's
     5 frames, 12 h apart, the learned curves' simulation fits worse (N(t) 6.9 -> 10.3%), so not the default.
