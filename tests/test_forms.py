@@ -42,6 +42,32 @@ def test_each_form_recovers_its_own_curve_and_is_the_best_of_its_size(kind, name
     assert all(f.loss > 1e-4 * scale for k, f in fits.items() if k != name and f.n_constants <= n)
 
 
+@pytest.mark.parametrize("kind, name, truth, constant, value", [
+    ("G", "gompertz", lambda u: 0.035 * np.log(K / np.maximum(u, 20.0)), "b", 0.035),
+    ("G", "richards", lambda u: 0.05 * (1 - (np.abs(u) / K) ** 2.5), "m", 2.5),
+    ("D", "power", lambda u: 700.0 * (np.abs(u) / K) ** 1.5, "m", 1.5),
+])
+def test_a_form_is_fitted_on_its_domain_when_the_sampled_densities_reach_below_zero(kind, name, truth, constant,
+                                                                                   value):
+    """The observed densities, and so the samples of a learned curve, reach below 0 where noise fills empty space
+    (a polygon's sampled range began at -83 cells/mm²). There log u and u**m are not real: a Gompertz form was
+    lost (its loss over all samples was infinite) and a free exponent stayed at the integer its start gave (a
+    Richards G at 1, a power D at 2). Each form is now fitted to the samples where it is defined, and the
+    discovery keeps the row."""
+    u = np.linspace(-80.0, 1800.0, 200)  # a learned curve is finite at u <= 0 too: here clamped or mirrored
+    y = truth(u)
+    keep = u > 20.0  # the curve is the form's own above 20 cells/mm²
+    fits = _by_name(fit_forms(FunctionSamples(u[keep], y[keep], name=kind)))
+    assert fits[name].values[constant] == pytest.approx(value, rel=1e-3)
+    fit = _by_name(fit_forms(FunctionSamples(u, y, name=kind)))[name]
+    assert np.isfinite(fit.loss)
+    assert fit.values[constant] == pytest.approx(value, rel=0.05 if name == "gompertz" else 0.02), fit.values
+    eq = discover_equations({kind: FunctionSamples(u, y, name=kind)}, backend="library")
+    rows = [r for r in getattr(eq, kind).rows if r.form == name]
+    assert len(rows) == 1, [(r.form, r.expression.text) for r in getattr(eq, kind).rows]
+    assert np.isfinite(rows[0].loss)
+
+
 def test_growth_forms_keep_growth_falling_with_density_when_the_learned_curve_rises():
     """A badly learned G that rises with u (seen on the polygon case, seeds 1-2: the logistic row was fitted as
     0.029 + 4.5e-6 u, and the refit, which keeps a library constant's sign, could then never reach logistic).

@@ -30,7 +30,7 @@ from .expression import (
     supported_digits,
     weighted_mse,
 )
-from .forms import check_form_names, constant_bounds, fit_forms, is_admissible
+from .forms import check_form_names, constant_bounds, fit_forms, in_domain, is_admissible
 from .samples import FunctionSamples, samples_from_fit
 from .selection import SELECTION_RULES, front_scores, pareto_indices, select_index, significant_indices
 
@@ -413,17 +413,20 @@ def _polish(cand: _Candidate, u, y, w) -> _Candidate:
 
 
 def _library_candidates(s: FunctionSamples, names, u, y, w) -> list[_Candidate]:
-    """The library's forms fitted to the curve, as candidates (each keeps its form name)."""
+    """The library's forms fitted to the curve, as candidates (each keeps its form name); each form's loss is over
+    the samples in its domain (:func:`~napari_binn.symbolic.forms.in_domain`), where it was fitted."""
     out = []
     for ff in fit_forms(s, names):
         expr = _integerize(sp.expand_log(ff.expr, force=True))
+        keep = in_domain(s.name, ff.name, u)
         try:  # the form's own (bounded) fit: an unbounded refit could leave the form's biology (A > 0, ...)
             with np.errstate(all="ignore"):
-                pred = np.broadcast_to(np.asarray(sp.lambdify([U], expr, modules="numpy")(u), dtype=float), u.shape)
+                pred = np.broadcast_to(np.asarray(sp.lambdify([U], expr, modules="numpy")(u[keep]), dtype=float),
+                                       u[keep].shape)
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             continue
         nf = len(free_floats(expr))
-        fit = FitResult(expr, weighted_mse(pred, y, w), np.array([float(f) for f in free_floats(expr)]),
+        fit = FitResult(expr, weighted_mse(pred, y[keep], w[keep]), np.array([float(f) for f in free_floats(expr)]),
                         np.zeros(nf))  # zero spread: the constants keep 6 digits
         if math.isfinite(fit.loss):
             out.append(_Candidate(fit, complexity(fit.expr), ff.name))

@@ -26,13 +26,16 @@ from ..errors import ConfigError
 from .expression import U, complexity, free_floats
 
 __all__ = ["FORMS_D", "FORMS_G", "Form", "FormFit", "check_form_names", "constant_bounds", "fit_forms",
-           "is_admissible", "pde_safe", "n_constants"]
+           "in_domain", "is_admissible", "pde_safe", "n_constants"]
 
 
 @dataclass(frozen=True)
 class Form:
     """One library form: ``template`` in ``u`` and the symbols ``params``; ``start(u, y)`` gives starting values
-    (a list of candidate starts, each a tuple in ``params`` order); ``bounds`` (low, high) per parameter."""
+    (a list of candidate starts, each a tuple in ``params`` order); ``bounds`` (low, high) per parameter.
+    ``domain``: the densities where the form is real and finite for every allowed constant: 'all', 'u >= 0'
+    (a free exponent: u**m) or 'u > 0' (a logarithm). A learned curve is sampled over the observed densities,
+    which noise takes below 0; the form is fitted to the samples in its domain (see :func:`in_domain`)."""
 
     name: str
     kind: str
@@ -41,6 +44,7 @@ class Form:
     start: Callable[[np.ndarray, np.ndarray], list[tuple[float, ...]]]
     bounds: tuple[tuple[float, float], ...]
     description: str
+    domain: str = "all"
 
     def expr(self, values: Sequence[float]) -> sp.Expr:
         """The template with its constants set (as Floats: the free constants of a later refit)."""
@@ -151,7 +155,7 @@ FORMS_D: dict[str, Form] = {f.name: f for f in (
     Form("proportional", "D", _a * U, ("a",), lambda u, y: [(_mean(y) / max(float(np.mean(u)), 1e-300),)],
          ((0.0, _INF),), "D0 u/K (one constant: D0/K)"),
     Form("power", "D", _a * U**_m, ("a", "m"), _d_power_start, ((0.0, _INF), (0.05, 6.0)),
-         "D0 (u/K)^m (two constants: D0/K^m, m)"),
+         "D0 (u/K)^m (two constants: D0/K^m, m)", "u >= 0"),
     Form("exponential", "D", _a * sp.exp(_b * U), ("a", "b"), _exp_start, ((0.0, _INF), (-_INF, _INF)),
          "D0 exp(b u)"),
     Form("saturating", "D", _a / (1 + _b * U), ("a", "b"), _sat_start, ((0.0, _INF), (0.0, _INF)),
@@ -167,12 +171,26 @@ FORMS_G: dict[str, Form] = {f.name: f for f in (
     Form("allee", "G", (_a - _b * U) * (U - _c), ("a", "b", "c"), _allee_start,
          ((0.0, _INF), (0.0, _INF), (0.0, _INF)), "r (1 - u/K) (u/A - 1) (three constants: r/A, r/(K A), A)"),
     Form("gompertz", "G", _a - _b * sp.log(U), ("a", "b"), _gompertz_start, ((-_INF, _INF), (0.0, _INF)),
-         "r ln(K/u) (two constants: r ln K, r)"),
+         "r ln(K/u) (two constants: r ln K, r)", "u > 0"),
     Form("richards", "G", _a - _b * U**_m, ("a", "b", "m"), _richards_start,
-         ((-_INF, _INF), (0.0, _INF), (0.05, 10.0)), "r (1 - (u/K)^nu) (three constants: r, r/K^nu, nu)"),
+         ((-_INF, _INF), (0.0, _INF), (0.05, 10.0)), "r (1 - (u/K)^nu) (three constants: r, r/K^nu, nu)",
+         "u >= 0"),
 )}
 
 _LIBRARY = {"D": FORMS_D, "G": FORMS_G}
+
+
+_DOMAINS = {"all": lambda u: np.ones(u.shape, bool), "u >= 0": lambda u: u >= 0, "u > 0": lambda u: u > 0}
+
+
+def in_domain(kind: str, name: str, u: np.ndarray) -> np.ndarray:
+    """Which of the densities ``u`` lie in the domain of library form ``name`` (kind 'D' or 'G'), where it is real
+    and finite whatever its constants. A form is fitted to a learned curve there only: otherwise the samples below
+    0 (noise in empty space) make a Gompertz log u infinite, so the form was lost, and lock a free exponent at the
+    integer its start gave, since any other exponent is not real there (found on a polygon whose sampled range
+    began at -83 cells/mm²)."""
+    u = np.asarray(u, dtype=float)
+    return _DOMAINS[_LIBRARY[kind][name].domain](u) & np.isfinite(u)
 
 
 def check_form_names(kind: str, names: Sequence[str] | None) -> list[str]:
@@ -226,6 +244,10 @@ def constant_bounds(kind: str, name: str, expr: sp.Expr) -> list[tuple[float, fl
 
 
 def _fit_one(form: Form, u: np.ndarray, y: np.ndarray, w: np.ndarray) -> FormFit | None:
+    keep = in_domain(form.kind, form.name, u)
+    if keep.sum() < len(form.params) + 2 or not np.any(w[keep] > 0):
+        return None
+    u, y, w = u[keep], y[keep], w[keep]
     if not form.params:
         fn = sp.lambdify([U], form.template, modules="numpy")
         pred = np.broadcast_to(np.asarray(fn(u), dtype=float), u.shape)
@@ -272,7 +294,8 @@ def _fit_one(form: Form, u: np.ndarray, y: np.ndarray, w: np.ndarray) -> FormFit
 
 
 def fit_forms(samples, names: Sequence[str] | None = None) -> list[FormFit]:
-    """Fit library forms to a learned curve by weighted least squares (scipy, several starts each, bounded).
+    """Fit library forms to a learned curve by weighted least squares (scipy, several starts each, bounded), each
+    on the samples in its domain (:func:`in_domain`; its loss is the weighted mean there).
 
     samples: a :class:`~napari_binn.symbolic.samples.FunctionSamples` named 'D' or 'G' (its weights are used;
     the BINN ensemble spread, when present, down-weights poorly determined densities). names: form names of
