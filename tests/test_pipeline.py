@@ -8,6 +8,7 @@ import pytest
 
 from napari_binn.jobs import CancelToken, run_job
 from napari_binn.pipeline import PipelineConfig, PipelineResult, run_pipeline
+from napari_binn.symbolic.expression import free_floats, parse_expression
 
 
 def test_all_stages_ran(pipeline_run, fkpp_field):
@@ -171,6 +172,8 @@ def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_co
     assert not d[guise]["excluded"]
     refitted = out.metadata["alternatives_refitted"]["D"]
     assert "1.0e-20" not in refitted[guise] and refitted[guise] != refitted[hold["D"]["headline"]]
+    # written with its constants only (the 1 stays an integer): read back, it is a two-constant saturating form
+    assert len(free_floats(parse_expression(refitted[guise]))) == 2, refitted[guise]
     assert guise in out.metadata["alternatives"]["D"] and guise not in out.metadata["same_as_headline"]["D"]
     assert res.metadata["closed_form_refitted"]["D_0"] == pytest.approx(800.0, rel=0.1)
     assert "closed form (refitted)" in [m.name for m in res.qc.models]

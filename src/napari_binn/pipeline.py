@@ -623,6 +623,12 @@ def _refitted_form(eq: Equations, key: str, params: dict[str, float] | None):
     return getattr(eq, key).selected
 
 
+def _four_digits(expr: sp.Expr) -> str:
+    """``expr`` as text with its constants to 4 significant digits; its integers stay integers (evalf wrote the 1
+    of a saturating D0/(b u + 1) as a constant 1.0, so the form read back had a third constant)."""
+    return sp.sstr(expr.xreplace({c: sp.Float(c, 4) for c in expr.atoms(sp.Float)}))
+
+
 def _holdout_candidates(f, n: int) -> list[int]:
     """Rows of ``f.rows`` the held-out test compares: the front's candidates (as for the BIC choice), the front rows
     that are library forms, and the library rows; one per distinct text, fewest constants first."""
@@ -745,7 +751,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             "headline": _row_label(f, avail[head][pos]),
             "alternatives": [_row_label(f, ij[pos]) for ij in kept if ij not in same],
             "same_as_headline": [_row_label(f, ij[pos]) for ij in same],
-            "refitted": {_row_label(f, ij[pos]): sp.sstr(fitted[ij].sympy.evalf(4)) for ij in kept + [avail[head]]},
+            "refitted": {_row_label(f, ij[pos]): _four_digits(fitted[ij].sympy) for ij in kept + [avail[head]]},
             "candidates": [{"form": _row_label(f, ij[pos]), "n_constants": n_constants(f.rows[ij[pos]].expression.sympy),
                             "heldout_sse": totals[k] if np.isfinite(totals[k]) else None,
                             "p_worse": None if not np.isfinite(pvals[k]) else float(pvals[k]),
