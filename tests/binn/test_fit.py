@@ -39,7 +39,12 @@ def test_save_load_round_trip(tmp_path, binn_field, tiny):
     fit.save(tmp_path / "fit")
     blob = (tmp_path / "fit" / "binn_weights.safetensors").read_bytes()
     assert b"\x80\x04" not in blob[:16]  # not a pickle stream
-    again = BinnFit.load(tmp_path / "fit")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the weights file's header is read and closed at once
+        warnings.simplefilter("always", ResourceWarning)
+        again = BinnFit.load(tmp_path / "fit")
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
     u = np.linspace(0, 1, 9)
     assert np.array_equal(fit.D_ensemble(u), again.D_ensemble(u))
     assert np.array_equal(fit.G(u), again.G(u))
@@ -59,7 +64,12 @@ def test_load_fit_saved_before_the_softplus_D_network(tmp_path, binn_field, tiny
     meta = json.loads(meta_path.read_text())
     del meta["config"]["D_output"]  # as written by earlier versions
     meta_path.write_text(json.dumps(meta))
-    again = BinnFit.load(tmp_path / "fit")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the weights file's header is read and closed at once
+        warnings.simplefilter("always", ResourceWarning)
+        again = BinnFit.load(tmp_path / "fit")
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
     u = np.linspace(0, 1, 9)
     assert again.config.D_output == "log"
     assert np.array_equal(fit.D(u), again.D(u))

@@ -303,7 +303,8 @@ class BinnFit:
 def _check_safetensors(path: Path) -> None:
     """Refuse a weights file that is not safetensors (a pickle or a torch.save file: those could run code, and
     are never read) with a message saying so."""
-    head = path.open("rb").read(9)
+    with path.open("rb") as fh:  # closed at once (a bare open().read() left it to the garbage collector)
+        head = fh.read(9)
     size = path.stat().st_size
     n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
     if len(head) < 9 or not 0 < n <= size - 8 or head[8:9] != b"{":
