@@ -66,6 +66,8 @@ def test_a_form_is_fitted_on_its_domain_when_the_sampled_densities_reach_below_z
     rows = [r for r in getattr(eq, kind).rows if r.form == name]
     assert len(rows) == 1, [(r.form, r.expression.text) for r in getattr(eq, kind).rows]
     assert np.isfinite(rows[0].loss)
+    n_in = int(np.count_nonzero(u > 0 if name == "gompertz" else u >= 0))
+    assert any(f"{name} {n_in}" in note for note in getattr(eq, kind).notes), getattr(eq, kind).notes  # says so
 
 
 def test_growth_forms_keep_growth_falling_with_density_when_the_learned_curve_rises():

@@ -412,11 +412,15 @@ def _polish(cand: _Candidate, u, y, w) -> _Candidate:
     return _Candidate(fit, complexity(fit.expr), cand.form)
 
 
-def _library_candidates(s: FunctionSamples, names, u, y, w) -> list[_Candidate]:
+def _library_candidates(s: FunctionSamples, names, u, y, w, notes: list[str]) -> list[_Candidate]:
     """The library's forms fitted to the curve, as candidates (each keeps its form name); each form's loss is over
-    the samples in its domain (:func:`~napari_binn.symbolic.forms.in_domain`), where it was fitted."""
-    out = []
+    the samples in its domain (:func:`~napari_binn.symbolic.forms.in_domain`), where it was fitted. Forms fitted
+    on part of the samples are named in one note."""
+    out, partial = [], []
     for ff in fit_forms(s, names):
+        n_in = int(np.count_nonzero(in_domain(s.name, ff.name, u)))
+        if n_in < u.size:
+            partial.append(f"{ff.name} {n_in}")
         expr = _integerize(sp.expand_log(ff.expr, force=True))
         keep = in_domain(s.name, ff.name, u)
         try:  # the form's own (bounded) fit: an unbounded refit could leave the form's biology (A > 0, ...)
@@ -430,6 +434,10 @@ def _library_candidates(s: FunctionSamples, names, u, y, w) -> list[_Candidate]:
                         np.zeros(nf))  # zero spread: the constants keep 6 digits
         if math.isfinite(fit.loss):
             out.append(_Candidate(fit, complexity(fit.expr), ff.name))
+    if partial:
+        notes.append(f"{s.name}: the sampled densities reach {float(np.min(u)):.4g}; library forms not defined there "
+                     f"(a logarithm needs u > 0, a free exponent u >= 0) are fitted, and their losses measured, on "
+                     f"the samples where they are (of {u.size}): {', '.join(partial)}.")
     return out
 
 
@@ -524,7 +532,7 @@ def _discover_one(s: FunctionSamples, *, backend, operators, max_complexity, see
     kind = s.name if s.name in ("D", "G") else None
     library: list[_Candidate] = []
     if kind is not None and (forms is None or len(forms)) and not is_cancelled(cancel):
-        library = _library_candidates(s, forms, u, y, w)
+        library = _library_candidates(s, forms, u, y, w, notes)
     u_max = float(s.u_max) if s.u_max is not None and math.isfinite(s.u_max) else float(np.max(u))
     if kind is not None:  # a closed form that breaks the PDE on the observed densities is never selected
         cands = _admissible(cands, kind, u_max, notes)
