@@ -418,11 +418,10 @@ def _library_candidates(s: FunctionSamples, names, u, y, w, notes: list[str]) ->
     on part of the samples are named in one note."""
     out, partial = [], []
     for ff in fit_forms(s, names):
-        n_in = int(np.count_nonzero(in_domain(s.name, ff.name, u)))
-        if n_in < u.size:
-            partial.append(f"{ff.name} {n_in}")
-        expr = _integerize(sp.expand_log(ff.expr, force=True))
         keep = in_domain(s.name, ff.name, u)
+        if not keep.all():
+            partial.append(f"{ff.name} {int(np.count_nonzero(keep))}")
+        expr = _integerize(sp.expand_log(ff.expr, force=True))
         try:  # the form's own (bounded) fit: an unbounded refit could leave the form's biology (A > 0, ...)
             with np.errstate(all="ignore"):
                 pred = np.broadcast_to(np.asarray(sp.lambdify([U], expr, modules="numpy")(u[keep]), dtype=float),
