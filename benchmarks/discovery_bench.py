@@ -34,6 +34,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --list         # the case table
     python benchmarks/discovery_bench.py --validation   # eight other cases no default was chosen on
     python benchmarks/discovery_bench.py --fresh        # eight more, written after the last default was chosen
+    python benchmarks/discovery_bench.py --units        # eight in other units and shapes (K, boxes, grid, hours)
     python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
 
 The last line printed is a JSON object: {"cases", "structures_recovered", "true_form_listed", "per_case": {name: {"binn_d_rel_err",
@@ -193,7 +194,33 @@ FRESH: dict[str, Case] = {c.name: c for c in [
     Case("f_richards_wound_poisson", "richards", {"D": 800.0, "r": 0.06, "K": K0, "gamma": 2.0}, "wound",
          "poisson", dx_um=100.0, u0_fraction=0.4, note="Richards G, a wound closing, Poisson ~20/box"),
 ]}
-ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH}
+#: cases in other units and shapes (``--units``), written on 7 December (thirteenth session) after every default
+#: was chosen: other carrying capacities (400-6000 cells/mm²), box sizes (25-100 µm), grids (24 x 24 to 30 x 56),
+#: movie lengths (36-120 h) and non-integer exponents, to test that nothing in the product is tuned to
+#: K = 2000 cells/mm², 40 x 40 boxes and 48 h
+UNITS: dict[str, Case] = {c.name: c for c in [
+    Case("u_fkpp_sparse_scratch", "fisher_kpp", {"D": 250.0, "r": 0.04, "K": 400.0}, "scratch", "gaussian_k",
+         u0_fraction=0.5, note="constant D, logistic G, sparse cells (K 400 cells/mm²), scratch"),
+    Case("u_porous_dense_fine_disc", "porous_fisher", {"D0": 1000.0, "m": 1.0, "r": 0.05, "K": 6000.0}, "disc",
+         "gaussian_k", dx_um=25.0, grid=(48, 48), u0_fraction=0.6,
+         note="D = D0 u/K, dense cells (K 6000 cells/mm²) in 25 µm boxes, a patch in a disc"),
+    Case("u_allee_long_wound", "allee", {"D": 500.0, "r": 0.12, "K": 1500.0, "A": 0.3}, "wound", "gaussian_k",
+         u0_fraction=0.7, frames=11, hours=120.0, note="Allee G (threshold 0.3 K), a wound closing over 120 h"),
+    Case("u_contact_rect_triangle", "contact_inhibition", {"D0": 1800.0, "r": 0.07, "K": 2500.0}, "triangle",
+         "gaussian_k", grid=(30, 56), u0_fraction=0.9,
+         note="D = D0/(1 + u/K), a patch spreading along a triangle on a 30 x 56 grid"),
+    Case("u_power15_scratch", "porous_fisher", {"D0": 5000.0, "m": 1.5, "r": 0.06, "K": K0}, "scratch",
+         "gaussian_k", noise=0.03, u0_fraction=0.6, note="D = D0 (u/K)^1.5 (a non-integer exponent), scratch, 3%"),
+    Case("u_gompertz_disc_proportional", "gompertz", {"D": 1000.0, "r": 0.04, "K": 3000.0}, "disc",
+         "proportional", noise=0.1, u0_fraction=0.6, note="Gompertz G, K 3000 cells/mm², a patch in a disc, "
+         "10% proportional noise"),
+    Case("u_richards_half_islands", "richards", {"D": 600.0, "r": 0.1, "K": K0, "gamma": 0.5}, "islands",
+         "gaussian_k", u0_fraction=0.5, note="Richards G = r (1 - (u/K)^0.5), islands"),
+    Case("u_fkpp_small_polygon_poisson", "fisher_kpp", {"D": 1500.0, "r": 0.08, "K": K0}, "polygon", "poisson",
+         dx_um=100.0, grid=(28, 28), u0_fraction=0.3, frames=13, hours=48.0,
+         note="constant D, logistic G, a small polygon (28 x 28 boxes), 13 frames, Poisson ~20/box"),
+]}
+ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH, **UNITS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -820,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the validation cases (never used to choose a default) instead of the eight")
     ap.add_argument("--fresh", action="store_true",
                     help="the fresh cases (written after the last default was chosen) instead of the eight")
+    ap.add_argument("--units", action="store_true",
+                    help="the cases in other units and shapes (K, box size, grid, movie length) instead of the eight")
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
@@ -839,7 +868,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-score the rows of an earlier --json-out file with this scorer (no pipeline run)")
     args = ap.parse_args(argv)
 
-    names = args.cases or list(FRESH if args.fresh else VALIDATION if args.validation else CASES)
+    names = args.cases or list(UNITS if args.units else FRESH if args.fresh else VALIDATION if args.validation
+                                else CASES)
     unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; cases: {list(ALL_CASES)}")

@@ -104,7 +104,7 @@ def test_validation_and_fresh_cases_are_other_data(bench, capsys):
     earlier one in form, domain, noise or frames."""
     sets = [bench.CASES, bench.VALIDATION, bench.FRESH]
     assert len(bench.VALIDATION) >= 8 and len(bench.FRESH) >= 8
-    assert sum(map(len, sets)) == len(bench.ALL_CASES) == len(set().union(*sets))
+    assert sum(map(len, sets)) == len(set().union(*sets)) == len(bench.ALL_CASES) - len(bench.UNITS)
     seen = {(c.model, c.domain, c.noise_model, c.frames) for c in bench.CASES.values()}
     for later in sets[1:]:
         for name, case in later.items():
@@ -120,6 +120,26 @@ def test_validation_and_fresh_cases_are_other_data(bench, capsys):
     assert bench.main(["--fresh", "--list"]) == 0
     out = capsys.readouterr().out
     assert "f_contact_scratch" in out and "v_richards_triangle" not in out
+
+
+def test_the_units_cases_differ_from_every_earlier_case_in_units_or_shape(bench, capsys):
+    """The cases in other units and shapes are a set of their own, and each differs from every earlier case in K,
+    box size, grid, movie length or exponent, not only in form, domain or noise."""
+    earlier = {**bench.CASES, **bench.VALIDATION, **bench.FRESH}
+    assert len(bench.UNITS) >= 8 and not set(bench.UNITS) & set(earlier)
+    assert len(bench.ALL_CASES) == len(earlier) + len(bench.UNITS)
+
+    def units(c):
+        return (c.params["K"], c.dx_um, c.grid, c.hours, c.params.get("m"), c.params.get("gamma"))
+
+    seen = {units(c) for c in earlier.values()}
+    for name, case in bench.UNITS.items():
+        assert units(case) not in seen, name
+        fld, truth = case.make(0, quick=True)
+        assert fld.shape == (6, 16, 16) and fld.mask.any() and truth.params["K"] == case.params["K"], name
+    assert bench.main(["--units", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "u_fkpp_sparse_scratch" in out and "fkpp_scratch " not in out and "f_contact_scratch" not in out
 
 
 def test_options(bench, capsys):
