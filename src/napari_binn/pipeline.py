@@ -369,6 +369,7 @@ def run_pipeline(
             _need(result.field, "binn", "a density field")
             result.fit = yield from _tag(train_job(result.field, config, cancel=cancel, members=members),
                                          stage, index)
+            warnings += list(result.fit.metadata.get("warnings", []))
         elif stage == "symbolic":
             _need(result.fit, "symbolic", "a trained BINN")
             sc = config.symbolic

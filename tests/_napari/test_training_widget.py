@@ -39,7 +39,7 @@ def test_warmup_keeps_its_share_of_the_steps(trainer):
     assert w.warmup.value == 1000
 
 
-def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_config):
+def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_config, monkeypatch):
     viewer, w = trainer
     from napari_binn.binn.refine import RefineConfig
     from napari_binn.pipeline import PipelineConfig
@@ -62,6 +62,14 @@ def test_short_run_updates_state_and_plots(trainer, qtbot, tiny_density, tiny_co
 
     assert torch.get_num_threads() == headless_torch_threads()
     assert not job.running
+    # a fit's warnings (e.g. a surrogate pulled away from the data) reach the user as notifications
+    shown = []
+    import napari_binn._napari._training_widget as tw
+
+    monkeypatch.setattr(tw, "show_warning", shown.append)
+    fit.metadata["warnings"] = ["BINN model 1: the surrogate fits the data 9.2 times worse"]
+    w._done(fit)
+    assert shown == ["Training: BINN model 1: the surrogate fits the data 9.2 times worse"]
 
 
 def test_stop_keeps_best_model(trainer, qtbot, tiny_density, tiny_config):

@@ -16,6 +16,9 @@ def test_config_round_trip_and_validation():
         BinnConfig(steps=0)
     with pytest.raises(ValueError, match="device"):
         BinnConfig(device="tpu")
+    for bad in (0.5, -1.0):
+        with pytest.raises(ValueError, match="warmup_restore"):
+            BinnConfig(warmup_restore=bad)
 
 
 def test_with_steps_keeps_the_shares_of_the_phases():

@@ -726,3 +726,26 @@ def test_too_many_averaged_first_frames_are_refused(small_case):
     with pytest.raises(ValueError,
                        match=r"refine\.initial_frames = 3 averages 3 of the 3 frames.*2 held out.*at most 2"):
         refine_binn(fld, fit, RefineConfig(initial_frames=3, holdout_frames=2))
+
+
+def test_a_surrogate_that_does_not_fit_the_data_is_named_in_the_notes(small_case):
+    """The noise level is the surrogate's residual; a surrogate far from the data makes it too large, and the notes
+    say so. With a surrogate that fits the data to the noise (here the clean field itself) there is no such note."""
+    fld, truth, fit = small_case
+    cfg = RefineConfig(iterations=10, smoothness=[1.0], initial="data", joint=False, distill_steps=10, bands=False)
+
+    def surrogate(values):
+        def u(x_um, y_um, t_h):  # the grid's boxes at a frame's time, as the refinement asks for them
+            x, y, t = np.broadcast_arrays(x_um, y_um, t_h)
+            k = np.searchsorted(fld.t_h, t.ravel()[0])
+            return np.broadcast_to(values[k], x.shape) if x.ndim == 2 else values
+        return u
+
+    notes = {}
+    for label, values in (("clean", np.nan_to_num(truth.u_clean)), ("zero", np.zeros_like(fld.u))):
+        f = copy.deepcopy(fit)
+        f.u = surrogate(values)
+        meta = refine_binn(fld, f, cfg).metadata["refine"]
+        notes[label] = (meta["misfit"], [n for n in meta["notes"] if "surrogate fits the data poorly" in n])
+    assert notes["clean"][0] > 0.5 and notes["clean"][1] == []
+    assert notes["zero"][0] < 0.5 and len(notes["zero"][1]) == 1

@@ -122,3 +122,57 @@ def test_members_trained_one_by_one_assemble_to_the_serial_fit(binn_field, tiny)
     assert fit.history == serial.history
     with pytest.raises(ValueError, match="outside the ensemble"):
         train_member(fld, cfg, 2)
+
+
+def test_a_warmup_that_learned_the_noise_restores_its_best_state(binn_field, tiny, monkeypatch):
+    """When the validation loss ends the warm-up more than warmup_restore times above its lowest, the state of
+    that lowest point is restored before the PDE term starts (and said so); otherwise nothing changes."""
+    from napari_binn.binn import train as train_mod
+
+    real = train_mod._Member.val_loss
+    scripted = {"values": []}
+
+    def val_loss(self, warm):
+        real(self, warm)  # the same work (and random draws) as without the script
+        return scripted["values"].pop(0) if warm and scripted["values"] else 1.0
+
+    monkeypatch.setattr(train_mod._Member, "val_loss", val_loss)
+    f = binn_field()
+    cfg = BinnConfig(steps=30, seed=2, **{**tiny, "warmup_steps": 20})  # warm-up validations at steps 5-20
+    runs = {}
+    for label, values, restore in (("rises", [1.0, 0.5, 0.8, 0.9], 1.1), ("off", [1.0, 0.5, 0.8, 0.9], 0.0),
+                                   ("small rise", [1.0, 0.5, 0.52, 0.54], 1.1)):
+        scripted["values"] = list(values)
+        events = []
+        fit = fit_binn(f, cfg.replace(warmup_restore=restore), callback=events.append)
+        runs[label] = (fit, events)
+    fit, events = runs["rises"]
+    assert fit.metadata["members"][0]["warmup_restored"] == {"step": 10, "val": 0.5, "end_val": 0.9}
+    assert any("learned the noise" in e.message and "step 10" in e.message for e in events)
+    for label in ("off", "small rise"):
+        other, other_events = runs[label]
+        assert "warmup_restored" not in other.metadata["members"][0]
+        assert not any("learned the noise" in e.message for e in other_events)
+    u = np.linspace(0.05, 0.6, 5)
+    # the restore changes the path; without it the run is the plain one
+    assert not np.array_equal(fit.D(u), runs["off"][0].D(u))
+    np.testing.assert_array_equal(runs["off"][0].D(u), runs["small rise"][0].D(u))
+
+
+def test_a_surrogate_pulled_away_from_the_data_is_warned_about(binn_field, tiny, monkeypatch):
+    """A member whose data loss ends far above its warm-up's lowest validation loss gets a warning in the fit's
+    metadata; a healthy run gets none."""
+    from napari_binn.binn import train as train_mod
+
+    f = binn_field()
+    cfg = BinnConfig(steps=30, seed=2, **{**tiny, "warmup_steps": 20})
+    healthy = fit_binn(f, cfg)
+    assert healthy.metadata["warnings"] == []
+    assert healthy.metadata["members"][0]["warmup_best_val"] > 0
+    real = train_mod._Member.val_loss
+    # the warm-up's validation loss claims a fit far better than the data loss the run ends with
+    monkeypatch.setattr(train_mod._Member, "val_loss",
+                        lambda self, warm: real(self, warm) * (1e-3 if warm else 1.0))
+    fit = fit_binn(f, cfg)
+    (warning,) = fit.metadata["warnings"]
+    assert warning.startswith("BINN model 1: the surrogate fits the data") and "times worse" in warning

@@ -315,6 +315,8 @@ class TrainingWidget(QWidget):
         self.status.setText(("Stopped: kept the best model so far. " if cancelled else "Training done. ")
                             + f"{fit.n_models} network(s) in {fmt_seconds(time.perf_counter() - self._t0)}. "
                             "Next: the Results dock (discover equations).")
+        for warning in fit.metadata.get("warnings", []):
+            show_warning(f"Training: {warning}")
         self._plot_fit(fit)
 
     # ------------------------------------------------------------------------------------------ plots

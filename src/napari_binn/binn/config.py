@@ -50,7 +50,10 @@ class BinnConfig:
         fit the surrogate first; cheap steps), rates_only_steps (then the PDE term
         trains only D, G, T against the fixed surrogate, so wrong starting rates cannot distort it), lbfgs_steps (optional L-BFGS polish; 0 = off), validation ``"random"`` (a
         val_fraction of observed points) or ``"frames"`` (every 5th interior frame held out), val_every,
-        patience (steps without a better validation loss before stopping early; 0 = never).
+        patience (steps without a better validation loss before stopping early; 0 = never), warmup_restore (when
+        the validation loss at the end of the warm-up is more than this factor above its lowest in the warm-up, the
+        surrogate has learned the noise: its state at that lowest point is restored before the PDE term starts,
+        since a rough surrogate makes the residual large and can drive the surrogate to u = 0; 0 = never).
     Job
         n_models (ensemble size; members differ in split and initialisation seed), seed, device
         (``"auto"|"cpu"|"cuda"|"mps"``), residual (``"fast"`` forward-Laplacian or ``"autograd"``),
@@ -96,6 +99,7 @@ class BinnConfig:
     val_fraction: float = 0.2
     val_every: int = 50
     patience: int = 2000
+    warmup_restore: float = 1.1
     n_models: int = 1
     seed: int = 0
     device: str = "auto"
@@ -143,6 +147,9 @@ class BinnConfig:
         need(0 <= self.D_decades <= 12, f"D_decades must be in [0, 12] (0 = linear D scale); got {self.D_decades}")
         need(self.D_init is None or self.D_init > 0, f"D_init must be > 0 µm²/h; got {self.D_init}")
         need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1); got {self.val_fraction}")
+        need(self.warmup_restore == 0 or self.warmup_restore >= 1,
+             f"warmup_restore must be 0 (never) or >= 1 (a factor over the lowest validation loss); got "
+             f"{self.warmup_restore}")
         need(self.K is None or self.K > 0, f"K must be > 0 (carrying capacity); got {self.K}")
         if self.D_min is not None:
             need(self.D_min >= 0, f"D_min must be >= 0 µm²/h; got {self.D_min}")

@@ -604,6 +604,11 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, held: int, cancel
     return out
 
 
+#: a refined simulation that leaves less than this share of the surrogate's residual variance shows a surrogate that
+#: does not fit the data (a healthy surrogate fits it to about the noise: misfits of 0.9-1.0)
+_POOR_SURROGATE_MISFIT = 0.5
+
+
 def _corrects_noise(cfg: RefineConfig, initial: str) -> bool:
     """Whether the first frame's noise is corrected for: with ``cfg.noise_draws``, for the initial states that are
     the data's first frame ('data', 'denoised'); the surrogate's first frame carries its own smooth error instead."""
@@ -809,6 +814,11 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     if len(runs) > 1:
         notes.append("initial state chosen by the lower final misfit: " + ", ".join(
             f"'{r['initial']}' {r['chi2'] / n:.4g}" for r in runs))
+    best_fixed = min(f["chi2"] for r in runs for f in r["fits"]) / n
+    if best_fixed < _POOR_SURROGATE_MISFIT:
+        notes.append(f"the BINN's surrogate fits the data poorly: a simulation fits it with {best_fixed:.2g} of the "
+                     "surrogate's residual variance, so the noise level taken from the surrogate is too large, and "
+                     "with it the first frame's noise correction (see the training's warnings)")
     chosen, z_best = win["chosen"], win["z"]
     with torch.no_grad():
         D_tab, G_tab = (v.numpy().copy() for v in prob.tables(torch.as_tensor(z_best)))

@@ -294,6 +294,8 @@ class _Member:
         ema: float | None = None
         since_restart = 0
         status = {"cancelled": False, "stopped_early": False, "steps_done": 0, "divergences": 0}
+        warm_best: tuple[float, int, dict[str, Any]] | None = None  # the warm-up's lowest validation loss
+        last_val: float | None = None
         step = 0
         while step < cfg.steps:
             if cancel is not None and cancel.paused:
@@ -303,6 +305,15 @@ class _Member:
                 break
             warm = step < warmup
             if step == warmup:
+                if (cfg.warmup_restore and warm_best is not None and last_val is not None
+                        and last_val > cfg.warmup_restore * warm_best[0] and "warmup_restored" not in status):
+                    # the surrogate has learned the noise since its lowest validation loss: a rough surrogate
+                    # makes the PDE residual large, and the residual can then pull the surrogate to u = 0
+                    self.model.load_state_dict(warm_best[2])
+                    best_state = warm_best[2]  # what a divergence guard restores until the next validation
+                    opt = self._adam(cfg.lr * lr_scale)
+                    status["warmup_restored"] = {"step": warm_best[1], "val": warm_best[0], "end_val": last_val}
+                    yield "warmup_restored", dict(status["warmup_restored"])
                 ema, best_val = None, math.inf  # the PDE term starts: new loss scale, new best
             lr = cfg.lr * (cfg.lr_final / cfg.lr) ** (step / max(cfg.steps - 1, 1)) * lr_scale
             for group in opt.param_groups:
@@ -335,8 +346,11 @@ class _Member:
                 if not self.finite():
                     continue  # caught as a NaN loss at the next step
                 v = self.val_loss(step <= warmup)
+                last_val = v
                 if v < best_val or (step <= warmup):
                     best_val, best_step, best_state = v, step, self.state()
+                if step <= warmup and cfg.warmup_restore and (warm_best is None or v < warm_best[0]):
+                    warm_best = (v, step, best_state)
                 if cfg.patience and step > warmup and step - best_step > cfg.patience:
                     status["stopped_early"] = True
                     break
@@ -354,6 +368,7 @@ class _Member:
             raise FloatingPointError("BINN parameters became non-finite and no finite checkpoint exists")
         status["best_val"] = best_val if math.isfinite(best_val) else None
         status["best_step"] = best_step
+        status["warmup_best_val"] = None if warm_best is None else warm_best[0]
         return status
 
     def _adam(self, lr: float) -> torch.optim.Adam:
@@ -468,6 +483,25 @@ def assemble_fit(field: DensityField, config: BinnConfig, members: list[MemberRe
     return _fit_from(data, config, members, "cpu", note)
 
 
+#: a member whose data loss at the end of training is this many times its lowest validation loss in the warm-up
+#: no longer fits the data (healthy runs end within a few per cent of it)
+_LOST_DATA_FACTOR = 3.0
+
+
+def _lost_the_data(member: MemberResult) -> str:
+    """A warning when the PDE term has pulled member's surrogate away from the data it fitted in the warm-up."""
+    best = member.status.get("warmup_best_val")
+    after = [h for h in member.history if "pde" in h and "data" in h]  # the records with the PDE term on
+    kept = [h for h in after if h["step"] == member.status.get("best_step")] or after[-1:]  # the state handed out
+    if not best or not kept or member.status.get("cancelled") or not kept[0]["data"] > _LOST_DATA_FACTOR * best:
+        return ""
+    end = kept[0]["data"]
+    return (f"BINN model {member.index + 1}: the surrogate fits the data {end / best:.1f} times worse at the end "
+            f"of training than in its warm-up (data loss {end:.3g} against {best:.3g}): the PDE term has pulled "
+            "it away from the data (e.g. towards u = 0), so its D(u) and G(u) are not to be trusted; try more "
+            "frames, a larger data_weight or a smaller network")
+
+
 def _fit_from(data: _Data, config: BinnConfig, members: list[MemberResult], device: str, note: str) -> BinnFit:
     """Every step after the members are trained, in one place for the serial and the distributed paths: the
     networks rebuilt from their state dicts (on the CPU, in index order), the fit's metadata."""
@@ -481,7 +515,8 @@ def _fit_from(data: _Data, config: BinnConfig, members: list[MemberResult], devi
     statuses = [m.status for m in members]
     cancelled = any(s.get("cancelled") for s in statuses) or len(members) < config.n_models
     metadata = {"cancelled": cancelled, "device_note": note, "members": statuses,
-                "n_observed": int(data.u.size), "seeds": [m.seed for m in members]}
+                "n_observed": int(data.u.size), "seeds": [m.seed for m in members],
+                "warnings": [w for m in members if (w := _lost_the_data(m))]}
     return BinnFit(models, data.scales, config, data.bounds, data.units, data.u_range, data.u_hist,
                    [m.history for m in members], device, metadata)
 
@@ -552,6 +587,11 @@ def train_binn(field: DensityField, config: BinnConfig | None = None, *,
                            + ("too many restarts, keeping the best checkpoint" if payload["give_up"] else
                               f"restored the best checkpoint, learning rate lowered to {payload['lr']:.3g}"))
                     yield clock.event(_STAGE, offset + payload["step"], msg, model=i, divergence=payload)
+                elif kind == "warmup_restored":
+                    yield clock.event(_STAGE, offset + last_step, f"model {i + 1}: the surrogate learned the noise "
+                                      f"in the warm-up (validation loss {payload['end_val']:.3g} at its end, "
+                                      f"{payload['val']:.3g} at step {payload['step']}); that step's state "
+                                      "restored before the PDE term starts", model=i, warmup_restored=payload)
                 elif kind == "paused":
                     yield clock.event(_STAGE, offset + payload["step"], "paused", model=i, paused=True)
             if results[-1].status["cancelled"]:
