@@ -186,8 +186,13 @@ def run_pipeline_on(name: str, field: DensityField) -> dict:
     fk = res.mechanistic.get("fisher_kpp")
     if fk is not None:
         print("  Fisher-KPP refit: " + ", ".join(f"{k} = {v:.4g}" for k, v in fk.params.items()))
+    member = res.fit.metadata["members"][0]
+    rolled = member.get("warmup_restored")
+    print("  BINN warm-up: " + (f"rolled back to step {rolled['step']} (validation loss {rolled['end_val']:.3g} at "
+                                f"its end, {rolled['val']:.3g} there)" if rolled else "kept (validation loss at its "
+                                "end within binn.warmup_restore of its lowest)"))
     print(f"  {seconds:.0f} s; the 2026 paper reports N(t) errors of 3.4-6.6% on its data")
-    return {"seconds": round(seconds, 1), "D": eq.D.text, "G": eq.G.text, "refit": refit,
+    return {"seconds": round(seconds, 1), "D": eq.D.text, "G": eq.G.text, "refit": refit, "warmup_restored": rolled,
             "qc": {row: {"rel_l2": res.qc[row].mean_rel_l2, "nt_err_pct": res.qc[row].mean_abs_count_error_pct}
                    for row in res.simulations if row in {m.name for m in res.qc.models}},
             "fisher_kpp": dict(fk.params) if fk is not None else None}

@@ -29,6 +29,18 @@ def test_no_density_is_a_notification(trainer, monkeypatch):
     assert "No density" in shown[-1]
 
 
+def test_a_rolled_back_warmup_is_a_notification(trainer, monkeypatch):
+    from napari_binn.jobs import Progress
+
+    _, w = trainer
+    shown = []
+    monkeypatch.setattr("napari_binn._napari._training_widget.show_info", shown.append)
+    w._event(Progress("train", 16000, 18000, "model 1: the surrogate learned the noise in the warm-up",
+                      data={"model": 0, "warmup_restored": {"step": 1350, "val": 0.0127, "end_val": 0.0249}}))
+    w._event(Progress("train", 16050, 18000, "model 1 step 16050: loss 0.013", data={"model": 0}))
+    assert shown == ["Training: model 1: the surrogate learned the noise in the warm-up"]
+
+
 def test_warmup_keeps_its_share_of_the_steps(trainer):
     _, w = trainer
     assert (w.steps.value, w.warmup.value) == (18000, 16000)

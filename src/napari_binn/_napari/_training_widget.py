@@ -287,6 +287,8 @@ class TrainingWidget(QWidget):
                                                                       if d.get("device_note") else "")
         if "divergence" in d:
             show_warning(f"Training: {ev.message}")
+        if "warmup_restored" in d:
+            show_info(f"Training: {ev.message}")
         if not d.get("paused"):
             self.status.setText(f"{ev.message} — elapsed {fmt_seconds(ev.elapsed_s)}, ETA {fmt_seconds(ev.eta_s)}")
         if "losses" in d:  # cheap bookkeeping only; the throttled timer redraws
