@@ -349,7 +349,7 @@ class _Member:
                 last_val = v
                 if v < best_val or (step <= warmup):
                     best_val, best_step, best_state = v, step, self.state()
-                if step <= warmup and cfg.warmup_restore and (warm_best is None or v < warm_best[0]):
+                if step <= warmup and (warm_best is None or v < warm_best[0]):
                     warm_best = (v, step, best_state)
                 if cfg.patience and step > warmup and step - best_step > cfg.patience:
                     status["stopped_early"] = True
