@@ -422,15 +422,15 @@ def _library_candidates(s: FunctionSamples, names, u, y, w, notes: list[str]) ->
         if not keep.all():
             partial.append(f"{ff.name} {int(np.count_nonzero(keep))}")
         expr = _integerize(sp.expand_log(ff.expr, force=True))
+        uk = u[keep]
         try:  # the form's own (bounded) fit: an unbounded refit could leave the form's biology (A > 0, ...)
             with np.errstate(all="ignore"):
-                pred = np.broadcast_to(np.asarray(sp.lambdify([U], expr, modules="numpy")(u[keep]), dtype=float),
-                                       u[keep].shape)
+                pred = np.broadcast_to(np.asarray(sp.lambdify([U], expr, modules="numpy")(uk), dtype=float), uk.shape)
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             continue
-        nf = len(free_floats(expr))
-        fit = FitResult(expr, weighted_mse(pred, y[keep], w[keep]), np.array([float(f) for f in free_floats(expr)]),
-                        np.zeros(nf))  # zero spread: the constants keep 6 digits
+        consts = np.array([float(f) for f in free_floats(expr)])
+        fit = FitResult(expr, weighted_mse(pred, y[keep], w[keep]), consts,
+                        np.zeros(consts.size))  # zero spread: the constants keep 6 digits
         if math.isfinite(fit.loss):
             out.append(_Candidate(fit, complexity(fit.expr), ff.name))
     if partial:
