@@ -430,16 +430,18 @@ AFTER_TRAINING = ("symbolic", "simulate", "refit", "qc")
 
 
 def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: Path | None = None,
-             start: Path | None = None) -> dict[str, Any]:
+             start: Path | None = None, threads: int = 1) -> dict[str, Any]:
     """Run the pipeline on one case and score it. keep: write the results bundle to keep/<case>_seed<seed>.
-    start: re-run only the stages after training from start/<case>_seed<seed> (its BINN's seconds counted)."""
+    start: re-run only the stages after training from start/<case>_seed<seed> (its BINN's seconds counted).
+    threads: torch's CPU threads (1: two benchmark processes share two cores; the GUI and the CLI use torch's
+    default, one per core)."""
     import torch
 
     from napari_binn.jobs import run_job
     from napari_binn.pipeline import run_pipeline
     from napari_binn.results import load_results, save_results
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(threads))
     field, truth = case.make(seed, quick)
     cfg = make_config(overrides, quick)
     t0 = time.perf_counter()
@@ -866,7 +868,12 @@ def main(argv: list[str] | None = None) -> int:
                          "earlier --keep wrote: for changes after the BINN; seconds count the kept training")
     ap.add_argument("--rescore", default=None, metavar="JSON",
                     help="re-score the rows of an earlier --json-out file with this scorer (no pipeline run)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads per case (default 1, for two benchmark processes on two cores; the "
+                         "GUI and the CLI use one per core: give the core count to time a case as they run it)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1; got {args.threads}")
 
     names = args.cases or list(UNITS if args.units else FRESH if args.fresh else VALIDATION if args.validation
                                 else CASES)
@@ -953,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {case.note}\n   {case.describe()}", flush=True)
         for seed in args.seeds:
             row = run_case(case, seed, overrides, args.quick, keep=Path(args.keep) if args.keep else None,
-                           start=Path(args.from_bundles) if args.from_bundles else None)
+                           start=Path(args.from_bundles) if args.from_bundles else None, threads=args.threads)
             rows.append(row)
             print(f"   seed {seed}: BINN D {_fmt(row['binn_d_rel_err'])} G {_fmt(row['binn_g_rel_err'])} | final "
                   f"({row['final_source']}) D = {row['final_d']}  [{_fmt(row['final_d_rel_err'])}, structure "
@@ -974,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump({"rows": rows, "summary": summary, "seeds": args.seeds, "overrides": args.set,
-                       "quick": args.quick}, fh, indent=1, default=str)
+                       "quick": args.quick, "threads": args.threads}, fh, indent=1, default=str)
     print(json.dumps(summary))
     return 0
 

@@ -157,6 +157,27 @@ def test_options(bench, capsys):
         bench.main(["--cases", "no_such_case", "--list"])
     assert bench.main(["--list"]) == 0
     assert "fkpp_scratch" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--threads", "0", "--list"])
+
+
+def test_the_thread_count_reaches_each_case(bench, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_case(case, seed, overrides, quick=False, keep=None, start=None, threads=1):
+        seen.update(case=case.name, threads=threads)
+        raise Stop
+
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    with pytest.raises(Stop):
+        bench.main(["--cases", "fkpp_scratch", "--threads", "2"])
+    assert seen == {"case": "fkpp_scratch", "threads": 2}
+    with pytest.raises(Stop):
+        bench.main(["--cases", "fkpp_scratch"])
+    assert seen["threads"] == 1  # two benchmark processes on two cores, as before
 
 
 def test_selftest_passes(bench, capsys):
