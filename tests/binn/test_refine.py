@@ -1,7 +1,6 @@
 """Refinement of the BINN's D(u), G(u) through the forward solver (binn.refine)."""
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -146,7 +145,6 @@ def test_too_few_frames_is_a_clear_error(small_case):
     ("noise_draws", 2.5, "whole number >= 0"),
     ("noise_draws", True, "whole number >= 0"),
     ("affine_start", "yes", "true or false"),
-    ("joint_ladder", "yes", "true or false"),
     ("holdout_frames", -1, "whole number >= 0"),
     ("holdout_frames", 1.5, "whole number >= 0"),
     ("holdout_frames", True, "whole number >= 0"),
@@ -751,61 +749,3 @@ def test_a_surrogate_that_does_not_fit_the_data_is_named_in_the_notes(small_case
         notes[label] = (meta["misfit"], [n for n in meta["notes"] if "surrogate fits the data poorly" in n])
     assert notes["clean"][0] > 0.5 and notes["clean"][1] == []
     assert notes["zero"][0] < 0.5 and len(notes["zero"][1]) == 1
-
-
-JOINT_LADDER = RefineConfig(iterations=30, smoothness=[1.0, 0.1], distill_steps=100, initial="denoised", joint=False,
-                            noise_draws=4)
-
-
-def test_the_joint_ladder_replaces_the_result_only_when_it_predicts_the_held_out_frames_better(counts_case,
-                                                                                                monkeypatch):
-    """refine.joint_ladder: both ladders are fitted to the first 4 of the 5 frames; the joint one's curves are kept
-    when its prediction of the 5th is better and the paired test says the fixed frame's is worse (p < 0.1), else the
-    result is the one without the option, and the record says which."""
-    fld, _, fit = counts_case
-    off = refine_binn(fld, copy.deepcopy(fit), JOINT_LADDER).metadata["refine"]
-    calls = []
-    real = refine_module._Problem.heldout_errors
-
-    def scaled(self, z, u0, frames):  # the fixed ladder is asked first, then the joint one
-        calls.append(frames)
-        return real(self, z, u0, frames) * (1.0 if len(calls) % 2 else 0.5)
-
-    monkeypatch.setattr(refine_module._Problem, "heldout_errors", scaled)
-    cfg = dataclasses.replace(JOINT_LADDER, joint_ladder=True)
-    for p, kept in ((0.5, False), (0.01, True)):
-        monkeypatch.setattr(refine_module, "paired_worse_pvalue", lambda a, b, margin, p=p: p)
-        calls.clear()
-        events = []
-        out = refine_binn(fld, copy.deepcopy(fit), cfg, callback=events.append)
-        meta = out.metadata["refine"]
-        jl = meta["joint_ladder"]
-        assert calls == [4, 4] and jl["held"] == 1 and jl["kept"] is kept and jl["p_fixed_worse"] == p
-        assert jl["joint_heldout_misfit"] < jl["fixed_heldout_misfit"] or not kept
-        assert any(("joint ladder" in n and ("kept" if kept else "not kept") in n) for n in meta["notes"])
-        steps = [ev.step for ev in events]  # its step is counted in the progress
-        assert events[-1].data["done"] and steps == sorted(steps) and steps[-1] == events[-1].total
-        if not kept:  # the result without the option
-            assert meta["D"] == off["D"] and meta["initial"] == "denoised"
-            continue
-        assert meta["initial"] == "denoised+joint ladder" and meta["smoothness"] == jl["smoothness"]
-        assert meta["D"] != off["D"] and all(np.isfinite(meta["D_sd"])) and meta["D_noise_sd"] is None
-        # the tables are the joint ladder's whole-field fit, its misfit as every run's (frame 0 included)
-        prob = refine_module._Problem(fld, fit, cfg)
-        u0 = prob.ic_denoised
-        again = refine_module._joint_ladder(prob, cfg, u0, None)
-        with torch.no_grad():
-            D, _ = prob.tables(torch.as_tensor(again["z"]))
-            assert again["misfit"] == pytest.approx(float(prob.chi2(prob.simulate(torch.as_tensor(again["z"]),
-                                                                                   again["u0"]))))
-        np.testing.assert_allclose(meta["D"], D.numpy(), rtol=1e-9)
-        assert meta["misfit"] == pytest.approx(again["misfit"] / prob.n_obs)
-        assert float(again["u0"].min()) >= 0.0
-
-
-def test_the_joint_ladder_needs_the_first_frame_of_data(counts_case):
-    fld, _, fit = counts_case
-    cfg = dataclasses.replace(JOINT_LADDER, initial="surrogate", joint_ladder=True)
-    meta = refine_binn(fld, copy.deepcopy(fit), cfg).metadata["refine"]
-    assert meta["joint_ladder"] is None and meta["initial"] == "surrogate"
-    assert any("joint ladder was not tried" in n for n in meta["notes"])

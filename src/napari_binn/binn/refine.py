@@ -46,7 +46,6 @@ initial states can still be wrong the same way.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Generator
@@ -60,7 +59,7 @@ from ..field import DensityField, initial_state, noise_variance
 from ..jobs import CancelToken, Progress, ProgressClock, is_cancelled, run_job
 from ..pde.grid import MaskedGrid
 from ..pde.torch_solver import TorchGrid, simulate_tables, simulate_tables_batch
-from ..symbolic.selection import block_errors, heldout_choice, paired_worse_pvalue
+from ..symbolic.selection import block_errors, heldout_choice
 from .fit import BinnFit
 
 __all__ = ["RefineConfig", "refine_binn", "refine_binn_job", "check_frames", "INITIAL_STATES"]
@@ -73,8 +72,6 @@ _JACOBIAN_BATCH = 26  # simulations per batch in _jacobian (bounds its memory: 3
 # frame's noise is expected to add to a fit from that frame held fixed (_keep_joint_fits)
 _JOINT_NOISE_SHARE = 0.5
 _EXCESS_DRAWS = 16  # draws for that expected misfit when noise_draws = 0 (the correction off)
-# the joint ladder replaces the result when the fixed frame's ladder predicts the held-out frames worse at this level
-_JOINT_LADDER_LEVEL = 0.1
 _BAND_DRAW_SEED = 1  # the first frame's noise drawn for the bands: other draws than the bias correction's (seed 0)
 _HOLDOUT_BLOCK = 4  # boxes per side of the blocks whose held-out errors pair the prior strengths
 _HOLDOUT_LEVEL = 0.05  # a weaker prior is kept only when the stronger ones predict worse at this level
@@ -118,13 +115,6 @@ class RefineConfig:
     benchmark the BINN's D within 15% in 8 of 8 cases and G within 10% in 7 (7 and 6 at n = 1), the structure in
     22 of 24 runs as at n = 1; Allee growth and curves that were already close a few points worse; on Jin 2016's
     5 frames, 12 h apart, the learned curves' simulation fits worse (N(t) 6.9 -> 10.3%), so not the default.
-    joint_ladder: false (default); true: after the initial states are compared, the ladder is fitted again jointly
-    with the first frame of data, each box's change penalised by that frame's own noise variance, and its curves
-    replace the result when, fitted to all but the last frames, they predict those frames better than the ladder
-    from the first frame held fixed (one-sided paired t test over 4 x 4-box blocks at 0.1; the frames held out as
-    holdout_frames = None would hold out; see :func:`_joint_ladder_trial`). A lab check on the discovery benchmark's
-    48 kept networks (docs/discovery-benchmark.md): better than the product by more than 2 points of D + G in 9
-    runs and worse in 2; not yet measured on the whole benchmark, so not the default.
     min_frames: fewest frames refinement accepts (>= 3). max_steps: time steps per simulation before refusing.
     max_memory_gb: the memory the states one simulation keeps for its gradient may hold; on large fields it
     lowers max_steps to max_memory_gb / (TAPE_BYTES_PER_BOX_STEP x boxes in the ROI) (see
@@ -147,7 +137,6 @@ class RefineConfig:
     max_memory_gb: float = 6.0
     holdout_frames: int | None = 0
     initial_frames: int = 1
-    joint_ladder: bool = False
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -156,7 +145,6 @@ class RefineConfig:
 
         need(isinstance(self.enabled, bool), "enabled", f"must be true or false; got {self.enabled!r}")
         need(isinstance(self.joint, bool), "joint", f"must be true or false; got {self.joint!r}")
-        need(isinstance(self.joint_ladder, bool), "joint_ladder", f"must be true or false; got {self.joint_ladder!r}")
         need(self.initial in INITIAL_STATES, "initial",
              f"must be one of {', '.join(map(repr, INITIAL_STATES))}; got {self.initial!r}")
         need(int(self.iterations) >= 1, "iterations", f"must be >= 1; got {self.iterations}")
@@ -535,17 +523,6 @@ def _ladder(prob: _Problem, cfg: RefineConfig, u0: torch.Tensor,
         yield {"smoothness": lam, "z": z.detach().numpy().copy(), "chi2": chi2, "start": start}
 
 
-def _choose_by_evidence(prob: _Problem, fits: list[dict[str, Any]], u0s: list[torch.Tensor],
-                        s2: float) -> tuple[int, dict[int, np.ndarray]]:
-    """The index of the fit with the highest Laplace evidence (each record gets its ``log_evidence``; ``u0s``: each
-    fit's initial state, ``s2``: the noise variance's ratio) and the Jacobians computed for it, by index."""
-    jac: dict[int, np.ndarray] = {}
-    for i, f in enumerate(fits):
-        jac[i] = _jacobian(prob, f["z"], u0s[i])
-        f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac[i], f["smoothness"], prob.penalised(), s2)
-    return max(range(len(fits)), key=lambda i: fits[i]["log_evidence"]), jac
-
-
 def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, held: int, cancel: CancelToken | None,
               clock: ProgressClock, offset: int, label: str) -> Generator[Progress, None, dict[str, Any] | None]:
     """The ladder from the fixed initial state ``initial``, its prior strength chosen (by the last ``held`` frames,
@@ -590,7 +567,10 @@ def _strategy(prob: _Problem, cfg: RefineConfig, initial: str, held: int, cancel
                           "(misfit " + ", ".join(f"{f['smoothness']:g}: {f['holdout_misfit']:.4g}"
                                                                 for f in fits) + ")")
     elif len(fits) > 1:  # the Laplace evidence
-        best, jac = _choose_by_evidence(prob, fits, [u0_fixed] * len(fits), s2)
+        for i, f in enumerate(fits):
+            jac[i] = _jacobian(prob, f["z"], u0_fixed)
+            f["log_evidence"] = _log_evidence(f["chi2"], f["z"], jac[i], f["smoothness"], prob.penalised(), s2)
+        best = max(range(len(fits)), key=lambda i: fits[i]["log_evidence"])
     out = {"initial": initial, "base": initial, "start": start, "fits": fits, "chosen": fits[best],
            "z": fits[best]["z"], "u0": u0_fixed, "chi2": fits[best]["chi2"], "chi2_start": chi2_start,
            "jacobian": jac.get(best), "s2": s2, "notes": [], "joint": None, "noise_correction": None}
@@ -757,81 +737,6 @@ def _keep_joint_fits(runs: list[dict[str, Any]], n: int) -> None:
                               f"{joint['noise_excess'] / n:.3g}); not kept")
 
 
-def _joint_ladder(prob: _Problem, cfg: RefineConfig, u0: torch.Tensor,
-                  cancel: CancelToken | None) -> dict[str, Any] | None:
-    """The ladder fitted jointly with the first frame: at every prior strength of ``cfg.smoothness`` (strongest
-    first, each warm-started from the one before) the curves z and the first frame u0 + e together, e penalised by
-    the first frame's own noise variance per box (a + b u0, floored at a and at one count's variance b²) in place
-    of frame 0's misfit at the global noise level (for counts the global level anchors the sparse boxes too loosely
-    and the dense ones too tightly); the strength chosen by the Laplace evidence on z at each fit's own first frame.
-    Returns the chosen fit's record (z; u0, its first frame; chi2, that objective; misfit, the misfit on every fitted
-    frame with frame 0, as the other runs'; smoothness), or None on cancel."""
-    later = copy.copy(prob)  # frame 0 leaves the misfit: the penalty on e takes its place
-    later.obs = prob.obs.clone()
-    later.obs[0] = False
-    later.n_obs = int(later.obs.sum())
-    n = prob.n_obs
-    a, b = prob.noise_ab
-    var = torch.clamp(a + b * u0, min=max(a, b * b, 1e-12 * prob.sigma ** 2))
-    z = torch.tensor(prob.z0, requires_grad=True)
-    w = torch.zeros_like(u0, requires_grad=True)  # e / the noise s.d.
-    fits: list[dict[str, Any]] = []
-    for lam in cfg.smoothness:
-        def loss(lam=lam):
-            e = prob.sigma * w
-            return (0.5 * later.chi2(later.simulate(z, u0 + e)) + 0.5 * (e * e / var).sum()
-                    + 0.5 * lam * prob.prior(z)) / n
-
-        _lbfgs([z, w], loss, cfg.iterations, cancel)
-        if is_cancelled(cancel):
-            return None
-        with torch.no_grad():
-            u0c = torch.clamp(u0 + prob.sigma * w, min=0.0)
-            objective = float(later.chi2(later.simulate(z, u0c)) + ((u0c - u0) ** 2 / var).sum())
-            misfit = float(prob.chi2(prob.simulate(z, u0c)))
-        fits.append({"smoothness": lam, "z": z.detach().numpy().copy(), "u0": u0c, "chi2": objective,
-                     "misfit": misfit})
-    s2 = max(min(f["chi2"] for f in fits) / n, 1e-12)
-    best = _choose_by_evidence(later, fits, [f["u0"] for f in fits], s2)[0] if len(fits) > 1 else 0
-    return dict(fits[best], s2=s2)
-
-
-def _joint_ladder_trial(prob: _Problem, cfg: RefineConfig, u0: torch.Tensor,
-                        cancel: CancelToken | None) -> dict[str, Any] | None:
-    """Whether the joint ladder (:func:`_joint_ladder`) from the first frame of data ``u0`` is trusted over the ladder
-    from ``u0`` held fixed: both are fitted to all but the last frames (as many as ``holdout_frames = None`` holds
-    out), and the joint ladder is kept when it predicts those frames with the lower error and the fixed ladder's is
-    larger by a one-sided paired t test over 4 x 4-box blocks at _JOINT_LADDER_LEVEL. The misfit cannot decide it:
-    the joint fit has one more unknown per box. Returns the record (held, held-out misfits per observation, p, kept,
-    and with kept the whole field's joint ladder as ``fit``), or None on cancel."""
-    held = holdout_count(dataclasses.replace(cfg, holdout_frames=None, smoothness=[1.0, 0.1]), len(prob.t))
-    if held == 0:
-        return {"held": 0, "kept": False, "fit": None,
-                "note": f"the joint ladder was not tried: {len(prob.t)} frames leave none to hold out beside 3 fitted"}
-    keep = len(prob.t) - held
-    part = prob.truncated(keep)
-    fixed = list(_ladder(part, cfg, u0, cancel))
-    if is_cancelled(cancel) or len(fixed) < len(cfg.smoothness):
-        return None
-    s2 = max(min(f["chi2"] for f in fixed) / part.n_obs, 1e-12)
-    best = _choose_by_evidence(part, fixed, [u0] * len(fixed), s2)[0] if len(fixed) > 1 else 0
-    joint = _joint_ladder(part, cfg, u0, cancel)
-    if joint is None:
-        return None
-    e_fixed = prob.heldout_errors(fixed[best]["z"], u0, keep)
-    e_joint = prob.heldout_errors(joint["z"], joint["u0"], keep)
-    p = float(paired_worse_pvalue(e_fixed, e_joint, 0.0))
-    kept = bool(np.sum(e_joint) < np.sum(e_fixed) and p < _JOINT_LADDER_LEVEL)
-    n_held = max(int(prob.obs[keep:].sum()), 1)
-    out = {"held": held, "fixed_heldout_misfit": float(np.sum(e_fixed)) / n_held,
-           "joint_heldout_misfit": float(np.sum(e_joint)) / n_held, "p_fixed_worse": p, "kept": kept, "fit": None}
-    if kept:
-        out["fit"] = _joint_ladder(prob, cfg, u0, cancel)
-        if out["fit"] is None:
-            return None
-    return out
-
-
 def _fits_worse(run: dict[str, Any], n: int) -> bool:
     """Whether a run's refined curves fit the data worse than the BINN's own from the same initial state by more
     than the misfit's own noise: 2 sd of a chi-square with n observations, 2 sqrt(2 n) in noise-variance units. A
@@ -858,7 +763,7 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
     initials = list(_AUTO) if cfg.initial == "auto" else [cfg.initial]
     steps = [len(cfg.smoothness) + (held > 0) + _corrects_noise(cfg, initial) + _joint_from(cfg, initial)
              for initial in initials]
-    total = sum(steps) + 1 + bool(cfg.joint_ladder)
+    total = sum(steps) + 1
     clock = ProgressClock(total)
     yield clock.event(_STAGE, 0, f"refining D(u), G(u) through the solver ({n} observed values, "
                       f"{len(cfg.smoothness)} prior strength(s), initial state {' / '.join(initials)})")
@@ -888,37 +793,6 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
                           "they are kept", done=True, refine=fit.metadata["refine"])
         return fit
     win = min(runs, key=lambda r: r["chi2"])
-    joint_ladder = None
-    if cfg.joint_ladder:
-        if cfg.initial == "surrogate":
-            notes.append("the joint ladder was not tried: it starts from the first frame of data, and refine.initial "
-                         "is 'surrogate'")
-        else:
-            u0_data = prob.ic_data if cfg.initial == "data" else prob.ic_denoised
-            trial = _joint_ladder_trial(prob, cfg, u0_data, cancel)
-            if trial is None:
-                yield clock.event(_STAGE, sum(steps), "refinement cancelled: the BINN's own curves are kept",
-                                  cancelled=True)
-                return fit
-            jl = trial.pop("fit")
-            joint_ladder = trial
-            if "note" in trial:
-                notes.append(trial["note"])
-                message = trial["note"]
-            else:
-                base = "data" if cfg.initial == "data" else "denoised"
-                message = (f"joint ladder from the '{base}' first frame: fitted to the first "
-                           f"{len(prob.t) - trial['held']} frames it predicts the last {trial['held']} with misfit "
-                           f"{trial['joint_heldout_misfit']:.4g} against {trial['fixed_heldout_misfit']:.4g} from that "
-                           f"frame held fixed (p = {trial['p_fixed_worse']:.3g} that the fixed frame predicts worse); "
-                           + ("kept" if trial["kept"] else f"not kept (needs p < {_JOINT_LADDER_LEVEL:g})"))
-                notes.append(message)
-                if jl is not None:
-                    trial["smoothness"] = jl["smoothness"]
-                    win = dict(win, z=jl["z"], u0=jl["u0"], chi2=jl["misfit"], s2=jl["s2"], jacobian=None,
-                               chosen={"smoothness": jl["smoothness"]}, initial=f"{base}+joint ladder", base=base,
-                               noise_correction=None, start=None)
-            yield clock.event(_STAGE, sum(steps) + 1, message)
     if prob.max_steps < cfg.max_steps:
         notes.append(f"time steps per simulation capped at {prob.max_steps} (refine.max_steps {cfg.max_steps}) to "
                      f"keep the autograd memory under refine.max_memory_gb = {cfg.max_memory_gb:g} GB on "
@@ -988,7 +862,6 @@ def refine_binn_job(field: DensityField, fit: BinnFit, config: RefineConfig | No
         "distill_rel_err": err,
         "seconds": time.perf_counter() - t_start,
         "noise_correction": win.get("noise_correction"),
-        "joint_ladder": joint_ladder,
         "notes": notes + ["misfit: mean squared (simulation - data) over the observed boxes of every fitted frame, "
                           "in units of the surrogate's noise variance",
                           _band_note(noise_share is not None, spread is not None)],
