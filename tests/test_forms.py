@@ -29,6 +29,7 @@ def _by_name(fits):
     ("D", "power", lambda u: 600.0 * (u / K) ** 2),
     ("D", "saturating", lambda u: 900.0 / (1 + u / K)),
     ("G", "allee", lambda u: 0.06 * (1 - u / K) * (u / 400.0 - 1)),
+    ("G", "weak_allee", lambda u: 0.15 * (1 - u / K) * (1 + u / 500.0)),
     ("G", "gompertz", lambda u: 0.04 * np.log(K / u)),
     ("G", "richards", lambda u: 0.05 * (1 - (u / K) ** 2.5)),
 ])
@@ -38,8 +39,11 @@ def test_each_form_recovers_its_own_curve_and_is_the_best_of_its_size(kind, name
     scale = float(np.mean(y**2))
     assert fits[name].loss < 1e-8 * scale
     n = fits[name].n_constants
-    # no other form with as few constants fits it as well
-    assert all(f.loss > 1e-4 * scale for k, f in fits.items() if k != name and f.n_constants <= n)
+    # no other form with as few constants fits it as well; but Richards with exponent 2 *is* a weak Allee with
+    # B = K (r (1 - u/K)(1 + u/K)), so near 2 those two differ only a little
+    near = {("richards", "weak_allee"), ("weak_allee", "richards")}
+    assert all(f.loss > (1e-6 if (name, k) in near else 1e-4) * scale
+               for k, f in fits.items() if k != name and f.n_constants <= n)
 
 
 @pytest.mark.parametrize("kind, name, truth, constant, value", [
@@ -117,7 +121,8 @@ def test_a_refit_keeps_the_library_bounds_not_the_signs_a_bad_curve_gave():
 
 def test_form_library_names_and_errors():
     assert set(FORMS_D) == {"constant", "linear", "proportional", "power", "exponential", "saturating"}
-    assert set(FORMS_G) == {"zero", "constant", "logistic", "allee", "gompertz", "richards"}
+    assert set(FORMS_G) == {"zero", "constant", "logistic", "allee", "weak_allee", "gompertz",
+                            "richards"}
     assert check_form_names("D", None) == list(FORMS_D)
     assert check_form_names("G", ["allee", "allee"]) == ["allee"]
     with pytest.raises(ValueError, match=r"symbolic\.forms_D.*'logistic'.*allowed: constant, linear"):

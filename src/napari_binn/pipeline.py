@@ -63,7 +63,7 @@ class SymbolicConfig:
     (PySR's rule) | 'accuracy' | 'score'. n_samples: densities sampled between the ``quantiles`` of the
     observed density. forms_D / forms_G: library forms fitted alongside the backend and offered to the refit
     stage (D: constant, linear, proportional, power, exponential, saturating; G: zero, constant, logistic, allee,
-    gompertz, richards; None = all, [] = none)."""
+    weak_allee, gompertz, richards; None = all, [] = none)."""
 
     backend: str = "operon"
     operators: list[str] | None = None

@@ -128,6 +128,22 @@ def _allee_start(u, y):
     return out
 
 
+def _weak_allee_start(u, y):
+    """(a, b, c) of (a - b u)(u + c): from a quadratic fit where it bends down and is positive at 0 (b = -p2, a c = p0,
+    a - b c = p1), and from linear fits of y / (u + c) at c of 1 and 3 spans (near-logistic shapes)."""
+    out = []
+    p2, p1, p0 = np.polyfit(u, y, 2)
+    if p2 < 0 and p0 > 0:
+        b = -float(p2)
+        c = (-p1 + math.sqrt(p1 * p1 + 4.0 * b * p0)) / (2.0 * b)
+        out.append((p1 + b * c, b, c))
+    for f in (1.0, 3.0):
+        c = f * _span(u)
+        slope, a = np.polyfit(u, y / (u + c), 1)
+        out.append((float(a), float(-slope), c))
+    return out
+
+
 def _gompertz_start(u, y):
     pos = u > 0
     if pos.sum() >= 3:
@@ -170,6 +186,10 @@ FORMS_G: dict[str, Form] = {f.name: f for f in (
          "r (1 - u/K) (two constants: r, r/K)"),
     Form("allee", "G", (_a - _b * U) * (U - _c), ("a", "b", "c"), _allee_start,
          ((0.0, _INF), (0.0, _INF), (0.0, _INF)), "r (1 - u/K) (u/A - 1) (three constants: r/A, r/(K A), A)"),
+    Form("weak_allee", "G", (_a - _b * U) * (U + _c), ("a", "b", "c"), _weak_allee_start,
+         ((0.0, _INF), (0.0, _INF), (0.0, _INF)),
+         "r (1 - u/K) (1 + u/B): positive at u = 0, with B < K rising to a peak at (K - B)/2 first, a weak "
+         "Allee effect (three constants: r/B, r/(K B), B)"),
     Form("gompertz", "G", _a - _b * sp.log(U), ("a", "b"), _gompertz_start, ((-_INF, _INF), (0.0, _INF)),
          "r ln(K/u) (two constants: r ln K, r)", "u > 0"),
     Form("richards", "G", _a - _b * U**_m, ("a", "b", "m"), _richards_start,
