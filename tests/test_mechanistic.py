@@ -105,6 +105,33 @@ def test_sympy_strings_constants_stay_fixed_and_time_factor(clean_field):
     assert fit.params["r"] == pytest.approx(TRUTH["r"], rel=0.02)
 
 
+def test_a_given_time_factor_is_held_fixed_and_recovers_the_constants():
+    """Data made under a delay T(t) = 1 - exp(-t/6 h): fitted with that T given (as a pipeline gives a BINN's
+    learned delay), the constants come back; fitted without it, D and r are wrong."""
+    n, t = 24, np.linspace(0.0, 24.0, 9)
+    x = np.arange(n) * DX_UM
+    u0 = np.where(np.abs(x - x.mean()) > 250.0, 0.6 * TRUTH["K"], 0.0)[None, :].repeat(n, axis=0)
+    mask = np.ones((n, n), bool)
+
+    def delay(th):
+        return 1.0 - np.exp(-np.asarray(th, float) / 6.0)
+
+    u = simulate(TRUTH["D"], lambda v: TRUTH["r"] * (1 - v / TRUTH["K"]), u0, mask, DX_UM, t, delay, rtol=1e-8)
+    field = DensityField(u, mask, x, x, t, units="cells/mm²")
+    fit = fit_mechanistic(field, "fisher_kpp", time_factor=delay, intervals=None)
+    for name in ("D", "r", "K"):
+        assert fit.params[name] == pytest.approx(TRUTH[name], rel=0.02), name
+    assert fit.T(np.array([6.0]))[0] == pytest.approx(1 - math.exp(-1.0))
+    assert fit.metadata["time_factor"] == "given"
+    blind = fit_mechanistic(field, "fisher_kpp", intervals=None)
+    assert abs(blind.params["r"] / TRUTH["r"] - 1) > 0.05
+    assert blind.metadata["time_factor"] is None
+    with pytest.raises(ValueError, match="own T"):
+        fit_mechanistic(field, {"D": "D", "G": "r*(1 - u/K)", "T": "1 + 0*t"}, time_factor=delay)
+    with pytest.raises(ValueError, match="callable"):
+        fit_mechanistic(field, "fisher_kpp", time_factor=0.5)
+
+
 def test_a_sympy_models_constants_get_units_from_where_they_stand(clean_field):
     # the names the pipeline gives a closed form's constants (D_0, G_0, G_1) say nothing of their units
     fit = fit_mechanistic(clean_field, {"D": "D_0", "G": "G_0 + G_1*u"}, init={"D_0": 500.0, "G_0": 0.05, "G_1": -2e-5},

@@ -132,6 +132,42 @@ def test_the_closed_form_simulation_follows_the_refits_choice(pipeline_config):
     assert "closed form" not in plain.simulations and "closed_form_simulated" not in plain.metadata
 
 
+def test_a_learned_delay_is_held_in_the_closed_forms_refit_and_simulation(pipeline_config):
+    """With ``binn.use_delay`` the BINN learns T(t); the closed forms are D(u) and G(u) under that same T(t): the
+    refit and the closed-form simulation hold it fixed (they ignored it, and a delayed start was taken for a
+    density-dependent D and an Allee G). Here T is given exactly, so the refit finds the true constants."""
+    from types import SimpleNamespace
+
+    from napari_binn.pipeline import _closed_form_run, learned_delay
+    from napari_binn.symbolic.discover import Equations
+    from napari_binn.synthetic.models import make_synthetic
+
+    def delay(th):
+        return 1.0 - np.exp(-np.asarray(th, float) / 6.0)
+
+    field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0, "T": delay}, domain="scratch",
+                              grid=(10, 12), dx_um=50.0, times_h=np.linspace(0, 24, 7), seed=0)
+    eq = Equations.from_forms(D=["700.0"], G=["0.07 - 3e-5*u"], u_range=(0.0, 2000.0))
+    cfg = pipeline_config()
+    cfg.refit.max_evals = 100
+    cfg.refit.reference_model = ""
+    cfg.refit.holdout_frames = 0
+    found = {}
+    for use_delay in (True, False):
+        fit = SimpleNamespace(config=SimpleNamespace(use_delay=use_delay), T=delay)
+        res = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq, fit=fit), cfg, stages=("refit",)))
+        assert (learned_delay(res) is delay) == use_delay
+        assert (_closed_form_run(res, eq)[3] is delay) == use_delay
+        mech = res.mechanistic["closed form (refitted)"]
+        assert mech.metadata["time_factor"] == ("given" if use_delay else None)
+        found[use_delay] = res.equations.with_params(mech)
+    d_true, g_true = 800.0, lambda u: 0.08 * (1 - u / 2000.0)
+    u = np.linspace(200.0, 1800.0, 50)
+    assert float(found[True].D(u).mean()) == pytest.approx(d_true, rel=0.02)
+    np.testing.assert_allclose(found[True].G(u), g_true(u), rtol=0.03, atol=1e-3)
+    assert float(found[False].D(u).mean()) < 0.8 * d_true  # blind to the delay: D about 550 here
+
+
 def _noisy_fkpp(frames=5):
     from napari_binn.synthetic.models import make_synthetic
 

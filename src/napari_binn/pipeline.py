@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any
@@ -409,8 +409,7 @@ def _simulate_stage(result: PipelineResult, config: PipelineConfig, cancel: Canc
     if result.fit is not None:
         result.simulations["BINN surrogate"] = surrogate_on_grid(result.fit, fld)
         if sc.learned:
-            T = result.fit.T if result.fit.config.use_delay else None
-            runs.append(("learned D, G", result.fit.D, result.fit.G, T))
+            runs.append(("learned D, G", result.fit.D, result.fit.G, learned_delay(result)))
     eq = result.equations
     if sc.closed_form and eq is not None and eq.D is not None and eq.G is not None:
         runs.append(_closed_form_run(result, eq))
@@ -422,13 +421,22 @@ def _forms(eq: Equations) -> dict[str, str]:
     return {"D": str(eq.D.sympy), "G": str(eq.G.sympy)}
 
 
-def _closed_form_run(result: PipelineResult, eq: Equations) -> tuple[str, Any, Any, None]:
+def learned_delay(result: PipelineResult) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The BINN's learned delay T(t) (time in hours) when it learned one (``binn.use_delay``), else None. Every
+    simulation and refit of the result's D and G holds it fixed: the closed forms are D(u) and G(u) under the
+    same T(t) as the learned curves."""
+    fit = result.fit
+    return fit.T if fit is not None and fit.config.use_delay else None
+
+
+def _closed_form_run(result: PipelineResult, eq: Equations) -> tuple[str, Any, Any, Any]:
     """The 'closed form' simulation's run: ``eq``'s selected forms with the symbolic fit's constants, held finite
-    below the field's lowest density (:func:`pde_safe`). Records those forms in
-    ``result.metadata['closed_form_simulated']``: the refit stage simulates again when its choice changes them."""
+    below the field's lowest density (:func:`pde_safe`), under the learned delay if any (:func:`learned_delay`).
+    Records those forms in ``result.metadata['closed_form_simulated']``: the refit stage simulates again when its
+    choice changes them."""
     result.metadata["closed_form_simulated"] = _forms(eq)
     floor = _u_floor(result.field)
-    return ("closed form", pde_safe(eq.D.sympy, floor), pde_safe(eq.G.sympy, floor), None)
+    return ("closed form", pde_safe(eq.D.sympy, floor), pde_safe(eq.G.sympy, floor), learned_delay(result))
 
 
 def _simulate_runs(result: PipelineResult, runs: list[tuple[str, Any, Any, Any]], config: PipelineConfig,
@@ -700,7 +708,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
                                                       bounds=cand.form_bounds(), **kw), "refit", index)
             u0 = fld.initial_state(denoise=kw.get("initial") == "denoised")
             pred = yield from _tag(simulate_job(fit.D, fit.G, u0, fld.mask, fld.dx_um, fld.t_h,
-                                                rtol=kw.get("rtol", 1e-4)), "refit", index)
+                                                kw.get("time_factor"), rtol=kw.get("rtol", 1e-4)), "refit", index)
             errors = block_errors(pred[n_t - h:], late, fld.mask, HOLDOUT_BLOCK)
             rec.update(params={p: float(v) for p, v in fit.params.items()},
                        heldout_sse=float(np.sum(errors)) if np.all(np.isfinite(errors)) else None,
@@ -926,7 +934,7 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
     rc = config.refit
     check_holdout(rc, fld.n_frames)
     kw = dict(weighting=rc.weighting, intervals=None if rc.intervals == "none" else rc.intervals,
-              max_evals=rc.max_evals, rtol=config.simulation.rtol)
+              max_evals=rc.max_evals, rtol=config.simulation.rtol, time_factor=learned_delay(result))
     eq = result.equations
     if rc.initial == "auto":
         kw["initial"] = yield from _choose_initial(result, rc, kw, cancel, index)

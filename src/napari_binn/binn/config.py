@@ -23,7 +23,7 @@ class BinnConfig:
     Networks
         hidden: surrogate u-network hidden widths (default 3 x 64). activation: ``"tanh"`` (default: on the
         Fisher–KPP benchmark it fitted the data better, gave a flatter D and ran faster than SiLU) or ``"silu"``
-        (compare with ``benchmarks/binn_accuracy.py --set activation=silu``). rate_hidden: hidden widths of the D-, G- and T-networks. use_delay: learn T(t) in (0, 1].
+        (compare with ``benchmarks/binn_accuracy.py --set activation=silu``). rate_hidden: hidden widths of the D-, G- and T-networks. use_delay: learn T(t) in (0, 1]; the closed forms are then simulated and refitted under the learned T(t), held fixed.
     Bounds (None = from the data, see :func:`napari_binn.binn.scaling.default_bounds`)
         D_min, D_max in µm²/h (auto: 0 and (domain size)² / (time span)); D_output: how the D-network's output
         becomes D: ``"softplus"`` (default: D_min + (D_init / 10) softplus(z), capped at D_max; affine in z, so

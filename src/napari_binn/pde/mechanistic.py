@@ -39,7 +39,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field, replace
 from typing import Any
 
 import numpy as np
@@ -632,10 +632,18 @@ def _validate_names(kind: str, given: Mapping[str, Any] | None, model: _Model) -
 
 def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed, bounds, weighting,
              gls_gamma, intervals, rtol, max_evals, diff_step, initial, cancel,
-             on_eval, ic_samples=12) -> MechanisticFit:
+             on_eval, ic_samples=12, time_factor=None) -> MechanisticFit:
     if not isinstance(field, DensityField):
         raise InputError(f"field must be a DensityField; got {type(field).__name__}")
     spec = _resolve_model(model)
+    if time_factor is not None:
+        if spec.T is not None:
+            raise InputError("the model has its own T(t) (model['T']); give that or time_factor, not both")
+        if not callable(time_factor):
+            raise InputError(f"time_factor must be a callable T(t) of time in hours; got {type(time_factor).__name__}")
+        given = time_factor
+        spec = replace(spec, T=lambda t, p: np.broadcast_to(np.asarray(given(np.asarray(t, np.float64)),
+                                                                       np.float64), np.shape(t)).copy())
     if initial not in ("data", "denoised"):
         raise InputError(f"initial must be 'data' or 'denoised'; got {initial!r}")
     if weighting not in ("ols", "gls"):
@@ -814,7 +822,8 @@ def _run_fit(field: DensityField, model: str | Mapping[str, Any], *, init, fixed
         fixed=tuple(fixed), weighting=weighting, intervals=intervals, expressions=dict(spec.text),
         metadata={"init": {n: p0[n] for n in spec.params}, "rtol": rtol, "gls_gamma": gls_gamma,
                   "initial": initial, "t_h": field.t_h.copy(), "ic_bootstrap": ic_info,
-                  "dx_um": field.dx_um, "source": field.metadata.get("source")},
+                  "dx_um": field.dx_um, "source": field.metadata.get("source"),
+                  "time_factor": "given" if time_factor is not None else None},
         _model=spec,
     )
 
@@ -1011,6 +1020,7 @@ def fit_mechanistic(
     initial: str = "data",
     ic_samples: int = 12,
     cancel: CancelToken | None = None,
+    time_factor: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> MechanisticFit:
     """Fit a reaction-diffusion model's parameters to a density field (blocking).
 
@@ -1037,6 +1047,9 @@ def fit_mechanistic(
         bias D and r low on noisy data (see benchmarks/mechanistic_recovery.py).
     cancel: a CancelToken checked before every simulation; when set the best state so far is returned with
         converged=False and a message starting with 'cancelled'.
+    time_factor: a given delay T(t) (a callable of time in hours, values in (0, 1]) multiplying the whole
+        right-hand side and held fixed, e.g. a BINN's learned delay (``fit.T``), for a model without a T of its
+        own. The fit's ``T()`` returns it; a saved and reloaded fit keeps only ``metadata['time_factor']``.
 
     A fit that does not converge (budget spent, simulation failures) returns converged=False with a message
     giving the last state; bad input (unknown model or parameter names, missing start values) raises ValueError.
@@ -1044,7 +1057,7 @@ def fit_mechanistic(
     return _run_fit(field, model, init=init, fixed=fixed, bounds=bounds, weighting=weighting,
                     gls_gamma=gls_gamma, intervals=intervals, rtol=rtol, max_evals=max_evals,
                     diff_step=diff_step, initial=initial, ic_samples=ic_samples, cancel=cancel,
-                    on_eval=None)
+                    on_eval=None, time_factor=time_factor)
 
 
 def fit_mechanistic_job(
@@ -1096,7 +1109,7 @@ def fit_mechanistic_job(
 def _with_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     known = {"init": None, "fixed": None, "bounds": None, "weighting": "ols", "gls_gamma": 0.2,
              "intervals": "wald+ic", "rtol": 1e-4, "max_evals": 400, "diff_step": 1e-3,
-             "initial": "data", "ic_samples": 12}
+             "initial": "data", "ic_samples": 12, "time_factor": None}
     unknown = set(kwargs) - set(known)
     if unknown:
         raise TypeError(f"fit_mechanistic_job got unexpected keyword(s) {sorted(unknown)}")
