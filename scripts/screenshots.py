@@ -2,7 +2,7 @@
 
     xvfb-run -a -s "-screen 0 1800x1100x24" .venv/bin/python scripts/screenshots.py [--out docs/images]
         [--steps 8000] [--warmup 1000] [--pde-weight 1] [--models 2] [--box-um 100] [--backend operon]
-        [--only-batch] [--bands BUNDLE]
+        [--only-batch] [--bands BUNDLE] [--bundle BUNDLE --shot NAME.png]
 
 Opens the synthetic sample (File > Open Sample > napari-binn), draws an ROI, previews, extracts, trains with the
 demo's settings, discovers, refits the candidate forms against the data, simulates, exports and re-opens the
@@ -34,6 +34,10 @@ def main() -> None:
     parser.add_argument("--bands", metavar="BUNDLE", default="",
                         help="only 10_bands.png: the results dock on a saved bundle (a refined BINN, e.g. the "
                              "demo's, or an ensemble, n_models >= 2)")
+    parser.add_argument("--bundle", metavar="BUNDLE", default="",
+                        help="only one screenshot: the results dock on a saved bundle alone (e.g. a discovery "
+                             "benchmark's --keep bundle), saved as --shot")
+    parser.add_argument("--shot", default="11_bundle.png", help="the file name of the --bundle screenshot")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +53,9 @@ def main() -> None:
     try:
         if args.bands:
             bands(Path(args.bands), out)
+            return
+        if args.bundle:
+            bands(Path(args.bundle), out, name=args.shot, sample=False)
             return
         if not args.only_batch:
             run(args, out)
@@ -180,24 +187,26 @@ def run(args: argparse.Namespace, out: Path) -> None:
     viewer2.close()
 
 
-def bands(bundle: Path, out: Path) -> None:
+def bands(bundle: Path, out: Path, name: str = "10_bands.png", sample: bool = True) -> None:
     """The results dock on a bundle whose BINN has a band (refined, or an ensemble): D(u), G(u) with their ± 2 sd
-    bands, the densities the data leave undetermined greyed, and the library rows in the tables."""
+    bands, the densities the data leave undetermined greyed, and the library rows in the tables; over the built-in
+    sample's images (``sample``, for the demo's bundle) or the bundle's layers alone."""
     import napari
 
     from napari_binn._napari._state import get_state
 
-    viewer = napari.Viewer(title="napari-binn: bands")
+    viewer = napari.Viewer(title="napari-binn: " + bundle.name)
     viewer.window.resize(1750, 1050)
     _, res = viewer.window.add_plugin_dock_widget("napari-binn", "Equations and results")
-    viewer.open_sample("napari-binn", "synthetic_scratch")
-    viewer.layers[1].visible = False
+    if sample:
+        viewer.open_sample("napari-binn", "synthetic_scratch")
+        viewer.layers[1].visible = False
     viewer.open(str(bundle), plugin="napari-binn")
     wait(lambda: get_state(viewer).equations is not None)
     viewer.dims.set_current_step(0, 6)
     viewer.reset_view()
     pump(3.0)
-    save_window(viewer, out / "10_bands.png")
+    save_window(viewer, out / name)
     res.shutdown()
     viewer.close()
 

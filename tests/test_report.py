@@ -65,3 +65,30 @@ def test_report_says_how_many_held_out_candidates_stopped_at_the_budget(pipeline
     write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "Forms chosen by the last 2 frames held out" in page and "reached the budget" not in page
+
+
+def test_a_learned_delay_is_drawn_and_reported(fkpp_field, pipeline_config, pipeline_run, tmp_path):
+    """With binn.use_delay the report shows T(t) next to D(u) and G(u), and says its values and that the closed
+    forms are refitted under it."""
+    import matplotlib.image
+
+    from napari_binn.jobs import run_job
+    from napari_binn.pipeline import run_pipeline
+
+    cfg = pipeline_config()
+    cfg.binn = cfg.binn.replace(use_delay=True)
+    result = run_job(run_pipeline(fkpp_field, cfg))
+    assert result.mechanistic["closed form (refitted)"].metadata["time_factor"] == "given"
+    files = write_figures(result, tmp_path / "figures")
+    write_report(result, tmp_path, {f"figures/{n}": d for n, d in files.items()})
+    page = html.unescape((tmp_path / "report.html").read_text(encoding="utf-8"))
+    t0, t1 = fkpp_field.t_h[0], fkpp_field.t_h[-1]
+    assert "T(t), the learned delay" in page and f"at {t0:g} h" in page and f"at {t1:g} h" in page
+    plain = write_figures(pipeline_run[0], tmp_path / "plain")  # the same run without a delay
+    assert "rates.png" in plain
+    width = {d: matplotlib.image.imread(tmp_path / d / "rates.png").shape[1] for d in ("figures", "plain")}
+    assert width["figures"] > 1.3 * width["plain"]  # a third panel: T(t)
+    plain_page = tmp_path / "plain_report"
+    plain_page.mkdir()
+    write_report(pipeline_run[0], plain_page, {})
+    assert "learned delay" not in (plain_page / "report.html").read_text(encoding="utf-8")

@@ -240,9 +240,11 @@ def _print_equations(args, result) -> None:
         f = getattr(eq, key, None)
         if f is not None:
             _say(args, f"  {equation_text(key, f)}")
-    from .pipeline import alternatives_text, determined_text, refine_text, refit_text
+    from .pipeline import alternatives_text, delay_text, determined_text, refine_text, refit_text
 
-    for line in alternatives_text(eq) + determined_text(result.fit) + refine_text(result.fit):
+    t_h = result.field.t_h if result.field is not None else None
+    for line in (alternatives_text(eq) + determined_text(result.fit) + delay_text(result.fit, t_h)
+                 + refine_text(result.fit)):
         _say(args, f"  {line}")
     for line in refit_text(result):
         _say(args, line)

@@ -894,6 +894,20 @@ def refine_text(fit: BinnFit | None) -> list[str]:
     return [line] + [str(note) for note in info.get("notes", [])]
 
 
+def delay_text(fit: BinnFit | None, t_h: Any = None, short: bool = False) -> list[str]:
+    """One line on the BINN's learned delay T(t) (``binn.use_delay``), at the first, middle and last of the times
+    ``t_h`` (the field's frames); empty when it learned none. short: the values only (the canvas overlay)."""
+    if fit is None or not getattr(fit.config, "use_delay", False):
+        return []
+    t = np.asarray(t_h if t_h is not None else [0.0], dtype=float)
+    picks = np.unique([t[0], t[len(t) // 2], t[-1]])
+    values = ", ".join(f"{v:.2f} at {th:g} h" for th, v in zip(picks, fit.T(picks)))
+    if short:
+        return [f"T(t) learned: {values}"]
+    return [f"T(t), the learned delay (1 = none): {values}; the closed forms are D(u) and G(u) under it, held "
+            "fixed in every simulation and refit"]
+
+
 #: allowed values of ``RefitConfig.initial``
 REFIT_INITIAL = ("auto", "data", "denoised")
 

@@ -25,7 +25,15 @@ def _rates_figure(result, path: Path) -> None:
     fit, eq = result.fit, result.equations
     u = fit.u_grid(200, central=False)
     lo, hi = fit.density_range()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    delay = fit.config.use_delay
+    fig, axes = plt.subplots(1, 3 if delay else 2, figsize=(13 if delay else 9, 3.6), constrained_layout=True)
+    if delay:  # the learned delay: every simulation and refit of D and G holds it fixed
+        t = np.linspace(float(result.field.t_h[0]), float(result.field.t_h[-1]), 200)
+        axes[2].plot(t, fit.T(t), color="C0", lw=2, label="BINN's learned delay (held in every refit)")
+        axes[2].set_ylim(0.0, 1.05)
+        axes[2].set_xlabel("time  [h]")
+        axes[2].set_ylabel("T(t)")
+        axes[2].legend(fontsize=7)
     for ax, key, label in ((axes[0], "D", "D(u)  [µm²/h]"), (axes[1], "G", "G(u)  [1/h]")):
         ens = fit.D_ensemble(u) if key == "D" else fit.G_ensemble(u)
         mean = ens.mean(0)
@@ -153,9 +161,9 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
         warnings = [f"the run was cancelled during '{result.metadata['cancelled_in']}': results are partial"] + list(warnings)
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(str(w))}</li>" for w in warnings) + "</ul>")
-    from .pipeline import refine_text
+    from .pipeline import delay_text, refine_text
 
-    refined = refine_text(result.fit)
+    refined = delay_text(result.fit, fld.t_h if fld is not None else None) + refine_text(result.fit)
     if refined:
         parts.append("<h2>Learned D(u), G(u)</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in refined) + "</ul>")
     eq = result.equations

@@ -224,3 +224,22 @@ def test_reopened_bundle_is_refitted_simulated_and_exported_as_the_cli_does(make
     # and says the refitted constants with their intervals and units
     assert f"D_0 = {D0:.4g} [" in res.status.text() and "µm²/h" in res.status.text()
     res.shutdown()
+
+
+def test_the_results_plot_shows_a_learned_delay_as_a_fourth_panel():
+    """With a learned T(t) the results figure draws it beside D(u), G(u) and N(t); without one it has three panels."""
+    from matplotlib.figure import Figure
+
+    from napari_binn._napari._results_widget import _plot_results
+
+    u = np.linspace(0.0, 2000.0, 11)
+    rates = {"learned": (u, np.full(11, 800.0), 0.05 * (1 - u / 2000.0))}
+    counts = {"observed": (np.linspace(0, 48, 5), np.linspace(100, 300, 5))}
+    t = np.linspace(0.0, 48.0, 21)
+    fig = Figure()
+    _plot_results(fig, rates, counts, "cells/mm²", None, (t, 1 - np.exp(-t / 6.0)))
+    assert len(fig.axes) == 4 and fig.axes[3].get_title() == "T(t)"
+    np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), 1 - np.exp(-t / 6.0))
+    fig = Figure()
+    _plot_results(fig, rates, counts, "cells/mm²")
+    assert len(fig.axes) == 3

@@ -267,14 +267,21 @@ class ResultsWidget(QWidget):
             label.setPixmap(_latex(equation_latex(key, f)))
             label.setToolTip(equation_text(key, f))
             lines.append(equation_text(key, f, pretty=True))
-        self._canvas_text("\n".join(lines))
+        delay = []
+        if lines:
+            from ..pipeline import delay_text
+
+            fld = self.state.field
+            delay = delay_text(self.state.fit, fld.t_h if fld is not None else None, short=True)
+        self._canvas_text("\n".join(lines + delay), delay=bool(delay))
         self._plot()
 
-    def _canvas_text(self, text: str) -> None:
+    def _canvas_text(self, text: str, delay: bool = False) -> None:
         overlay = _text_overlay(self.viewer)
         if overlay is None:
             return
-        overlay.text = ("∂u/∂t = ∇·(D(u)∇u) + G(u)·u\n" + text) if text else ""
+        pde = "∂u/∂t = T(t)·[∇·(D(u)∇u) + G(u)·u]" if delay else "∂u/∂t = ∇·(D(u)∇u) + G(u)·u"
+        overlay.text = (pde + "\n" + text) if text else ""
         overlay.visible = bool(text)
         overlay.font_size = 10
         overlay.color = "white"
@@ -428,10 +435,14 @@ class ResultsWidget(QWidget):
         rates: dict[str, Any] = {}
         u = None
         bands: dict[str, Any] = {}
+        delay = None
         if s.fit is not None:
             u = s.fit.u_grid(101)
             rates["learned"] = (u, s.fit.D(u), s.fit.G(u))
             bands = rate_bands(s.fit, u)
+            if s.fit.config.use_delay and s.field is not None:  # the learned T(t), held in every refit
+                t = np.linspace(float(s.field.t_h[0]), float(s.field.t_h[-1]), 101)
+                delay = (t, s.fit.T(t))
         eq = s.equations
         if eq is not None and eq.D is not None and eq.G is not None:
             if u is None:
@@ -451,7 +462,7 @@ class ResultsWidget(QWidget):
                 counts[name] = (fld.t_h, total_count(sim, fld.mask, fld.dx_um, fld.units))
             units = fld.units
         if rates or counts:
-            self.figure.render(_plot_results, rates, counts, units, bands)
+            self.figure.render(_plot_results, rates, counts, units, bands, delay)
 
     # ------------------------------------------------------------------------------------------ bundles
     def _bundle_dir(self) -> Path | None:
@@ -613,11 +624,20 @@ def _text_overlay(viewer: Any) -> Any:
 
 
 def _plot_results(fig: Any, rates: dict[str, Any], counts: dict[str, Any], units: str,
-                  bands: dict[str, Any] | None = None) -> None:
-    """D(u), G(u) (the learned curve's ± 2 sd band, the undetermined densities greyed) and N(t) panels (plot
-    thread)."""
-    ax_d, ax_g, ax_n = fig.subplots(1, 3)
-    fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.2, wspace=0.5)
+                  bands: dict[str, Any] | None = None, delay: tuple[Any, Any] | None = None) -> None:
+    """D(u), G(u) (the learned curve's ± 2 sd band, the undetermined densities greyed) and N(t) panels, and the
+    learned delay T(t) when there is one (plot thread)."""
+    if delay is None:
+        axes = fig.subplots(1, 3)
+        fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.2, wspace=0.5)
+    else:  # T(t) in a narrower fourth panel
+        axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.0, 1.0, 1.0, 0.55]})
+        fig.subplots_adjust(left=0.08, right=0.985, top=0.88, bottom=0.2, wspace=0.55)
+    ax_d, ax_g, ax_n = axes[:3]
+    if delay is not None:
+        style_axes(axes[3], "T(t)", "time (h)", "")  # the learned delay, held in every refit (the canvas says so)
+        axes[3].plot(delay[0], delay[1], "-", lw=1.6)
+        axes[3].set_ylim(0.0, 1.05)
     u_label = f"u ({units})" if units else "u"
     for ax, idx, title, unit in ((ax_d, 1, "D(u)", "µm²/h"), (ax_g, 2, "G(u)", "1/h")):
         style_axes(ax, title, u_label, unit)
