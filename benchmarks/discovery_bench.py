@@ -35,6 +35,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --validation   # eight other cases no default was chosen on
     python benchmarks/discovery_bench.py --fresh        # eight more, written after the last default was chosen
     python benchmarks/discovery_bench.py --units        # eight in other units and shapes (K, boxes, grid, hours)
+    python benchmarks/discovery_bench.py --stress       # eight beyond the named models, ROIs and frame spacing
     python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
 
 The last line printed is a JSON object: {"cases", "structures_recovered", "true_form_listed", "per_case": {name: {"binn_d_rel_err",
@@ -117,20 +118,95 @@ class Case:
     hours: float = 48.0
     note: str = ""
     extra: dict[str, Any] = dc_field(default_factory=dict)
+    times: tuple[float, ...] | None = None  # frame times (h) when not evenly spaced (then frames/hours unused)
+    sets: tuple[str, ...] = ()  # settings a user would choose for such data ('binn.use_delay=true'); --set wins
 
     def make(self, seed: int, quick: bool = False):
         from napari_binn.synthetic.models import make_synthetic
 
         grid, frames = ((16, 16), 6) if quick else (self.grid, self.frames)
-        return make_synthetic(self.model, dict(self.params), domain=self.domain, grid=grid, dx_um=self.dx_um,
-                              times_h=np.linspace(0.0, self.hours, frames), noise=self.noise,
-                              noise_model=self.noise_model, seed=seed, u0_fraction=self.u0_fraction, rtol=1e-6)
+        params: dict[str, Any] = dict(self.params)
+        if self.model == "custom":  # D, G (and T) as templates in u (t) with named constants: set them
+            params.update(custom_truth(self.params))
+        times = (np.asarray(self.times, float) if self.times is not None and not quick else
+                 np.linspace(0.0, self.hours, frames))
+        domain: Any = stress_mask(self.domain, grid) if self.domain in STRESS_MASKS else self.domain
+        return make_synthetic(self.model, params, domain=domain, grid=grid, dx_um=self.dx_um, times_h=times,
+                              noise=self.noise, noise_model=self.noise_model, seed=seed,
+                              u0_fraction=self.u0_fraction, rtol=1e-6)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.times) if self.times is not None else self.frames
 
     def describe(self) -> str:
         noise = {"poisson": "Poisson counts", "proportional": f"{self.noise:.0%} proportional (sd = noise x u)"}.get(
             self.noise_model, f"{self.noise:.0%} Gaussian of K")
+        hours = self.times[-1] if self.times is not None else self.hours
+        spacing = ", uneven" if self.times is not None else ""
+        delay = f", delay T(t) = {self.params['T']}" if "T" in self.params else ""
+        sets = f"; run with {' '.join(self.sets)}" if self.sets else ""
         return (f"{self.model} {self.params} on {self.domain}, {self.grid[0]}x{self.grid[1]} boxes of "
-                f"{self.dx_um:g} µm, {self.frames} frames / {self.hours:g} h, {noise}, u0 {self.u0_fraction} K")
+                f"{self.dx_um:g} µm, {self.n_frames} frames / {hours:g} h{spacing}, {noise}, u0 {self.u0_fraction} K"
+                f"{delay}{sets}")
+
+
+def custom_template_constants(params: dict[str, Any], key: str) -> list[str]:
+    """The named constants of a 'custom' case's template ``key`` ('D', 'G' or 'T')."""
+    return sorted(str(x) for x in sp.sympify(params[key]).free_symbols if str(x) not in ("u", "t"))
+
+
+def true_forms(case: "Case", forms: dict[str, str]) -> tuple[Form, Form]:
+    """The (D, G) :class:`Form` of a case: the named ones, or a 'custom' case's templates (every constant free)."""
+    if case.model != "custom":
+        return D_FORMS[forms["D"]], G_FORMS[forms["G"]]
+    out = []
+    for key in ("D", "G"):
+        names = custom_template_constants(case.params, key)
+        f = sp.lambdify([U, *map(sp.Symbol, names)], sp.sympify(case.params[key], locals={"u": U}), "numpy")
+        out.append(Form(f"custom {key}", tuple(names), (), len(names),
+                        lambda u, _f=f, **c: np.asarray(_f(u, **c), float) * np.ones(np.shape(u))))
+    return out[0], out[1]
+
+
+def custom_truth(params: dict[str, Any]) -> dict[str, Any]:
+    """A 'custom' case's D, G (and T) as sympy expressions with its constants set (``make_synthetic`` takes them)."""
+    consts = {k: v for k, v in params.items() if k not in ("D", "G", "T")}
+    out = {}
+    for key in ("D", "G", "T"):
+        if key in params:
+            expr = sp.sympify(params[key], locals={"u": U})
+            out[key] = expr.subs({sp.Symbol(k): sp.Float(float(v)) for k, v in consts.items()})
+    return out
+
+
+def case_truth(case: "Case"):
+    """A case's :class:`~napari_binn.synthetic.models.Truth` (its D, G and expressions) without simulating its field."""
+    from napari_binn.synthetic.models import make_synthetic
+
+    params = {**case.params, **custom_truth(case.params)} if case.model == "custom" else dict(case.params)
+    return make_synthetic(case.model, params, grid=(8, 8), times_h=[0.0, 1.0])[1]
+
+
+#: ROI shapes of the stress cases, beyond make_synthetic's named domains (a patch at the mask's centroid)
+STRESS_MASKS = ("annulus", "l_shape", "two_rois")
+
+
+def stress_mask(name: str, grid: tuple[int, int]) -> np.ndarray:
+    """A (Ny, Nx) boolean ROI: 'annulus' (a ring around an empty centre, e.g. cells around a pillar), 'l_shape'
+    (an L) or 'two_rois' (two separate rectangles analysed as one ROI)."""
+    ny, nx = grid
+    y, x = np.mgrid[:ny, :nx].astype(float)
+    if name == "annulus":
+        r = np.hypot(x - (nx - 1) / 2, y - (ny - 1) / 2)
+        return (r <= 0.47 * min(ny, nx)) & (r >= 0.15 * min(ny, nx))
+    if name == "l_shape":
+        return (((x >= 0.05 * nx) & (x <= 0.4 * nx) & (y >= 0.05 * ny) & (y <= 0.93 * ny))
+                | ((x >= 0.05 * nx) & (x <= 0.93 * nx) & (y >= 0.58 * ny) & (y <= 0.93 * ny)))
+    if name == "two_rois":
+        rows = (y >= 0.1 * ny) & (y <= 0.88 * ny)
+        return rows & (((x >= 0.05 * nx) & (x <= 0.43 * nx)) | ((x >= 0.55 * nx) & (x <= 0.93 * nx)))
+    raise ValueError(f"unknown stress mask {name!r}; one of {STRESS_MASKS}")
 
 
 K0 = 2000.0  # cells/mm²
@@ -220,7 +296,37 @@ UNITS: dict[str, Case] = {c.name: c for c in [
          dx_um=100.0, grid=(28, 28), u0_fraction=0.3, frames=13, hours=48.0,
          note="constant D, logistic G, a small polygon (28 x 28 boxes), 13 frames, Poisson ~20/box"),
 ]}
-ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH, **UNITS}
+#: stress cases (``--stress``), written on 7 December (sixteenth session) after every default was chosen: forms
+#: outside the named models (an exponential and a falling linear D; weak Allee growth, growth with death, death
+#: alone), ROIs in several parts or with holes, uneven frame times, 10 cells per box at K, a delay T(t), a short
+#: movie. 'custom' cases give D, G (and T) as templates in u (t) with their constants alongside.
+STRESS: dict[str, Case] = {c.name: c for c in [
+    Case("s_exp_d_annulus", "custom", {"D": "a*exp(b*u)", "G": "r*(1 - u/K)", "a": 300.0, "b": 7.5e-4, "r": 0.06,
+                                        "K": K0}, "annulus", "gaussian_k", u0_fraction=0.8,
+         note="D = a exp(b u), 4.5-fold from 0 to K; logistic G; a ring-shaped ROI (cells around a pillar)"),
+    Case("s_weak_allee_l_shape", "custom", {"D": "D0", "G": "r*(1 - u/K)*(1 + u/B)", "D0": 900.0, "r": 0.0375,
+                                             "K": K0, "B": 500.0}, "l_shape", "gaussian_k", u0_fraction=0.6,
+         note="weak Allee G = r (1 - u/K)(1 + u/B): positive at 0, fastest at 0.375 K; an L-shaped ROI"),
+    Case("s_death_two_rois_poisson", "custom", {"D": "D0", "G": "a - c*u", "D0": 1000.0, "a": 0.055, "c": 3.5e-5,
+                                                 "K": K0}, "two_rois", "poisson", dx_um=100.0, u0_fraction=0.6,
+         note="logistic growth with death (0.07 (1 - u/K) - 0.015: a = r - d), two separate rectangles as one "
+              "ROI, Poisson ~20/box"),
+    Case("s_fkpp_uneven_lowcount", "fisher_kpp", {"D": 700.0, "r": 0.06, "K": 4000.0}, "scratch", "poisson",
+         u0_fraction=0.5, times=(0.0, 2.0, 5.0, 6.0, 10.0, 14.0, 20.0, 27.0, 30.0, 36.0, 44.0, 48.0),
+         note="Fisher–KPP, 12 frames at uneven times, Poisson counts of ~10 cells per 50 µm box at K"),
+    Case("s_decline_disc", "custom", {"D": "D0", "G": "-d", "D0": 1200.0, "d": 0.015, "K": K0}, "disc",
+         "gaussian_k", u0_fraction=0.9, note="no growth, constant death G = -d, a patch in a disc"),
+    Case("s_falling_linear_d_triangle", "custom", {"D": "a - b*u", "G": "r*(1 - u/K)", "a": 1500.0, "b": 0.45,
+                                                    "r": 0.05, "K": K0}, "triangle", "gaussian_k",
+         u0_fraction=0.8, note="D = a - b u falling 60% from 0 to K, logistic G, a triangle"),
+    Case("s_delay_fkpp_scratch", "custom", {"D": "D0", "G": "r*(1 - u/K)", "T": "1 - exp(-t/tau)", "D0": 800.0,
+                                             "r": 0.05, "K": K0, "tau": 6.0}, "scratch", "gaussian_k",
+         u0_fraction=0.4, sets=("binn.use_delay=true",),
+         note="Fisher–KPP slowed by a delay T(t) = 1 - exp(-t/6 h), run with the delay learned (binn.use_delay)"),
+    Case("s_power_short", "porous_fisher", {"D0": 6000.0, "m": 2.0, "r": 0.06, "K": K0}, "scratch", "gaussian_k",
+         u0_fraction=0.6, frames=7, hours=24.0, note="D = D0 (u/K)^2, a short movie: 7 frames over 24 h"),
+]}
+ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH, **UNITS, **STRESS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,7 +549,9 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
 
     torch.set_num_threads(int(threads))
     field, truth = case.make(seed, quick)
-    cfg = make_config(overrides, quick)
+    case_sets = parse_sets(list(case.sets))  # the case's own settings (a user's choice for such data) go first
+    merged = {k: {**case_sets.get(k, {}), **overrides.get(k, {})} for k in {*case_sets, *overrides}}
+    cfg = make_config(merged, quick)
     t0 = time.perf_counter()
     seen: list[str] = []
 
@@ -469,7 +577,7 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
     if keep is not None:
         save_results(result, keep / bundle, overwrite=True, figures=False)
     row_stage_seconds = {k: round(v, 1) for k, v in result.metadata.get("seconds", {}).items()}
-    d_form, g_form = D_FORMS[truth.forms["D"]], G_FORMS[truth.forms["G"]]
+    d_form, g_form = true_forms(case, truth.forms)
     d_true_expr, g_true_expr = truth.expressions()
     u = result.fit.u_grid(200, central=True, from_zero=False)
     Dt, Gt = truth.D(u), truth.G(u)
@@ -537,13 +645,21 @@ def crb_case(case: Case, seed: int = 0, step: float = 0.1, quick: bool = False) 
         sd = case.noise * np.maximum(np.abs(base), 0.01 * K)
     else:
         sd = np.full(base.shape, case.noise * K)
-    names = [k for k in truth.constants if k != "m" and not (k == "K" and case.model == "diffusion")]
+    if case.model == "custom":  # the constants its templates name
+        names = sorted({k for key in ("D", "G", "T") if key in case.params
+                        for k in custom_template_constants(case.params, key)})
+    else:
+        names = [k for k in truth.constants if k != "m" and not (k == "K" and case.model == "diffusion")]
     sens, rows = [], {}
     for name in names:
-        p = dict(truth.params)
+        p = dict(case.params if case.model == "custom" else truth.params)
         p[name] = p[name] * (1 + step)
+        T = None
+        if case.model == "custom":
+            p = {**p, **custom_truth(p)}
+            T = p.get("T")
         D, G = _model_functions(case.model, p)
-        u = simulate(D, G, u0, mask, case.dx_um, times, rtol=1e-6)[1:][obs]
+        u = simulate(D, G, u0, mask, case.dx_um, times, T, rtol=1e-6)[1:][obs]
         s = (u - base) / step  # d u / d ln(theta)
         sens.append(s / sd)
         rows[name] = {"rms_change_over_noise": float(np.sqrt(np.mean(((u - base) / sd) ** 2))),
@@ -600,7 +716,11 @@ def oracle_fit(case: Case, field, truth, u: np.ndarray, max_evals: int = 200) ->
     about X% is at the limit of what the data tell."""
     from napari_binn.pde.mechanistic import _resolve_model, fit_mechanistic
 
-    model, held = ORACLE_MODELS[case.model]
+    if case.model == "custom":  # the case's own templates, every constant in them free
+        model = {k: str(case.params[k]) for k in ("D", "G", "T") if k in case.params}
+        held: tuple[str, ...] = ()
+    else:
+        model, held = ORACLE_MODELS[case.model]
     consts = {k: float(v) for k, v in truth.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     fixed = {k: consts[k] for k in held}
     init = {k: consts[k] for k in _resolve_model(model).params if k not in held}
@@ -763,16 +883,15 @@ def selftest() -> list[str]:
 def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Re-score saved rows (``--json-out`` files) with this scorer, from their final expressions (text) on their
     central-90% density grid: for when the scorer changed after a run. BINN errors, seconds and N(t) are kept."""
-    from napari_binn.synthetic.models import make_synthetic
-
     out = []
     for row in rows:
         case = ALL_CASES[row["case"]]
-        _, truth = make_synthetic(case.model, dict(case.params), grid=(8, 8), times_h=[0.0, 1.0])
+        truth = case_truth(case)
         u = np.linspace(*row["u_range"], 200)
         new = dict(row, rescored=True)
-        for key, t_expr, form, t_fn in (("d", truth.expressions()[0], D_FORMS[truth.forms["D"]], truth.D),
-                                        ("g", truth.expressions()[1], G_FORMS[truth.forms["G"]], truth.G)):
+        d_form, g_form = true_forms(case, truth.forms)
+        for key, t_expr, form, t_fn in (("d", truth.expressions()[0], d_form, truth.D),
+                                        ("g", truth.expressions()[1], g_form, truth.G)):
             if row.get(f"final_{key}") is None:
                 continue
             expr = sp.sympify(row[f"final_{key}"], locals={"u": U})
@@ -851,6 +970,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the fresh cases (written after the last default was chosen) instead of the eight")
     ap.add_argument("--units", action="store_true",
                     help="the cases in other units and shapes (K, box size, grid, movie length) instead of the eight")
+    ap.add_argument("--stress", action="store_true",
+                    help="the stress cases (forms outside the named models, ROIs in parts or with holes, uneven "
+                         "frame times, low counts, a delay) instead of the eight")
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
@@ -875,8 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         ap.error(f"--threads must be >= 1; got {args.threads}")
 
-    names = args.cases or list(UNITS if args.units else FRESH if args.fresh else VALIDATION if args.validation
-                                else CASES)
+    names = args.cases or list(STRESS if args.stress else UNITS if args.units else FRESH if args.fresh
+                                else VALIDATION if args.validation else CASES)
     unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; cases: {list(ALL_CASES)}")

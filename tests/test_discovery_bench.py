@@ -37,13 +37,12 @@ def _score(bench, expr, truth, n_true, scale=None):
 
 
 def test_true_expressions_score_their_structure(bench):
-    from napari_binn.synthetic.models import make_synthetic
-
     for name, case in bench.ALL_CASES.items():
-        _, truth = make_synthetic(case.model, dict(case.params), grid=(8, 8), times_h=[0.0, 1.0])
+        truth = bench.case_truth(case)
         d, g = truth.expressions()
-        assert _score(bench, d, d, bench.D_FORMS[truth.forms["D"]].n_constants)["structure_ok"], name
-        assert _score(bench, g, g, bench.G_FORMS[truth.forms["G"]].n_constants, bench.G_SCALE)["structure_ok"], name
+        d_form, g_form = bench.true_forms(case, truth.forms)
+        assert _score(bench, d, d, d_form.n_constants)["structure_ok"], name
+        assert _score(bench, g, g, g_form.n_constants, bench.G_SCALE)["structure_ok"], name
 
 
 def test_rewritten_forms_match_and_wrong_forms_do_not(bench):
@@ -104,7 +103,8 @@ def test_validation_and_fresh_cases_are_other_data(bench, capsys):
     earlier one in form, domain, noise or frames."""
     sets = [bench.CASES, bench.VALIDATION, bench.FRESH]
     assert len(bench.VALIDATION) >= 8 and len(bench.FRESH) >= 8
-    assert sum(map(len, sets)) == len(set().union(*sets)) == len(bench.ALL_CASES) - len(bench.UNITS)
+    assert sum(map(len, sets)) == len(set().union(*sets)) == (len(bench.ALL_CASES) - len(bench.UNITS)
+                                                               - len(bench.STRESS))
     seen = {(c.model, c.domain, c.noise_model, c.frames) for c in bench.CASES.values()}
     for later in sets[1:]:
         for name, case in later.items():
@@ -127,7 +127,7 @@ def test_the_units_cases_differ_from_every_earlier_case_in_units_or_shape(bench,
     box size, grid, movie length or exponent, not only in form, domain or noise."""
     earlier = {**bench.CASES, **bench.VALIDATION, **bench.FRESH}
     assert len(bench.UNITS) >= 8 and not set(bench.UNITS) & set(earlier)
-    assert len(bench.ALL_CASES) == len(earlier) + len(bench.UNITS)
+    assert len(bench.ALL_CASES) == len(earlier) + len(bench.UNITS) + len(bench.STRESS)
 
     def units(c):
         return (c.params["K"], c.dx_um, c.grid, c.hours, c.params.get("m"), c.params.get("gamma"))
@@ -140,6 +140,42 @@ def test_the_units_cases_differ_from_every_earlier_case_in_units_or_shape(bench,
     assert bench.main(["--units", "--list"]) == 0
     out = capsys.readouterr().out
     assert "u_fkpp_sparse_scratch" in out and "fkpp_scratch " not in out and "f_contact_scratch" not in out
+
+
+def test_the_stress_cases_reach_beyond_the_named_models_domains_and_spacing(bench, capsys):
+    """The stress set: forms no named model has (as templates with their constants), ROIs in several parts or
+    with a hole, uneven frame times and a delay; each builds, and the identifiability check sees each template's
+    constants."""
+    earlier = {**bench.CASES, **bench.VALIDATION, **bench.FRESH, **bench.UNITS}
+    assert len(bench.STRESS) >= 8 and not set(bench.STRESS) & set(earlier)
+    assert sum(c.model == "custom" for c in bench.STRESS.values()) >= 5
+    for name in bench.STRESS_MASKS:
+        mask = bench.stress_mask(name, (40, 40))
+        assert mask.any() and not mask.all(), name
+    ring = bench.stress_mask("annulus", (40, 40))
+    assert not ring[20, 20] and ring[20, 3]  # a hole in the middle
+    halves = bench.stress_mask("two_rois", (40, 40))
+    assert halves[20, 5] and halves[20, 30] and not halves[20, 20].any()  # two parts, a gap between
+    with pytest.raises(ValueError, match="unknown stress mask"):
+        bench.stress_mask("star", (8, 8))
+    for name, case in bench.STRESS.items():
+        fld, truth = case.make(0, quick=True)
+        assert fld.mask.any() and np.isfinite(fld.u[fld.observed]).all(), name
+        if case.model == "custom":  # the truth is the template with the case's constants
+            d, g = truth.expressions()
+            u = np.array([300.0, 1500.0])
+            for key, expr, fn in (("D", d, truth.D), ("G", g, truth.G)):
+                np.testing.assert_allclose(np.asarray(sp.lambdify(U, expr)(u), float) * np.ones(2), fn(u), rtol=1e-9)
+    uneven = bench.STRESS["s_fkpp_uneven_lowcount"]
+    fld, _ = uneven.make(0)
+    assert fld.n_frames == 12 and len(set(np.round(np.diff(fld.t_h), 6))) > 1
+    delayed = bench.STRESS["s_delay_fkpp_scratch"]
+    res = bench.crb_case(delayed, quick=True)
+    assert set(res["constants"]) == {"D0", "K", "r", "tau"}
+    assert bench.main(["--stress", "--list"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()]
+    assert names == list(bench.STRESS) and "uneven" in out
 
 
 def test_options(bench, capsys):
@@ -197,16 +233,20 @@ def test_oracle_recovers_every_model_from_a_clean_field(bench):
     import dataclasses
 
     models = {}
-    for case in bench.ALL_CASES.values():
-        models.setdefault(case.model, case)
-    assert set(models) <= set(bench.ORACLE_MODELS)
+    for case in bench.ALL_CASES.values():  # every named model once; every 'custom' case (its own templates)
+        models.setdefault(case.name if case.model == "custom" else case.model, case)
+    assert {c.model for c in models.values()} - {"custom"} <= set(bench.ORACLE_MODELS)
     for model, case in models.items():
         clean = dataclasses.replace(case, noise=0.0, noise_model="gaussian_k")
         res = bench.oracle_case(clean, seed=0, quick=True)
         assert res["converged"], model
         assert res["oracle_d_rel_err"] < 0.01 and res["oracle_g_rel_err"] < 0.01, (model, res)
-        held = set(bench.ORACLE_MODELS[model][1])
-        free = {k for k in case.params if k not in held and not (model == "diffusion" and k == "K")}
+        if case.model == "custom":
+            free = {k for key in ("D", "G", "T") if key in case.params
+                    for k in bench.custom_template_constants(case.params, key)}
+        else:
+            held = set(bench.ORACLE_MODELS[model][1])
+            free = {k for k in case.params if k not in held and not (model == "diffusion" and k == "K")}
         assert set(res["constants"]) == free, model
         assert all(abs(c["rel_err"]) < 0.02 for c in res["constants"].values()), (model, res["constants"])
 
