@@ -191,8 +191,15 @@ def run_pipeline_on(name: str, field: DensityField) -> dict:
     print("  BINN warm-up: " + (f"rolled back to step {rolled['step']} (validation loss {rolled['end_val']:.3g} at "
                                 f"its end, {rolled['val']:.3g} there)" if rolled else "kept (validation loss at its "
                                 "end within binn.warmup_restore of its lowest)"))
+    check = res.metadata.get("delay_check")
+    if check:
+        print(f"  delay check: a delay T(t) = {check['T']} (tau {check['tau_h']:.3g} h) lowers the closed form's BIC by "
+              f"{check['bic_drop']:.1f} (a warning above {check['threshold']:g})")
+    for w in res.metadata.get("warnings", []):
+        print(f"  warning: {w}")
     print(f"  {seconds:.0f} s; the 2026 paper reports N(t) errors of 3.4-6.6% on its data")
     return {"seconds": round(seconds, 1), "D": eq.D.text, "G": eq.G.text, "refit": refit, "warmup_restored": rolled,
+            "delay_check": check, "warnings": list(res.metadata.get("warnings", [])),
             "qc": {row: {"rel_l2": res.qc[row].mean_rel_l2, "nt_err_pct": res.qc[row].mean_abs_count_error_pct}
                    for row in res.simulations if row in {m.name for m in res.qc.models}},
             "fisher_kpp": dict(fk.params) if fk is not None else None}

@@ -33,7 +33,8 @@ def test_a_setting_unset_where_its_default_is_not_survives_the_round_trip(tmp_pa
     assert '"none"' not in path.read_text() and PipelineConfig.from_toml(path) == PipelineConfig()
     for text, message in [('[refit]\nholdout_bic_switch = "never"\n', r'finite number \(or "none" to unset it\)'),
                           ('[refit]\nholdout_frames = "none"\n', r"whole number \(or leave it out\)"),
-                          ('[refit]\nmax_evals = "none"\n', r"refit\.max_evals must be a whole number; got 'none'")]:
+                          ('[refit]\nmax_evals = "none"\n', r"refit\.max_evals must be a whole number; got 'none'"),
+                          ('[refit]\ndelay_check = "often"\n', r'finite number \(or "none" to unset it\)')]:
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
             PipelineConfig.from_toml(path)

@@ -11,6 +11,14 @@ from napari_binn.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from napari_binn.symbolic.expression import free_floats, parse_expression
 
 
+def test_no_delay_is_reported_where_there_is_none(pipeline_run):
+    """The refit stage's delay check on data without a delay: it ran, and the BIC did not fall enough to warn."""
+    result, _ = pipeline_run
+    check = result.metadata["delay_check"]
+    assert check["bic_drop"] < result.config.refit.delay_check
+    assert not [w for w in result.metadata["warnings"] if "Learn a delay" in w]
+
+
 def test_all_stages_ran(pipeline_run, fkpp_field):
     result, events = pipeline_run
     field = fkpp_field
@@ -161,6 +169,14 @@ def test_a_learned_delay_is_held_in_the_closed_forms_refit_and_simulation(pipeli
         mech = res.mechanistic["closed form (refitted)"]
         assert mech.metadata["time_factor"] == ("given" if use_delay else None)
         found[use_delay] = res.equations.with_params(mech)
+        # without a learned delay the refit stage checks for one: these data are delayed, and it says so
+        warned = [w for w in res.metadata["warnings"] if "Learn a delay T(t)" in w]
+        if use_delay:
+            assert "delay_check" not in res.metadata and not warned
+        else:
+            check = res.metadata["delay_check"]
+            assert check["bic_drop"] > 100 and check["tau_h"] == pytest.approx(6.0, rel=0.25), check
+            assert len(warned) == 1 and "tau = " in warned[0]
     d_true, g_true = 800.0, lambda u: 0.08 * (1 - u / 2000.0)
     u = np.linspace(200.0, 1800.0, 50)
     assert float(found[True].D(u).mean()) == pytest.approx(d_true, rel=0.02)
@@ -297,6 +313,11 @@ def test_holdout_frames_errors(pipeline_config):
         cfg = pipeline_config()
         cfg.refit.holdout_frames, cfg.refit.holdout_bic_switch = 1, bad
         with pytest.raises(ValueError, match=r"refit\.holdout_bic_switch.*finite number >= 0"):
+            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    for bad in (-5.0, float("nan"), "often", True):  # checked with one candidate too
+        cfg = pipeline_config()
+        cfg.refit.candidates, cfg.refit.delay_check = 1, bad
+        with pytest.raises(ValueError, match=r"refit\.delay_check.*finite number >= 0"):
             run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
     # checked before training, as soon as the field is known
     cfg = pipeline_config()
