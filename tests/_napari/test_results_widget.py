@@ -243,3 +243,27 @@ def test_the_results_plot_shows_a_learned_delay_as_a_fourth_panel():
     fig = Figure()
     _plot_results(fig, rates, counts, "cells/mm²")
     assert len(fig.axes) == 3
+
+
+def test_a_refit_that_finds_the_data_delayed_says_so(make_napari_viewer, qtbot, monkeypatch):
+    """No delay learned, data made with one: the refit's delay check warns in the GUI, naming the setting."""
+    from napari_binn._napari import _results_widget
+    from napari_binn.symbolic import Equations
+    from napari_binn.synthetic.models import make_synthetic
+
+    def delay(th):
+        return 1.0 - np.exp(-np.asarray(th, float) / 6.0)
+
+    field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0, "T": delay}, domain="scratch",
+                              grid=(10, 12), dx_um=50.0, times_h=np.linspace(0, 24, 7), seed=0)
+    shown = []
+    monkeypatch.setattr(_results_widget, "show_warning", shown.append)
+    viewer = make_napari_viewer()
+    res = ResultsWidget(viewer)
+    get_state(viewer).update(field=field, equations=Equations.from_forms(D=["700.0"], G=["0.07 - 3e-5*u"],
+                                                                         u_range=(0.0, 2000.0)))
+    res.sim_model.value = "closed form refitted to the data"
+    res.simulate()
+    _idle(qtbot, res, timeout=120000)
+    assert len(shown) == 1 and "Learn a delay T(t)" in shown[0] and shown[0].startswith("The closed form"), shown
+    res.shutdown()

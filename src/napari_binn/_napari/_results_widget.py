@@ -363,6 +363,10 @@ class ResultsWidget(QWidget):
         consts = _refit_constants_line(res)
         self.status.setText(f"Refitted against the data ({n} candidate form(s) compared by BIC): {consts}. "
                             "Next: export the bundle.")
+        before = set(start.metadata.get("warnings", []))
+        for w in res.metadata.get("warnings", []):
+            if w not in before and "Learn a delay T(t)" in w:  # the refit's delay check (refit.delay_check)
+                show_warning(w[0].upper() + w[1:])
 
     def _simulated(self, res: Any, name: str) -> None:
         if name not in res.simulations:
