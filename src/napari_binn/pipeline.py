@@ -961,7 +961,7 @@ def _check_delay(result: PipelineResult, model: dict[str, Any], fit: Mechanistic
                  rc: RefitConfig, kw: dict[str, Any], cancel: CancelToken | None, index: int):
     """The refitted closed form fitted again with a delay T(t) = 1 - exp(-t/tau), from its refitted constants and
     two starts of tau; when the BIC falls by more than ``rc.delay_check``, a warning (the data look delayed, and a
-    slow start is otherwise read into D and G). Writes ``result.metadata['delay_check']``. Measured on the 56
+    slow start is otherwise read into D and G). Writes ``result.metadata['delay_check']``. Measured on the 55
     discovery-benchmark runs without a delay: the BIC fell by at most 5; on a delayed scratch by 1200-3100."""
     fld = result.field
     t0, span = float(fld.t_h[0]), float(fld.t_h[-1] - fld.t_h[0])
