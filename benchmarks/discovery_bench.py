@@ -125,15 +125,24 @@ class Case:
         from napari_binn.synthetic.models import make_synthetic
 
         grid, frames = ((16, 16), 6) if quick else (self.grid, self.frames)
-        params: dict[str, Any] = dict(self.params)
-        if self.model == "custom":  # D, G (and T) as templates in u (t) with named constants: set them
-            params.update(custom_truth(self.params))
         times = (np.asarray(self.times, float) if self.times is not None and not quick else
                  np.linspace(0.0, self.hours, frames))
         domain: Any = stress_mask(self.domain, grid) if self.domain in STRESS_MASKS else self.domain
-        return make_synthetic(self.model, params, domain=domain, grid=grid, dx_um=self.dx_um, times_h=times,
-                              noise=self.noise, noise_model=self.noise_model, seed=seed,
+        return make_synthetic(self.model, self.synthetic_params(), domain=domain, grid=grid, dx_um=self.dx_um,
+                              times_h=times, noise=self.noise, noise_model=self.noise_model, seed=seed,
                               u0_fraction=self.u0_fraction, rtol=1e-6)
+
+    def synthetic_params(self) -> dict[str, Any]:
+        """``params`` as ``make_synthetic`` takes them: a 'custom' case's D, G (and T) templates in u (t) with its
+        named constants set."""
+        if self.model == "custom":
+            return {**self.params, **custom_truth(self.params)}
+        return dict(self.params)
+
+    def template_constants(self) -> list[str]:
+        """The constants a 'custom' case's D, G and T templates name (sorted)."""
+        return sorted({k for key in ("D", "G", "T") if key in self.params
+                       for k in custom_template_constants(self.params, key)})
 
     @property
     def n_frames(self) -> int:
@@ -184,8 +193,7 @@ def case_truth(case: "Case"):
     """A case's :class:`~napari_binn.synthetic.models.Truth` (its D, G and expressions) without simulating its field."""
     from napari_binn.synthetic.models import make_synthetic
 
-    params = {**case.params, **custom_truth(case.params)} if case.model == "custom" else dict(case.params)
-    return make_synthetic(case.model, params, grid=(8, 8), times_h=[0.0, 1.0])[1]
+    return make_synthetic(case.model, case.synthetic_params(), grid=(8, 8), times_h=[0.0, 1.0])[1]
 
 
 #: ROI shapes of the stress cases, beyond make_synthetic's named domains (a patch at the mask's centroid)
@@ -646,8 +654,7 @@ def crb_case(case: Case, seed: int = 0, step: float = 0.1, quick: bool = False) 
     else:
         sd = np.full(base.shape, case.noise * K)
     if case.model == "custom":  # the constants its templates name
-        names = sorted({k for key in ("D", "G", "T") if key in case.params
-                        for k in custom_template_constants(case.params, key)})
+        names = case.template_constants()
     else:
         names = [k for k in truth.constants if k != "m" and not (k == "K" and case.model == "diffusion")]
     sens, rows = [], {}

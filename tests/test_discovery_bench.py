@@ -242,8 +242,7 @@ def test_oracle_recovers_every_model_from_a_clean_field(bench):
         assert res["converged"], model
         assert res["oracle_d_rel_err"] < 0.01 and res["oracle_g_rel_err"] < 0.01, (model, res)
         if case.model == "custom":
-            free = {k for key in ("D", "G", "T") if key in case.params
-                    for k in bench.custom_template_constants(case.params, key)}
+            free = set(case.template_constants())
         else:
             held = set(bench.ORACLE_MODELS[model][1])
             free = {k for k in case.params if k not in held and not (model == "diffusion" and k == "K")}

@@ -425,11 +425,15 @@ def _forms(eq: Equations) -> dict[str, str]:
     return {"D": str(eq.D.sympy), "G": str(eq.G.sympy)}
 
 
-def learned_delay(result: PipelineResult) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The BINN's learned delay T(t) (time in hours) when it learned one (``binn.use_delay``), else None. Every
-    simulation and refit of the result's D and G holds it fixed: the closed forms are D(u) and G(u) under the
-    same T(t) as the learned curves."""
-    fit = result.fit
+def learned_delay(result: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The BINN's learned delay T(t) (time in hours) when it learned one (``binn.use_delay``), else None;
+    ``result``: a PipelineResult or anything else with its ``fit`` (the GUI's shared state). Every simulation and
+    refit of the result's D and G holds it fixed: the closed forms are D(u) and G(u) under the same T(t) as the
+    learned curves."""
+    return _fit_delay(result.fit)
+
+
+def _fit_delay(fit: BinnFit | None) -> Callable[[np.ndarray], np.ndarray] | None:
     return fit.T if fit is not None and fit.config.use_delay else None
 
 
@@ -906,11 +910,12 @@ def refine_text(fit: BinnFit | None) -> list[str]:
 def delay_text(fit: BinnFit | None, t_h: Any = None, short: bool = False) -> list[str]:
     """One line on the BINN's learned delay T(t) (``binn.use_delay``), at the first, middle and last of the times
     ``t_h`` (the field's frames); empty when it learned none. short: the values only (the canvas overlay)."""
-    if fit is None or not getattr(fit.config, "use_delay", False):
+    T = _fit_delay(fit)
+    if T is None:
         return []
     t = np.asarray(t_h if t_h is not None else [0.0], dtype=float)
     picks = np.unique([t[0], t[len(t) // 2], t[-1]])
-    values = ", ".join(f"{v:.2f} at {th:g} h" for th, v in zip(picks, fit.T(picks)))
+    values = ", ".join(f"{v:.2f} at {th:g} h" for th, v in zip(picks, T(picks)))
     if short:
         return [f"T(t) learned: {values}"]
     return [f"T(t), the learned delay (1 = none): {values}; the closed forms are D(u) and G(u) under it, held "
@@ -967,7 +972,7 @@ def _check_delay(result: PipelineResult, model: dict[str, Any], fit: Mechanistic
     t0, span = float(fld.t_h[0]), float(fld.t_h[-1] - fld.t_h[0])
     if not span > 0:
         return
-    tau_expr = DELAY_CHECK_T.replace("t/", f"(t - {t0!r})/") if t0 != 0.0 else DELAY_CHECK_T
+    tau_expr = f"1 - exp(-(t - {t0!r})/tau)"  # DELAY_CHECK_T from the first frame's time
     best = None
     for frac in DELAY_CHECK_STARTS:
         if is_cancelled(cancel):

@@ -25,11 +25,14 @@ def _rates_figure(result, path: Path) -> None:
     fit, eq = result.fit, result.equations
     u = fit.u_grid(200, central=False)
     lo, hi = fit.density_range()
-    delay = fit.config.use_delay
-    fig, axes = plt.subplots(1, 3 if delay else 2, figsize=(13 if delay else 9, 3.6), constrained_layout=True)
-    if delay:  # the learned delay: every simulation and refit of D and G holds it fixed
+    from .pipeline import learned_delay
+
+    delay = learned_delay(result)
+    fig, axes = plt.subplots(1, 2 if delay is None else 3, figsize=(9 if delay is None else 13, 3.6),
+                             constrained_layout=True)
+    if delay is not None:  # the learned delay: every simulation and refit of D and G holds it fixed
         t = np.linspace(float(result.field.t_h[0]), float(result.field.t_h[-1]), 200)
-        axes[2].plot(t, fit.T(t), color="C0", lw=2, label="BINN's learned delay (held in every refit)")
+        axes[2].plot(t, delay(t), color="C0", lw=2, label="BINN's learned delay (held in every refit)")
         axes[2].set_ylim(0.0, 1.05)
         axes[2].set_xlabel("time  [h]")
         axes[2].set_ylabel("T(t)")

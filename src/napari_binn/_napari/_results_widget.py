@@ -444,9 +444,12 @@ class ResultsWidget(QWidget):
             u = s.fit.u_grid(101)
             rates["learned"] = (u, s.fit.D(u), s.fit.G(u))
             bands = rate_bands(s.fit, u)
-            if s.fit.config.use_delay and s.field is not None:  # the learned T(t), held in every refit
+            from ..pipeline import learned_delay
+
+            T = learned_delay(s)
+            if T is not None and s.field is not None:  # the learned T(t), held in every refit
                 t = np.linspace(float(s.field.t_h[0]), float(s.field.t_h[-1]), 101)
-                delay = (t, s.fit.T(t))
+                delay = (t, T(t))
         eq = s.equations
         if eq is not None and eq.D is not None and eq.G is not None:
             if u is None:
