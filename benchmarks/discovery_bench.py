@@ -128,9 +128,15 @@ class Case:
         times = (np.asarray(self.times, float) if self.times is not None and not quick else
                  np.linspace(0.0, self.hours, frames))
         domain: Any = stress_mask(self.domain, grid) if self.domain in STRESS_MASKS else self.domain
-        return make_synthetic(self.model, self.synthetic_params(), domain=domain, grid=grid, dx_um=self.dx_um,
-                              times_h=times, noise=self.noise, noise_model=self.noise_model, seed=seed,
-                              u0_fraction=self.u0_fraction, rtol=1e-6)
+        field, truth = make_synthetic(self.model, self.synthetic_params(), domain=domain, grid=grid,
+                                      dx_um=self.dx_um, times_h=times, noise=self.noise,
+                                      noise_model=self.noise_model, seed=seed, u0_fraction=self.u0_fraction,
+                                      rtol=1e-6)
+        if self.extra.get("dropout"):  # boxes the counting missed: a share of each frame's boxes read 0
+            rng = np.random.default_rng(10_000 + seed)
+            missed = (rng.random(field.u.shape) < float(self.extra["dropout"])) & field.mask[None]
+            field.u[missed] = 0.0
+        return field, truth
 
     def synthetic_params(self) -> dict[str, Any]:
         """``params`` as ``make_synthetic`` takes them: a 'custom' case's D, G (and T) templates in u (t) with its
@@ -155,6 +161,8 @@ class Case:
         spacing = ", uneven" if self.times is not None else ""
         delay = f", delay T(t) = {self.params['T']}" if "T" in self.params else ""
         sets = f"; run with {' '.join(self.sets)}" if self.sets else ""
+        if self.extra.get("dropout"):
+            noise += f", {self.extra['dropout']:.0%} of each frame's boxes read 0"
         return (f"{self.model} {self.params} on {self.domain}, {self.grid[0]}x{self.grid[1]} boxes of "
                 f"{self.dx_um:g} µm, {self.n_frames} frames / {hours:g} h{spacing}, {noise}, u0 {self.u0_fraction} K"
                 f"{delay}{sets}")
@@ -197,7 +205,7 @@ def case_truth(case: "Case"):
 
 
 #: ROI shapes of the stress cases, beyond make_synthetic's named domains (a patch at the mask's centroid)
-STRESS_MASKS = ("annulus", "l_shape", "two_rois")
+STRESS_MASKS = ("annulus", "l_shape", "two_rois", "channel", "pillars")
 
 
 def stress_mask(name: str, grid: tuple[int, int]) -> np.ndarray:
@@ -214,6 +222,13 @@ def stress_mask(name: str, grid: tuple[int, int]) -> np.ndarray:
     if name == "two_rois":
         rows = (y >= 0.1 * ny) & (y <= 0.88 * ny)
         return rows & (((x >= 0.05 * nx) & (x <= 0.43 * nx)) | ((x >= 0.55 * nx) & (x <= 0.93 * nx)))
+    if name == "channel":  # a strip 6 boxes wide along the grid (cells migrating along a channel)
+        return (np.abs(y - (ny - 1) / 2) < 3.0) & (x >= 0.03 * nx) & (x <= 0.97 * nx)
+    if name == "pillars":  # a disc with three round obstacles (pillars) the cells move around
+        inside = np.hypot(x - (nx - 1) / 2, y - (ny - 1) / 2) <= 0.47 * min(ny, nx)
+        for fy, fx in ((0.3, 0.35), (0.65, 0.3), (0.55, 0.72)):
+            inside &= np.hypot(x - fx * nx, y - fy * ny) > 0.08 * min(ny, nx)
+        return inside
     raise ValueError(f"unknown stress mask {name!r}; one of {STRESS_MASKS}")
 
 
@@ -334,7 +349,37 @@ STRESS: dict[str, Case] = {c.name: c for c in [
     Case("s_power_short", "porous_fisher", {"D0": 6000.0, "m": 2.0, "r": 0.06, "K": K0}, "scratch", "gaussian_k",
          u0_fraction=0.6, frames=7, hours=24.0, note="D = D0 (u/K)^2, a short movie: 7 frames over 24 h"),
 ]}
-ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH, **UNITS, **STRESS}
+#: a second stress set (``--stress2``), written on 7 December (seventeenth session) after every default was chosen:
+#: a saturating and a falling exponential D, density-dependent D with Allee growth together, exponential growth
+#: that never nears K, a steep Richards G along a narrow channel, a disc with pillars, boxes missed by the counting
+#: (2% of the boxes of each frame read 0), five frames only, 200 µm boxes
+STRESS2: dict[str, Case] = {c.name: c for c in [
+    Case("s2_saturating_d_scratch", "custom", {"D": "Dm*u/(u + B)", "G": "r*(1 - u/K)", "Dm": 1500.0, "B": 600.0,
+                                                "r": 0.05, "K": K0}, "scratch", "gaussian_k", u0_fraction=0.6,
+         note="saturating D = Dm u/(u + B) (0 at u = 0, 1150 at K), logistic G, scratch"),
+    Case("s2_porous_allee_pillars", "custom", {"D": "D0*u/K", "G": "r*(1 - u/K)*(u/K - a)", "D0": 2500.0,
+                                                "r": 0.3, "K": K0, "a": 0.15}, "pillars", "gaussian_k",
+         u0_fraction=0.8, note="D = D0 u/K and an Allee G (threshold 0.15 K) together; a disc with three pillars"),
+    Case("s2_exponential_sparse", "custom", {"D": "D0", "G": "r", "D0": 600.0, "r": 0.02, "K": K0}, "disc",
+         "gaussian_k", noise=0.02, u0_fraction=0.15,
+         note="exponential growth G = r (no K in sight: the density stays below 0.4 K), a patch in a disc, 2%"),
+    Case("s2_richards_steep_channel", "custom", {"D": "D0", "G": "r*(1 - (u/K)**3)", "D0": 1200.0, "r": 0.05,
+                                                  "K": K0}, "channel", "gaussian_k", u0_fraction=0.5, grid=(24, 60),
+         note="Richards G = r (1 - (u/K)^3), a narrow channel 6 boxes wide and 60 long"),
+    Case("s2_fkpp_dropouts", "fisher_kpp", {"D": 900.0, "r": 0.05, "K": K0}, "wound", "gaussian_k",
+         u0_fraction=0.5, extra={"dropout": 0.02},
+         note="Fisher–KPP, a wound closing, 2% of the boxes of each frame read 0 (cells the counting missed)"),
+    Case("s2_contact_five_frames", "contact_inhibition", {"D0": 2500.0, "r": 0.06, "K": K0}, "scratch",
+         "gaussian_k", u0_fraction=0.7, frames=5, note="D = D0/(1 + u/K), five frames over 48 h"),
+    Case("s2_fkpp_big_boxes_poisson", "fisher_kpp", {"D": 4000.0, "r": 0.05, "K": K0}, "disc", "poisson",
+         dx_um=200.0, grid=(20, 20), u0_fraction=0.6,
+         note="Fisher–KPP in 200 µm boxes (~80 cells at K) on a 20 x 20 grid, Poisson counts"),
+    Case("s2_falling_exp_d_islands_poisson", "custom", {"D": "a*exp(-b*u)", "G": "r*(1 - u/K)", "a": 2000.0,
+                                                         "b": 8e-4, "r": 0.06, "K": K0}, "islands", "poisson",
+         dx_um=100.0, u0_fraction=0.7, note="D = a exp(-b u) falling 5-fold from 0 to K, logistic G, islands, "
+         "Poisson ~20/box"),
+]}
+ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH, **UNITS, **STRESS, **STRESS2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -980,6 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stress", action="store_true",
                     help="the stress cases (forms outside the named models, ROIs in parts or with holes, uneven "
                          "frame times, low counts, a delay) instead of the eight")
+    ap.add_argument("--stress2", action="store_true",
+                    help="the second stress set (saturating and falling exponential D, porous D with Allee growth, "
+                         "exponential growth, a channel, pillars, missed boxes, five frames, 200 µm boxes)")
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
@@ -1004,7 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         ap.error(f"--threads must be >= 1; got {args.threads}")
 
-    names = args.cases or list(STRESS if args.stress else UNITS if args.units else FRESH if args.fresh
+    names = args.cases or list(STRESS2 if args.stress2 else STRESS if args.stress else UNITS if args.units else FRESH if args.fresh
                                 else VALIDATION if args.validation else CASES)
     unknown = [n for n in names if n not in ALL_CASES]
     if unknown:

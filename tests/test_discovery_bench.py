@@ -104,7 +104,7 @@ def test_validation_and_fresh_cases_are_other_data(bench, capsys):
     sets = [bench.CASES, bench.VALIDATION, bench.FRESH]
     assert len(bench.VALIDATION) >= 8 and len(bench.FRESH) >= 8
     assert sum(map(len, sets)) == len(set().union(*sets)) == (len(bench.ALL_CASES) - len(bench.UNITS)
-                                                               - len(bench.STRESS))
+                                                               - len(bench.STRESS) - len(bench.STRESS2))
     seen = {(c.model, c.domain, c.noise_model, c.frames) for c in bench.CASES.values()}
     for later in sets[1:]:
         for name, case in later.items():
@@ -127,7 +127,7 @@ def test_the_units_cases_differ_from_every_earlier_case_in_units_or_shape(bench,
     box size, grid, movie length or exponent, not only in form, domain or noise."""
     earlier = {**bench.CASES, **bench.VALIDATION, **bench.FRESH}
     assert len(bench.UNITS) >= 8 and not set(bench.UNITS) & set(earlier)
-    assert len(bench.ALL_CASES) == len(earlier) + len(bench.UNITS) + len(bench.STRESS)
+    assert len(bench.ALL_CASES) == len(earlier) + len(bench.UNITS) + len(bench.STRESS) + len(bench.STRESS2)
 
     def units(c):
         return (c.params["K"], c.dx_um, c.grid, c.hours, c.params.get("m"), c.params.get("gamma"))
@@ -176,6 +176,33 @@ def test_the_stress_cases_reach_beyond_the_named_models_domains_and_spacing(benc
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()]
     assert names == list(bench.STRESS) and "uneven" in out
+
+
+def test_the_second_stress_set_builds_its_shapes_and_missed_boxes(bench, capsys):
+    """The second stress set: new cases only, a channel and a disc with pillars, boxes the counting missed (read
+    0, the same ones for the same seed), and five frames."""
+    earlier = {**bench.CASES, **bench.VALIDATION, **bench.FRESH, **bench.UNITS, **bench.STRESS}
+    assert len(bench.STRESS2) >= 8 and not set(bench.STRESS2) & set(earlier)
+    channel = bench.stress_mask("channel", (24, 60))
+    assert channel.sum(axis=0).max() == 6 and channel[12, 30] and not channel[2, 30]
+    pillars = bench.stress_mask("pillars", (40, 40))
+    y, x = np.mgrid[:40, :40]
+    disc = np.hypot(x - 19.5, y - 19.5) <= 0.47 * 40
+    assert not (pillars & ~disc).any() and disc[12, 14] and not pillars[12, 14]  # a hole where a pillar stands
+    for name, case in bench.STRESS2.items():
+        fld, _ = case.make(0, quick=True)
+        assert fld.mask.any() and np.isfinite(fld.u[fld.observed]).all(), name
+    case = bench.STRESS2["s2_fkpp_dropouts"]
+    clean = bench.Case(**{**case.__dict__, "extra": {}})
+    (a, _), (b, _), (c, _) = case.make(0, quick=True), case.make(0, quick=True), clean.make(0, quick=True)
+    missed = (a.u != c.u) & a.mask[None]
+    assert missed.any() and (a.u[missed] == 0).all() and np.array_equal(a.u, b.u, equal_nan=True)
+    assert 0.005 < missed.sum() / (a.mask.sum() * a.n_frames) < 0.05
+    assert bench.STRESS2["s2_contact_five_frames"].make(0)[0].n_frames == 5
+    assert bench.main(["--stress2", "--list"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()]
+    assert names == list(bench.STRESS2) and "read 0" in out
 
 
 def test_options(bench, capsys):
