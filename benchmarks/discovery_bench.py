@@ -543,8 +543,10 @@ def final_closed_form(result) -> tuple[Any, Any, Callable | None, Callable | Non
         return None, None, None, None, "none"
     mech = result.mechanistic.get("closed form (refitted)")
     if mech is not None and np.isfinite(mech.loglik):
+        # a refitted delay's constant (tau of refit.delay's T(t)) is not one of D's or G's
+        delay = {str(s) for s in sp.sympify(mech.expressions.get("T", "0")).free_symbols} - {"t"}
         try:
-            final = eq.with_params(mech)
+            final = eq.with_params({k: v for k, v in mech.params.items() if k not in delay})
             return final.D.sympy, final.G.sympy, mech.D, mech.G, "refitted"
         except ValueError:
             pass

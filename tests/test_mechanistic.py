@@ -417,3 +417,15 @@ def test_a_refits_trials_keep_the_first_simulations_method_and_a_budget_from_it(
     with pytest.raises(SimulationError, match="evaluations of the right-hand side"):
         prob.simulate(pole)
     assert time.perf_counter() - t0 < 60.0
+
+
+def test_a_delays_time_constants_get_their_units():
+    """T(t)'s constants that set its time scale are in hours (t/tau, also from a first frame at t0) or per hour
+    (k t); others are left without a unit."""
+    from napari_binn.pde.mechanistic import _time_units
+
+    assert _time_units("1 - exp(-t/tau)", {"tau": 5.0}) == {"tau": "h"}
+    assert _time_units("1 - exp(-(t - 2.5)/tau)", {"tau": 5.0}) == {"tau": "h"}
+    assert _time_units("1 - exp(-k*t)", {"k": 0.2}) == {"k": "1/h"}
+    assert _time_units("1 - a*exp(-t/tau)", {"a": 0.5, "tau": 4.0}) == {"tau": "h"}
+    assert _time_units("1 + 0*t", {}) == {}

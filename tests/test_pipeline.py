@@ -184,6 +184,64 @@ def test_a_learned_delay_is_held_in_the_closed_forms_refit_and_simulation(pipeli
     assert float(found[False].D(u).mean()) < 0.8 * d_true  # blind to the delay: D about 550 here
 
 
+def test_the_refit_fits_its_own_delay_when_the_learned_one_is_off(pipeline_config):
+    """``refit.delay``: a learned T(t) that is off (here it starts at 0.5, as the BINN's did on a delayed scratch)
+    is made up for by the closed form's constants when held fixed; 'auto' also refits with T(t) = 1 - exp(-t/tau)
+    and keeps it when its BIC is lower, with tau's unit and interval, outside D's and G's constants; 'learned'
+    holds the learned T(t) as before."""
+    from types import SimpleNamespace
+
+    from napari_binn.pipeline import delay_text, refit_constants_text, refitted_delay
+    from napari_binn.symbolic.discover import Equations
+    from napari_binn.synthetic.models import make_synthetic
+
+    def truth(th):
+        return 1.0 - np.exp(-np.asarray(th, float) / 6.0)
+
+    def learned(th):  # the right time scale, but half-way at the start
+        return 0.5 + 0.5 * truth(th)
+
+    field, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0, "T": truth}, domain="scratch",
+                              grid=(10, 12), dx_um=50.0, times_h=np.linspace(0, 24, 7), seed=0)
+    eq = Equations.from_forms(D=["700.0"], G=["0.07 - 3e-5*u"], u_range=(0.0, 2000.0))
+    fit = SimpleNamespace(config=SimpleNamespace(use_delay=True), T=learned)
+    out = {}
+    for choice in ("learned", "auto"):
+        cfg = pipeline_config()
+        cfg.refit.max_evals, cfg.refit.reference_model, cfg.refit.holdout_frames = 100, "", 0
+        cfg.refit.intervals, cfg.refit.delay = "wald", choice
+        out[choice] = run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq, fit=fit), cfg,
+                                           stages=("refit",)))
+    held = out["learned"]
+    assert held.metadata["refit_delay"] is None and refitted_delay(held) is None
+    assert held.mechanistic["closed form (refitted)"].metadata["time_factor"] == "given"
+    res = out["auto"]
+    info = res.metadata["refit_delay"]
+    assert info["used"] and info["bic_fitted"] < info["bic_learned"] - 10, info
+    assert info["tau_h"] == pytest.approx(6.0, rel=0.1) and info["tau_ci95"][0] < info["tau_h"] < info["tau_ci95"][1]
+    mech = res.mechanistic["closed form (refitted)"]
+    assert mech.units["tau"] == "h" and "tau" in res.metadata["closed_form_refitted"]
+    t = np.linspace(0.0, 24.0, 5)
+    np.testing.assert_allclose(refitted_delay(res)(t), 1.0 - np.exp(-t / info["tau_h"]))
+    u = np.linspace(200.0, 1800.0, 50)
+    found = {k: r.refitted_equations() for k, r in out.items()}  # tau is left out of D's and G's constants
+    assert float(found["auto"].D(u).mean()) == pytest.approx(800.0, rel=0.03)
+    np.testing.assert_allclose(found["auto"].G(u), 0.08 * (1 - u / 2000.0), rtol=0.05, atol=1e-3)
+    errors = {k: abs(float(f.D(u).mean()) / 800.0 - 1.0) for k, f in found.items()}
+    assert errors["auto"] < errors["learned"]  # the held T(t), off at the start, moved D
+    assert any(line.startswith("tau = ") and line.endswith(" h") for line in refit_constants_text(res))
+    lines = delay_text(fit, field.t_h, metadata=res.metadata)
+    assert len(lines) == 2 and "T(t) of the refitted closed form: 1 - exp(-t/tau), tau = " in lines[1]
+    assert "BIC is lower by" in lines[1]
+    assert len(delay_text(fit, field.t_h, short=True, metadata=res.metadata)) == 2
+    with pytest.raises(ValueError, match="Unknown parameter"):  # a name of neither D, G nor the fit's T
+        eq.with_refit(SimpleNamespace(params={"D_0": 1.0, "x": 2.0}, ci95={}, expressions={}))
+    cfg = pipeline_config()
+    cfg.refit.delay = "parametric"
+    with pytest.raises(ValueError, match=r"refit\.delay = 'parametric'.*'auto', 'learned', 'fit'"):
+        run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq, fit=fit), cfg, stages=("refit",)))
+
+
 def _noisy_fkpp(frames=5):
     from napari_binn.synthetic.models import make_synthetic
 

@@ -121,7 +121,11 @@ class RefitConfig:
     better is used throughout). delay_check: when the BINN learned no delay (``binn.use_delay`` off), the refitted
     closed form is fitted once more with a delay T(t) = 1 - exp(-t/tau) (tau free); a BIC lower by more than this
     adds a warning that the cells may start slowly and a delay should be learned (without one a slow start is read
-    into D and G); None (``"none"``): no check."""
+    into D and G); None (``"none"``): no check. delay: when the BINN learned a delay (``binn.use_delay``), which
+    T(t) the final refit of the closed form uses: 'learned' (the BINN's T(t), held fixed), 'fit' (T(t) = 1 -
+    exp(-t/tau) with tau refitted with the constants; t from the first frame) or 'auto' (both are fitted and the
+    one with the lower BIC is kept). The learned T(t) is a network's curve, fitted to the residual alongside D and
+    G; where it is off (it need not start at 0), the closed form's constants make up for it."""
 
     closed_form: bool = True
     reference_model: str = "fisher_kpp"
@@ -137,6 +141,7 @@ class RefitConfig:
     holdout_bic_switch: float | None = 100.0
     initial: str = "auto"
     delay_check: float | None = 100.0
+    delay: str = "auto"
 
 
 @dataclass
@@ -437,6 +442,19 @@ def _fit_delay(fit: BinnFit | None) -> Callable[[np.ndarray], np.ndarray] | None
     return fit.T if fit is not None and fit.config.use_delay else None
 
 
+def refitted_delay(result: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The delay T(t) = 1 - exp(-(t - t0)/tau) the refitted closed form holds (``refit.delay``), when the refit
+    stage chose it over the learned T(t); else None. ``result``: a PipelineResult or anything with ``metadata``."""
+    return _delay_from_info((getattr(result, "metadata", None) or {}).get("refit_delay"))
+
+
+def _delay_from_info(info: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    if not isinstance(info, dict) or not info.get("used"):
+        return None
+    t0, tau = float(info["t0_h"]), float(info["tau_h"])
+    return lambda t: 1.0 - np.exp(-(np.asarray(t, dtype=float) - t0) / tau)
+
+
 def _closed_form_run(result: PipelineResult, eq: Equations) -> tuple[str, Any, Any, Any]:
     """The 'closed form' simulation's run: ``eq``'s selected forms with the symbolic fit's constants, held finite
     below the field's lowest density (:func:`pde_safe`), under the learned delay if any (:func:`learned_delay`).
@@ -555,11 +573,13 @@ def holdout_count(rc: RefitConfig, n_frames: int) -> int:
 def check_holdout(rc: RefitConfig, n_frames: int) -> None:
     """ConfigError naming ``refit.holdout_frames`` / ``refit.holdout_level`` / ``refit.holdout_margin`` and their
     allowed values, when the held-out choice will run (closed forms refitted, more than one candidate); and
-    ``refit.delay_check``'s always."""
+    ``refit.delay_check``'s and ``refit.delay``'s always."""
     dc = rc.delay_check
     if dc is not None and (isinstance(dc, bool) or not isinstance(dc, (int, float)) or not 0.0 <= float(dc) < math.inf):
         raise ConfigError(f"refit.delay_check = {dc!r}: allowed values are a finite number >= 0 (a BIC difference, "
                           "e.g. 100) or unset (no check)")
+    if rc.delay not in REFIT_DELAY:
+        raise ConfigError(f"refit.delay = {rc.delay!r}: allowed values are {', '.join(map(repr, REFIT_DELAY))}")
     if not rc.closed_form or rc.candidates <= 1:
         return
     h = rc.holdout_frames
@@ -907,23 +927,54 @@ def refine_text(fit: BinnFit | None) -> list[str]:
     return [line] + [str(note) for note in info.get("notes", [])]
 
 
-def delay_text(fit: BinnFit | None, t_h: Any = None, short: bool = False) -> list[str]:
-    """One line on the BINN's learned delay T(t) (``binn.use_delay``), at the first, middle and last of the times
-    ``t_h`` (the field's frames); empty when it learned none. short: the values only (the canvas overlay)."""
+def delay_text(fit: BinnFit | None, t_h: Any = None, short: bool = False,
+               metadata: dict[str, Any] | None = None) -> list[str]:
+    """Lines on the BINN's learned delay T(t) (``binn.use_delay``), at the first, middle and last of the times
+    ``t_h`` (the field's frames), and on the refit's own T(t) = 1 - exp(-t/tau) when ``metadata['refit_delay']``
+    (a result's metadata) says the refitted closed form holds it (``refit.delay``); empty when the BINN learned no
+    delay. short: the values only (the canvas overlay)."""
     T = _fit_delay(fit)
     if T is None:
         return []
     t = np.asarray(t_h if t_h is not None else [0.0], dtype=float)
     picks = np.unique([t[0], t[len(t) // 2], t[-1]])
-    values = ", ".join(f"{v:.2f} at {th:g} h" for th, v in zip(picks, T(picks)))
+
+    def values(f: Callable[[np.ndarray], np.ndarray]) -> str:
+        return ", ".join(f"{v:.2f} at {th:g} h" for th, v in zip(picks, f(picks)))
+
+    info = (metadata or {}).get("refit_delay")
+    refitted = _delay_from_info(info)
     if short:
-        return [f"T(t) learned: {values}"]
-    return [f"T(t), the learned delay (1 = none): {values}; the closed forms are D(u) and G(u) under it, held "
-            "fixed in every simulation and refit"]
+        out = [f"T(t) learned: {values(T)}"]
+        if refitted is not None:
+            out.append(f"T(t) refitted: 1 - exp(-t/{float(info['tau_h']):.3g} h): {values(refitted)}")
+        return out
+    if refitted is None:
+        return [f"T(t), the learned delay (1 = none): {values(T)}; the closed forms are D(u) and G(u) under it, "
+                "held fixed in every simulation and refit" + _delay_choice_text(info)]
+    lo, hi = info.get("tau_ci95") or (math.nan, math.nan)
+    return [f"T(t), the learned delay (1 = none): {values(T)}; the symbolic stage's simulations and the choice of "
+            "forms hold it fixed",
+            f"T(t) of the refitted closed form: 1 - exp(-t/tau), tau = {float(info['tau_h']):.3g} h [{lo:.3g}, "
+            f"{hi:.3g}] (t from the first frame): {values(refitted)}" + _delay_choice_text(info)]
+
+
+def _delay_choice_text(info: Any) -> str:
+    """Why the refit holds the T(t) it holds (``metadata['refit_delay']``); empty when there was no choice."""
+    if not isinstance(info, dict) or info.get("bic_learned") is None or info.get("bic_fitted") is None:
+        return ""
+    diff = float(info["bic_learned"]) - float(info["bic_fitted"])
+    if info.get("used"):
+        return (f"; its BIC is lower by {diff:.0f} than under the learned T(t)" if info.get("delay") == "auto" else
+                f" (refit.delay = 'fit'; BIC {-diff:+.0f} against the learned T(t))")
+    return (f"; T(t) = 1 - exp(-t/tau) fitted the closed form no better (BIC {-diff:+.0f}, tau "
+            f"{float(info.get('tau_h', math.nan)):.3g} h)")
 
 
 #: allowed values of ``RefitConfig.initial``
 REFIT_INITIAL = ("auto", "data", "denoised")
+#: allowed values of ``RefitConfig.delay``
+REFIT_DELAY = ("auto", "learned", "fit")
 
 
 def _choose_initial(result: PipelineResult, rc: RefitConfig, kw: dict[str, Any], cancel: CancelToken | None,
@@ -962,30 +1013,50 @@ DELAY_CHECK_T = "1 - exp(-t/tau)"
 DELAY_CHECK_STARTS = (0.05, 0.2)
 
 
-def _check_delay(result: PipelineResult, model: dict[str, Any], fit: MechanisticFit, bounds: dict[str, Any],
-                 rc: RefitConfig, kw: dict[str, Any], cancel: CancelToken | None, index: int):
-    """The refitted closed form fitted again with a delay T(t) = 1 - exp(-t/tau), from its refitted constants and
-    two starts of tau; when the BIC falls by more than ``rc.delay_check``, a warning (the data look delayed, and a
-    slow start is otherwise read into D and G). Writes ``result.metadata['delay_check']``. Measured on the 55
-    discovery-benchmark runs without a delay: the BIC fell by at most 5; on a delayed scratch by 1200-3100."""
+def _fit_tau(result: PipelineResult, model: dict[str, Any], params: dict[str, Any], bounds: dict[str, Any],
+             kw: dict[str, Any], cancel: CancelToken | None, index: int):
+    """The closed form ``model`` fitted with a delay T(t) = 1 - exp(-(t - t0)/tau) (t0 the first frame's time),
+    from the constants ``params`` and two starts of tau (:data:`DELAY_CHECK_STARTS`), without intervals: the fit
+    with the lower BIC, or None when neither could be fitted (or the field spans no time)."""
     fld = result.field
-    t0, span = float(fld.t_h[0]), float(fld.t_h[-1] - fld.t_h[0])
+    span = float(fld.t_h[-1] - fld.t_h[0])
     if not span > 0:
-        return
-    tau_expr = f"1 - exp(-(t - {t0!r})/tau)"  # DELAY_CHECK_T from the first frame's time
+        return None
     best = None
     for frac in DELAY_CHECK_STARTS:
         if is_cancelled(cancel):
-            return
+            return None
         try:
             trial = yield from _tag(fit_mechanistic_job(
-                fld, {**model, "T": tau_expr}, init={**{k: float(v) for k, v in fit.params.items()}, "tau": frac * span},
-                bounds={**bounds, "tau": (1e-3 * span, 2.0 * span)},
+                fld, {**model, "T": _tau_expr(fld)}, init={**{k: float(v) for k, v in params.items()},
+                                                           "tau": frac * span},
+                bounds={**bounds, "tau": _tau_bounds(fld)},
                 **{**kw, "intervals": None, "time_factor": None}, cancel=cancel), "refit", index)
-        except Exception:  # a check that cannot be fitted says nothing
+        except Exception:  # a start that cannot be fitted says nothing
             continue
         if np.isfinite(trial.bic) and (best is None or trial.bic < best.bic):
             best = trial
+    return best
+
+
+def _tau_expr(fld: DensityField) -> str:
+    """:data:`DELAY_CHECK_T` with t counted from the first frame's time."""
+    return f"1 - exp(-(t - {float(fld.t_h[0])!r})/tau)"
+
+
+def _tau_bounds(fld: DensityField) -> tuple[float, float]:
+    """tau's range in those fits: 0.001 to 2 times the field's time span."""
+    span = float(fld.t_h[-1] - fld.t_h[0])
+    return 1e-3 * span, 2.0 * span
+
+
+def _check_delay(result: PipelineResult, model: dict[str, Any], fit: MechanisticFit, bounds: dict[str, Any],
+                 rc: RefitConfig, kw: dict[str, Any], cancel: CancelToken | None, index: int):
+    """The refitted closed form fitted again with a delay T(t) = 1 - exp(-t/tau) (:func:`_fit_tau`); when the BIC
+    falls by more than ``rc.delay_check``, a warning (the data look delayed, and a slow start is otherwise read
+    into D and G). Writes ``result.metadata['delay_check']``. Measured on the 55 discovery-benchmark runs without a
+    delay: the BIC fell by at most 5; on a delayed scratch by 1200-3100."""
+    best = yield from _fit_tau(result, model, fit.params, bounds, kw, cancel, index)
     if best is None or not np.isfinite(fit.bic):
         return
     drop = float(fit.bic - best.bic)
@@ -996,6 +1067,38 @@ def _check_delay(result: PipelineResult, model: dict[str, Any], fit: Mechanistic
             f"the closed form fits the data much better with a delay T(t) = 1 - exp(-t/tau), tau = {tau:.3g} h (BIC "
             f"lower by {drop:.0f}): the cells may start slowly (e.g. after scratching). Without a delay a slow start "
             "is read into D(u) and G(u); train with 'Learn a delay T(t)' (binn.use_delay = true)")
+
+
+def _choose_delay(result: PipelineResult, model: dict[str, Any], fit: MechanisticFit, bounds: dict[str, Any],
+                  rc: RefitConfig, kw: dict[str, Any], cancel: CancelToken | None, index: int):
+    """``refit.delay`` 'fit' or 'auto' when the BINN learned a delay: the closed form refitted with T(t) = 1 -
+    exp(-t/tau) instead of the learned T(t) (``fit``); kept when ``rc.delay`` is 'fit' or its BIC is lower, and
+    then refitted once more with ``kw``'s intervals. Returns the fit the result keeps; writes
+    ``result.metadata['refit_delay']`` (what was tried and chosen)."""
+    fld = result.field
+    info: dict[str, Any] = {"delay": rc.delay, "T": DELAY_CHECK_T, "t0_h": float(fld.t_h[0]), "used": False,
+                            "bic_learned": float(fit.bic) if np.isfinite(fit.bic) else None, "bic_fitted": None}
+    result.metadata["refit_delay"] = info
+    best = yield from _fit_tau(result, model, fit.params, bounds, kw, cancel, index)
+    if best is None:
+        return fit
+    info.update(bic_fitted=float(best.bic), tau_h=float(best.params["tau"]))
+    if rc.delay == "auto" and np.isfinite(fit.bic) and not best.bic < fit.bic:
+        return fit
+    final = best
+    if kw.get("intervals") is not None and not is_cancelled(cancel):
+        try:
+            final = yield from _tag(fit_mechanistic_job(
+                fld, {**model, "T": _tau_expr(fld)}, init={k: float(v) for k, v in best.params.items()},
+                bounds={**bounds, "tau": _tau_bounds(fld)},
+                **{**kw, "time_factor": None}, cancel=cancel), "refit", index)
+        except Exception:  # the intervals could not be had: keep the point estimate, without them
+            final = best
+        if not np.isfinite(final.bic) or final.bic > best.bic + 1e-6 * abs(best.bic):
+            final = best
+    info.update(used=True, tau_h=float(final.params["tau"]), bic_fitted=float(final.bic),
+                tau_ci95=[float(x) for x in (final.ci95 or {}).get("tau", (math.nan, math.nan))])
+    return final
 
 
 def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelToken | None, index: int):
@@ -1033,6 +1136,10 @@ def _refit_stage(result: PipelineResult, config: PipelineConfig, cancel: CancelT
             init = {k: float(start.get(k, v)) for k, v in init.items()}
         fit = yield from _tag(fit_mechanistic_job(fld, model, init=init, cancel=cancel, bounds=eq.form_bounds(),
                                                   **kw), "refit", index)
+        result.metadata["refit_delay"] = None
+        if (fit.converged or np.isfinite(fit.loglik)) and kw.get("time_factor") is not None \
+                and rc.delay != "learned" and not is_cancelled(cancel):
+            fit = yield from _choose_delay(result, model, fit, eq.form_bounds(), rc, kw, cancel, index)
         result.mechanistic["closed form (refitted)"] = fit
         if fit.converged or np.isfinite(fit.loglik):
             result.simulations["closed form (refitted)"] = fit.predicted

@@ -25,14 +25,19 @@ def _rates_figure(result, path: Path) -> None:
     fit, eq = result.fit, result.equations
     u = fit.u_grid(200, central=False)
     lo, hi = fit.density_range()
-    from .pipeline import learned_delay
+    from .pipeline import learned_delay, refitted_delay
 
-    delay = learned_delay(result)
+    delay, delay_refit = learned_delay(result), refitted_delay(result)
     fig, axes = plt.subplots(1, 2 if delay is None else 3, figsize=(9 if delay is None else 13, 3.6),
                              constrained_layout=True)
     if delay is not None:  # the learned delay: every simulation and refit of D and G holds it fixed
         t = np.linspace(float(result.field.t_h[0]), float(result.field.t_h[-1]), 200)
-        axes[2].plot(t, delay(t), color="C0", lw=2, label="BINN's learned delay (held in every refit)")
+        if delay_refit is None:
+            axes[2].plot(t, delay(t), color="C0", lw=2, label="BINN's learned delay (held in every refit)")
+        else:
+            axes[2].plot(t, delay(t), color="C0", lw=2, label="BINN's learned delay")
+            axes[2].plot(t, delay_refit(t), "--", color="C3", lw=1.5,
+                         label=f"refitted closed form's: 1 - exp(-t/{result.metadata['refit_delay']['tau_h']:.3g} h)")
         axes[2].set_ylim(0.0, 1.05)
         axes[2].set_xlabel("time  [h]")
         axes[2].set_ylabel("T(t)")
@@ -166,7 +171,8 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(str(w))}</li>" for w in warnings) + "</ul>")
     from .pipeline import delay_text, refine_text
 
-    refined = delay_text(result.fit, fld.t_h if fld is not None else None) + refine_text(result.fit)
+    refined = (delay_text(result.fit, fld.t_h if fld is not None else None, metadata=result.metadata)
+               + refine_text(result.fit))
     if refined:
         parts.append("<h2>Learned D(u), G(u)</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in refined) + "</ul>")
     eq = result.equations

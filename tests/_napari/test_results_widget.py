@@ -227,7 +227,8 @@ def test_reopened_bundle_is_refitted_simulated_and_exported_as_the_cli_does(make
 
 
 def test_the_results_plot_shows_a_learned_delay_as_a_fourth_panel():
-    """With a learned T(t) the results figure draws it beside D(u), G(u) and N(t); without one it has three panels."""
+    """With a learned T(t) the results figure draws it beside D(u), G(u) and N(t), with the refitted closed form's
+    own T(t) dashed when there is one (refit.delay); without one it has three panels."""
     from matplotlib.figure import Figure
 
     from napari_binn._napari._results_widget import _plot_results
@@ -237,9 +238,16 @@ def test_the_results_plot_shows_a_learned_delay_as_a_fourth_panel():
     counts = {"observed": (np.linspace(0, 48, 5), np.linspace(100, 300, 5))}
     t = np.linspace(0.0, 48.0, 21)
     fig = Figure()
-    _plot_results(fig, rates, counts, "cells/mm²", None, (t, 1 - np.exp(-t / 6.0)))
+    _plot_results(fig, rates, counts, "cells/mm²", None, {"learned": (t, 1 - np.exp(-t / 6.0))})
     assert len(fig.axes) == 4 and fig.axes[3].get_title() == "T(t)"
+    assert len(fig.axes[3].lines) == 1
     np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), 1 - np.exp(-t / 6.0))
+    fig = Figure()
+    _plot_results(fig, rates, counts, "cells/mm²", None,
+                  {"learned": (t, 0.5 + 0.5 * (1 - np.exp(-t / 6.0))), "refitted": (t, 1 - np.exp(-t / 5.0))})
+    learned, refitted = fig.axes[3].lines
+    assert learned.get_linestyle() == "-" and refitted.get_linestyle() == "--"
+    np.testing.assert_allclose(refitted.get_ydata(), 1 - np.exp(-t / 5.0))
     fig = Figure()
     _plot_results(fig, rates, counts, "cells/mm²")
     assert len(fig.axes) == 3

@@ -272,7 +272,8 @@ class ResultsWidget(QWidget):
             from ..pipeline import delay_text
 
             fld = self.state.field
-            delay = delay_text(self.state.fit, fld.t_h if fld is not None else None, short=True)
+            delay = delay_text(self.state.fit, fld.t_h if fld is not None else None, short=True,
+                               metadata=self.state.metadata)
         self._canvas_text("\n".join(lines + delay), delay=bool(delay))
         self._plot()
 
@@ -444,12 +445,15 @@ class ResultsWidget(QWidget):
             u = s.fit.u_grid(101)
             rates["learned"] = (u, s.fit.D(u), s.fit.G(u))
             bands = rate_bands(s.fit, u)
-            from ..pipeline import learned_delay
+            from ..pipeline import learned_delay, refitted_delay
 
             T = learned_delay(s)
-            if T is not None and s.field is not None:  # the learned T(t), held in every refit
+            if T is not None and s.field is not None:  # the learned T(t) (and the refit's own, refit.delay)
                 t = np.linspace(float(s.field.t_h[0]), float(s.field.t_h[-1]), 101)
-                delay = (t, T(t))
+                delay = {"learned": (t, T(t))}
+                T_refit = refitted_delay(s)
+                if T_refit is not None:
+                    delay["refitted"] = (t, T_refit(t))
         eq = s.equations
         if eq is not None and eq.D is not None and eq.G is not None:
             if u is None:
@@ -631,19 +635,22 @@ def _text_overlay(viewer: Any) -> Any:
 
 
 def _plot_results(fig: Any, rates: dict[str, Any], counts: dict[str, Any], units: str,
-                  bands: dict[str, Any] | None = None, delay: tuple[Any, Any] | None = None) -> None:
+                  bands: dict[str, Any] | None = None, delay: dict[str, tuple[Any, Any]] | None = None) -> None:
     """D(u), G(u) (the learned curve's ± 2 sd band, the undetermined densities greyed) and N(t) panels, and the
-    learned delay T(t) when there is one (plot thread)."""
-    if delay is None:
+    delay T(t) when there is one (plot thread): ``delay`` maps 'learned' (and 'refitted', the refitted closed
+    form's) to (t, T(t)), drawn in the rate panels' styles."""
+    if not delay:
         axes = fig.subplots(1, 3)
         fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.2, wspace=0.5)
     else:  # T(t) in a narrower fourth panel
         axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.0, 1.0, 1.0, 0.55]})
         fig.subplots_adjust(left=0.08, right=0.985, top=0.88, bottom=0.2, wspace=0.55)
     ax_d, ax_g, ax_n = axes[:3]
-    if delay is not None:
-        style_axes(axes[3], "T(t)", "time (h)", "")  # the learned delay, held in every refit (the canvas says so)
-        axes[3].plot(delay[0], delay[1], "-", lw=1.6)
+    if delay:
+        style_axes(axes[3], "T(t)", "time (h)", "")  # the canvas says which T each simulation holds
+        for name, color, style in (("learned", "C0", "-"), ("refitted", "C1", "--")):
+            if name in delay:
+                axes[3].plot(*delay[name], style, color=color, lw=1.6)
         axes[3].set_ylim(0.0, 1.05)
     u_label = f"u ({units})" if units else "u"
     for ax, idx, title, unit in ((ax_d, 1, "D(u)", "µm²/h"), (ax_g, 2, "G(u)", "1/h")):

@@ -210,6 +210,38 @@ def _expression_units(text: Mapping[str, str], params: Mapping[str, float], dens
         for name, unit in parameter_units(text[key], dict(params), y_units, density_units).items():
             if unit and name not in out:
                 out[name] = unit
+    if "T" in text:
+        for name, unit in _time_units(text["T"], params).items():
+            out.setdefault(name, unit)
+    return out
+
+
+def _time_units(text: str, params: Mapping[str, float]) -> dict[str, str]:
+    """Units of T(t)'s constants that set its time scale: 'h' for one T holds as (t - t0)/tau, '1/h' for one held
+    as k (t - t0). For T = F((t - t0)/tau), (dT/dtau) / (dT/dt) = -(t - t0)/tau, affine in t with slope -1/tau;
+    for F(k (t - t0)) it is (t - t0)/k, slope 1/k."""
+    import sympy
+
+    expr = sympy.sympify(text)
+    t = next((s for s in expr.free_symbols if s.name == "t"), None)
+    if t is None:
+        return {}
+    values = {s: float(params[s.name]) for s in expr.free_symbols if s.name in params}
+    ts = np.array([0.7, 2.3, 5.9, 13.0])
+    dt = sympy.lambdify(t, sympy.diff(expr, t).subs(values), "numpy")
+    out: dict[str, str] = {}
+    for c, v in values.items():
+        dc = sympy.lambdify(t, sympy.diff(expr, c).subs(values), "numpy")
+        with np.errstate(all="ignore"):
+            ratio = np.asarray(dc(ts), dtype=float) / np.asarray(dt(ts), dtype=float)
+        if not np.all(np.isfinite(ratio)) or v == 0:
+            continue
+        slope, icpt = np.polyfit(ts, ratio, 1)
+        if not np.allclose(slope * ts + icpt, ratio, rtol=1e-7, atol=1e-9 * np.abs(ratio).max()):
+            continue
+        for unit, expected in (("h", -1.0 / v), ("1/h", 1.0 / v)):
+            if math.isclose(slope, expected, rel_tol=1e-6):
+                out[c.name] = unit
     return out
 
 

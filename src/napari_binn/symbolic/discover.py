@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import sympy as sp
@@ -300,13 +301,17 @@ class Equations:
 
     def with_refit(self, fit) -> Equations:
         """Copy with the constants of a refit (a MechanisticFit of :meth:`refit` or the pipeline's refit stage),
-        each rounded to the significant digits its 95% interval supports (4 when the interval is undefined)."""
+        each rounded to the significant digits its 95% interval supports (4 when the interval is undefined). A
+        constant of the fit's delay T(t) alone (``tau`` of the refit stage's T(t) = 1 - exp(-t/tau)) is not one of
+        D's or G's and is left out."""
+        delay_only = _delay_names(fit) - set(self.parameters()[1])
+        params = {k: v for k, v in fit.params.items() if k not in delay_only}
         digits = {}
-        for name, value in fit.params.items():
+        for name, value in params.items():
             lo, hi = fit.ci95.get(name, (math.nan, math.nan))
             spread = (hi - lo) / 3.92 if math.isfinite(lo) and math.isfinite(hi) else math.nan
             digits[name] = max(supported_digits(float(value), spread) if math.isfinite(spread) else 4, 2)
-        return self.with_params(fit.params, digits=digits)  # with_constants rounds each to its digits
+        return self.with_params(params, digits=digits)  # with_constants rounds each to its digits
 
     def refit(self, field, **kwargs):
         """Re-estimate the selected forms' constants against the density data itself.
@@ -652,3 +657,11 @@ def discover_equations(fit_or_samples, **kwargs) -> Equations:
     Same keywords as :func:`discover_equations_job`; returns :class:`Equations`.
     """
     return run_job(discover_equations_job(fit_or_samples, **kwargs))
+
+
+def _delay_names(fit: Any) -> set[str]:
+    """The constants a fit's delay T(t) names (``fit.expressions['T']``), besides t."""
+    text = (getattr(fit, "expressions", None) or {}).get("T")
+    if not text:
+        return set()
+    return {str(x) for x in sp.sympify(text).free_symbols} - {"t"}
