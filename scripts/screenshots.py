@@ -84,6 +84,17 @@ def wait(cond, timeout: float = 600.0) -> None:
         pump(0.05)
 
 
+def scroll_to(widget) -> None:
+    """Scroll the dock that holds ``widget`` (its scroll area, ``_forms.scrolling_layout``) until it is in view."""
+    from qtpy.QtWidgets import QScrollArea
+
+    parent = widget.parent()
+    while parent is not None and not isinstance(parent, QScrollArea):
+        parent = parent.parent()
+    if parent is not None:
+        parent.ensureWidgetVisible(widget, 0, 0)
+
+
 def save_window(viewer, path: Path) -> None:
     """The whole napari window (canvas and docks) as a PNG."""
     from PIL import Image
@@ -206,6 +217,8 @@ def bands(bundle: Path, out: Path, name: str = "10_bands.png", sample: bool = Tr
     viewer.dims.set_current_step(0, 6)
     viewer.reset_view()
     pump(3.0)
+    scroll_to(res.figure)  # the dock scrolls: show its plots
+    pump(0.5)
     save_window(viewer, out / name)
     res.shutdown()
     viewer.close()

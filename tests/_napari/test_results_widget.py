@@ -226,9 +226,9 @@ def test_reopened_bundle_is_refitted_simulated_and_exported_as_the_cli_does(make
     res.shutdown()
 
 
-def test_the_results_plot_shows_a_learned_delay_as_a_fourth_panel():
-    """With a learned T(t) the results figure draws it beside D(u), G(u) and N(t), with the refitted closed form's
-    own T(t) dashed when there is one (refit.delay); without one it has three panels."""
+def test_the_results_plot_shows_a_learned_delay_in_a_row_below():
+    """With a learned T(t) the results figure draws it in a row below D(u), G(u) and N(t), with the refitted closed
+    form's own T(t) dashed when there is one (refit.delay); without one it has three panels."""
     from matplotlib.figure import Figure
 
     from napari_binn._napari._results_widget import _plot_results
@@ -239,7 +239,7 @@ def test_the_results_plot_shows_a_learned_delay_as_a_fourth_panel():
     t = np.linspace(0.0, 48.0, 21)
     fig = Figure()
     _plot_results(fig, rates, counts, "cells/mm²", None, {"learned": (t, 1 - np.exp(-t / 6.0))})
-    assert len(fig.axes) == 4 and fig.axes[3].get_title() == "T(t)"
+    assert len(fig.axes) == 4 and fig.axes[3].get_title() == "T(t), the delay"
     assert len(fig.axes[3].lines) == 1
     np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), 1 - np.exp(-t / 6.0))
     fig = Figure()
@@ -275,3 +275,30 @@ def test_a_refit_that_finds_the_data_delayed_says_so(make_napari_viewer, qtbot, 
     _idle(qtbot, res, timeout=120000)
     assert len(shown) == 1 and "Learn a delay T(t)" in shown[0] and shown[0].startswith("The closed form"), shown
     res.shutdown()
+
+
+def test_the_docks_scroll_instead_of_stretching_the_window(make_napari_viewer, qtbot):
+    """Each dock's content sits in a vertical scroll area: the results dock needs about 1200 pixels, and without
+    one it stretched napari's window past a laptop screen's bottom edge. The results plot grows a row for T(t)."""
+    from qtpy.QtWidgets import QScrollArea
+
+    from napari_binn._napari._batch_widget import BatchWidget
+    from napari_binn._napari._density_widget import DensityWidget
+    from napari_binn._napari._results_widget import DELAY_PLOT_HEIGHT, PLOT_HEIGHT, ResultsWidget
+    from napari_binn._napari._training_widget import TrainingWidget
+
+    viewer = make_napari_viewer()
+    docks = [cls(viewer) for cls in (DensityWidget, TrainingWidget, ResultsWidget, BatchWidget)]
+    for dock in docks:
+        area = dock.findChild(QScrollArea)
+        assert area is not None and area.widget().minimumSizeHint().height() > 500, type(dock).__name__
+        assert dock.minimumSizeHint().height() < 200, type(dock).__name__
+        # never narrower than its content: no horizontal scroll bar, the forms keep their width
+        assert dock.minimumSizeHint().width() >= area.widget().minimumSizeHint().width()
+    res = docks[2]
+    assert res.findChild(QScrollArea).widget().minimumSizeHint().height() > 1000
+    assert res.figure.minimumHeight() == PLOT_HEIGHT
+    res.figure.set_height(DELAY_PLOT_HEIGHT)
+    assert res.figure.minimumHeight() == DELAY_PLOT_HEIGHT
+    for dock in docks:
+        getattr(dock, "shutdown", lambda: None)()

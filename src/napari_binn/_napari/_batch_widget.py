@@ -22,11 +22,11 @@ import numpy as np
 from magicgui.widgets import ComboBox, FileEdit, LineEdit, PushButton
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
-from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidgetItem, QWidget
 
 from ..batch import STAGE_NAMES, BatchItem, ItemOutcome, check_outputs
 from ..roi import closed_shapes
-from ._forms import align_labels, fmt_seconds, form, ispin, row, section, wrap_label
+from ._forms import align_labels, fmt_seconds, form, ispin, row, section, scrolling_layout, wrap_label
 from ._layers import shapes_to_roi
 from ._state import find_dock, get_docks
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info
@@ -131,7 +131,7 @@ class BatchWidget(QWidget):
                                    tooltip="Open the selected shape's bundle in the 'Equations and results' dock "
                                            "(layers, equations, plots); double-clicking a row does the same.")
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addWidget(section("1. Inputs (from the Density extraction dock)", self.inputs_label))
         layout.addWidget(section("2. One analysis per closed shape", self.run_form,
                                  row(self.run_btn, self.cancel_btn), self.progress, self.status))

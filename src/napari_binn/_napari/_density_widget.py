@@ -9,9 +9,10 @@ import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Label, PushButton
 from qtpy.QtCore import QTimer, Signal
-from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QProgressBar, QWidget
 
-from ._forms import align_labels, fmt_seconds, form, fspin, ispin, row, section, set_clamped, wrap_label
+from ._forms import (align_labels, fmt_seconds, form, fspin, ispin,
+                     row, section, set_clamped, scrolling_layout, wrap_label)
 from ._layers import (
     image_layers,
     layer_to_stack,
@@ -106,7 +107,7 @@ class DensityWidget(QWidget):
         self.progress.setFormat("%p%")
         self.status = wrap_label("")
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addWidget(section("1. Data", self.data_form))
         layout.addWidget(section("2. Region of interest", self.roi_form))
         layout.addWidget(section("3. Density method", self.method_form))

@@ -7,9 +7,39 @@ from typing import Any
 
 import numpy as np
 from magicgui.widgets import Container, FloatSpinBox, SpinBox, Widget
-from qtpy.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, QWidget
 
-__all__ = ["wrap_label", "fspin", "ispin", "set_clamped", "form", "row", "section", "align_labels", "fmt_seconds"]
+__all__ = ["wrap_label", "fspin", "ispin", "set_clamped", "form", "row", "section", "align_labels", "fmt_seconds",
+           "scrolling_layout"]
+
+
+def scrolling_layout(dock: QWidget) -> QVBoxLayout:
+    """The layout a dock fills, inside a vertical scroll area: a dock taller than the screen (the results dock
+    needs about 1200 pixels) scrolls instead of stretching napari's window past the screen's bottom edge, where its
+    last buttons could not be reached. The scroll area is as wide as the content needs (no horizontal bar)."""
+    outer = QVBoxLayout(dock)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = _WidthScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    inner = QWidget()
+    area.setWidget(inner)
+    outer.addWidget(area)
+    return QVBoxLayout(inner)
+
+
+class _WidthScrollArea(QScrollArea):
+    """A scroll area whose minimum width is its content's (plus the vertical scroll bar's), so the dock is never
+    narrower than its forms and tables need."""
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt's name)
+        hint = super().minimumSizeHint()
+        inner = self.widget()
+        if inner is not None:
+            hint.setWidth(inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width())
+        return hint
 
 
 def wrap_label(text: str = "", lines: int = 3) -> QLabel:

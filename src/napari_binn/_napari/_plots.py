@@ -118,6 +118,12 @@ class AsyncFigure(QLabel):
         self._gate.timeout.connect(self._flush)
         self.rendered.connect(self._show)
 
+    def set_height(self, height_px: int) -> None:
+        """The height (pixels) of the next draws, e.g. for a figure with another row of panels."""
+        if int(height_px) != self._height:
+            self._height = int(height_px)
+            self.setMinimumHeight(self._height)
+
     @property
     def busy(self) -> bool:
         """True while a draw is in flight or queued."""

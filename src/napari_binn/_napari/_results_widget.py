@@ -18,12 +18,11 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..symbolic.expression import equation_latex, equation_text
-from ._forms import align_labels, fmt_seconds, form, ispin, row, section, wrap_label
+from ._forms import align_labels, fmt_seconds, form, ispin, row, section, scrolling_layout, wrap_label
 from ._layers import density_layer_kwargs, show_density, upsert_image
 from ._plots import AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import LAYER_NAMES, get_state, register_dock, register_state_id, unregister_dock
@@ -35,6 +34,9 @@ _SIM_CLOSED = "closed-form equations"
 _SIM_LEARNED = "learned BINN D(u), G(u)"
 _SIM_REFIT = "closed form refitted to the data"
 _REFITTED = "closed form (refitted)"
+#: the results plot's height in pixels: D(u), G(u) and N(t) in a row; with a delay, T(t) in a second row
+PLOT_HEIGHT = 250
+DELAY_PLOT_HEIGHT = 370
 
 
 class ResultsWidget(QWidget):
@@ -50,7 +52,7 @@ class ResultsWidget(QWidget):
         self.state = get_state(napari_viewer)
         register_state_id(self.state)
         self.job: JobHandle | None = None
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         self.input_label = wrap_label()
         layout.addWidget(self.input_label)
 
@@ -111,7 +113,7 @@ class ResultsWidget(QWidget):
         self.status = wrap_label("")
         layout.addWidget(self.status)
 
-        self.figure = AsyncFigure(250, min_interval_ms=200, duty=0.5)
+        self.figure = AsyncFigure(PLOT_HEIGHT, min_interval_ms=200, duty=0.5)
         layout.addWidget(self.figure)
         self.qc_table = QTableWidget(0, 4)
         self.qc_table.setHorizontalHeaderLabels(["model", "rel. error", "N(t) error", "max N(t) err."])
@@ -473,6 +475,7 @@ class ResultsWidget(QWidget):
                 counts[name] = (fld.t_h, total_count(sim, fld.mask, fld.dx_um, fld.units))
             units = fld.units
         if rates or counts:
+            self.figure.set_height(DELAY_PLOT_HEIGHT if delay else PLOT_HEIGHT)
             self.figure.render(_plot_results, rates, counts, units, bands, delay)
 
     # ------------------------------------------------------------------------------------------ bundles
@@ -642,16 +645,19 @@ def _plot_results(fig: Any, rates: dict[str, Any], counts: dict[str, Any], units
     if not delay:
         axes = fig.subplots(1, 3)
         fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.2, wspace=0.5)
-    else:  # T(t) in a narrower fourth panel
-        axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.0, 1.0, 1.0, 0.55]})
-        fig.subplots_adjust(left=0.08, right=0.985, top=0.88, bottom=0.2, wspace=0.55)
+    else:  # T(t) in a row of its own below, as wide as the three (the figure is taller: DELAY_PLOT_HEIGHT)
+        grid = fig.add_gridspec(2, 3, height_ratios=[1.0, 0.5], left=0.09, right=0.98, top=0.92, bottom=0.11,
+                                wspace=0.5, hspace=0.75)
+        axes = [fig.add_subplot(grid[0, i]) for i in range(3)] + [fig.add_subplot(grid[1, :])]
     ax_d, ax_g, ax_n = axes[:3]
     if delay:
-        style_axes(axes[3], "T(t)", "time (h)", "")  # the canvas says which T each simulation holds
+        ax_t = axes[3]
+        style_axes(ax_t, "T(t), the delay", "time (h)", "")  # the canvas says which T each simulation holds
         for name, color, style in (("learned", "C0", "-"), ("refitted", "C1", "--")):
             if name in delay:
-                axes[3].plot(*delay[name], style, color=color, lw=1.6)
-        axes[3].set_ylim(0.0, 1.05)
+                ax_t.plot(*delay[name], style, color=color, lw=1.6, label=name)
+        ax_t.set_ylim(0.0, 1.05)
+        legend(ax_t)
     u_label = f"u ({units})" if units else "u"
     for ax, idx, title, unit in ((ax_d, 1, "D(u)", "µm²/h"), (ax_g, 2, "G(u)", "1/h")):
         style_axes(ax, title, u_label, unit)

@@ -11,9 +11,10 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Label, PushButton
 from matplotlib.ticker import NullFormatter
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QProgressBar, QWidget
 
-from ._forms import align_labels, fmt_seconds, form, fspin, ispin, row, section, set_clamped, wrap_label
+from ._forms import (align_labels, fmt_seconds, form, fspin, ispin,
+                     row, section, set_clamped, scrolling_layout, wrap_label)
 from ._plots import BG, AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import get_state, register_dock, unregister_dock
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning
@@ -109,7 +110,7 @@ class TrainingWidget(QWidget):
         self.status = wrap_label("")
         self.figure = AsyncFigure(430, min_interval_ms=700)
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addWidget(self.field_label)
         layout.addWidget(section("Training", self.training_form))
         layout.addWidget(self.advanced_toggle.native)
