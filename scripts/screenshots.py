@@ -109,11 +109,14 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
     from napari_binn._napari._state import LAYER_NAMES, get_state
 
-    def shot(name: str, dock=None) -> None:
+    def shot(name: str, dock=None, scroll=None) -> None:
         if dock is not None:
             dock.raise_()
         viewer.reset_view()
         pump(1.0)
+        if scroll is not None:  # a widget low in a scrolling dock (the results plots)
+            scroll_to(scroll)
+            pump(0.3)
         save_window(viewer, out / name)
 
     viewer = napari.Viewer(title="napari-binn")
@@ -171,10 +174,10 @@ def run(args: argparse.Namespace, out: Path) -> None:
     wait(lambda: res.job is not None and not res.job.running)
     viewer.layers[LAYER_NAMES["density"]].visible = False
     viewer.dims.set_current_step(0, 3)  # 12 h: the simulated front is half-way
-    shot("06_simulation.png", rd)
+    shot("06_simulation.png", rd, scroll=res.figure)
     viewer.layers[LAYER_NAMES["simulated"]].visible = False
     viewer.layers[LAYER_NAMES["residual"]].visible = True
-    shot("07_residual.png", rd)
+    shot("07_residual.png", rd, scroll=res.figure)
 
     # 6. export, then re-open the bundle in a fresh viewer
     bundle = Path(tempfile.mkdtemp()) / "scratch_results"
