@@ -196,7 +196,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
     viewer = viewer2
     wait(lambda: get_state(viewer2).equations is not None)
     viewer2.dims.set_current_step(0, 6)
-    shot("08_bundle_reopened.png")
+    shot("08_bundle_reopened.png", scroll=res2.figure)
     res2.shutdown()
     viewer2.close()
 

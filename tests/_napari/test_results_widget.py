@@ -280,7 +280,7 @@ def test_a_refit_that_finds_the_data_delayed_says_so(make_napari_viewer, qtbot, 
 def test_the_docks_scroll_instead_of_stretching_the_window(make_napari_viewer, qtbot):
     """Each dock's content sits in a vertical scroll area: the results dock needs about 1200 pixels, and without
     one it stretched napari's window past a laptop screen's bottom edge. The results plot grows a row for T(t)."""
-    from qtpy.QtWidgets import QScrollArea
+    from qtpy.QtWidgets import QLabel, QScrollArea
 
     from napari_binn._napari._batch_widget import BatchWidget
     from napari_binn._napari._density_widget import DensityWidget
@@ -295,6 +295,15 @@ def test_the_docks_scroll_instead_of_stretching_the_window(make_napari_viewer, q
         assert dock.minimumSizeHint().height() < 200, type(dock).__name__
         # never narrower than its content: no horizontal scroll bar, the forms keep their width
         assert dock.minimumSizeHint().width() >= area.widget().minimumSizeHint().width()
+    # content that grows wider later (a long status line) widens the dock, rather than being cut off
+    train = docks[1]
+    viewer.window.add_dock_widget(train, area="right")
+    viewer.window._qt_window.show()
+    inner = train.findChild(QScrollArea).widget()
+    before = train.minimumSizeHint().width()
+    inner.layout().addWidget(QLabel("a status line longer than the dock is wide " * 3))
+    qtbot.waitUntil(lambda: inner.minimumSizeHint().width() > before + 100, timeout=5000)
+    qtbot.waitUntil(lambda: train.minimumSizeHint().width() >= inner.minimumSizeHint().width(), timeout=5000)
     res = docks[2]
     assert res.findChild(QScrollArea).widget().minimumSizeHint().height() > 1000
     assert res.figure.minimumHeight() == PLOT_HEIGHT

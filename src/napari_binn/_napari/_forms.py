@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 from magicgui.widgets import Container, FloatSpinBox, SpinBox, Widget
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 __all__ = ["wrap_label", "fspin", "ispin", "set_clamped", "form", "row", "section", "align_labels", "fmt_seconds",
@@ -33,6 +33,12 @@ def scrolling_layout(dock: QWidget) -> QVBoxLayout:
 class _WidthScrollArea(QScrollArea):
     """A scroll area whose minimum width is its content's (plus the vertical scroll bar's), so the dock is never
     narrower than its forms and tables need."""
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+        # the content's layout changed (e.g. a longer status text): its width may have grown, so ask the dock again
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(obj, event)
 
     def minimumSizeHint(self):  # noqa: N802 (Qt's name)
         hint = super().minimumSizeHint()
