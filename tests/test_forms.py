@@ -28,6 +28,7 @@ def _by_name(fits):
     ("D", "proportional", lambda u: 800.0 * u / K),
     ("D", "power", lambda u: 600.0 * (u / K) ** 2),
     ("D", "saturating", lambda u: 900.0 / (1 + u / K)),
+    ("D", "rising_saturating", lambda u: 1500.0 * u / (600.0 + u)),
     ("G", "allee", lambda u: 0.06 * (1 - u / K) * (u / 400.0 - 1)),
     ("G", "weak_allee", lambda u: 0.15 * (1 - u / K) * (1 + u / 500.0)),
     ("G", "gompertz", lambda u: 0.04 * np.log(K / u)),
@@ -120,7 +121,8 @@ def test_a_refit_keeps_the_library_bounds_not_the_signs_a_bad_curve_gave():
 
 
 def test_form_library_names_and_errors():
-    assert set(FORMS_D) == {"constant", "linear", "proportional", "power", "exponential", "saturating"}
+    assert set(FORMS_D) == {"constant", "linear", "proportional", "power", "exponential", "saturating",
+                            "rising_saturating"}
     assert set(FORMS_G) == {"zero", "constant", "logistic", "allee", "weak_allee", "gompertz",
                             "richards"}
     assert check_form_names("D", None) == list(FORMS_D)
@@ -256,3 +258,12 @@ def test_a_floored_form_reads_back_from_text():
     safe = pde_safe(sp.sympify("0.3 - 0.04*log(u)", locals={"u": U}), 0.0033)
     again = parse_expression(str(safe), parameters=True)
     assert sp.simplify(again - safe) == 0 and again.has(sp.Max)
+
+
+def test_a_rising_saturating_fit_that_collapses_onto_a_constant_is_not_kept():
+    """D_max u/(B + u) fitted to a flat curve drives B to 0, where it is the constant D_max in disguise (it was
+    listed as an alternative to a constant headline, "825.6 u/(u + 3e-23)"); the constant form stands for it."""
+    flat = _by_name(fit_forms(FunctionSamples(UU, np.full(UU.shape, 830.0), name="D")))
+    assert "rising_saturating" not in flat and "constant" in flat
+    rising = _by_name(fit_forms(FunctionSamples(UU, 1500.0 * UU / (600.0 + UU), name="D")))
+    assert rising["rising_saturating"].values["b"] == pytest.approx(600.0, rel=1e-3)

@@ -62,8 +62,8 @@ class SymbolicConfig:
     max_complexity: largest expression size. seeds: one search per seed, fronts merged. selection: 'best'
     (PySR's rule) | 'accuracy' | 'score'. n_samples: densities sampled between the ``quantiles`` of the
     observed density. forms_D / forms_G: library forms fitted alongside the backend and offered to the refit
-    stage (D: constant, linear, proportional, power, exponential, saturating; G: zero, constant, logistic, allee,
-    weak_allee, gompertz, richards; None = all, [] = none)."""
+    stage (D: constant, linear, proportional, power, exponential, saturating, rising_saturating; G: zero, constant,
+    logistic, allee, weak_allee, gompertz, richards; None = all, [] = none)."""
 
     backend: str = "operon"
     operators: list[str] | None = None

@@ -34,7 +34,7 @@ class Form:
     """One library form: ``template`` in ``u`` and the symbols ``params``; ``start(u, y)`` gives starting values
     (a list of candidate starts, each a tuple in ``params`` order); ``bounds`` (low, high) per parameter.
     ``domain``: the densities where the form is real and finite for every allowed constant: 'all', 'u >= 0'
-    (a free exponent: u**m) or 'u > 0' (a logarithm). A learned curve is sampled over the observed densities,
+    (a free exponent: u**m) or 'u > 0' (a logarithm). ``collapsed``: see the field. A learned curve is sampled over the observed densities,
     which noise takes below 0; the form is fitted to the samples in its domain (see :func:`in_domain`)."""
 
     name: str
@@ -45,6 +45,9 @@ class Form:
     bounds: tuple[tuple[float, float], ...]
     description: str
     domain: str = "all"
+    #: (fitted constants by name, the sampled densities' span) -> whether the fit collapsed onto a simpler library
+    #: form (then it is not kept: that form is fitted in its own right)
+    collapsed: Callable[[dict[str, float], float], bool] | None = None
 
     def expr(self, values: Sequence[float]) -> sp.Expr:
         """The template with its constants set (as Floats: the free constants of a later refit)."""
@@ -113,6 +116,16 @@ def _sat_start(u, y):
     return [(float(np.max(y)), 1.0 / _span(u)), (float(np.max(y)), 10.0 / _span(u)), (_mean(y), 0.1 / _span(u))]
 
 
+def _rising_start(u, y):
+    """(a, b) of a u/(b + u): for b at 0.1, 0.5 and 2 spans, the a that fits best (linear least squares)."""
+    out = []
+    for f in (0.1, 0.5, 2.0):
+        b = f * _span(u)
+        g = u / (b + u)
+        out.append((float(np.sum(y * g) / max(float(np.sum(g * g)), 1e-300)), b))
+    return out
+
+
 def _logistic_start(u, y):
     a, b = _lin(u, y)
     return [(a, b)]
@@ -176,6 +189,9 @@ FORMS_D: dict[str, Form] = {f.name: f for f in (
          "D0 exp(b u)"),
     Form("saturating", "D", _a / (1 + _b * U), ("a", "b"), _sat_start, ((0.0, _INF), (0.0, _INF)),
          "D0 / (1 + u/K)"),
+    Form("rising_saturating", "D", _a * U / (_b + U), ("a", "b"), _rising_start, ((0.0, _INF), (0.0, _INF)),
+         "D_max u / (B + u) (Michaelis–Menten): 0 at u = 0, rising to D_max, half of it at u = B (two constants)",
+         "u >= 0", lambda v, span: v["b"] < 1e-6 * span),  # B -> 0: the constant D_max
 )}
 
 #: G(u) forms, 1/h (name -> Form)
@@ -306,6 +322,8 @@ def _fit_one(form: Form, u: np.ndarray, y: np.ndarray, w: np.ndarray) -> FormFit
             if math.isfinite(loss) and (best is None or loss < best[0]):
                 best = (loss, sol.x)
     if best is None:
+        return None
+    if form.collapsed is not None and form.collapsed(dict(zip(form.params, map(float, best[1]))), _span(u)):
         return None
     expr = form.expr(best[1])
     if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
