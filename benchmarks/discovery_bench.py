@@ -210,7 +210,8 @@ STRESS_MASKS = ("annulus", "l_shape", "two_rois", "channel", "pillars")
 
 def stress_mask(name: str, grid: tuple[int, int]) -> np.ndarray:
     """A (Ny, Nx) boolean ROI: 'annulus' (a ring around an empty centre, e.g. cells around a pillar), 'l_shape'
-    (an L) or 'two_rois' (two separate rectangles analysed as one ROI)."""
+    (an L), 'two_rois' (two separate rectangles analysed as one ROI), 'channel' (a strip 6 boxes wide) or
+    'pillars' (a disc with three round holes)."""
     ny, nx = grid
     y, x = np.mgrid[:ny, :nx].astype(float)
     if name == "annulus":
@@ -538,13 +539,15 @@ def make_config(overrides: dict[str, dict[str, Any]], quick: bool):
 
 def final_closed_form(result) -> tuple[Any, Any, Callable | None, Callable | None, str]:
     """(D expr, G expr, D(u), G(u), source) of the final closed form: refitted constants when the refit ran."""
+    from napari_binn.symbolic.discover import delay_constant_names
+
     eq = result.equations
     if eq is None or eq.D is None or eq.G is None:
         return None, None, None, None, "none"
     mech = result.mechanistic.get("closed form (refitted)")
     if mech is not None and np.isfinite(mech.loglik):
         # a refitted delay's constant (tau of refit.delay's T(t)) is not one of D's or G's
-        delay = {str(s) for s in sp.sympify(mech.expressions.get("T", "0")).free_symbols} - {"t"}
+        delay = delay_constant_names(mech)
         try:
             final = eq.with_params({k: v for k, v in mech.params.items() if k not in delay})
             return final.D.sympy, final.G.sympy, mech.D, mech.G, "refitted"

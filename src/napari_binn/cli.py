@@ -243,8 +243,8 @@ def _print_equations(args, result) -> None:
     from .pipeline import alternatives_text, delay_text, determined_text, refine_text, refit_text
 
     t_h = result.field.t_h if result.field is not None else None
-    for line in (alternatives_text(eq) + determined_text(result.fit) + delay_text(result.fit, t_h, metadata=result.metadata)
-                 + refine_text(result.fit)):
+    for line in (alternatives_text(eq) + determined_text(result.fit)
+                 + delay_text(result.fit, t_h, metadata=result.metadata) + refine_text(result.fit)):
         _say(args, f"  {line}")
     for line in refit_text(result):
         _say(args, line)

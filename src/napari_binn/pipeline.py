@@ -1027,16 +1027,22 @@ def _fit_tau(result: PipelineResult, model: dict[str, Any], params: dict[str, An
         if is_cancelled(cancel):
             return None
         try:
-            trial = yield from _tag(fit_mechanistic_job(
-                fld, {**model, "T": _tau_expr(fld)}, init={**{k: float(v) for k, v in params.items()},
-                                                           "tau": frac * span},
-                bounds={**bounds, "tau": _tau_bounds(fld)},
-                **{**kw, "intervals": None, "time_factor": None}, cancel=cancel), "refit", index)
+            trial = yield from _tau_fit(fld, model, {**params, "tau": frac * span}, bounds,
+                                        {**kw, "intervals": None}, cancel, index)
         except Exception:  # a start that cannot be fitted says nothing
             continue
         if np.isfinite(trial.bic) and (best is None or trial.bic < best.bic):
             best = trial
     return best
+
+
+def _tau_fit(fld: DensityField, model: dict[str, Any], init: dict[str, Any], bounds: dict[str, Any],
+             kw: dict[str, Any], cancel: CancelToken | None, index: int):
+    """One fit of the closed form ``model`` with T(t) = 1 - exp(-(t - t0)/tau) (:func:`_tau_expr`, tau within
+    :func:`_tau_bounds`) from ``init`` (the constants and tau), with ``kw``'s other settings."""
+    return (yield from _tag(fit_mechanistic_job(
+        fld, {**model, "T": _tau_expr(fld)}, init={k: float(v) for k, v in init.items()},
+        bounds={**bounds, "tau": _tau_bounds(fld)}, **{**kw, "time_factor": None}, cancel=cancel), "refit", index))
 
 
 def _tau_expr(fld: DensityField) -> str:
@@ -1088,10 +1094,7 @@ def _choose_delay(result: PipelineResult, model: dict[str, Any], fit: Mechanisti
     final = best
     if kw.get("intervals") is not None and not is_cancelled(cancel):
         try:
-            final = yield from _tag(fit_mechanistic_job(
-                fld, {**model, "T": _tau_expr(fld)}, init={k: float(v) for k, v in best.params.items()},
-                bounds={**bounds, "tau": _tau_bounds(fld)},
-                **{**kw, "time_factor": None}, cancel=cancel), "refit", index)
+            final = yield from _tau_fit(fld, model, best.params, bounds, kw, cancel, index)
         except Exception:  # the intervals could not be had: keep the point estimate, without them
             final = best
         if not np.isfinite(final.bic) or final.bic > best.bic + 1e-6 * abs(best.bic):

@@ -30,7 +30,7 @@ def _rates_figure(result, path: Path) -> None:
     delay, delay_refit = learned_delay(result), refitted_delay(result)
     fig, axes = plt.subplots(1, 2 if delay is None else 3, figsize=(9 if delay is None else 13, 3.6),
                              constrained_layout=True)
-    if delay is not None:  # the learned delay: every simulation and refit of D and G holds it fixed
+    if delay is not None:  # the learned delay, and the refitted closed form's own when it holds one (refit.delay)
         t = np.linspace(float(result.field.t_h[0]), float(result.field.t_h[-1]), 200)
         if delay_refit is None:
             axes[2].plot(t, delay(t), color="C0", lw=2, label="BINN's learned delay (held in every refit)")

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import QHeaderView, QProgressBar, QTableWidget, QTableWidget
 
 from ..batch import STAGE_NAMES, BatchItem, ItemOutcome, check_outputs
 from ..roi import closed_shapes
-from ._forms import align_labels, fmt_seconds, form, ispin, row, section, scrolling_layout, wrap_label
+from ._forms import align_labels, fmt_seconds, form, ispin, row, scrolling_layout, section, wrap_label
 from ._layers import shapes_to_roi
 from ._state import find_dock, get_docks
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info

@@ -12,7 +12,7 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QProgressBar, QWidget
 
 from ._forms import (align_labels, fmt_seconds, form, fspin, ispin,
-                     row, section, set_clamped, scrolling_layout, wrap_label)
+                     row, scrolling_layout, section, set_clamped, wrap_label)
 from ._layers import (
     image_layers,
     layer_to_stack,

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..symbolic.expression import equation_latex, equation_text
-from ._forms import align_labels, fmt_seconds, form, ispin, row, section, scrolling_layout, wrap_label
+from ._forms import align_labels, fmt_seconds, form, ispin, row, scrolling_layout, section, wrap_label
 from ._layers import density_layer_kwargs, show_density, upsert_image
 from ._plots import AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import LAYER_NAMES, get_state, register_dock, register_state_id, unregister_dock

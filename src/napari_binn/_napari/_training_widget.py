@@ -14,7 +14,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QProgressBar, QWidget
 
 from ._forms import (align_labels, fmt_seconds, form, fspin, ispin,
-                     row, section, set_clamped, scrolling_layout, wrap_label)
+                     row, scrolling_layout, section, set_clamped, wrap_label)
 from ._plots import BG, AsyncFigure, draw_band, fit_ylim, legend, rate_bands, style_axes
 from ._state import get_state, register_dock, unregister_dock
 from ._workers import CloseGuard, JobHandle, notify_exception, show_info, show_warning

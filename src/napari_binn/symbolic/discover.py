@@ -35,7 +35,8 @@ from .forms import check_form_names, constant_bounds, fit_forms, in_domain, is_a
 from .samples import FunctionSamples, samples_from_fit
 from .selection import SELECTION_RULES, front_scores, pareto_indices, select_index, significant_indices
 
-__all__ = ["FrontRow", "DiscoveredFunction", "Equations", "discover_equations", "discover_equations_job"]
+__all__ = ["FrontRow", "DiscoveredFunction", "Equations", "delay_constant_names", "discover_equations",
+           "discover_equations_job"]
 
 DEFAULT_MAX_COMPLEXITY = 25
 
@@ -304,7 +305,7 @@ class Equations:
         each rounded to the significant digits its 95% interval supports (4 when the interval is undefined). A
         constant of the fit's delay T(t) alone (``tau`` of the refit stage's T(t) = 1 - exp(-t/tau)) is not one of
         D's or G's and is left out."""
-        delay_only = _delay_names(fit) - set(self.parameters()[1])
+        delay_only = delay_constant_names(fit) - set(self.parameters()[1])
         params = {k: v for k, v in fit.params.items() if k not in delay_only}
         digits = {}
         for name, value in params.items():
@@ -659,7 +660,7 @@ def discover_equations(fit_or_samples, **kwargs) -> Equations:
     return run_job(discover_equations_job(fit_or_samples, **kwargs))
 
 
-def _delay_names(fit: Any) -> set[str]:
+def delay_constant_names(fit: Any) -> set[str]:
     """The constants a fit's delay T(t) names (``fit.expressions['T']``), besides t."""
     text = (getattr(fit, "expressions", None) or {}).get("T")
     if not text:

@@ -34,8 +34,9 @@ class Form:
     """One library form: ``template`` in ``u`` and the symbols ``params``; ``start(u, y)`` gives starting values
     (a list of candidate starts, each a tuple in ``params`` order); ``bounds`` (low, high) per parameter.
     ``domain``: the densities where the form is real and finite for every allowed constant: 'all', 'u >= 0'
-    (a free exponent: u**m) or 'u > 0' (a logarithm). ``collapsed``: see the field. A learned curve is sampled over the observed densities,
-    which noise takes below 0; the form is fitted to the samples in its domain (see :func:`in_domain`)."""
+    (a free exponent: u**m) or 'u > 0' (a logarithm). A learned curve is sampled over the observed densities,
+    which noise takes below 0; the form is fitted to the samples in its domain (see :func:`in_domain`).
+    ``collapsed``: see the field."""
 
     name: str
     kind: str
