@@ -10,7 +10,8 @@ from napari_binn.symbolic import FunctionSamples, discover_equations
 from napari_binn.symbolic.expression import U, free_floats
 from napari_binn.symbolic.forms import (FORMS_D, FORMS_G, check_form_names, constant_bounds, fit_forms, is_admissible,
                                         pde_safe)
-from napari_binn.symbolic.selection import block_errors, heldout_choice, insample_switch, paired_worse_pvalue
+from napari_binn.symbolic.selection import (block_errors, heldout_choice, insample_switch, paired_better_pvalue,
+                                           paired_worse_pvalue)
 
 K = 2000.0
 UU = np.linspace(100.0, 1900.0, 80)
@@ -218,6 +219,35 @@ def test_insample_switch_needs_a_large_bic_gain_and_no_worse_heldout_error():
     assert insample_switch(0, excluded, totals, [1000.0, None, float("nan"), 1.0], 10.0) == (0, None)
     assert insample_switch(0, excluded, totals, [None, 1.0, 1.0, 1.0], 10.0) == (0, None)
     assert insample_switch(None, excluded, totals, bics, 10.0) == (None, None)
+
+
+def test_insample_switch_with_the_block_test_needs_a_gain_across_the_domain():
+    """Under the large margin, a BIC gain switches only when the candidate's training errors are lower across the
+    blocks: a gain from one block (count noise in a dense patch, a partner function off in one place) does not."""
+    rng = np.random.default_rng(0)
+    head_err = 100.0 + rng.normal(0.0, 5.0, 60)
+    everywhere = head_err - 3.0 + rng.normal(0.0, 1.0, 60)        # a little better in nearly every block
+    one_block = head_err + rng.normal(0.0, 1.0, 60)
+    one_block[7] -= 500.0                                        # much better in one block, no better elsewhere
+    excluded, totals, bics = [False, False, False], [10.0, 9.0, 9.0], [1000.0, 950.0, 900.0]
+    errs = [head_err, everywhere, one_block]
+    assert paired_better_pvalue(everywhere, head_err) < 1e-6
+    assert paired_better_pvalue(one_block, head_err) > 0.05
+    assert paired_better_pvalue(head_err, head_err) == 1.0
+    # a margin of 100 alone: neither gain (50, 100) is above it
+    assert insample_switch(0, excluded, totals, bics, 100.0) == (0, None)
+    # a BIC gain above 10 switches when it holds across the blocks: the candidate better everywhere, not the one-block
+    # gain with the lower BIC
+    assert insample_switch(0, excluded, totals, bics, 100.0, errs, 10.0) == (1, 50.0)
+    assert insample_switch(0, excluded, totals, bics, 100.0, errs, 60.0) == (0, None)  # gain 50 under that margin
+    assert insample_switch(0, excluded, totals, bics, 100.0, errs, None) == (0, None)  # no tested switch
+    # above the plain margin the gain alone switches, tested or not (the lowest BIC wins)
+    assert insample_switch(0, excluded, totals, bics, 80.0, errs, 10.0) == (2, 100.0)
+    # a candidate (or a headline) without block errors cannot take the tested switch
+    assert insample_switch(0, excluded, totals, bics, 100.0, [head_err, None, one_block], 10.0) == (0, None)
+    assert insample_switch(0, excluded, totals, bics, 100.0, [None, everywhere, one_block], 10.0) == (0, None)
+    with pytest.raises(ValueError, match="pair block by block"):
+        paired_better_pvalue(np.ones(3), np.ones(4))
 
 
 def test_paired_test_and_blocks():

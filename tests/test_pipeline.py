@@ -273,6 +273,10 @@ def test_refit_chooses_by_held_out_frames_and_keeps_the_alternatives(pipeline_co
     assert [c["excluded"] for c in g.values() if c["n_constants"] == 1] == [True]  # constant growth: clearly worse
     assert not g["0.075 - 3.5e-5*u"]["excluded"] and hold["G"]["headline"] == "0.075 - 3.5e-5*u"
     assert hold["G"]["headline_reason"] == "fewest constants" == out.metadata["headline_reason"]["D"]
+    # every candidate records its training-frame BIC and the block test against the fewest-constant headline
+    head = g["0.075 - 3.5e-5*u"]
+    assert np.isfinite(head["train_bic"]) and head["p_train_better"] == 1.0  # d = 0 in every block
+    assert all(0.0 <= c["p_train_better"] <= 1.0 for c in g.values())
     assert set(out.metadata["alternatives"]["G"]) | set(out.metadata["same_as_headline"]["G"]) == {
         c for c, v in g.items() if not v["excluded"]} - {"0.075 - 3.5e-5*u"}
     # a saturating D with a vanishing saturation constant (the constant D in another guise as the symbolic stage
@@ -371,6 +375,16 @@ def test_holdout_frames_errors(pipeline_config):
         cfg = pipeline_config()
         cfg.refit.holdout_frames, cfg.refit.holdout_bic_switch = 1, bad
         with pytest.raises(ValueError, match=r"refit\.holdout_bic_switch.*finite number >= 0"):
+            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    for bad in (0.0, 1.0, "0.01", True, None):
+        cfg = pipeline_config()
+        cfg.refit.holdout_frames, cfg.refit.holdout_switch_level = 1, bad
+        with pytest.raises(ValueError, match=r"refit\.holdout_switch_level.*in \(0, 1\)"):
+            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    for bad in (-1.0, float("inf"), "10", True):
+        cfg = pipeline_config()
+        cfg.refit.holdout_frames, cfg.refit.holdout_tested_switch = 1, bad
+        with pytest.raises(ValueError, match=r"refit\.holdout_tested_switch.*finite number >= 0"):
             run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
     for bad in (-5.0, float("nan"), "often", True):  # checked with one candidate too
         cfg = pipeline_config()

@@ -65,6 +65,14 @@ def test_report_says_how_many_held_out_candidates_stopped_at_the_budget(pipeline
     write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "Forms chosen by the last 2 frames held out" in page and "reached the budget" not in page
+    assert "unless a library form" not in page  # a bundle from before the switch's rule was recorded
+    # the in-sample switch's rule as the run used it
+    meta["holdout"].update(bic_switch=100.0, tested_switch=10.0, switch_level=0.01)
+    write_report(dataclasses.replace(result, metadata=meta), tmp_path, {})
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert ("the headline has the fewest constants among the rest, unless a library form among them fits the earlier "
+            "frames better by a BIC difference over 100, or over 10 where a paired t test over the same blocks finds "
+            "it better at level 0.01") in " ".join(page.split())
 
 
 def test_a_learned_delay_is_drawn_and_reported(fkpp_field, pipeline_config, pipeline_run, tmp_path):

@@ -35,7 +35,7 @@ from .symbolic import Equations, discover_equations_job
 from .symbolic.discover import DiscoveredFunction
 from .symbolic.expression import free_floats
 from .symbolic.forms import check_form_names, n_constants, pde_safe
-from .symbolic.selection import block_errors, heldout_choice, insample_switch
+from .symbolic.selection import block_errors, heldout_choice, insample_switch, paired_better_pvalue
 
 __all__ = ["DensityConfig", "SymbolicConfig", "SimulationConfig", "RefitConfig", "PipelineConfig",
            "PipelineResult", "run_pipeline", "train_job", "STAGES"]
@@ -112,9 +112,14 @@ class RefitConfig:
     at least 2 frames stay to refit on and short fields (3 frames) choose by BIC. 0 = choose by BIC instead; with
     ``candidates`` = 1 only the symbolic selection is refitted either way. holdout_bic_switch: a candidate the
     held-out test keeps replaces that headline when it is a named form of the library, its BIC on the training
-    frames is lower by more than this and its held-out error is no higher: the earlier frames can tell forms apart that the last ones cannot (a falling D
-    seen while dense islands spread). The margin is large because a wrong partner function or count noise moves
-    the in-sample BIC by tens to hundreds (docs/method.md); None (``"none"`` in TOML): never. initial: the state every refit (and the
+    frames is lower by more than this and its held-out error is no higher: the earlier frames can tell forms apart
+    that the last ones cannot (a falling D seen while dense islands spread, or any form in a short movie). The margin
+    is large because a wrong partner function or count noise moves the in-sample BIC by tens to hundreds
+    (docs/method.md); None (``"none"`` in TOML): never switch. holdout_tested_switch: a smaller BIC gain that also
+    switches when it holds across the domain: the candidate's training-frame squared errors, summed over the held-out
+    test's 4 x 4-box blocks, are lower than the headline's by a one-sided paired t test at ``holdout_switch_level``
+    (a gain from a few blocks, as count noise or a partner function that is off there give, does not count); None:
+    no such switch. holdout_switch_level: that test's level. initial: the state every refit (and the
     held-out prediction) starts from: 'data' (the first frame, negative noise at 0), 'denoised' (also empty space
     that holds only noise at 0: on noisy data, spurious cells in a wound otherwise grow and fill it, and the fit
     makes up for it with a smaller D), or 'auto' (the first refit is done from both; the one that fits the data
@@ -139,6 +144,8 @@ class RefitConfig:
     holdout_level: float = 0.05
     holdout_margin: float = 0.05
     holdout_bic_switch: float | None = 100.0
+    holdout_tested_switch: float | None = 10.0
+    holdout_switch_level: float = 0.01
     initial: str = "auto"
     delay_check: float | None = 100.0
     delay: str = "auto"
@@ -595,6 +602,13 @@ def check_holdout(rc: RefitConfig, n_frames: int) -> None:
     if sw is not None and (isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 0.0 <= float(sw) < math.inf):
         raise ConfigError(f"refit.holdout_bic_switch = {sw!r}: allowed values are a finite number >= 0 (a BIC "
                           "difference, e.g. 100) or unset (never switch)")
+    ts = rc.holdout_tested_switch
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0.0 <= float(ts) < math.inf):
+        raise ConfigError(f"refit.holdout_tested_switch = {ts!r}: allowed values are a finite number >= 0 (a BIC "
+                          "difference, e.g. 10) or unset (no tested switch)")
+    lv = rc.holdout_switch_level
+    if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not 0.0 < float(lv) < 1.0:
+        raise ConfigError(f"refit.holdout_switch_level = {lv!r}: allowed values are in (0, 1), e.g. 0.01")
 
 
 def _u_floor(fld: DensityField) -> float:
@@ -718,7 +732,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
     for key in ("D", "G"):
         if current[key] not in cands[key]:
             cands[key].insert(0, current[key])
-    cache: dict[tuple[int, int], tuple[Any, dict[str, Any]]] = {}
+    cache: dict[tuple[int, int], tuple[Any, dict[str, Any], Any]] = {}
     rows: list[dict[str, Any]] = []
     u_obs = _observed_u(fld)
     total = 2 * len(cands["D"]) + len(cands["G"]) - 2  # the usual count (more when a third round changes D)
@@ -735,7 +749,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         yield Progress("refit", len(cache), total, f"held-out candidate {len(cache) + 1}/{total}: "
                        f"D = {cand.D.text}; G = {cand.G.text}", data={"pipeline_stage": "refit", "stage_index": index})
         rec: dict[str, Any] = {"D": _row_label(eq.D, ij[0]), "G": _row_label(eq.G, ij[1])}
-        errors = None
+        errors = train_errors = None
         try:
             fit = yield from _tag(fit_mechanistic_job(train, model, init=init, cancel=cancel,
                                                       bounds=cand.form_bounds(), **kw), "refit", index)
@@ -743,13 +757,14 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             pred = yield from _tag(simulate_job(fit.D, fit.G, u0, fld.mask, fld.dx_um, fld.t_h,
                                                 kw.get("time_factor"), rtol=kw.get("rtol", 1e-4)), "refit", index)
             errors = block_errors(pred[n_t - h:], late, fld.mask, HOLDOUT_BLOCK)
+            train_errors = block_errors(pred[: n_t - h], train.u, fld.mask, HOLDOUT_BLOCK)
             rec.update(params={p: float(v) for p, v in fit.params.items()},
                        heldout_sse=float(np.sum(errors)) if np.all(np.isfinite(errors)) else None,
                        train_bic=float(fit.bic) if np.isfinite(fit.bic) else None,
                        converged=bool(fit.converged), simulations=int(fit.n_evals))
         except Exception as err:  # a candidate that cannot be fitted or simulated is excluded, not fatal
             rec["error"] = str(err)
-        cache[ij] = (errors, rec)
+        cache[ij] = (errors, rec, train_errors)
         rows.append(rec)
 
     chosen: dict[str, dict[str, Any]] = {}
@@ -776,13 +791,19 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         pos = 0 if key == "D" else 1
         f = eq.D if key == "D" else eq.G
         parsimonious = head
+        train_errs = [cache[ij][2] for ij in avail]
         head, bic_gain = insample_switch(head, excluded, totals,
                                          switch_bics(f, [ij[pos] for ij in avail], head,
                                                      [cache[ij][1].get("train_bic") for ij in avail]),
-                                         rc.holdout_bic_switch)
+                                         rc.holdout_bic_switch, train_errs, rc.holdout_tested_switch,
+                                         rc.holdout_switch_level)
+        p_better = [None if e is None or train_errs[parsimonious] is None
+                    else paired_better_pvalue(e, train_errs[parsimonious]) for e in train_errs]
         reason = "fewest constants" if bic_gain is None else (
             f"training-frame BIC {bic_gain:.0f} below the fewest-constant form "
-            f"{_row_label(f, avail[parsimonious][pos])}, held-out error no higher")
+            f"{_row_label(f, avail[parsimonious][pos])}"
+            + (f", better across blocks (p = {p_better[head]:.2g})" if p_better[head] is not None else "")
+            + ", held-out error no higher")
         current = {"D": avail[head][0], "G": avail[head][1]}
         kept = [ij for k, ij in enumerate(avail) if not excluded[k] and k != head]
         # compared as refitted (the curves the held-out test judged), not with the symbolic fit's constants: a
@@ -797,17 +818,20 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
             "candidates": [{"form": _row_label(f, ij[pos]), "n_constants": n_constants(f.rows[ij[pos]].expression.sympy),
                             "heldout_sse": totals[k] if np.isfinite(totals[k]) else None,
                             "p_worse": None if not np.isfinite(pvals[k]) else float(pvals[k]),
-                            "excluded": bool(excluded[k])} for k, ij in enumerate(avail)],
+                            "excluded": bool(excluded[k]), "train_bic": cache[ij][1].get("train_bic"),
+                            "p_train_better": p_better[k]} for k, ij in enumerate(avail)],
             "with": _row_label(eq.G if key == "D" else eq.D, avail[head][1 - pos]),
             "headline_reason": reason,
         }
         if round_ >= 1 and current[key] == before:
             break
     result.metadata["refit_candidates"] = rows
-    n_blocks = next((len(e) for e, _ in cache.values() if e is not None), 0)
+    n_blocks = next((len(e) for e, *_ in cache.values() if e is not None), 0)
     result.metadata["holdout"] = {"frames": h, "level": float(rc.holdout_level), "max_evals": kw.get("max_evals"),
                                   "margin": float(rc.holdout_margin), "block_boxes": HOLDOUT_BLOCK,
-                                  "n_blocks": n_blocks, "test": "one-sided paired t test over blocks", **chosen}
+                                  "n_blocks": n_blocks, "test": "one-sided paired t test over blocks",
+                                  "bic_switch": rc.holdout_bic_switch, "tested_switch": rc.holdout_tested_switch,
+                                  "switch_level": float(rc.holdout_switch_level), **chosen}
     final = (current["D"], current["G"])
     if final not in cache or cache[final][0] is None:
         return eq, None

@@ -140,6 +140,19 @@ def write_figures(result, directory: Path) -> dict[str, str]:
     return out
 
 
+def _switch_text(holdout: dict) -> str:
+    """The in-sample switch's rule as the run used it (nothing when it was off, or for bundles from before it was
+    recorded)."""
+    bic, tested = holdout.get("bic_switch"), holdout.get("tested_switch")
+    if bic is None:
+        return ""
+    rule = f"by a BIC difference over {bic:g}"
+    if tested is not None:
+        rule += (f", or over {tested:g} where a paired t test over the same blocks finds it better at level "
+                 f"{holdout.get('switch_level')}")
+    return f", unless a library form among them fits the earlier frames better {rule} (the reason is given above)"
+
+
 def _budget_text(metadata: dict, holdout: dict) -> str:
     """How many held-out candidates were compared at the simulation budget, before their fit converged (a fit that
     stopped short of it for another reason is not counted)."""
@@ -197,7 +210,8 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
                          f"{holdout.get('n_blocks', '?')} blocks of {holdout.get('block_boxes', 4)} x "
                          f"{holdout.get('block_boxes', 4)} boxes finds it worse than the best by more than "
                          f"{100 * float(holdout.get('margin', 0)):.0f}% at level {holdout.get('level')}; the headline "
-                         "has the fewest constants among the rest." + _budget_text(result.metadata, holdout) + "</p>")
+                         "has the fewest constants among the rest" + _switch_text(holdout) + "."
+                         + _budget_text(result.metadata, holdout) + "</p>")
         refit = result.metadata.get("closed_form_refitted")
         if refit:
             mech = result.mechanistic.get("closed form (refitted)")

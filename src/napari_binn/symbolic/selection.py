@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["SELECTION_RULES", "pareto_indices", "front_scores", "select_index", "significant_indices",
-           "block_errors", "paired_worse_pvalue", "heldout_choice", "insample_switch"]
+           "block_errors", "paired_worse_pvalue", "paired_better_pvalue", "heldout_choice",
+           "insample_switch"]
 
 SELECTION_RULES = ("best", "accuracy", "score")
 
@@ -172,26 +173,55 @@ def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[in
     return head, excluded, pvals, totals.tolist()
 
 
+def paired_better_pvalue(errors: np.ndarray, reference: np.ndarray) -> float:
+    """One-sided p-value of a paired t test over blocks that ``errors`` are lower than ``reference``'s (differences
+    reference - errors). Fewer than 3 blocks or non-finite errors: 1 (no evidence)."""
+    from scipy import stats
+
+    errors, reference = np.asarray(errors, dtype=float), np.asarray(reference, dtype=float)
+    if errors.shape != reference.shape:
+        raise ValueError("paired_better_pvalue: the two error arrays must pair block by block")
+    d = reference - errors
+    if d.size < 3 or not np.all(np.isfinite(d)):
+        return 1.0
+    if np.all(d == d[0]):
+        return 0.0 if d[0] > 0 else 1.0
+    return float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue)
+
+
 def insample_switch(head: int | None, excluded: Sequence[bool], totals: Sequence[float],
-                    bics: Sequence[float | None], margin: float | None) -> tuple[int | None, float | None]:
+                    bics: Sequence[float | None], margin: float | None,
+                    train_errors: Sequence[np.ndarray | None] | None = None, tested_margin: float | None = None,
+                    level: float = 0.01) -> tuple[int | None, float | None]:
     """Second look at the held-out headline (:func:`heldout_choice`) with the frames the held-out test does not see.
 
     The held-out frames are the last ones; what tells some forms apart (a density-dependent D seen while dense
-    islands spread) can lie in the earlier frames the candidates were refitted on. A candidate the held-out test
-    keeps replaces the headline when its BIC on those training frames is lower than the headline's by more than
-    ``margin`` and its held-out error is no higher. Among several, the lowest BIC wins. ``bics``: per candidate,
-    its training-frame BIC (None when unknown); ``margin`` None: never switch. (Capping the switch at one constant
-    more than the headline was tried: on a Gompertz polygon whose G no candidate got right it then replaced the
-    true constant D with a saturating one; without the cap D stayed right and G became a 4-constant form.)
+    islands spread, or any form in a short movie) can lie in the earlier frames the candidates were refitted on. A
+    candidate the held-out test keeps, whose held-out error is no higher than the headline's, replaces the headline
+    when its BIC on those training frames is lower than the headline's by more than ``margin``, or by more than
+    ``tested_margin`` when also its training-frame squared errors per block (``train_errors``, as
+    :func:`block_errors` sums them) are lower than the headline's by a one-sided paired t test over blocks at
+    ``level``: a smaller gain counts when it holds across the domain, not when it comes from a few blocks (count
+    noise, whose variance grows with u, or a partner function that is off there). Among several, the lowest BIC
+    wins. ``bics``: per candidate, its training-frame BIC (None when unknown); ``margin`` None: never switch;
+    ``tested_margin`` None: no tested switch. (Capping the switch at one constant more than the headline was tried:
+    on a Gompertz polygon whose G no candidate got right it then replaced the true constant D with a saturating one;
+    without the cap D stayed right and G became a 4-constant form.)
 
     Returns (the headline index, its BIC gain over the held-out headline, or None when unchanged)."""
     if head is None or margin is None or bics[head] is None or not math.isfinite(bics[head]):
         return head, None
+    head_errors = train_errors[head] if train_errors is not None else None
     best, best_bic = head, float(bics[head])
     for i, b in enumerate(bics):
-        if (i == head or excluded[i] or b is None or not math.isfinite(b) or not totals[i] <= totals[head]
-                or not float(bics[head]) - float(b) > float(margin)):
+        if i == head or excluded[i] or b is None or not math.isfinite(b) or not totals[i] <= totals[head]:
             continue
+        gain = float(bics[head]) - float(b)
+        if not gain > float(margin):
+            errs = train_errors[i] if train_errors is not None else None
+            if (tested_margin is None or not gain > float(tested_margin) or errs is None or head_errors is None
+                    or not paired_better_pvalue(errs, head_errors) < float(level)):
+                continue
         if float(b) < best_bic:
             best, best_bic = i, float(b)
     return (head, None) if best == head else (best, float(bics[head]) - best_bic)
