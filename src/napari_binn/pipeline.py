@@ -802,7 +802,7 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
         reason = "fewest constants" if bic_gain is None else (
             f"training-frame BIC {bic_gain:.0f} below the fewest-constant form "
             f"{_row_label(f, avail[parsimonious][pos])}"
-            + (f", better across blocks (p = {p_better[head]:.2g})" if p_better[head] is not None else "")
+            + (f", lower across blocks (paired test p = {p_better[head]:.2g})" if p_better[head] is not None else "")
             + ", held-out error no higher")
         current = {"D": avail[head][0], "G": avail[head][1]}
         kept = [ij for k, ij in enumerate(avail) if not excluded[k] and k != head]

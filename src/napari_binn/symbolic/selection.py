@@ -115,14 +115,18 @@ def paired_worse_pvalue(errors: np.ndarray, best: np.ndarray, margin: float = 0.
     noise-free data, from excluding a form). Fewer than 3 blocks: 1 (no test possible: nothing is excluded).
     A candidate with an infinite error (failed prediction) gets 0.
     """
-    from scipy import stats
-
     errors, best = np.asarray(errors, dtype=float), np.asarray(best, dtype=float)
     if errors.shape != best.shape:
         raise ValueError("paired_worse_pvalue: the two error arrays must pair block by block")
     if not np.all(np.isfinite(errors)):
         return 0.0
-    d = errors - (1.0 + float(margin)) * best
+    return _positive_mean_pvalue(errors - (1.0 + float(margin)) * best)
+
+
+def _positive_mean_pvalue(d: np.ndarray) -> float:
+    """One-sided p-value of a t test that the paired differences ``d`` have a positive mean (fewer than 3: 1)."""
+    from scipy import stats
+
     if d.size < 3:
         return 1.0
     if np.all(d == d[0]):
@@ -176,17 +180,11 @@ def heldout_choice(errors: Sequence[np.ndarray | None], n_constants: Sequence[in
 def paired_better_pvalue(errors: np.ndarray, reference: np.ndarray) -> float:
     """One-sided p-value of a paired t test over blocks that ``errors`` are lower than ``reference``'s (differences
     reference - errors). Fewer than 3 blocks or non-finite errors: 1 (no evidence)."""
-    from scipy import stats
-
     errors, reference = np.asarray(errors, dtype=float), np.asarray(reference, dtype=float)
     if errors.shape != reference.shape:
         raise ValueError("paired_better_pvalue: the two error arrays must pair block by block")
     d = reference - errors
-    if d.size < 3 or not np.all(np.isfinite(d)):
-        return 1.0
-    if np.all(d == d[0]):
-        return 0.0 if d[0] > 0 else 1.0
-    return float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue)
+    return _positive_mean_pvalue(d) if np.all(np.isfinite(d)) else 1.0
 
 
 def insample_switch(head: int | None, excluded: Sequence[bool], totals: Sequence[float],
