@@ -855,7 +855,8 @@ def _as_refitted(label: str, refitted: dict[str, str]) -> str:
 
 
 def alternatives_text(eq: Equations | None) -> list[str]:
-    """'the data cannot tell apart: ...' lines for D and G (empty when the held-out test excluded every other form)."""
+    """'the data cannot tell apart: ...' lines for D and G (empty when the held-out test excluded every other form;
+    none for a function whose form the user picked since: the comparison was made for another headline)."""
     alts = (eq.metadata.get("alternatives") if eq is not None else None) or {}
     same = (eq.metadata.get("same_as_headline") if eq is not None else None) or {}
     refitted = (eq.metadata.get("alternatives_refitted") if eq is not None else None) or {}
@@ -863,7 +864,7 @@ def alternatives_text(eq: Equations | None) -> list[str]:
     out = []
     for key in ("D", "G"):
         f = getattr(eq, key, None)
-        if f is None:
+        if f is None or getattr(f, "selection", None) == "user pick":
             continue
         head = f.selected.text + (f" [{f.selected_row.form}]" if f.selected_row.form else "")
         if alts.get(key):

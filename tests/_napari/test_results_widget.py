@@ -160,7 +160,19 @@ def test_refit_against_the_data(make_napari_viewer, qtbot):
     names = [res.qc_table.item(i, 0).text() for i in range(res.qc_table.rowCount())]
     assert "closed form (refitted)" in names and "fisher_kpp" in names
     assert viewer.layers[LAYER_NAMES["simulated"]].metadata["model"] == "closed form (refitted)"
-    assert "candidate form(s) compared by BIC" in res.status.text()
+    # 5 frames: one held out; the status says so, and the forms it cannot tell apart are listed under the tables
+    assert "forms chosen on the last 1 frame(s) held out" in res.status.text()
+    from napari_binn._napari._results_widget import alternatives_display
+    from napari_binn.pipeline import alternatives_text
+
+    lines = alternatives_text(eq)
+    assert lines and res.alternatives.text() == alternatives_display(lines) and not res.alternatives.isHidden()
+    shown = res.alternatives.text().splitlines()
+    assert shown[0] == "D(u): the data cannot tell apart:" and shown[1].startswith(f"   ★ {eq.D.selected.text} (headline")
+    # a row the user picks instead is not the headline those lines compare against: D's lines go
+    res.choose("D", 1)
+    assert not res.alternatives.text().startswith("D(u)")
+    assert res.alternatives.text() == alternatives_display(alternatives_text(state.equations))
     # the refitted constants with their intervals and units: D_0 µm²/h, G_1 1/h per density unit
     assert "µm²/h" in res.status.text() and f"1/h·({field.units})^-1" in res.status.text()
     res.shutdown()
@@ -224,6 +236,25 @@ def test_reopened_bundle_is_refitted_simulated_and_exported_as_the_cli_does(make
     # and says the refitted constants with their intervals and units
     assert f"D_0 = {D0:.4g} [" in res.status.text() and "µm²/h" in res.status.text()
     res.shutdown()
+
+
+def test_the_forms_the_data_cannot_tell_apart_are_listed_one_per_line():
+    from napari_binn._napari._results_widget import alternatives_display
+
+    lines = ["D(u): the held-out frames cannot tell apart: 1500*u/(u + 600) [rising_saturating] (headline, training-"
+             "frame BIC 60 below the fewest-constant form 30*sqrt(u), held-out error no higher); 29.0*sqrt(u) "
+             "(refitted; symbolic fit 30.8*sqrt(u)); 0.8*u + 220 [linear]",
+             "G(u): also consistent, but the same curve as the headline on the observed densities (within 1%): "
+             "0.05 - 2.5e-5*u**1.01 [richards]"]
+    assert alternatives_display(lines).splitlines() == [
+        "D(u): the held-out frames cannot tell apart:",
+        "   ★ 1500*u/(u + 600) [rising_saturating] (headline, training-frame BIC 60 below the fewest-constant form "
+        "30*sqrt(u), held-out error no higher)",
+        "   • 29.0*sqrt(u) (refitted; symbolic fit 30.8*sqrt(u))",
+        "   • 0.8*u + 220 [linear]",
+        "G(u): also consistent, but the same curve as the headline on the observed densities (within 1%):",
+        "   • 0.05 - 2.5e-5*u**1.01 [richards]"]
+    assert alternatives_display([]) == ""
 
 
 def test_the_results_plot_shows_a_learned_delay_in_a_row_below():

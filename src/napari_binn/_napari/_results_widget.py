@@ -90,14 +90,21 @@ class ResultsWidget(QWidget):
             lab.setAlignment(Qt.AlignmentFlag.AlignLeft)
             layout.addWidget(lab)
             self.latex_labels[key] = lab
+        # after a refit: the forms the data cannot tell apart from each headline, and why the headline was chosen
+        self.alternatives = wrap_label("", lines=2)
+        self.alternatives.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.alternatives.setVisible(False)
+        layout.addWidget(self.alternatives)
 
         # --- simulation
         self.sim_model = ComboBox(
             label="Model", choices=[_SIM_CLOSED, _SIM_REFIT, _SIM_LEARNED], value=_SIM_CLOSED,
             tooltip=f"{_SIM_CLOSED}: the chosen forms with the constants of the symbolic fit.\n"
-                    f"{_SIM_REFIT}: candidate forms from both Pareto fronts are refitted against the density itself "
-                    "and the simplest one the BIC supports is kept, with its constants and 95% intervals (slower: "
-                    "one simulation per optimiser step); a Fisher-KPP fit is added for comparison.\n"
+                    f"{_SIM_REFIT}: candidate forms from both Pareto fronts and the form library are refitted "
+                    "against the density itself and chosen on the held-out last frames (the fewest constants they "
+                    "cannot exclude, unless another fits the earlier frames decisively better), with its constants "
+                    "and 95% intervals (slower: one simulation per optimiser step); the forms the data cannot tell "
+                    "apart are listed under the tables, and a Fisher-KPP fit is added for comparison.\n"
                     f"{_SIM_LEARNED}: the BINN's networks as they are.")
         self.contour = CheckBox(text="Draw the simulated front (line at half the maximum density)", value=True)
         self.simulate_btn = PushButton(text="Simulate")
@@ -269,6 +276,11 @@ class ResultsWidget(QWidget):
             label.setPixmap(_latex(equation_latex(key, f)))
             label.setToolTip(equation_text(key, f))
             lines.append(equation_text(key, f, pretty=True))
+        from ..pipeline import alternatives_text
+
+        alt = alternatives_text(eq) if eq is not None else []
+        self.alternatives.setText(alternatives_display(alt))
+        self.alternatives.setVisible(bool(alt))
         delay = []
         if lines:
             from ..pipeline import delay_text
@@ -364,8 +376,10 @@ class ResultsWidget(QWidget):
         self.show_simulation(_REFITTED)
         n = len(res.metadata.get("refit_candidates", [])) or 1
         consts = _refit_constants_line(res)
-        self.status.setText(f"Refitted against the data ({n} candidate form(s) compared by BIC): {consts}. "
-                            "Next: export the bundle.")
+        held = (res.metadata.get("holdout") or {}).get("frames")
+        how = (f"{n} candidate fit(s); forms chosen on the last {held} frame(s) held out" if held else
+               f"{n} candidate form(s) compared by BIC")
+        self.status.setText(f"Refitted against the data ({how}): {consts}. Next: export the bundle.")
         before = set(start.metadata.get("warnings", []))
         for w in res.metadata.get("warnings", []):
             if w not in before and "Learn a delay T(t)" in w:  # the refit's delay check (refit.delay_check)
@@ -594,6 +608,24 @@ class ResultsWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self.shutdown()
         super().closeEvent(event)
+
+
+def alternatives_display(lines: list[str]) -> str:
+    """The report's 'cannot tell apart' lines (``pipeline.alternatives_text``) one form per line: the headline starred
+    (with the reason it was chosen), the others bulleted."""
+    import re
+
+    out = []
+    for line in lines:
+        title, sep, rest = line.partition("apart: ") if "apart: " in line else line.partition("%): ")
+        if not sep:
+            out.append(line)
+            continue
+        items = re.split(r"; (?!symbolic fit)", rest)  # '(refitted; symbolic fit ...)' stays with its form
+        out.append(title + sep.rstrip())
+        first = "★" if "apart" in sep else "•"
+        out += [f"   {first} {items[0]}"] + [f"   • {x}" for x in items[1:]]
+    return "\n".join(out)
 
 
 def _front_paths(sim: np.ndarray, mask: np.ndarray, scale: tuple, translate: tuple) -> list[np.ndarray]:
