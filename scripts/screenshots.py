@@ -38,6 +38,9 @@ def main() -> None:
                         help="only one screenshot: the results dock on a saved bundle alone (e.g. a discovery "
                              "benchmark's --keep bundle), saved as --shot")
     parser.add_argument("--shot", default="11_bundle.png", help="the file name of the --bundle screenshot")
+    parser.add_argument("--scroll-to", choices=["plots", "alternatives"], default="plots",
+                        help="what the --bundle screenshot scrolls the results dock to: the plots, or the forms the "
+                             "data cannot tell apart (listed under the tables after a refit)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,7 @@ def main() -> None:
             bands(Path(args.bands), out)
             return
         if args.bundle:
-            bands(Path(args.bundle), out, name=args.shot, sample=False)
+            bands(Path(args.bundle), out, name=args.shot, sample=False, scroll=args.scroll_to)
             return
         if not args.only_batch:
             run(args, out)
@@ -201,7 +204,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
     viewer2.close()
 
 
-def bands(bundle: Path, out: Path, name: str = "10_bands.png", sample: bool = True) -> None:
+def bands(bundle: Path, out: Path, name: str = "10_bands.png", sample: bool = True, scroll: str = "plots") -> None:
     """The results dock on a bundle whose BINN has a band (refined, or an ensemble): D(u), G(u) with their ± 2 sd
     bands, the densities the data leave undetermined greyed, and the library rows in the tables; over the built-in
     sample's images (``sample``, for the demo's bundle) or the bundle's layers alone."""
@@ -220,7 +223,7 @@ def bands(bundle: Path, out: Path, name: str = "10_bands.png", sample: bool = Tr
     viewer.dims.set_current_step(0, 6)
     viewer.reset_view()
     pump(3.0)
-    scroll_to(res.figure)  # the dock scrolls: show its plots
+    scroll_to(res.alternatives if scroll == "alternatives" else res.figure)  # the dock scrolls: show that part
     pump(0.5)
     save_window(viewer, out / name)
     res.shutdown()
