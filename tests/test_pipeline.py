@@ -371,26 +371,18 @@ def test_holdout_frames_errors(pipeline_config):
     cfg.refit.holdout_frames, cfg.refit.holdout_level = 1, 0.0
     with pytest.raises(ValueError, match=r"refit\.holdout_level"):
         run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
-    for bad in (-1.0, float("inf"), "100", True):
-        cfg = pipeline_config()
-        cfg.refit.holdout_frames, cfg.refit.holdout_bic_switch = 1, bad
-        with pytest.raises(ValueError, match=r"refit\.holdout_bic_switch.*finite number >= 0"):
-            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
-    for bad in (0.0, 1.0, "0.01", True, None):
-        cfg = pipeline_config()
-        cfg.refit.holdout_frames, cfg.refit.holdout_switch_level = 1, bad
-        with pytest.raises(ValueError, match=r"refit\.holdout_switch_level.*in \(0, 1\)"):
-            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
-    for bad in (-1.0, float("inf"), "10", True):
-        cfg = pipeline_config()
-        cfg.refit.holdout_frames, cfg.refit.holdout_tested_switch = 1, bad
-        with pytest.raises(ValueError, match=r"refit\.holdout_tested_switch.*finite number >= 0"):
-            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
-    for bad in (-5.0, float("nan"), "often", True):  # checked with one candidate too
-        cfg = pipeline_config()
-        cfg.refit.candidates, cfg.refit.delay_check = 1, bad
-        with pytest.raises(ValueError, match=r"refit\.delay_check.*finite number >= 0"):
-            run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
+    # each key with its bad values and the message; the delay check is checked with one candidate too
+    for key, bads, message, preset in (
+            ("holdout_bic_switch", (-1.0, float("inf"), "100", True), r"finite number >= 0", {"holdout_frames": 1}),
+            ("holdout_switch_level", (0.0, 1.0, "0.01", True, None), r"in \(0, 1\)", {"holdout_frames": 1}),
+            ("holdout_tested_switch", (-1.0, float("inf"), "10", True), r"finite number >= 0", {"holdout_frames": 1}),
+            ("delay_check", (-5.0, float("nan"), "often", True), r"finite number >= 0", {"candidates": 1})):
+        for bad in bads:
+            cfg = pipeline_config()
+            for name, value in {**preset, key: bad}.items():
+                setattr(cfg.refit, name, value)
+            with pytest.raises(ValueError, match=rf"refit\.{key}.*{message}"):
+                run_job(run_pipeline(PipelineResult(cfg, field=field, equations=eq), cfg, stages=("refit",)))
     # checked before training, as soon as the field is known
     cfg = pipeline_config()
     cfg.refit.holdout_frames = 3

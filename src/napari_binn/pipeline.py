@@ -581,10 +581,7 @@ def check_holdout(rc: RefitConfig, n_frames: int) -> None:
     """ConfigError naming ``refit.holdout_frames`` / ``refit.holdout_level`` / ``refit.holdout_margin`` and their
     allowed values, when the held-out choice will run (closed forms refitted, more than one candidate); and
     ``refit.delay_check``'s and ``refit.delay``'s always."""
-    dc = rc.delay_check
-    if dc is not None and (isinstance(dc, bool) or not isinstance(dc, (int, float)) or not 0.0 <= float(dc) < math.inf):
-        raise ConfigError(f"refit.delay_check = {dc!r}: allowed values are a finite number >= 0 (a BIC difference, "
-                          "e.g. 100) or unset (no check)")
+    _check_bic_margin("delay_check", rc.delay_check, 100, "no check")
     if rc.delay not in REFIT_DELAY:
         raise ConfigError(f"refit.delay = {rc.delay!r}: allowed values are {', '.join(map(repr, REFIT_DELAY))}")
     if not rc.closed_form or rc.candidates <= 1:
@@ -598,17 +595,19 @@ def check_holdout(rc: RefitConfig, n_frames: int) -> None:
         raise ConfigError(f"refit.holdout_level = {rc.holdout_level!r}: allowed values are in (0, 1), e.g. 0.05")
     if not 0.0 <= float(rc.holdout_margin) < 1.0:
         raise ConfigError(f"refit.holdout_margin = {rc.holdout_margin!r}: allowed values are in [0, 1), e.g. 0.05")
-    sw = rc.holdout_bic_switch
-    if sw is not None and (isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 0.0 <= float(sw) < math.inf):
-        raise ConfigError(f"refit.holdout_bic_switch = {sw!r}: allowed values are a finite number >= 0 (a BIC "
-                          "difference, e.g. 100) or unset (never switch)")
-    ts = rc.holdout_tested_switch
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0.0 <= float(ts) < math.inf):
-        raise ConfigError(f"refit.holdout_tested_switch = {ts!r}: allowed values are a finite number >= 0 (a BIC "
-                          "difference, e.g. 10) or unset (no tested switch)")
+    _check_bic_margin("holdout_bic_switch", rc.holdout_bic_switch, 100, "never switch")
+    _check_bic_margin("holdout_tested_switch", rc.holdout_tested_switch, 10, "no tested switch")
     lv = rc.holdout_switch_level
     if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not 0.0 < float(lv) < 1.0:
         raise ConfigError(f"refit.holdout_switch_level = {lv!r}: allowed values are in (0, 1), e.g. 0.01")
+
+
+def _check_bic_margin(key: str, value: Any, example: float, unset: str) -> None:
+    """ConfigError naming ``refit.<key>`` unless ``value`` is None or a finite number >= 0 (a BIC difference)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0.0 <= float(value) < math.inf):
+        raise ConfigError(f"refit.{key} = {value!r}: allowed values are a finite number >= 0 (a BIC difference, "
+                          f"e.g. {example:g}) or unset ({unset})")
 
 
 def _u_floor(fld: DensityField) -> float:
