@@ -53,6 +53,24 @@ def test_nuclei_accuracy_against_drawn_counts(seed):
     assert _rel_l2(field.u, rendered.true_density) <= 0.10
 
 
+def test_nuclei_counts_ignore_a_camera_offset_and_bleaching():
+    """A constant camera offset, and signal that fades over the movie above it, change neither the threshold (in
+    noise sigmas) nor the counts: the blob filter answers 0 to a flat background of any brightness."""
+    rendered = render_microscopy(_gradient_field(T=4), pixel_size_um=PX, seed=3)
+    data = rendered.stack.data.astype(np.float64)
+    fade = np.linspace(1.0, 0.4, data.shape[0])[:, None, None]
+    variants = {"plain": data, "offset": data + 1000.0, "offset, fading": 1000.0 + data * fade}
+    fields = {name: extract_density(_stack(np.rint(d).astype(np.uint16)), roi=rendered.pixel_mask,
+                                    method="nuclei", box_um=50.0) for name, d in variants.items()}
+    drawn = rendered.counts.sum(axis=(1, 2))
+    thr = fields["plain"].metadata["threshold_used"]
+    assert fields["offset"].metadata["threshold_used"] == pytest.approx(thr, rel=0.01)
+    for name, fld in fields.items():
+        counted = np.nansum(fld.u, axis=(1, 2)) * 0.05 ** 2  # cells/mm² x box area (50 µm boxes)
+        np.testing.assert_allclose(counted, drawn, rtol=0.02, err_msg=name)
+    np.testing.assert_allclose(fields["offset"].u, fields["plain"].u, rtol=0, atol=1e-9)
+
+
 def test_confluence_tracks_coverage():
     f = _gradient_field(n=10, T=3)
     rendered = render_microscopy(f, pixel_size_um=PX, kind="phase", seed=0)
