@@ -2,8 +2,9 @@
 
 Methods
 -------
-``nuclei``      fluorescent nuclei: blob filter (Laplacian of Gaussian) + local maxima -> counts per box
-                (or a Gaussian kernel density) in cells/mm².
+``nuclei``      fluorescent nuclei: blob filter (Laplacian of Gaussian, at the scale within the nucleus diameter
+                range that the stack's nuclei answer most) + local maxima -> counts per box (or a Gaussian
+                kernel density) in cells/mm².
 ``confluence``  any channel (phase contrast): local standard deviation texture, normalised per frame
                 (intensity drift), thresholded -> foreground fraction per box in [0, 1].
 ``labels``      an integer label stack from any segmentation tool -> centroids -> cells/mm².
@@ -23,7 +24,7 @@ Frames are read one at a time (``stack.data[t]``): a lazy (memory-mapped) stack 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -184,6 +185,7 @@ class _Params:
     temporal_sigma: float
     normalise: Any
     percentile: float
+    blob_sigma_px: float | None = None  # the blob filter's scale once chosen (_choose_blob_sigma); None: nominal
 
     @property
     def dmin_px(self) -> float:
@@ -259,7 +261,10 @@ _TRUNCATE = 3.0  # Gaussian kernels cut at 3 sigma
 
 
 def _log_sigma(p: _Params) -> float:
-    """Blob-detector scale in pixels: d / (2 sqrt 2) for the typical (geometric-mean) nucleus diameter d."""
+    """Blob-detector scale in pixels: the one chosen from the images (``p.blob_sigma_px``), else the nominal
+    d / (2 sqrt 2) for the geometric mean d of the diameter range."""
+    if p.blob_sigma_px is not None:
+        return p.blob_sigma_px
     return max(0.7, float(np.sqrt(p.dmin_px * p.dmax_px)) / (2.0 * np.sqrt(2.0)))
 
 
@@ -278,11 +283,13 @@ def _log_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray]:
     return g, d2
 
 
-def _log_filter(f: np.ndarray, sigma: float) -> np.ndarray:
-    """Laplacian of Gaussian of ``f`` with the zero-sum kernels of :func:`_log_kernels` (edges: nearest)."""
+def _log_filter(f: np.ndarray, sigma: float, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Laplacian of Gaussian of ``f`` over ``axes`` with the zero-sum kernels of :func:`_log_kernels` (edges:
+    nearest)."""
     g, d2 = _log_kernels(sigma)
-    out = ndi.correlate1d(ndi.correlate1d(f, d2, axis=0, mode="nearest"), g, axis=1, mode="nearest")
-    out += ndi.correlate1d(ndi.correlate1d(f, g, axis=0, mode="nearest"), d2, axis=1, mode="nearest")
+    ay, ax = axes
+    out = ndi.correlate1d(ndi.correlate1d(f, d2, axis=ay, mode="nearest"), g, axis=ax, mode="nearest")
+    out += ndi.correlate1d(ndi.correlate1d(f, g, axis=ay, mode="nearest"), d2, axis=ax, mode="nearest")
     return out
 
 
@@ -304,6 +311,94 @@ def _nuclei_snr(f: np.ndarray, p: _Params) -> np.ndarray:
         noise = float(np.std(response)) or 1.0
     response /= noise
     return response
+
+
+_N_SCALES = 7  # blob-filter scales tried across the diameter range; the middle one is the nominal scale
+
+
+def _scale_grid(p: _Params) -> np.ndarray:
+    """Blob-filter scales (pixels) for diameters spread geometrically over ``nucleus_diameter_um``: d / (2 sqrt 2)
+    from the smallest to the largest, the middle one exactly the nominal (geometric-mean) scale."""
+    nominal = _log_sigma(replace(p, blob_sigma_px=None))
+    lo = max(0.7, p.dmin_px / (2.0 * np.sqrt(2.0)))
+    hi = max(lo, p.dmax_px / (2.0 * np.sqrt(2.0)))
+    if hi <= lo * (1 + 1e-9):
+        return np.array([nominal])
+    half = _N_SCALES // 2
+    return nominal * (hi / lo) ** (np.arange(-half, half + 1) / (2.0 * half))
+
+
+_SCALE_PEAKS = 128  # nuclei per frame whose responses choose the scale (evenly spread over those found)
+
+
+def _scale_profiles(f: np.ndarray, r: np.ndarray, c: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """(n, scales): each nucleus's scale-normalised blob response (sigma² times the negative LoG), its largest
+    value within about sigma of (r, c), at each scale of ``grid``. Computed on patches around the nuclei only: the
+    patches are wide enough that the kernels and the search windows never reach their edges."""
+    reach = int(np.ceil(_TRUNCATE * grid.max() + 0.5)) + int(np.ceil(grid.max())) + 1
+    prof = np.empty((r.size, grid.size))
+    if r.size * (2 * reach + 1) ** 2 > f.size:  # patches would outgrow the frame: filter the frame itself
+        for k, sigma in enumerate(grid):
+            w = 2 * int(np.ceil(sigma)) + 1
+            prof[:, k] = -(sigma * sigma) * ndi.minimum_filter(_log_filter(f, float(sigma)), size=w,
+                                                               mode="nearest")[r, c]
+        return prof
+    padded = np.pad(f, reach, mode="edge")
+    offsets = np.arange(-reach, reach + 1)
+    patches = padded[(r + reach)[:, None, None] + offsets[None, :, None],
+                     (c + reach)[:, None, None] + offsets[None, None, :]]
+    for k, sigma in enumerate(grid):
+        response = _log_filter(patches, float(sigma), axes=(1, 2))
+        w = int(np.ceil(sigma))
+        centre = response[:, reach - w:reach + w + 1, reach - w:reach + w + 1]
+        prof[:, k] = -(sigma * sigma) * centre.min(axis=(1, 2))
+    return prof
+
+
+def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
+    """The blob filter's scale (pixels) at which the nuclei of ``frames`` respond most.
+
+    Nuclei are first found at the nominal scale (threshold as in :func:`_nuclei_threshold`, each frame on its
+    own; up to ``_SCALE_PEAKS`` of them per frame, evenly spread). At every scale of :func:`_scale_grid`, each
+    one's scale-normalised response (:func:`_scale_profiles`) is divided by its own largest over the scales, and
+    these profiles are averaged; the scale of the highest average is chosen. A disc of diameter d answers most at
+    d / (2 sqrt 2), so nuclei larger than the nominal diameter (which the nominal scale splits into several
+    maxima along their rim) and smaller ones (which it merges with close neighbours) are counted at their own
+    scale. The nominal scale when fewer than 3 nuclei are found.
+    """
+    grid = _scale_grid(p)
+    nominal = _log_sigma(replace(p, blob_sigma_px=None))
+    if grid.size == 1:
+        return float(grid[0])
+    at_nominal = replace(p, blob_sigma_px=nominal)
+    profiles = []
+    for frame in frames:
+        f, _ = _clean(frame)
+        if float(f.max()) == float(f.min()):
+            continue
+        snr = _nuclei_snr(f, at_nominal)
+        r, c = _local_maxima(snr, 0.0, at_nominal)
+        keep = snr[r, c] > _threshold_from_heights(snr[r, c], p)
+        r, c = r[keep], c[keep]
+        if r.size > _SCALE_PEAKS:
+            pick = np.linspace(0, r.size - 1, _SCALE_PEAKS).round().astype(np.intp)
+            r, c = r[pick], c[pick]
+        if r.size:
+            profiles.append(_scale_profiles(f, r, c, grid))
+    if not profiles:
+        return nominal
+    prof = np.concatenate(profiles)
+    top = prof.max(axis=1)
+    prof = prof[top > 0] / top[top > 0, None]
+    if prof.shape[0] < 3:
+        return nominal
+    k = int(np.argmax(prof.mean(axis=0)))
+    return nominal if k == grid.size // 2 else float(grid[k])
+
+
+def _diameter_used_um(p: _Params) -> float:
+    """The nucleus diameter the blob filter's scale corresponds to (µm)."""
+    return float(_log_sigma(p) * 2.0 * np.sqrt(2.0) * p.pixel_size_um)
 
 
 def _local_maxima(snr: np.ndarray, floor: float, p: _Params) -> tuple[np.ndarray, np.ndarray]:
@@ -527,7 +622,11 @@ def extract_density_job(
 
     Parameters (all optional, ``**params``)
     ---------------------------------------
-    nucleus_diameter_um : (min, max) µm, default (6, 16); a scalar d means (0.75 d, 1.5 d). ``nuclei`` only.
+    nucleus_diameter_um : (min, max) µm, default (6, 16); a scalar d means (0.75 d, 1.5 d). ``nuclei`` only. The
+        blob filter's scale is chosen within this range from the first, middle and last frames (the diameter
+        whose scale the detected nuclei answer most, one of 7 spread over the range; (d, d) fixes it), the same
+        for every frame, and recorded as ``metadata['nucleus_diameter_used_um']``. Local maxima closer than half
+        the smallest diameter are one nucleus.
     threshold : 'otsu' (default) | 'li' | float. Nuclei: minimum peak height of the blob filter in units of the
         frame's noise sigma (SNR); 'otsu'/'li' split the log peak heights of the first, middle and last frames
         into noise and nuclei (Otsu: cut midway between the two groups), never below ``min_snr`` (default 5).
@@ -560,6 +659,8 @@ def extract_density_job(
     threshold = None
     if method in ("nuclei", "confluence"):
         ref = sorted({0, T // 2, T - 1})
+        if method == "nuclei":
+            p = replace(p, blob_sigma_px=_choose_blob_sigma([stack.data[t] for t in ref], p))
         maps = []
         for t in ref:
             f, _ = _clean(stack.data[t])
@@ -630,6 +731,7 @@ def extract_density_job(
         "mask_rule": "box in mask when >= 50% of its area is inside the ROI; values use ROI pixels only",
         "params": _jsonable_params(p),
         "threshold_used": None if threshold is None else float(threshold),
+        "nucleus_diameter_used_um": _diameter_used_um(p) if method == "nuclei" else None,
         "warnings": _dedupe(warnings),
         "cancelled": cancelled,
         "frames_done": done,
@@ -670,6 +772,7 @@ class FramePreview:
     scale: tuple[float, float]  # napari scale of the density layer, µm
     translate: tuple[float, float]  # napari translate of the density layer, µm
     units: str = _COUNT_UNITS
+    nucleus_diameter_um: float | None = None  # nuclei: the diameter the blob filter's scale was chosen for
 
 
 def preview_frame(
@@ -715,6 +818,8 @@ def preview_frame(
     if method == "points":
         pts_t = _split_points(params.get("points"), t + 1)[t]
     threshold = None if isinstance(p.threshold, str) else float(p.threshold)
+    if method == "nuclei":
+        p = replace(p, blob_sigma_px=_choose_blob_sigma([frame_arr], p))
     res = _measure_frame(frame_arr, t, grid, p, threshold, pts_t)
     points = np.asarray(res.points, float).reshape(-1, 2)
     if points.size:  # show only the detections that count: inside the ROI
@@ -724,7 +829,8 @@ def preview_frame(
     dx = grid.b * float(px)
     return FramePreview(points, res.value, grid.mask.copy(), (dx, dx),
                         (float(grid.y_um[0]), float(grid.x_um[0])),
-                        "fraction" if method == "confluence" else _COUNT_UNITS)
+                        "fraction" if method == "confluence" else _COUNT_UNITS,
+                        _diameter_used_um(p) if method == "nuclei" else None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -86,7 +86,9 @@ class DensityWidget(QWidget):
         self.d_min = fspin(6.0, 0.5, 500.0, 0.5, label="smallest", decimals=1, suffix=" µm")
         self.d_max = fspin(16.0, 0.5, 500.0, 0.5, label="largest", decimals=1, suffix=" µm")
         self._diameter = row(self.d_min, Label(value="to"), self.d_max, label="Nucleus diameter",
-                             tooltip="Smallest and largest nucleus diameter to detect.")
+                             tooltip="Smallest and largest nucleus diameter to detect. The blob filter's scale "
+                                     "is chosen within this range from the images (the preview says which); "
+                                     "the same min and max fixes it.")
         self.threshold = ComboBox(label="Threshold", choices=["otsu", "li", "manual"], value="otsu",
                                   tooltip="Automatic (otsu, li) or manual threshold (the value on the right).")
         self.threshold_value = fspin(8.0, 0.0, 1e6, 0.5, label="value", decimals=3,
@@ -347,7 +349,10 @@ class DensityWidget(QWidget):
         upsert_image(self.viewer, LAYER_NAMES["preview"], pv.density, scale=pv.scale,
                      translate=(pv.translate[0] + ty, pv.translate[1] + tx), colormap="magma", opacity=0.45,
                      contrast_limits=(0.0, hi), metadata=meta)
-        n = f"{len(pv.points)} nuclei, " if method == "nuclei" else ""
+        n = ""
+        if method == "nuclei":
+            d = getattr(pv, "nucleus_diameter_um", None)
+            n = f"{len(pv.points)} nuclei" + (f" (found at the scale of {d:.3g} µm nuclei), " if d else ", ")
         when = f" ({stack_time:g} h)" if stack_time is not None else ""
         self.preview_label.setText(f"Preview of frame {t}{when}: {n}mean density {np.nanmean(pv.density):.4g} "
                                    f"{pv.units} in {int(pv.mask.sum())} boxes of {pv.scale[0]:g} µm.")
