@@ -3,15 +3,13 @@
 1. Accuracy: nuclei stacks rendered (``render_microscopy``) from a spreading front whose density runs from 0 to
    confluence (1700 cells/mm²), 3 seeds, 50 µm boxes: relative L2 error of the extracted density against the
    exact number of cells drawn per box (all boxes, all frames).
-2. Another renderer's nuclei (``--independent``, also run by default): a drawing written apart from
-   ``render_microscopy`` and unlike it: nuclei are flat-topped ellipses with soft edges (lognormal sizes,
-   eccentricity up to 25%, brightness CV 0.3), packed without overlap by random sequential addition (so
-   neighbours can sit closer than one mean diameter across their short axes), blurred, with photon shot noise
-   over a background of 300 photons and a camera offset with read noise. One frame per density (100 ... 3000
-   cells/mm², 500 µm square, 50 µm boxes); the count ratio (cells counted / cells drawn in the boxes) per density,
-   for several settings: plain, a camera offset of 1000 counts with the signal fading to 40% over the movie
-   (bleaching), dim cells (brightness CV 0.7), 14 µm nuclei at 0.65 µm pixels and 8 µm nuclei at 2 µm pixels
-   (both with the default diameter range of 6-16 µm).
+2. Another renderer's nuclei (``--independent``, also run by default): ``nuclei_renderer.py``, written apart from
+   ``render_microscopy`` and unlike it (flat-topped ellipses packed without overlap, shot noise, a camera offset).
+   One frame per density (100 ... 3000 cells/mm², 500 µm square, 50 µm boxes); the count ratio (cells counted /
+   cells drawn in the boxes) per density, for several settings: plain (10 µm nuclei at 1 µm pixels), a camera
+   offset of 1000 counts with the signal fading to 40% over the movie (bleaching), dim cells (brightness CV
+   0.7), 14 µm nuclei at 0.65 µm pixels and 8 µm nuclei at 2 µm pixels (both with the default diameter range
+   of 6-16 µm).
 3. Speed/memory: a 100-frame 1024x1024 uint16 nuclei stack (~200 MB, 50 µm boxes of 32 px at 1.5625 µm) is
    written to a temporary TIFF, opened lazily (``read_stack(lazy=True)``, falling back to ``tifffile.memmap``)
    and run through ``nuclei`` and ``confluence`` in a fresh child process per run, which reports its wall time,
@@ -34,11 +32,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from napari_binn.density import extract_density, preview_frame
 from napari_binn.field import DensityField
+from napari_binn.io import Stack
 from napari_binn.synthetic.render import render_microscopy
+from nuclei_renderer import uniform_frames
 
 CONFLUENCE = 1700.0  # cells/mm²
 
@@ -102,79 +101,12 @@ INDEPENDENT_SETTINGS = {
 }
 
 
-def _pack_ellipses(n: int, side_px: float, radius_px: float, rng: np.random.Generator,
-                   eccentricity: float = 0.25, max_tries: int = 400_000) -> np.ndarray:
-    """Up to ``n`` ellipses (row, col, semi-axis a, semi-axis b, angle) placed one by one at random where they do
-    not overlap their neighbours (judged along the line between centres)."""
-    placed: list[tuple[float, float, float, float, float]] = []
-    buckets: dict[tuple[int, int], list[int]] = {}
-    cell = 3.0 * radius_px
-    for _ in range(max_tries):
-        if len(placed) >= n:
-            break
-        r, c = rng.uniform(0.0, side_px, 2)
-        size = radius_px * rng.lognormal(0.0, 0.15)
-        stretch = 1.0 + eccentricity * rng.uniform(-1.0, 1.0)
-        a, b, ang = size * stretch, size / stretch, rng.uniform(0.0, np.pi)
-        key = (int(r // cell), int(c // cell))
-        clash = False
-        for dr in (-1, 0, 1):
-            for dc in (-1, 0, 1):
-                for j in buckets.get((key[0] + dr, key[1] + dc), ()):
-                    r2, c2, a2, b2, ang2 = placed[j]
-                    dist = np.hypot(r2 - r, c2 - c)
-                    towards = np.arctan2(c2 - c, r2 - r)
-                    reach = sum(1.0 / np.hypot(np.cos(towards - t) / aa, np.sin(towards - t) / bb)
-                                for aa, bb, t in ((a, b, ang), (a2, b2, ang2)))
-                    if dist < reach:
-                        clash = True
-                        break
-                if clash:
-                    break
-            if clash:
-                break
-        if not clash:
-            buckets.setdefault(key, []).append(len(placed))
-            placed.append((r, c, a, b, ang))
-    return np.array(placed).reshape(-1, 5)
-
-
-def independent_stack(densities=INDEPENDENT_DENSITIES, *, diameter_um: float = 10.0, pixel_size_um: float = 1.0,
-                      side_um: float = 500.0, brightness_cv: float = 0.3, photons: float = 400.0,
-                      background: float = 300.0, offset: float = 100.0, fade_to: float = 1.0, seed: int = 0):
-    """One uint16 frame per density, drawn as described in the module docstring -> (Stack, cells drawn per frame,
-    nucleus centres per frame in pixels)."""
-    from napari_binn.io import Stack
-
-    rng = np.random.default_rng(seed)
-    side = int(round(side_um / pixel_size_um))
-    radius = 0.5 * diameter_um / pixel_size_um
-    frames, centres = [], []
-    fades = np.linspace(1.0, fade_to, len(densities))
-    for dens, fade in zip(densities, fades):
-        cells = _pack_ellipses(rng.poisson(dens * (side_um / 1000.0) ** 2), side, radius, rng)
-        img = np.zeros((side, side))
-        h = int(2 * radius) + 3
-        for r, c, a, b, ang in cells:
-            r0, c0 = int(r), int(c)
-            ys, xs = np.mgrid[max(0, r0 - h):min(side, r0 + h + 1), max(0, c0 - h):min(side, c0 + h + 1)]
-            along = ((ys - r) * np.cos(ang) + (xs - c) * np.sin(ang)) / a
-            across = (-(ys - r) * np.sin(ang) + (xs - c) * np.cos(ang)) / b
-            edge = 1.0 / (1.0 + np.exp(6.0 * (np.hypot(along, across) - 1.0)))
-            img[ys, xs] = np.maximum(img[ys, xs], fade * photons * rng.lognormal(0.0, brightness_cv) * edge)
-        img = ndi.gaussian_filter(img, 1.2 / pixel_size_um) + background
-        img = rng.poisson(img) + rng.normal(offset, 3.0, img.shape)
-        frames.append(np.clip(np.rint(img), 0, 65535).astype(np.uint16))
-        centres.append(cells[:, :2])
-    stack = Stack(np.stack(frames), pixel_size_um, np.arange(len(frames), dtype=float), name="independent")
-    return stack, centres
-
-
 def independent_ratios(seed: int = 0) -> dict[str, list[float]]:
     """Cells counted / cells drawn inside the whole boxes, per density, for each setting."""
     out = {}
     for name, kw in INDEPENDENT_SETTINGS.items():
-        stack, centres = independent_stack(seed=seed, **kw)
+        frames, centres = uniform_frames(INDEPENDENT_DENSITIES, seed=seed, **kw)
+        stack = Stack(frames, kw.get("pixel_size_um", 1.0), np.arange(len(frames), dtype=float), name="independent")
         fld = extract_density(stack, method="nuclei", box_um=50.0)
         edge_px = fld.shape[1] * fld.metadata["box_px"]  # boxes start at the corner; the rest is cut off
         area_mm2 = (fld.metadata["box_um"] / 1000.0) ** 2

@@ -37,6 +37,8 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --units        # eight in other units and shapes (K, boxes, grid, hours)
     python benchmarks/discovery_bench.py --stress       # eight beyond the named models, ROIs and frame spacing
     python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
+    python benchmarks/discovery_bench.py --images --cases fkpp_wound_poisson   # from nuclei images of the clean
+        # field (another renderer's; the density stage counts them): the whole path a biologist's stack takes
 
 The last line printed is a JSON object: {"cases", "structures_recovered", "true_form_listed", "per_case": {name: {"binn_d_rel_err",
 "binn_g_rel_err", "final_d_rel_err", "final_g_rel_err", "structure_ok", "seconds", ...}}, "targets_met"}
@@ -593,12 +595,46 @@ def true_form_hits(listed: list[tuple[str, Any]], u: np.ndarray, truth_expr: Any
 AFTER_TRAINING = ("symbolic", "simulate", "refit", "qc")
 
 
+#: how ``--images`` draws a case (``nuclei_renderer.field_frames``): 10 µm nuclei at 2 µm pixels over a camera
+#: offset of 1000 counts, the signal fading to 60% over the movie
+IMAGE_SETTINGS = {"diameter_um": 10.0, "pixel_size_um": 2.0, "offset": 1000.0, "fade_to": 0.6}
+
+
+def case_images(case: Case, truth: Any, field: Any, seed: int):
+    """The case's noise-free field drawn as nuclei images (:data:`IMAGE_SETTINGS`; Poisson cells per box) ->
+    (Stack, ROI pixel mask, cells drawn per box (T, Ny, Nx))."""
+    from napari_binn.io import Stack
+
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from nuclei_renderer import field_frames
+
+    frames, drawn, pixel_mask = field_frames(truth.u_clean, field.mask, case.dx_um, seed=20_000 + seed,
+                                             **IMAGE_SETTINGS)
+    stack = Stack(frames, IMAGE_SETTINGS["pixel_size_um"], field.t_h.copy(), name=f"{case.name} (nuclei images)")
+    return stack, pixel_mask, drawn
+
+
+def image_counts(field: Any, drawn: np.ndarray, pixel_mask: np.ndarray, box_um: float) -> dict[str, Any]:
+    """The density counted from :func:`case_images` against the cells drawn, on the observed boxes: per-box rel.
+    L2 error, the ratio of the totals, and the nucleus diameter the counter chose."""
+    rows_px, cols_px = np.nonzero(pixel_mask)  # the density grid is tiled from the ROI's bounding box
+    b = int(round(box_um / IMAGE_SETTINGS["pixel_size_um"]))
+    i0, j0 = rows_px.min() // b, cols_px.min() // b
+    drawn = drawn[:, i0:i0 + field.u.shape[1], j0:j0 + field.u.shape[2]] / (box_um / 1000.0) ** 2
+    obs = field.observed
+    return {"image_count_rel_err": rel_err(field.u[obs], drawn[obs]),
+            "image_count_ratio": float(field.u[obs].sum() / drawn[obs].sum()),
+            "image_nucleus_diameter_used_um": field.metadata.get("nucleus_diameter_used_um")}
+
+
 def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: Path | None = None,
-             start: Path | None = None, threads: int = 1) -> dict[str, Any]:
+             start: Path | None = None, threads: int = 1, images: bool = False) -> dict[str, Any]:
     """Run the pipeline on one case and score it. keep: write the results bundle to keep/<case>_seed<seed>.
     start: re-run only the stages after training from start/<case>_seed<seed> (its BINN's seconds counted).
     threads: torch's CPU threads (1: two benchmark processes share two cores; the GUI and the CLI use torch's
-    default, one per core)."""
+    default, one per core). images: run from nuclei images of the noise-free field (:func:`case_images`; the
+    density stage counts them in the case's boxes) instead of the case's noisy field."""
     import torch
 
     from napari_binn.jobs import run_job
@@ -610,6 +646,12 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
     case_sets = parse_sets(list(case.sets))  # the case's own settings (a user's choice for such data) go first
     merged = {k: {**case_sets.get(k, {}), **overrides.get(k, {})} for k in {*case_sets, *overrides}}
     cfg = make_config(merged, quick)
+    image_row: dict[str, Any] = {}
+    if images:
+        t_draw = time.perf_counter()
+        stack, pixel_mask, drawn = case_images(case, truth, field, seed)
+        cfg.density.method, cfg.density.box_um = "nuclei", case.dx_um
+        image_row["image_draw_seconds"] = round(time.perf_counter() - t_draw, 1)
     t0 = time.perf_counter()
     seen: list[str] = []
 
@@ -629,6 +671,11 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
         before = sum(v for k, v in kept.metadata.get("seconds", {}).items() if k not in AFTER_TRAINING)
         result = run_job(run_pipeline(kept, cfg, stages=AFTER_TRAINING), progress)
         seconds = before + sum(result.metadata.get("seconds", {}).get(k, 0.0) for k in AFTER_TRAINING)
+    elif images:
+        result = run_job(run_pipeline(stack, cfg, roi=pixel_mask), progress)
+        seconds = time.perf_counter() - t0
+        field = result.field
+        image_row.update(image_counts(field, drawn, pixel_mask, case.dx_um))
     else:
         result = run_job(run_pipeline(field, cfg), progress)
         seconds = time.perf_counter() - t0
@@ -640,6 +687,7 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
     u = result.fit.u_grid(200, central=True, from_zero=False)
     Dt, Gt = truth.D(u), truth.G(u)
     row: dict[str, Any] = {"case": case.name, "seed": seed, "seconds": seconds, "stage_seconds": row_stage_seconds,
+                           **image_row,
                            "u_range": [float(u[0]), float(u[-1])],
                            "binn_d_rel_err": rel_err(result.fit.D(u), Dt),
                            "binn_g_rel_err": rel_err(result.fit.G(u), Gt, G_SCALE)}
@@ -1050,6 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
                          "earlier --keep wrote: for changes after the BINN; seconds count the kept training")
     ap.add_argument("--rescore", default=None, metavar="JSON",
                     help="re-score the rows of an earlier --json-out file with this scorer (no pipeline run)")
+    ap.add_argument("--images", action="store_true",
+                    help="draw each case's noise-free field as nuclei images (nuclei_renderer.py: Poisson cells per "
+                         "box, 10 µm nuclei at 2 µm pixels, a camera offset, fading signal) and run the pipeline "
+                         "from them, the density stage counting nuclei in the case's boxes")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads per case (default 1, for two benchmark processes on two cores; the "
                          "GUI and the CLI use one per core: give the core count to time a case as they run it)")
@@ -1142,13 +1194,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {case.note}\n   {case.describe()}", flush=True)
         for seed in args.seeds:
             row = run_case(case, seed, overrides, args.quick, keep=Path(args.keep) if args.keep else None,
-                           start=Path(args.from_bundles) if args.from_bundles else None, threads=args.threads)
+                           start=Path(args.from_bundles) if args.from_bundles else None, threads=args.threads,
+                           images=args.images)
             rows.append(row)
             print(f"   seed {seed}: BINN D {_fmt(row['binn_d_rel_err'])} G {_fmt(row['binn_g_rel_err'])} | final "
                   f"({row['final_source']}) D = {row['final_d']}  [{_fmt(row['final_d_rel_err'])}, structure "
                   f"{row['d_structure_ok']}]  G = {row['final_g']}  [{_fmt(row['final_g_rel_err'])}, structure "
                   f"{row['g_structure_ok']}] | constants D {row['d_constant_errors']} G {row['g_constant_errors']}"
                   f" | N(t) {_fmt(row['n_t_rel_err'])} | {row['seconds']:.0f} s", flush=True)
+            if args.images:
+                print(f"     images: drawn in {row['image_draw_seconds']:.0f} s; counted / drawn "
+                      f"{row['image_count_ratio']:.3f}, rel. L2 {_fmt(row['image_count_rel_err'])} per box; nuclei "
+                      f"of {row['image_nucleus_diameter_used_um']:.3g} µm", flush=True)
             print(f"     the true structure fitted (oracle): D {_fmt(row['oracle_d_rel_err'])} G "
                   f"{_fmt(row['oracle_g_rel_err'])}", flush=True)
             print("     bands: " + "  ".join(
@@ -1163,7 +1220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump({"rows": rows, "summary": summary, "seeds": args.seeds, "overrides": args.set,
-                       "quick": args.quick, "threads": args.threads}, fh, indent=1, default=str)
+                       "quick": args.quick, "threads": args.threads, "images": args.images}, fh, indent=1,
+                      default=str)
     print(json.dumps(summary))
     return 0
 

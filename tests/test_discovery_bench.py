@@ -224,23 +224,23 @@ def test_options(bench, capsys):
         bench.main(["--threads", "0", "--list"])
 
 
-def test_the_thread_count_reaches_each_case(bench, monkeypatch):
+def test_the_thread_count_and_images_reach_each_case(bench, monkeypatch):
     seen = {}
 
     class Stop(Exception):
         pass
 
-    def fake_run_case(case, seed, overrides, quick=False, keep=None, start=None, threads=1):
-        seen.update(case=case.name, threads=threads)
+    def fake_run_case(case, seed, overrides, quick=False, keep=None, start=None, threads=1, images=False):
+        seen.update(case=case.name, threads=threads, images=images)
         raise Stop
 
     monkeypatch.setattr(bench, "run_case", fake_run_case)
     with pytest.raises(Stop):
         bench.main(["--cases", "fkpp_scratch", "--threads", "2"])
-    assert seen == {"case": "fkpp_scratch", "threads": 2}
+    assert seen == {"case": "fkpp_scratch", "threads": 2, "images": False}
     with pytest.raises(Stop):
-        bench.main(["--cases", "fkpp_scratch"])
-    assert seen["threads"] == 1  # two benchmark processes on two cores, as before
+        bench.main(["--cases", "fkpp_scratch", "--images"])
+    assert seen["threads"] == 1 and seen["images"]  # one thread: two benchmark processes on two cores
 
 
 def test_selftest_passes(bench, capsys):
@@ -349,3 +349,20 @@ def test_band_scores_measure_coverage_and_the_determined_range(bench):
     assert s["rel_err_determined"] == pytest.approx(50.0 / 1050.0)
     assert bench.band_scores(Fit(None), "D", u, truth) == {"coverage": None, "determined_share": None,
                                                            "rel_err_determined": None}
+
+
+def test_images_of_a_case_are_counted_back_on_its_grid(bench):
+    """--images: a case's clean field drawn as nuclei (another renderer's), counted by the density stage in the
+    case's boxes; the counts line up with the cells drawn per box (the grid starts at the ROI's bounding box)."""
+    from napari_binn.density import extract_density
+
+    case = bench.ALL_CASES["u_fkpp_small_polygon_poisson"]  # a polygon ROI whose bounding box is inside the image
+    field, truth = case.make(0, quick=True)
+    stack, pixel_mask, drawn = bench.case_images(case, truth, field, 0)
+    assert stack.data.shape[1:] == pixel_mask.shape and drawn.shape == field.u.shape
+    counted = extract_density(stack, roi=pixel_mask, method="nuclei", box_um=case.dx_um)
+    assert counted.u.shape[1:] != field.u.shape[1:]
+    row = bench.image_counts(counted, drawn, pixel_mask, case.dx_um)
+    assert abs(row["image_count_ratio"] - 1.0) < 0.03 and row["image_count_rel_err"] < 0.15
+    assert 6.0 <= row["image_nucleus_diameter_used_um"] <= 16.0
+
