@@ -86,6 +86,20 @@ def test_blob_scale_follows_the_nuclei(diameter, lo, hi):
     assert pinned.metadata["nucleus_diameter_used_um"] == pytest.approx(10.0)
 
 
+@pytest.mark.parametrize("diameter, end", [(4.5, "smallest"), (10.0, None), (22.0, "largest")])
+def test_a_scale_at_an_end_of_the_diameter_range_is_warned(diameter, end):
+    """Nuclei outside the 6-16 µm range are counted at its nearest end, and extraction and preview say so."""
+    rendered = render_microscopy(_gradient_field(top=600.0), pixel_size_um=1.0, seed=4, nucleus_diameter_um=diameter)
+    field = extract_density(rendered.stack, roi=rendered.pixel_mask, method="nuclei", box_um=50.0)
+    pv = preview_frame(rendered.stack, 2, roi=rendered.pixel_mask, method="nuclei", box_um=50.0)
+    said = [w for w in field.metadata["warnings"] if "diameter of the range" in w]
+    if end is None:
+        assert not said and not pv.notes
+    else:
+        assert len(said) == 1 and f"counted at the {end} diameter of the range 6-16 µm" in said[0]
+        assert "widen the nucleus diameter range (nucleus_diameter_um)" in said[0] and pv.notes == said
+
+
 def test_scale_profiles_on_patches_equal_the_whole_frame():
     """The blob responses that choose the scale are computed on patches around the nuclei, or on the whole frame
     when the patches would be larger than it: both give the same numbers."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
+from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
@@ -401,6 +402,21 @@ def _diameter_used_um(p: _Params) -> float:
     return float(_log_sigma(p) * 2.0 * np.sqrt(2.0) * p.pixel_size_um)
 
 
+def _scale_at_range_end(p: _Params) -> str | None:
+    """A warning when the chosen scale is the smallest or largest the diameter range allows (the nuclei may lie
+    outside the range: larger ones are split along their rims, smaller crowded ones merged); else None."""
+    grid = _scale_grid(p)
+    if grid.size == 1 or p.blob_sigma_px is None:
+        return None
+    lo, hi = p.nucleus_diameter_um
+    for end, sigma, which, way in ((lo, grid[0], "smallest", "smaller"), (hi, grid[-1], "largest", "larger")):
+        if np.isclose(p.blob_sigma_px, sigma, rtol=1e-9):
+            return (f"nuclei were counted at the {which} diameter of the range {lo:g}-{hi:g} µm ({end:g} µm): they "
+                    f"may be {way}; check the preview's rings and widen the nucleus diameter range "
+                    "(nucleus_diameter_um)")
+    return None
+
+
 def _local_maxima(snr: np.ndarray, floor: float, p: _Params) -> tuple[np.ndarray, np.ndarray]:
     """Integer (rows, cols) of local maxima of ``snr`` above ``floor``, at least ~half a nucleus apart."""
     md = max(1, int(round(0.5 * p.dmin_px)))
@@ -661,6 +677,7 @@ def extract_density_job(
         ref = sorted({0, T // 2, T - 1})
         if method == "nuclei":
             p = replace(p, blob_sigma_px=_choose_blob_sigma([stack.data[t] for t in ref], p))
+            warnings += [w for w in [_scale_at_range_end(p)] if w]
         maps = []
         for t in ref:
             f, _ = _clean(stack.data[t])
@@ -773,6 +790,7 @@ class FramePreview:
     translate: tuple[float, float]  # napari translate of the density layer, µm
     units: str = _COUNT_UNITS
     nucleus_diameter_um: float | None = None  # nuclei: the diameter the blob filter's scale was chosen for
+    notes: list[str] = dc_field(default_factory=list)  # e.g. the scale chosen at an end of the diameter range
 
 
 def preview_frame(
@@ -818,8 +836,10 @@ def preview_frame(
     if method == "points":
         pts_t = _split_points(params.get("points"), t + 1)[t]
     threshold = None if isinstance(p.threshold, str) else float(p.threshold)
+    notes: list[str] = []
     if method == "nuclei":
         p = replace(p, blob_sigma_px=_choose_blob_sigma([frame_arr], p))
+        notes = [w for w in [_scale_at_range_end(p)] if w]
     res = _measure_frame(frame_arr, t, grid, p, threshold, pts_t)
     points = np.asarray(res.points, float).reshape(-1, 2)
     if points.size:  # show only the detections that count: inside the ROI
@@ -830,7 +850,7 @@ def preview_frame(
     return FramePreview(points, res.value, grid.mask.copy(), (dx, dx),
                         (float(grid.y_um[0]), float(grid.x_um[0])),
                         "fraction" if method == "confluence" else _COUNT_UNITS,
-                        _diameter_used_um(p) if method == "nuclei" else None)
+                        _diameter_used_um(p) if method == "nuclei" else None, notes)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def test_prefill_preview_and_extract(viewer_with_stack, qtbot):
     assert len(pts.data) > 10
     assert pts.scale[-1] == pytest.approx(2.5)
     prev = viewer.layers[LAYER_NAMES["preview"]]
+    assert "nuclei (found at the scale of " in w.preview_label.text()  # the blob filter's scale, chosen
     assert prev.data.shape == (6, 5)  # 120 px / 20 px boxes, 100 px wide ROI -> 5 boxes
     assert prev.scale[-1] == pytest.approx(50.0)
 
