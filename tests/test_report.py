@@ -43,6 +43,20 @@ def test_report_of_a_density_alone_says_what_it_has(fkpp_field, tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8").replace("&#x27;", "'")
     assert f"{fkpp_field.n_frames} frames" in page and "pixel size assumed" in page
     assert "cancelled during 'binn'" in page and "Discovered equations" not in page
+    assert "nuclei found at the scale of" not in page  # a field not counted from nuclei images
+
+
+def test_report_says_how_the_nuclei_were_counted(tmp_path):
+    from napari_binn.density import extract_density
+    from napari_binn.pipeline import PipelineConfig, PipelineResult
+    from napari_binn.synthetic.sample import spreading_sample
+
+    sample = spreading_sample(seed=0)
+    field = extract_density(sample.rendered.stack, roi=sample.rendered.pixel_mask, method="nuclei", box_um=100.0)
+    write_report(PipelineResult(PipelineConfig(), field=field), tmp_path, {})
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    thr = field.metadata["threshold_used"]
+    assert f"nuclei found at the scale of 9.8 µm nuclei, threshold {thr:.3g} noise sd" in page
 
 
 def test_report_says_how_many_held_out_candidates_stopped_at_the_budget(pipeline_run, tmp_path):

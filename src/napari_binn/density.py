@@ -402,6 +402,16 @@ def _diameter_used_um(p: _Params) -> float:
     return float(_log_sigma(p) * 2.0 * np.sqrt(2.0) * p.pixel_size_um)
 
 
+def counting_text(metadata: dict[str, Any]) -> str:
+    """How a field's nuclei were counted, from its metadata ('' for other methods or fields not extracted here):
+    e.g. "nuclei found at the scale of 9.8 µm nuclei, threshold 13.2 noise sd"."""
+    d = metadata.get("nucleus_diameter_used_um")
+    if metadata.get("method") != "nuclei" or d is None:
+        return ""
+    thr = metadata.get("threshold_used")
+    return f"nuclei found at the scale of {d:.3g} µm nuclei" + (f", threshold {thr:.3g} noise sd" if thr else "")
+
+
 def _scale_at_range_end(p: _Params) -> str | None:
     """A warning when the chosen scale is the smallest or largest the diameter range allows (the nuclei may lie
     outside the range: larger ones are split along their rims, smaller crowded ones merged); else None."""

@@ -174,9 +174,12 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
                         "<h1>napari-binn report</h1>"]
     fld = result.field
     if fld is not None:
+        from .density import counting_text
+
+        counted = counting_text(fld.metadata)
         parts.append(f"<p>Density: {fld.n_frames} frames, {fld.u.shape[1]} x {fld.u.shape[2]} boxes of "
                      f"{fld.dx_um:g} µm, {int(fld.mask.sum())} boxes in the ROI, t = {fld.t_h[0]:g}–{fld.t_h[-1]:g} h, "
-                     f"units {esc(fld.units)}.</p>")
+                     f"units {esc(fld.units)}{'; ' + esc(counted) if counted else ''}.</p>")
     warnings: list[Any] = result.metadata.get("warnings", [])
     if result.metadata.get("cancelled_in"):
         warnings = [f"the run was cancelled during '{result.metadata['cancelled_in']}': results are partial"] + list(warnings)

@@ -51,6 +51,7 @@ def test_prefill_preview_and_extract(viewer_with_stack, qtbot):
     # box (0, 0) covers pixels 0..19: centre at 9.5 px = 23.75 µm
     assert tuple(dens.translate) == pytest.approx((0.0, 23.75, 23.75))
     assert fld.t_h[-1] == pytest.approx(24.0)
+    assert "(nuclei found at the scale of " in w.status.text()
     # re-running reuses the same layer
     n_layers = len(viewer.layers)
     w.extract()

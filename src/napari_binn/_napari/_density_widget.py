@@ -414,9 +414,13 @@ class DensityWidget(QWidget):
                      metadata={**state.metadata, "source_layer": image.name})
         warn = fld.metadata.get("warnings", [])
         cancelled = fld.metadata.get("cancelled")
+        from ..density import counting_text
+
+        counted = counting_text(fld.metadata)
         self.status.setText(
             f"{'Cancelled: kept ' if cancelled else 'Done: '}{fld.u.shape[0]} frames, {int(fld.mask.sum())} boxes of "
-            f"{fld.dx_um:g} µm, density in {fld.units}. Layer '{layer.name}' added; next: Training dock.")
+            f"{fld.dx_um:g} µm, density in {fld.units}{f' ({counted})' if counted else ''}. Layer '{layer.name}' "
+            "added; next: Training dock.")
         for w in warn:
             show_warning(f"Density: {w}")
         self._raise_source(image)
