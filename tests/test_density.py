@@ -84,6 +84,8 @@ def test_blob_scale_follows_the_nuclei(diameter, lo, hi):
     pinned = extract_density(rendered.stack, roi=rendered.pixel_mask, method="nuclei", box_um=50.0,
                              nucleus_diameter_um=(10.0, 10.0))
     assert pinned.metadata["nucleus_diameter_used_um"] == pytest.approx(10.0)
+    manual = extract_density(rendered.stack, roi=rendered.pixel_mask, method="nuclei", box_um=50.0, threshold=12.0)
+    assert manual.metadata["nucleus_diameter_used_um"] == field.metadata["nucleus_diameter_used_um"]
 
 
 @pytest.mark.parametrize("diameter, end", [(4.5, "smallest"), (10.0, None), (22.0, "largest")])

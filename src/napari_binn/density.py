@@ -360,7 +360,7 @@ def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
     """The blob filter's scale (pixels) at which the nuclei of ``frames`` respond most.
 
     Nuclei are first found at the nominal scale (threshold as in :func:`_nuclei_threshold`, each frame on its
-    own; up to ``_SCALE_PEAKS`` of them per frame, evenly spread). At every scale of :func:`_scale_grid`, each
+    own, or the manual one; up to ``_SCALE_PEAKS`` of them per frame, evenly spread). At every scale of :func:`_scale_grid`, each
     one's scale-normalised response (:func:`_scale_profiles`) is divided by its own largest over the scales, and
     these profiles are averaged; the scale of the highest average is chosen. A disc of diameter d answers most at
     d / (2 sqrt 2), so nuclei larger than the nominal diameter (which the nominal scale splits into several
@@ -379,7 +379,8 @@ def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
             continue
         snr = _nuclei_snr(f, at_nominal)
         r, c = _local_maxima(snr, 0.0, at_nominal)
-        keep = snr[r, c] > _threshold_from_heights(snr[r, c], p)
+        threshold = _threshold_from_heights(snr[r, c], p) if isinstance(p.threshold, str) else float(p.threshold)
+        keep = snr[r, c] > threshold
         r, c = r[keep], c[keep]
         if r.size > _SCALE_PEAKS:
             pick = np.linspace(0, r.size - 1, _SCALE_PEAKS).round().astype(np.intp)
