@@ -48,6 +48,22 @@ def test_extract_writes_a_bundle_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["report", str(out), "--quiet"]) == EXIT_OK
 
 
+def test_extract_says_how_it_counted_and_its_warnings(tmp_path, capsys):
+    """Nuclei larger than the default diameter range: extract names the scale and prints the warning."""
+    from napari_binn.io import write_stack_tiff
+    from napari_binn.synthetic.models import make_synthetic
+    from napari_binn.synthetic.render import render_microscopy
+
+    fld, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 600.0}, domain="scratch", grid=(8, 8),
+                            dx_um=50.0, times_h=np.linspace(0, 12, 3), seed=0)
+    rendered = render_microscopy(fld, pixel_size_um=1.0, seed=0, nucleus_diameter_um=22.0)
+    path = write_stack_tiff(tmp_path / "big.tif", rendered.stack.data, 1.0, rendered.stack.times_h)
+    assert main(["extract", str(path), "--out", str(tmp_path / "bundle")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "nuclei found at the scale of 16 µm nuclei, threshold" in out
+    assert "note: nuclei were counted at the largest diameter of the range 6-16 µm" in out
+
+
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[binn]\nstepz = 3\n")

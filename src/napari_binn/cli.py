@@ -319,6 +319,13 @@ def cmd_extract(args) -> int:
     roi = _roi(args)
     result = _run(args, data, _config(args), ("density",), roi=roi)
     _say(args, repr(result.field))
+    if result.field is not None:
+        from .density import counting_text
+
+        counted = counting_text(result.field.metadata)
+        if counted:
+            _say(args, counted)
+    _print_qc(args, result)  # no QC table yet: the density stage's warnings
     _save(args, result)
     return EXIT_CANCELLED if result.cancelled else EXIT_OK
 
