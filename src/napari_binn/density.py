@@ -261,12 +261,14 @@ def _pixel_noise(f: np.ndarray) -> float:
 _TRUNCATE = 3.0  # Gaussian kernels cut at 3 sigma
 
 
-def _log_sigma(p: _Params) -> float:
-    """Blob-detector scale in pixels: the one chosen from the images (``p.blob_sigma_px``), else the nominal
-    d / (2 sqrt 2) for the geometric mean d of the diameter range."""
-    if p.blob_sigma_px is not None:
-        return p.blob_sigma_px
+def _nominal_sigma(p: _Params) -> float:
+    """The nominal blob-detector scale in pixels: d / (2 sqrt 2) for the geometric mean d of the diameter range."""
     return max(0.7, float(np.sqrt(p.dmin_px * p.dmax_px)) / (2.0 * np.sqrt(2.0)))
+
+
+def _log_sigma(p: _Params) -> float:
+    """Blob-detector scale in pixels: the one chosen from the images (``p.blob_sigma_px``), else the nominal one."""
+    return p.blob_sigma_px if p.blob_sigma_px is not None else _nominal_sigma(p)
 
 
 def _log_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -320,7 +322,7 @@ _N_SCALES = 7  # blob-filter scales tried across the diameter range; the middle 
 def _scale_grid(p: _Params) -> np.ndarray:
     """Blob-filter scales (pixels) for diameters spread geometrically over ``nucleus_diameter_um``: d / (2 sqrt 2)
     from the smallest to the largest, the middle one exactly the nominal (geometric-mean) scale."""
-    nominal = _log_sigma(replace(p, blob_sigma_px=None))
+    nominal = _nominal_sigma(p)
     lo = max(0.7, p.dmin_px / (2.0 * np.sqrt(2.0)))
     hi = max(lo, p.dmax_px / (2.0 * np.sqrt(2.0)))
     if hi <= lo * (1 + 1e-9):
@@ -368,9 +370,9 @@ def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
     scale. The nominal scale when fewer than 3 nuclei are found.
     """
     grid = _scale_grid(p)
-    nominal = _log_sigma(replace(p, blob_sigma_px=None))
     if grid.size == 1:
         return float(grid[0])
+    nominal = _nominal_sigma(p)
     at_nominal = replace(p, blob_sigma_px=nominal)
     profiles = []
     for frame in frames:
@@ -379,8 +381,7 @@ def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
             continue
         snr = _nuclei_snr(f, at_nominal)
         r, c = _local_maxima(snr, 0.0, at_nominal)
-        threshold = _threshold_from_heights(snr[r, c], p) if isinstance(p.threshold, str) else float(p.threshold)
-        keep = snr[r, c] > threshold
+        keep = snr[r, c] > _threshold_from_heights(snr[r, c], p)
         r, c = r[keep], c[keep]
         if r.size > _SCALE_PEAKS:
             pick = np.linspace(0, r.size - 1, _SCALE_PEAKS).round().astype(np.intp)
@@ -394,8 +395,7 @@ def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
     prof = prof[top > 0] / top[top > 0, None]
     if prof.shape[0] < 3:
         return nominal
-    k = int(np.argmax(prof.mean(axis=0)))
-    return nominal if k == grid.size // 2 else float(grid[k])
+    return float(grid[int(np.argmax(prof.mean(axis=0)))])
 
 
 def _diameter_used_um(p: _Params) -> float:
@@ -571,15 +571,17 @@ def _measure_frame(frame: np.ndarray, t: int, grid: _Grid, p: _Params, threshold
 
 def _nuclei_threshold(snrs: Sequence[np.ndarray], p: _Params) -> float:
     """Peak threshold in SNR units: Otsu/Li on the local-maximum values of reference frames (noise maxima vs
-    nuclei maxima are well separated), never below ``min_snr`` (so empty frames stay empty)."""
-    if not isinstance(p.threshold, str):
-        return float(p.threshold)
+    nuclei maxima are well separated), never below ``min_snr`` (so empty frames stay empty); a manual threshold
+    as given."""
     peaks = [s[_local_maxima(s, 0.0, p)] for s in snrs]
     return _threshold_from_heights(np.concatenate(peaks) if peaks else np.zeros(0), p)
 
 
 def _threshold_from_heights(values: np.ndarray, p: _Params) -> float:
-    """Split peak heights (SNR) into noise maxima and nuclei; see :func:`_nuclei_threshold`."""
+    """Split peak heights (SNR) into noise maxima and nuclei; see :func:`_nuclei_threshold`. A manual threshold (a
+    number) is returned as given."""
+    if not isinstance(p.threshold, str):
+        return float(p.threshold)
     values = values[values > 0]
     if values.size < 2:
         return p.min_snr

@@ -351,10 +351,10 @@ class DensityWidget(QWidget):
                      contrast_limits=(0.0, hi), metadata=meta)
         n = ""
         if method == "nuclei":
-            d = getattr(pv, "nucleus_diameter_um", None)
+            d = pv.nucleus_diameter_um
             n = f"{len(pv.points)} nuclei" + (f" (found at the scale of {d:.3g} µm nuclei), " if d else ", ")
         when = f" ({stack_time:g} h)" if stack_time is not None else ""
-        notes = "".join(f" Note: {note}." for note in getattr(pv, "notes", []))
+        notes = "".join(f" Note: {note}." for note in pv.notes)
         self.preview_label.setText(f"Preview of frame {t}{when}: {n}mean density {np.nanmean(pv.density):.4g} "
                                    f"{pv.units} in {int(pv.mask.sum())} boxes of {pv.scale[0]:g} µm.{notes}")
         self._raise_source(image)
