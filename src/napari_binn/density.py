@@ -428,35 +428,6 @@ def _scale_at_range_end(p: _Params) -> str | None:
     return None
 
 
-_LOW_COUNT = 10.0  # cells per box at the densest boxes below which the counting noise (> ~30% per box) is warned
-_TARGET_COUNT = 20.0  # the cells per box the suggested box size would hold (~22% Poisson noise per box)
-
-
-def _low_count_note(u: np.ndarray, box_um: float, p: _Params, where: str) -> str | None:
-    """A note when the densest boxes hold fewer than ``_LOW_COUNT`` cells: Poisson counting noise of 1/sqrt(n)
-    per box, and the box size that would hold about ``_TARGET_COUNT``. ``u``: (T, Ny, Nx) or (Ny, Nx), cells/mm²,
-    NaN outside the ROI. The densest level is the 95th percentile of the 3 x 3-box means (of the finite boxes),
-    so the counting noise itself does not raise it (of single boxes, 5 cells on average read as about 9). None for
-    confluence, kernel-density estimates or when no cells were counted."""
-    if p.method == "confluence" or p.estimator != "counts":
-        return None
-    u = np.asarray(u, float).reshape((-1,) + np.shape(u)[-2:])
-    finite = np.isfinite(u)
-    if not finite.any():
-        return None
-    size = (1, 3, 3)
-    sums = ndi.uniform_filter(np.where(finite, u, 0.0), size=size, mode="constant")
-    counts = ndi.uniform_filter(finite.astype(float), size=size, mode="constant")
-    means = sums[finite] / counts[finite]
-    n = float(np.percentile(means, 95)) * (box_um / 1000.0) ** 2
-    if not 0 < n < _LOW_COUNT:
-        return None
-    bigger = 10.0 * np.ceil(box_um * np.sqrt(_TARGET_COUNT / n) / 10.0)
-    return (f"the densest boxes of {where} hold about {n:.2g} cells each ({box_um:g} µm boxes): "
-            f"counting noise is about {100 / np.sqrt(n):.0f}% per box there. Boxes of {bigger:g} µm (box_um) "
-            f"would hold about {n * (bigger / box_um) ** 2:.0f}, on a coarser grid")
-
-
 def _local_maxima(snr: np.ndarray, floor: float, p: _Params) -> tuple[np.ndarray, np.ndarray]:
     """Integer (rows, cols) of local maxima of ``snr`` above ``floor``, at least ~half a nucleus apart."""
     md = max(1, int(round(0.5 * p.dmin_px)))
@@ -764,8 +735,6 @@ def extract_density_job(
         warnings.append(f"{len(blank_frames)} blank (constant) frame(s) {blank_frames[:10]}: density 0 there; "
                         "check the acquisition.")
     units = "fraction" if method == "confluence" else _COUNT_UNITS
-    if not p.spatial_sigma > 0:  # smoothing over neighbouring boxes is the other remedy the user may have chosen
-        warnings += [w for w in [_low_count_note(u, grid.b * px, p, "the stack")] if w]
     u = _smooth(u, grid.mask, p.spatial_sigma, p.temporal_sigma)
     K = None
     metadata: dict[str, Any] = {}
@@ -885,7 +854,6 @@ def preview_frame(
         p = replace(p, blob_sigma_px=_choose_blob_sigma([frame_arr], p))
         notes = [w for w in [_scale_at_range_end(p)] if w]
     res = _measure_frame(frame_arr, t, grid, p, threshold, pts_t)
-    notes += [w for w in [_low_count_note(res.value, grid.b * float(px), p, "this frame")] if w]
     points = np.asarray(res.points, float).reshape(-1, 2)
     if points.size:  # show only the detections that count: inside the ROI
         r = np.clip(np.rint(points[:, 0]).astype(int), 0, roi_mask.shape[0] - 1)
