@@ -364,7 +364,8 @@ def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
     Nuclei are first found at the nominal scale (threshold as in :func:`_nuclei_threshold`, each frame on its
     own, or the manual one; up to ``_SCALE_PEAKS`` of them per frame, evenly spread). At every scale of :func:`_scale_grid`, each
     one's scale-normalised response (:func:`_scale_profiles`) is divided by its own largest over the scales, and
-    these profiles are averaged; the scale of the highest average is chosen. A disc of diameter d answers most at
+    these profiles are averaged; the scale of the highest average is chosen, or the smallest one next to it whose
+    average is within 1% of it (:func:`_pick_scale`). A disc of diameter d answers most at
     d / (2 sqrt 2), so nuclei larger than the nominal diameter (which the nominal scale splits into several
     maxima along their rim) and smaller ones (which it merges with close neighbours) are counted at their own
     scale. The nominal scale when fewer than 3 nuclei are found.
@@ -395,7 +396,21 @@ def _choose_blob_sigma(frames: Sequence[np.ndarray], p: _Params) -> float:
     prof = prof[top > 0] / top[top > 0, None]
     if prof.shape[0] < 3:
         return nominal
-    return float(grid[int(np.argmax(prof.mean(axis=0)))])
+    return float(grid[_pick_scale(prof.mean(axis=0))])
+
+
+_SCALE_TOLERANCE = 0.01  # scales whose mean profile is within 1% of the best count as answering equally well
+
+
+def _pick_scale(mean_profile: np.ndarray) -> int:
+    """Index of the scale to count at, from the nuclei's mean normalised profile over the scale grid: the peak is
+    broad (neighbouring scales often within 1%), so the smallest scale contiguous with the best that answers within
+    ``_SCALE_TOLERANCE`` of it; of scales the nuclei answer equally, the smaller merges fewer close neighbours."""
+    k = int(np.argmax(mean_profile))
+    floor = (1.0 - _SCALE_TOLERANCE) * mean_profile[k]
+    while k > 0 and mean_profile[k - 1] >= floor:
+        k -= 1
+    return k
 
 
 def _diameter_used_um(p: _Params) -> float:
