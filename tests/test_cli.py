@@ -62,6 +62,35 @@ def test_extract_says_how_it_counted_and_its_warnings(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "nuclei found at the scale of 16 µm nuclei, threshold" in out
     assert "note: nuclei were counted at the largest diameter of the range 6-16 µm" in out
+    assert "stack: Stack('big', 3 frames of 400x400, 1 µm/px, t 0-12 h)" in out  # and where the calibration came from
+    assert "  pixel size: from ImageJ metadata (XResolution 1 px per" in out
+    assert "  frame times: from ImageJ Info (frame times written by napari-binn)" in out
+
+
+def test_fit_from_a_stack_says_what_it_read_counted_and_learned(tmp_path, pipeline_config, capsys):
+    """fit on images runs the density stage too: it prints the stack and its calibration's source, the field and
+    how the cells were counted, then the BINN (calibration given on the command line here)."""
+    import tifffile
+
+    from napari_binn.synthetic.models import make_synthetic
+    from napari_binn.synthetic.render import render_microscopy
+
+    fld, _ = make_synthetic("fisher_kpp", {"D": 800.0, "r": 0.08, "K": 2000.0}, domain="scratch", grid=(6, 6),
+                            dx_um=50.0, times_h=np.linspace(0, 12, 3), seed=0)
+    rendered = render_microscopy(fld, pixel_size_um=2.5, seed=0)
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, rendered.stack.data, photometric="minisblack")  # no calibration in the file
+    cfg = pipeline_config()
+    cfg.refine.enabled = False
+    cfg.to_toml(tmp_path / "tiny.toml")
+    code = main(["fit", str(path), "--pixel-size-um", "2.5", "--frame-interval-h", "6", "--config",
+                 str(tmp_path / "tiny.toml"), "--steps", "60", "--out", str(tmp_path / "fit")])
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "stack: Stack('plain', 3 frames of 120x120, 2.5 µm/px, t 0-12 h)" in out
+    assert "  pixel size: given\n" in out and "  frame times: given (frame interval)\n" in out
+    assert "DensityField(" in out and "nuclei found at the scale of" in out
+    assert "BinnFit(" in out
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):

@@ -314,30 +314,57 @@ def _blank(expr):
     return sp.srepr(expr.replace(lambda e: e.is_Number, lambda e: c))
 
 
+def _print_stack(args, data) -> None:
+    """The stack as read and where its calibration came from (D is in µm²/h only if these are right)."""
+    from .io import Stack
+
+    if not isinstance(data, Stack):
+        return
+    md = data.metadata or {}
+    _say(args, f"stack: {data!r}")
+    given = {"user": "given", "user (times_h)": "given (times)", "user (frame_interval_h)": "given (frame interval)"}
+    for key, what in (("pixel_size_source", "pixel size"), ("times_source", "frame times")):
+        if md.get(key):
+            _say(args, f"  {what}: {given.get(md[key], md[key])}")
+
+
+def _print_density(args, result) -> None:
+    """The density field and how its cells were counted."""
+    from .density import counting_text
+
+    if result.field is None:
+        return
+    _say(args, repr(result.field))
+    counted = counting_text(result.field.metadata)
+    if counted:
+        _say(args, counted)
+
+
 def cmd_extract(args) -> int:
     data = _load_input(args, args.input)
+    _print_stack(args, data)
     roi = _roi(args)
     result = _run(args, data, _config(args), ("density",), roi=roi)
-    _say(args, repr(result.field))
-    if result.field is not None:
-        from .density import counting_text
-
-        counted = counting_text(result.field.metadata)
-        if counted:
-            _say(args, counted)
+    _print_density(args, result)
     _print_qc(args, result)  # no QC table yet: the density stage's warnings
     _save(args, result)
     return EXIT_CANCELLED if result.cancelled else EXIT_OK
 
 
 def cmd_fit(args) -> int:
-    from .pipeline import PipelineResult
+    from .pipeline import PipelineResult, determined_text, refine_text
 
     data = _load_input(args, args.input)
+    _print_stack(args, data)
     roi = _roi(args)
     stages = ("binn",) if isinstance(data, PipelineResult) else ("density", "binn")
     result = _run(args, data, _config(args), stages, roi=roi)
+    if "density" in stages:
+        _print_density(args, result)
     _say(args, repr(result.fit))
+    for line in determined_text(result.fit) + refine_text(result.fit)[:1]:
+        _say(args, f"  {line}")
+    _print_qc(args, result)  # no QC table yet: the density and training stages' warnings
     _save(args, result)
     return EXIT_CANCELLED if result.cancelled else EXIT_OK
 
