@@ -124,6 +124,29 @@ def test_names_folders_and_the_plate_summary(tmp_path):
     assert "plate.png" in page and "no pixel size" in page and "2 of 3 items written" in page
 
 
+def test_an_items_row_says_the_calibration_its_stack_was_read_with(tmp_path):
+    """summary.csv's pixel_size_um, frame_interval_h and calibration come from the stack the item's density was
+    extracted from (a plate whose files carry other calibrations shows it in these columns)."""
+    from napari_binn.batch.items import _describe
+    from napari_binn.batch.summary import summary_rows
+    from napari_binn.density import extract_density
+    from napari_binn.io import read_stack, write_stack_tiff
+    from napari_binn.pipeline import PipelineConfig, PipelineResult
+
+    frames = np.zeros((3, 60, 60), np.uint16)
+    frames[:, 20:24, 20:24] = 500
+    path = write_stack_tiff(tmp_path / "B03.tif", frames, 2.0, np.array([0.0, 0.5, 1.0]))
+    fld = extract_density(read_stack(path), method="nuclei", box_um=40.0)
+    outcome = ItemOutcome("B03", tmp_path / "B03", status="done")
+    _describe(outcome, PipelineResult(PipelineConfig(), field=fld))
+    assert (outcome.pixel_size_um, outcome.frame_interval_h) == (2.0, 0.5)
+    assert outcome.calibration == ("pixel size: from ImageJ metadata (XResolution 0.5 px per um); "
+                                   "frame times: from ImageJ Info (frame times written by napari-binn)")
+    columns, rows = summary_rows([outcome])
+    assert columns[-3:] == ["pixel_size_um", "frame_interval_h", "calibration"]
+    assert (rows[0]["pixel_size_um"], rows[0]["frame_interval_h"]) == ("2", "0.5")
+
+
 def test_without_dask_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
     import sys
 

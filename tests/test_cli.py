@@ -187,6 +187,8 @@ def test_batch_writes_each_input_and_reports_the_failing_one(tmp_path, fkpp_fiel
         rows = list(csv.DictReader(fh))
     assert [(r["name"], r["status"]) for r in rows] == [("one", "done"), ("broken", "failed")]
     assert rows[0]["D"] and rows[0]["D_0"] and rows[0]["nt_error_pct"] and rows[1]["error"]
+    # a density field as input: its frame interval (24 h in 4 intervals), no pixel size or calibration source
+    assert (rows[0]["frame_interval_h"], rows[0]["pixel_size_um"], rows[0]["calibration"]) == ("6", "", "")
 
     # the folder holds files now: refused without --overwrite or --resume, naming both
     again = ["batch", str(tmp_path / "one"), str(tmp_path / "broken"), "--config", str(tmp_path / "tiny.toml"),

@@ -316,16 +316,13 @@ def _blank(expr):
 
 def _print_stack(args, data) -> None:
     """The stack as read and where its calibration came from (D is in µm²/h only if these are right)."""
-    from .io import Stack
+    from .io import Stack, calibration_sources
 
     if not isinstance(data, Stack):
         return
-    md = data.metadata or {}
     _say(args, f"stack: {data!r}")
-    given = {"user": "given", "user (times_h)": "given (times)", "user (frame_interval_h)": "given (frame interval)"}
-    for key, what in (("pixel_size_source", "pixel size"), ("times_source", "frame times")):
-        if md.get(key):
-            _say(args, f"  {what}: {given.get(md[key], md[key])}")
+    for line in calibration_sources(data.metadata):
+        _say(args, f"  {line}")
 
 
 def _print_density(args, result) -> None:

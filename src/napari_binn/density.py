@@ -770,6 +770,7 @@ def extract_density_job(
         "box_um_requested": float(box_um),
         "box_px": grid.b,
         "pixel_size_um": px,
+        **{key: stack.metadata[key] for key in ("pixel_size_source", "times_source") if (stack.metadata or {}).get(key)},
         "image_shape": (Y, X),
         "roi": "whole image" if roi is None else "mask/polygons",
         "roi_pixels": int(roi_mask.sum()),

@@ -805,6 +805,18 @@ def _short(items: list[int], limit: int = 10) -> str:
 # Public functions
 
 
+_GIVEN = {"user": "given", "user (times_h)": "given (times)", "user (frame_interval_h)": "given (frame interval)"}
+
+
+def calibration_sources(metadata: dict[str, Any] | None) -> list[str]:
+    """Where a stack's pixel size and frame times came from, from its metadata (or a density field's, which keeps
+    them): e.g. ``['pixel size: from ImageJ metadata (XResolution 0.5 px per um)', 'frame times: given (frame
+    interval)']``; empty when not recorded."""
+    md = metadata or {}
+    return [f"{what}: {_GIVEN.get(md[key], md[key])}" for key, what in
+            (("pixel_size_source", "pixel size"), ("times_source", "frame times")) if md.get(key)]
+
+
 def read_stack(
     path: str | os.PathLike | Sequence[str | os.PathLike],
     *,

@@ -71,7 +71,9 @@ class ItemOutcome:
     (else the symbolic regression's). nt_error: mean |%| error of the total cell number N(t) of ``nt_model``.
     seconds: its run time. constants: the chosen forms' constants, ``{name: [value, ci95 low, ci95 high, units]}``
     (refitted to the data, with their 95% intervals when the refit gave them; else the symbolic fit's, no
-    intervals: None).
+    intervals: None). pixel_size_um, frame_interval_h (the median interval), calibration (where the stack's pixel
+    size and frame times came from): the units D and G are in, for spotting an item read with another calibration
+    (None / '' for an item that started from a density field).
     """
 
     name: str
@@ -87,6 +89,9 @@ class ItemOutcome:
     nt_model: str = ""
     seconds: float = 0.0
     constants: dict[str, list[Any]] = field(default_factory=dict)
+    pixel_size_um: float | None = None
+    frame_interval_h: float | None = None
+    calibration: str = ""
 
     @property
     def written(self) -> bool:
@@ -137,8 +142,15 @@ def _why(exc: BaseException) -> str:
 def _describe(outcome: ItemOutcome, result: Any) -> None:
     """Fill a written item's report: the chosen equations (refitted constants when the refit ran) and the N(t)
     error. A problem here only leaves the text short: the bundle is written."""
+    from ..io import calibration_sources
     from ..symbolic.expression import readable
 
+    fld = result.field
+    if fld is not None:
+        outcome.pixel_size_um = _num((fld.metadata or {}).get("pixel_size_um"))
+        if len(fld.t_h) > 1:
+            outcome.frame_interval_h = float(np.median(np.diff(fld.t_h)))
+        outcome.calibration = "; ".join(calibration_sources(fld.metadata))
     try:
         eq = result.refitted_equations()  # the constants the data support, when the refit ran
         if eq is not result.equations:

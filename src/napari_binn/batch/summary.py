@@ -26,7 +26,7 @@ _WELL = re.compile(r"(?:^|[^A-Za-z0-9])([A-P])(\d{1,2})(?=$|[^0-9])")
 #: The columns every summary.csv has, in order; each constant adds ``<name>``, ``<name>_ci95_lo``,
 #: ``<name>_ci95_hi`` and ``<name>_units`` before ``nt_error_pct``.
 FIXED_COLUMNS = ("name", "well", "status", "error", "D", "G", "D_units", "G_units", "constants_from")
-_TAIL_COLUMNS = ("nt_error_pct", "nt_model", "seconds", "bundle")
+_TAIL_COLUMNS = ("nt_error_pct", "nt_model", "seconds", "bundle", "pixel_size_um", "frame_interval_h", "calibration")
 #: Standard plates (rows, columns), smallest first.
 _PLATES = ((2, 3), (3, 4), (4, 6), (6, 8), (8, 12), (16, 24))
 
@@ -65,7 +65,8 @@ def summary_rows(outcomes: Sequence[ItemOutcome]) -> tuple[list[str], list[dict[
                "G": o.G if done else "", "D_units": o.D_units, "G_units": o.G_units,
                "constants_from": ("refit to the data" if o.refitted else "symbolic regression") if done else "",
                "nt_error_pct": _fmt(o.nt_error), "nt_model": o.nt_model, "seconds": f"{o.seconds:.1f}",
-               "bundle": o.out.name if done else ""}
+               "bundle": o.out.name if done else "", "pixel_size_um": _fmt(o.pixel_size_um),
+               "frame_interval_h": _fmt(o.frame_interval_h), "calibration": o.calibration}
         for c in constants:
             value, lo, hi, units = o.constants.get(c) or (None, None, None, "")
             row.update({c: _fmt(value), f"{c}_ci95_lo": _fmt(lo), f"{c}_ci95_hi": _fmt(hi), f"{c}_units": units or ""})
