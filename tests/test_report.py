@@ -2,6 +2,8 @@
 
 import html
 
+import numpy as np
+
 from napari_binn.report import write_figures, write_report
 from napari_binn.symbolic.expression import equation_text
 
@@ -44,6 +46,22 @@ def test_report_of_a_density_alone_says_what_it_has(fkpp_field, tmp_path):
     assert f"{fkpp_field.n_frames} frames" in page and "pixel size assumed" in page
     assert "cancelled during 'binn'" in page and "Discovered equations" not in page
     assert "nuclei found at the scale of" not in page  # a field not counted from nuclei images
+    assert "pixel size:" not in page  # nor read from a stack with a recorded calibration
+
+
+def test_report_says_where_the_stacks_calibration_came_from(tmp_path):
+    from napari_binn.density import extract_density
+    from napari_binn.io import read_stack, write_stack_tiff
+    from napari_binn.pipeline import PipelineConfig, PipelineResult
+
+    frames = np.zeros((3, 60, 60), np.uint16)
+    frames[:, 20:24, 20:24] = 500
+    stack = read_stack(write_stack_tiff(tmp_path / "s.tif", frames, 2.0, np.array([0.0, 0.5, 1.0])))
+    field = extract_density(stack, method="nuclei", box_um=40.0)
+    (tmp_path / "r").mkdir()
+    write_report(PipelineResult(PipelineConfig(), field=field), tmp_path / "r", {})
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert "pixel size: from ImageJ metadata (XResolution 0.5 px per um); frame times: from ImageJ Info" in page
 
 
 def test_report_says_how_the_nuclei_were_counted(tmp_path):

@@ -175,11 +175,14 @@ def write_report(result, directory: Path, files: dict[str, str]) -> None:
     fld = result.field
     if fld is not None:
         from .density import counting_text
+        from .io import calibration_sources
 
         counted = counting_text(fld.metadata)
+        calibration = "; ".join(calibration_sources(fld.metadata))
         parts.append(f"<p>Density: {fld.n_frames} frames, {fld.u.shape[1]} x {fld.u.shape[2]} boxes of "
                      f"{fld.dx_um:g} µm, {int(fld.mask.sum())} boxes in the ROI, t = {fld.t_h[0]:g}–{fld.t_h[-1]:g} h, "
-                     f"units {esc(fld.units)}{'; ' + esc(counted) if counted else ''}.</p>")
+                     f"units {esc(fld.units)}{'; ' + esc(counted) if counted else ''}"
+                     f"{'; ' + esc(calibration) if calibration else ''}.</p>")
     warnings: list[Any] = result.metadata.get("warnings", [])
     if result.metadata.get("cancelled_in"):
         warnings = [f"the run was cancelled during '{result.metadata['cancelled_in']}': results are partial"] + list(warnings)
