@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 
 from .errors import InputError
 from .field import DensityField
-from .io import Stack
+from .io import CALIBRATION_KEYS, Stack
 from .jobs import CancelToken, JobCancelled, Progress, ProgressClock, is_cancelled, run_job
 from .roi import roi_to_mask
 
@@ -770,7 +770,7 @@ def extract_density_job(
         "box_um_requested": float(box_um),
         "box_px": grid.b,
         "pixel_size_um": px,
-        **{key: stack.metadata[key] for key in ("pixel_size_source", "times_source") if (stack.metadata or {}).get(key)},
+        **{k: v for k, v in (stack.metadata or {}).items() if k in CALIBRATION_KEYS and v},
         "image_shape": (Y, X),
         "roi": "whole image" if roi is None else "mask/polygons",
         "roi_pixels": int(roi_mask.sum()),

@@ -805,6 +805,8 @@ def _short(items: list[int], limit: int = 10) -> str:
 # Public functions
 
 
+#: the metadata keys saying where a stack's pixel size and frame times came from (density fields keep them)
+CALIBRATION_KEYS = ("pixel_size_source", "times_source")
 _GIVEN = {"user": "given", "user (times_h)": "given (times)", "user (frame_interval_h)": "given (frame interval)"}
 
 
@@ -813,8 +815,8 @@ def calibration_sources(metadata: dict[str, Any] | None) -> list[str]:
     them): e.g. ``['pixel size: from ImageJ metadata (XResolution 0.5 px per um)', 'frame times: given (frame
     interval)']``; empty when not recorded."""
     md = metadata or {}
-    return [f"{what}: {_GIVEN.get(md[key], md[key])}" for key, what in
-            (("pixel_size_source", "pixel size"), ("times_source", "frame times")) if md.get(key)]
+    return [f"{what}: {_GIVEN.get(md[key], md[key])}"
+            for key, what in zip(CALIBRATION_KEYS, ("pixel size", "frame times")) if md.get(key)]
 
 
 def read_stack(

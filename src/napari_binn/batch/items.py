@@ -140,8 +140,9 @@ def _why(exc: BaseException) -> str:
 
 
 def _describe(outcome: ItemOutcome, result: Any) -> None:
-    """Fill a written item's report: the chosen equations (refitted constants when the refit ran) and the N(t)
-    error. A problem here only leaves the text short: the bundle is written."""
+    """Fill a written item's report: the calibration its density was extracted with, the chosen equations
+    (refitted constants when the refit ran) and the N(t) error. A problem here only leaves the text short: the
+    bundle is written."""
     from ..io import calibration_sources
     from ..symbolic.expression import readable
 
