@@ -2,6 +2,7 @@
 test_results.py)."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -144,7 +145,6 @@ def test_a_learned_delay_is_held_in_the_closed_forms_refit_and_simulation(pipeli
     """With ``binn.use_delay`` the BINN learns T(t); the closed forms are D(u) and G(u) under that same T(t): the
     refit and the closed-form simulation hold it fixed (they ignored it, and a delayed start was taken for a
     density-dependent D and an Allee G). Here T is given exactly, so the refit finds the true constants."""
-    from types import SimpleNamespace
 
     from napari_binn.pipeline import _closed_form_run, learned_delay
     from napari_binn.symbolic.discover import Equations
@@ -189,7 +189,6 @@ def test_the_refit_fits_its_own_delay_when_the_learned_one_is_off(pipeline_confi
     is made up for by the closed form's constants when held fixed; 'auto' also refits with T(t) = 1 - exp(-t/tau)
     and keeps it when its BIC is lower, with tau's unit and interval, outside D's and G's constants; 'learned'
     holds the learned T(t) as before."""
-    from types import SimpleNamespace
 
     from napari_binn.pipeline import delay_text, refit_constants_text, refitted_delay
     from napari_binn.symbolic.discover import Equations
@@ -334,7 +333,6 @@ def test_held_out_candidates_get_their_own_simulation_budget(monkeypatch, pipeli
 def test_the_insample_switch_only_acts_on_named_library_forms():
     """switch_bics keeps the headline's BIC and those of library forms ([saturating], ...), not the symbolic
     front's other expressions (which gain in-sample BIC by making up for a wrong partner function)."""
-    from types import SimpleNamespace
 
     from napari_binn.pipeline import switch_bics
 
@@ -466,13 +464,32 @@ def test_comparing_forms_on_the_observed_densities_does_not_warn_of_extrapolatio
         a(u)
 
 
+def test_refitted_constants_are_matched_to_forms_that_name_them_in_another_order():
+    """A closed form's constants are named (G_0, G_1, ...) in the order sympy keeps its numbers, which can change
+    with their values: a weak Allee G's factors swapped places once its constants were rounded for a bundle and
+    read back, the reloaded forms no longer printed like the refit, and the refitted constants were dropped. The
+    refit's names are matched to the forms' by the renaming that makes the expressions equal."""
+    import sympy as sp
+
+    from napari_binn.pipeline import refit_names
+    from napari_binn.symbolic.expression import U
+
+    d0, g0, g1, g2 = (sp.Symbol(n, real=True) for n in ("D_0", "G_0", "G_1", "G_2"))
+    model = {"D": d0, "G": (g0 + g1 * U) * (g2 + U)}
+    same = SimpleNamespace(expressions={k: str(v) for k, v in model.items()})
+    assert refit_names(model, same) == {"D_0": "D_0", "G_0": "G_0", "G_1": "G_1", "G_2": "G_2"}
+    swapped = SimpleNamespace(expressions={"D": "D_0", "G": "(G_1 + G_2*u)*(G_0 + u)"})
+    assert refit_names(model, swapped) == {"D_0": "D_0", "G_1": "G_0", "G_2": "G_1", "G_0": "G_2"}
+    other = SimpleNamespace(expressions={"D": "D_0", "G": "G_0 + G_1*u + G_2*u**2"})
+    assert refit_names(model, other) is None
+
+
 def test_held_out_choice_alternates_until_both_choices_hold(monkeypatch):
     """D and G are chosen in turn until a round keeps its choice. Held-out errors per (D, G) pair stand in for the
     refits: with the symbolic G (3 constants) only the 2-constant D predicts well; with that D constant growth
     does as well as any G; with constant growth the constant D does as well, so D changes in the third round, and
     only a fourth round (G again) finds that with the constant D the logistic G predicts best: three fixed rounds
     (D, G, D) ended at constant growth, a G chosen for a D they no longer had."""
-    from types import SimpleNamespace
 
     import napari_binn.pipeline as pl
     from napari_binn.symbolic.discover import Equations
@@ -528,7 +545,6 @@ def test_bic_choice_alternates_until_both_choices_hold(monkeypatch):
     its choice. A BIC per (D, G) pair stands in for the refits: the third round moves D to the constant, and only a
     fourth round finds that with it the logistic G has the lowest BIC; three fixed rounds (D, G, D) ended at
     constant growth, chosen for a D they no longer had."""
-    from types import SimpleNamespace
 
     import napari_binn.pipeline as pl
     from napari_binn.symbolic.discover import Equations

@@ -12,7 +12,7 @@ import math
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,9 +276,48 @@ class PipelineResult:
         if eq is None or eq.D is None or eq.G is None or fit is None or not self.metadata.get("closed_form_refitted"):
             return eq
         model, _ = eq.parameters()
-        if any(str(model[k]) != fit.expressions.get(k) for k in ("D", "G")):  # both written by str(sympy)
+        names = refit_names(model, fit)
+        if names is None:
             return eq
+        if any(a != b for a, b in names.items()):
+            fit = replace(fit, params={names.get(k, k): v for k, v in fit.params.items()},
+                          ci95={names.get(k, k): v for k, v in fit.ci95.items()})
         return eq.with_refit(fit)
+
+
+def refit_names(model: dict[str, sp.Expr], fit: Any, most: int = 6) -> dict[str, str] | None:
+    """The refit's constant names -> ``model``'s (``Equations.parameters()``) under which the refit's D and G are
+    the selected forms: the identity when they print alike (both written by str(sympy)); otherwise the renaming
+    of a function's constants (up to ``most`` of them) that makes its expression equal; None when there is none.
+    Constants are named in the order sympy keeps an expression's numbers, and that order can change with their
+    values: a weak Allee G's two factors swapped places once its constants were rounded for a results bundle and
+    read back, so the reloaded forms named their constants otherwise than the refit, and the refitted constants
+    were dropped from the reloaded result (8 December)."""
+    from itertools import permutations
+
+    out: dict[str, str] = {}
+    for key in ("D", "G"):
+        text = fit.expressions.get(key)
+        consts = sorted((s for s in model[key].free_symbols if s.name != "u"), key=lambda s: s.name)
+        if text is None:
+            return None
+        if str(model[key]) == text:
+            out.update((s.name, s.name) for s in consts)
+            continue
+        if len(consts) > most:
+            return None
+        local = {s.name: s for s in model[key].free_symbols}
+        try:
+            theirs = sp.sympify(text, locals=local)
+        except (sp.SympifyError, TypeError, SyntaxError):
+            return None
+        for order in permutations(consts):
+            if theirs.xreplace(dict(zip(consts, order))) == model[key]:
+                out.update((a.name, b.name) for a, b in zip(consts, order))
+                break
+        else:
+            return None
+    return out
 
 
 def _tag(job: Generator[Progress, None, Any], stage: str, index: int) -> Generator[Progress, None, Any]:
@@ -513,7 +552,6 @@ def _select_by_bic(result: PipelineResult, eq: Equations, n: int, margin: float,
     best kept; then every candidate G with that D; then D again, and so on until a round keeps its function's
     choice (at most HOLDOUT_ROUNDS). Each time the simplest form (by expression size) whose BIC is within
     ``margin`` of the lowest is kept. The fitted candidates go into ``result.metadata['refit_candidates']``."""
-    from dataclasses import replace
 
     cands = {"D": _candidate_indices(eq.D, n), "G": _candidate_indices(eq.G, n)}
     if len(cands["D"]) == 1 and len(cands["G"]) == 1:
@@ -719,7 +757,6 @@ def _select_by_holdout(result: PipelineResult, eq: Equations, rc: RefitConfig, k
     ones a paired test finds worse than the best and keeps the one with the fewest constants. Returns
     (equations re-selected, with ``metadata['alternatives']``; the headline's held-out fit's constants as the
     start of the final refit)."""
-    from dataclasses import replace
 
     fld = result.field
     n_t, h = fld.n_frames, holdout_count(rc, fld.n_frames)
