@@ -464,6 +464,26 @@ def test_comparing_forms_on_the_observed_densities_does_not_warn_of_extrapolatio
         a(u)
 
 
+def test_held_out_candidates_keep_library_forms_that_share_a_structure():
+    """One candidate per structure (the refit re-estimates the constants), but an Allee G (threshold >= 0) and a
+    weak Allee G (threshold <= 0) are different forms of one structure, each refitted within its own bounds: a
+    weak Allee row had dropped the Allee row, and with it every strong Allee threshold (the third stress set's
+    vanishing growth). A symbolic row still stands for the library form of its structure found after it."""
+    from napari_binn.pipeline import _holdout_candidates
+    from napari_binn.symbolic.discover import DiscoveredFunction, FrontRow
+    from napari_binn.symbolic.expression import Expression, parse_expression
+
+    def row(text, size, form=""):
+        return FrontRow(size, 0.0, 0.0, Expression(parse_expression(text), (0.0, 2000.0), 0.0, size, name="G"), form)
+
+    front = (row("0", 1), row("2.3e-5*u + 0.0068", 5), row("(5.8e-5 - 2.5e-8*u)*(u + 66.0)", 9, "weak_allee"))
+    library = (row("0.0149 - 2.1e-10*u", 5, "logistic"), row("(6.7e-5 - 3.1e-8*u)*(u - 1.0e-17)", 9, "allee"),
+               row("(5.8e-5 - 2.5e-8*u)*(u + 66.0)", 9, "weak_allee"))
+    f = DiscoveredFunction("G", front, 2, "score", "operon", (0.0, 2000.0), library=library)
+    picked = [f.rows[i].form or f.rows[i].expression.text for i in _holdout_candidates(f, 3)]
+    assert sorted(picked) == sorted(["0", "2.3e-5*u + 0.0068", "weak_allee", "allee"])
+
+
 def test_refitted_constants_are_matched_to_forms_that_name_them_in_another_order():
     """A closed form's constants are named (G_0, G_1, ...) in the order sympy keeps its numbers, which can change
     with their values: a weak Allee G's factors swapped places once its constants were rounded for a bundle and

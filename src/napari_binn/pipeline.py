@@ -724,15 +724,20 @@ def _four_digits(expr: sp.Expr) -> str:
 
 def _holdout_candidates(f, n: int) -> list[int]:
     """Rows of ``f.rows`` the held-out test compares: the front's candidates (as for the BIC choice), the front rows
-    that are library forms, and the library rows; one per distinct text, fewest constants first."""
+    that are library forms, and the library rows; one per structure (constants replaced by placeholders, so a
+    sign is not told apart), fewest constants first. Two library forms of the same structure are both kept: their refits keep
+    their own bounds (an Allee G's threshold >= 0, a weak Allee's <= 0), so they are different candidates; until
+    8 December a weak Allee row dropped the Allee row, and with it every strong Allee threshold."""
     idx = [f.selected_index] + _candidate_indices(f, n) + [i for i, r in enumerate(f.front) if r.form]
     idx += list(range(len(f.front), len(f.rows)))
-    out, seen = [], set()
+    out, seen = [], {}
     for i in idx:  # one per structure: the refit re-estimates the constants anyway
         expr = f.rows[i].expression.sympy
         shape = sp.srepr(expr.xreplace({c: sp.Symbol("c") for c in free_floats(expr)}))
-        if shape not in seen:
-            seen.add(shape)
+        forms = seen.setdefault(shape, set())
+        form = f.rows[i].form or None
+        if not forms or (form is not None and None not in forms and form not in forms):
+            forms.add(form)
             out.append(i)
     return sorted(out, key=lambda i: (n_constants(f.rows[i].expression.sympy), f.rows[i].complexity, i))
 
