@@ -36,6 +36,7 @@ Usage (from the repository root, src on PYTHONPATH):
     python benchmarks/discovery_bench.py --fresh        # eight more, written after the last default was chosen
     python benchmarks/discovery_bench.py --units        # eight in other units and shapes (K, boxes, grid, hours)
     python benchmarks/discovery_bench.py --stress       # eight beyond the named models, ROIs and frame spacing
+    python benchmarks/discovery_bench.py --stress2      # a second eight (--stress3 a third)
     python benchmarks/discovery_bench.py --rescore results.json   # re-score saved rows with this scorer
     python benchmarks/discovery_bench.py --images --cases fkpp_wound_poisson   # from nuclei images of the clean
         # field (another renderer's; the density stage counts them): the whole path a biologist's stack takes
@@ -207,13 +208,13 @@ def case_truth(case: "Case"):
 
 
 #: ROI shapes of the stress cases, beyond make_synthetic's named domains (a patch at the mask's centroid)
-STRESS_MASKS = ("annulus", "l_shape", "two_rois", "channel", "pillars")
+STRESS_MASKS = ("annulus", "l_shape", "two_rois", "channel", "pillars", "star")
 
 
 def stress_mask(name: str, grid: tuple[int, int]) -> np.ndarray:
     """A (Ny, Nx) boolean ROI: 'annulus' (a ring around an empty centre, e.g. cells around a pillar), 'l_shape'
     (an L), 'two_rois' (two separate rectangles analysed as one ROI), 'channel' (a strip 6 boxes wide) or
-    'pillars' (a disc with three round holes)."""
+    'pillars' (a disc with three round holes) or 'star' (a five-pointed star, concave between its points)."""
     ny, nx = grid
     y, x = np.mgrid[:ny, :nx].astype(float)
     if name == "annulus":
@@ -232,6 +233,11 @@ def stress_mask(name: str, grid: tuple[int, int]) -> np.ndarray:
         for fy, fx in ((0.3, 0.35), (0.65, 0.3), (0.55, 0.72)):
             inside &= np.hypot(x - fx * nx, y - fy * ny) > 0.08 * min(ny, nx)
         return inside
+    if name == "star":  # five points, the radius between 0.22 and 0.47 of the grid
+        cy, cx = (ny - 1) / 2, (nx - 1) / 2
+        angle = np.arctan2(y - cy, x - cx)
+        edge = min(ny, nx) * (0.345 + 0.125 * np.cos(5 * angle))
+        return np.hypot(x - cx, y - cy) <= edge
     raise ValueError(f"unknown stress mask {name!r}; one of {STRESS_MASKS}")
 
 
@@ -382,7 +388,34 @@ STRESS2: dict[str, Case] = {c.name: c for c in [
          dx_um=100.0, u0_fraction=0.7, note="D = a exp(-b u) falling 5-fold from 0 to K, logistic G, islands, "
          "Poisson ~20/box"),
 ]}
-ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH, **UNITS, **STRESS, **STRESS2}
+#: a third stress set (``--stress3``), written on 8 December (twenty-first session) before it was run and after
+#: every default was chosen: a sigmoidal (Hill) D and a cubic one, growth that vanishes at 0 (G = r u/K (1 - u/K)),
+#: contact-inhibited D with Gompertz growth and counts, Allee growth with proportional noise in a star, spreading
+#: with death (porous D, G = -d) in a ring, 10% Gaussian noise, and counts of ~5 cells per box at K
+STRESS3: dict[str, Case] = {c.name: c for c in [
+    Case("s3_hill_d_scratch", "custom", {"D": "Dm*u**2/(u**2 + B**2)", "G": "r*(1 - u/K)", "Dm": 2000.0,
+                                          "B": 800.0, "r": 0.05, "K": K0}, "scratch", "gaussian_k", u0_fraction=0.7,
+         note="sigmoidal D = Dm u²/(u² + B²) (a Hill curve: slow below B = 0.4 K), logistic G, scratch"),
+    Case("s3_cubic_d_wound", "porous_fisher", {"D0": 9000.0, "m": 3.0, "r": 0.06, "K": K0}, "wound", "gaussian_k",
+         u0_fraction=0.7, note="D = D0 (u/K)^3, a wound closing"),
+    Case("s3_vanishing_growth_disc", "custom", {"D": "D0", "G": "r*u/K*(1 - u/K)", "D0": 700.0, "r": 0.15,
+                                                 "K": K0}, "disc", "gaussian_k", u0_fraction=0.5,
+         note="growth that vanishes at low density, G = r (u/K)(1 - u/K) (an Allee form with threshold 0), disc"),
+    Case("s3_contact_gompertz_polygon_poisson", "custom", {"D": "D0/(1 + u/K)", "G": "r*log(K/u)", "D0": 2000.0,
+                                                            "r": 0.04, "K": K0}, "polygon", "poisson",
+         dx_um=100.0, u0_fraction=0.5, note="D = D0/(1 + u/K) with Gompertz G, polygon, Poisson ~20/box"),
+    Case("s3_allee_star_proportional", "allee", {"D": 1000.0, "r": 0.25, "K": K0, "A": 0.2}, "star",
+         "proportional", noise=0.1, u0_fraction=0.7,
+         note="Allee G (threshold 0.2 K), a five-pointed star ROI, 10% proportional noise"),
+    Case("s3_porous_decline_triangle", "custom", {"D": "c*u", "G": "-d", "c": 1.5, "d": 0.012, "K": K0},
+         "triangle", "gaussian_k", u0_fraction=0.9,
+         note="D = c u (1.5 µm²/h per cell/mm², 3000 at K) spreading while the cells die (G = -d), a triangle"),
+    Case("s3_fkpp_noisy_scratch", "fisher_kpp", {"D": 1000.0, "r": 0.05, "K": K0}, "scratch", "gaussian_k",
+         noise=0.10, u0_fraction=0.5, frames=13, note="Fisher–KPP with 10% Gaussian noise, 13 frames"),
+    Case("s3_fkpp_fivecell_islands_poisson", "fisher_kpp", {"D": 900.0, "r": 0.06, "K": K0}, "islands", "poisson",
+         u0_fraction=0.6, note="Fisher–KPP, islands, Poisson counts of ~5 cells per 50 µm box at K"),
+]}
+ALL_CASES: dict[str, Case] = {**CASES, **VALIDATION, **FRESH, **UNITS, **STRESS, **STRESS2, **STRESS3}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,6 +517,15 @@ def constant_errors(form: Form, values: np.ndarray, u: np.ndarray, constants: di
     except Exception:  # a curve the form cannot follow at all
         return {k: None for k in form.free}
     return {k: float(v / constants[k] - 1) for k, v in zip(form.free, fitted)}
+
+
+def scored_densities(u: np.ndarray, truth: Any) -> np.ndarray:
+    """The scoring grid ``u`` where the true D and G are defined: a template undefined at u <= 0 (a custom Gompertz
+    log(K/u), where the central 90% of the observed values starts at 0 or below) leaves those densities out, as the
+    library's forms are fitted only where they are defined; every other case keeps its whole grid."""
+    with np.errstate(all="ignore"):
+        ok = np.isfinite(np.asarray(truth.D(u), float)) & np.isfinite(np.asarray(truth.G(u), float))
+    return u[ok] if ok.any() else u
 
 
 def total_cells(u: np.ndarray, dx_um: float) -> np.ndarray:
@@ -684,7 +726,7 @@ def run_case(case: Case, seed: int, overrides: dict, quick: bool = False, keep: 
     row_stage_seconds = {k: round(v, 1) for k, v in result.metadata.get("seconds", {}).items()}
     d_form, g_form = true_forms(case, truth.forms)
     d_true_expr, g_true_expr = truth.expressions()
-    u = result.fit.u_grid(200, central=True, from_zero=False)
+    u = scored_densities(result.fit.u_grid(200, central=True, from_zero=False), truth)
     Dt, Gt = truth.D(u), truth.G(u)
     row: dict[str, Any] = {"case": case.name, "seed": seed, "seconds": seconds, "stage_seconds": row_stage_seconds,
                            **image_row,
@@ -821,8 +863,16 @@ def oracle_fit(case: Case, field, truth, u: np.ndarray, max_evals: int = 200) ->
     about X% is at the limit of what the data tell."""
     from napari_binn.pde.mechanistic import _resolve_model, fit_mechanistic
 
-    if case.model == "custom":  # the case's own templates, every constant in them free
-        model = {k: str(case.params[k]) for k in ("D", "G", "T") if k in case.params}
+    if case.model == "custom":  # the case's own templates, every constant in them free; a template not finite at
+        # u = 0 (log(K/u)) held above the floor the pipeline's refit uses, or the solver refuses every trial
+        from napari_binn.pipeline import _u_floor
+        from napari_binn.symbolic.expression import U as U_PIPELINE  # the pipeline's u (a positive symbol)
+        from napari_binn.symbolic.forms import pde_safe
+
+        values = {k: float(v) for k, v in case.params.items() if k not in ("D", "G", "T")}
+        model = {k: (pde_safe(sp.sympify(case.params[k], locals={"u": U_PIPELINE}), _u_floor(field), values)
+                     if k != "T"
+                     else str(case.params[k])) for k in ("D", "G", "T") if k in case.params}
         held: tuple[str, ...] = ()
     else:
         model, held = ORACLE_MODELS[case.model]
@@ -858,7 +908,7 @@ def oracle_case(case: Case, seed: int, quick: bool = False) -> dict[str, Any]:
     BINN's ``u_range`` q05..q95)."""
     field, truth = case.make(seed, quick)
     vals = field.u[field.observed]
-    u = np.linspace(*np.percentile(vals, [5, 95]), 200)
+    u = scored_densities(np.linspace(*np.percentile(vals, [5, 95]), 200), truth)
     return {"case": case.name, "seed": seed, **oracle_fit(case, field, truth, u)}
 
 
@@ -992,7 +1042,7 @@ def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         case = ALL_CASES[row["case"]]
         truth = case_truth(case)
-        u = np.linspace(*row["u_range"], 200)
+        u = scored_densities(np.linspace(*row["u_range"], 200), truth)
         new = dict(row, rescored=True)
         d_form, g_form = true_forms(case, truth.forms)
         for key, t_expr, form, t_fn in (("d", truth.expressions()[0], d_form, truth.D),
@@ -1081,6 +1131,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stress2", action="store_true",
                     help="the second stress set (saturating and falling exponential D, porous D with Allee growth, "
                          "exponential growth, a channel, pillars, missed boxes, five frames, 200 µm boxes)")
+    ap.add_argument("--stress3", action="store_true",
+                    help="the third stress set (Hill and cubic D, growth vanishing at 0, contact D with Gompertz G, "
+                         "a star, death with porous D in a ring, 10%% noise, ~5 cells per box)")
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
@@ -1109,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         ap.error(f"--threads must be >= 1; got {args.threads}")
 
-    names = args.cases or list(STRESS2 if args.stress2 else STRESS if args.stress else UNITS if args.units else FRESH if args.fresh
+    names = args.cases or list(STRESS3 if args.stress3 else STRESS2 if args.stress2 else STRESS if args.stress else UNITS if args.units else FRESH if args.fresh
                                 else VALIDATION if args.validation else CASES)
     unknown = [n for n in names if n not in ALL_CASES]
     if unknown:

@@ -104,7 +104,8 @@ def test_validation_and_fresh_cases_are_other_data(bench, capsys):
     sets = [bench.CASES, bench.VALIDATION, bench.FRESH]
     assert len(bench.VALIDATION) >= 8 and len(bench.FRESH) >= 8
     assert sum(map(len, sets)) == len(set().union(*sets)) == (len(bench.ALL_CASES) - len(bench.UNITS)
-                                                               - len(bench.STRESS) - len(bench.STRESS2))
+                                                               - len(bench.STRESS) - len(bench.STRESS2)
+                                                               - len(bench.STRESS3))
     seen = {(c.model, c.domain, c.noise_model, c.frames) for c in bench.CASES.values()}
     for later in sets[1:]:
         for name, case in later.items():
@@ -127,7 +128,8 @@ def test_the_units_cases_differ_from_every_earlier_case_in_units_or_shape(bench,
     box size, grid, movie length or exponent, not only in form, domain or noise."""
     earlier = {**bench.CASES, **bench.VALIDATION, **bench.FRESH}
     assert len(bench.UNITS) >= 8 and not set(bench.UNITS) & set(earlier)
-    assert len(bench.ALL_CASES) == len(earlier) + len(bench.UNITS) + len(bench.STRESS) + len(bench.STRESS2)
+    assert len(bench.ALL_CASES) == (len(earlier) + len(bench.UNITS) + len(bench.STRESS) + len(bench.STRESS2)
+                                   + len(bench.STRESS3))
 
     def units(c):
         return (c.params["K"], c.dx_um, c.grid, c.hours, c.params.get("m"), c.params.get("gamma"))
@@ -157,7 +159,7 @@ def test_the_stress_cases_reach_beyond_the_named_models_domains_and_spacing(benc
     halves = bench.stress_mask("two_rois", (40, 40))
     assert halves[20, 5] and halves[20, 30] and not halves[20, 20].any()  # two parts, a gap between
     with pytest.raises(ValueError, match="unknown stress mask"):
-        bench.stress_mask("star", (8, 8))
+        bench.stress_mask("hexagon", (8, 8))
     for name, case in bench.STRESS.items():
         fld, truth = case.make(0, quick=True)
         assert fld.mask.any() and np.isfinite(fld.u[fld.observed]).all(), name
@@ -203,6 +205,28 @@ def test_the_second_stress_set_builds_its_shapes_and_missed_boxes(bench, capsys)
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()]
     assert names == list(bench.STRESS2) and "read 0" in out
+
+
+def test_the_third_stress_set_builds_its_star_and_scores_a_truth_undefined_at_zero(bench, capsys):
+    """The third stress set: new cases only, a five-pointed star ROI (concave between its points), and a custom
+    Gompertz truth, log(K/u), that is not defined where the observed densities reach 0: those densities are left
+    out of the scoring grid, the others kept."""
+    earlier = {**bench.CASES, **bench.VALIDATION, **bench.FRESH, **bench.UNITS, **bench.STRESS, **bench.STRESS2}
+    assert len(bench.STRESS3) >= 8 and not set(bench.STRESS3) & set(earlier)
+    star = bench.stress_mask("star", (40, 40))
+    assert star[20, 20] and star[20, 37] and not star[20, 3] and not star[0, 0]  # a point to the right, not left
+    for name, case in bench.STRESS3.items():
+        fld, _ = case.make(0, quick=True)
+        assert fld.mask.any() and np.isfinite(fld.u[fld.observed]).all(), name
+    truth = bench.case_truth(bench.STRESS3["s3_contact_gompertz_polygon_poisson"])
+    u = np.linspace(0.0, 1800.0, 10)
+    kept = bench.scored_densities(u, truth)
+    assert np.array_equal(kept, u[1:]) and np.isfinite(truth.G(kept)).all()
+    fkpp = bench.case_truth(bench.STRESS3["s3_fkpp_noisy_scratch"])
+    assert np.array_equal(bench.scored_densities(np.linspace(-50.0, 1800.0, 10), fkpp), np.linspace(-50.0, 1800.0, 10))
+    assert bench.main(["--stress3", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line[0].isspace()]
+    assert names == list(bench.STRESS3)
 
 
 def test_options(bench, capsys):
