@@ -582,9 +582,8 @@ class _Problem:
         the intervals and the bound checks that follow are in the plain coordinates."""
         if not self.pivots:
             return
-        if self.best is not None:
+        if self.best is not None:  # theta_of is the plain map whatever the pivots
             p = self.params(self.best[1])
-            self.pivots = []
             self.best = (self.best[0], np.array([self.theta_of(n, p[n]) for n in self.free]), self.best[2])
         self.pivots = []
         self._cache.clear()
