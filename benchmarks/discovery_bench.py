@@ -391,7 +391,7 @@ STRESS2: dict[str, Case] = {c.name: c for c in [
 #: a third stress set (``--stress3``), written on 8 December (twenty-first session) before it was run and after
 #: every default was chosen: a sigmoidal (Hill) D and a cubic one, growth that vanishes at 0 (G = r u/K (1 - u/K)),
 #: contact-inhibited D with Gompertz growth and counts, Allee growth with proportional noise in a star, spreading
-#: with death (porous D, G = -d) in a ring, 10% Gaussian noise, and counts of ~5 cells per box at K
+#: with death (porous D, G = -d) along a triangle, 10% Gaussian noise, and counts of ~5 cells per box at K
 STRESS3: dict[str, Case] = {c.name: c for c in [
     Case("s3_hill_d_scratch", "custom", {"D": "Dm*u**2/(u**2 + B**2)", "G": "r*(1 - u/K)", "Dm": 2000.0,
                                           "B": 800.0, "r": 0.05, "K": K0}, "scratch", "gaussian_k", u0_fraction=0.7,
@@ -870,9 +870,10 @@ def oracle_fit(case: Case, field, truth, u: np.ndarray, max_evals: int = 200) ->
         from napari_binn.symbolic.forms import pde_safe
 
         values = {k: float(v) for k, v in case.params.items() if k not in ("D", "G", "T")}
-        model = {k: (pde_safe(sp.sympify(case.params[k], locals={"u": U_PIPELINE}), _u_floor(field), values)
-                     if k != "T"
-                     else str(case.params[k])) for k in ("D", "G", "T") if k in case.params}
+        model = {k: pde_safe(sp.sympify(case.params[k], locals={"u": U_PIPELINE}), _u_floor(field), values)
+                 for k in ("D", "G")}
+        if "T" in case.params:
+            model["T"] = str(case.params["T"])
         held: tuple[str, ...] = ()
     else:
         model, held = ORACLE_MODELS[case.model]
@@ -1133,7 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
                          "exponential growth, a channel, pillars, missed boxes, five frames, 200 µm boxes)")
     ap.add_argument("--stress3", action="store_true",
                     help="the third stress set (Hill and cubic D, growth vanishing at 0, contact D with Gompertz G, "
-                         "a star, death with porous D in a ring, 10%% noise, ~5 cells per box)")
+                         "a star, death with porous D, 10%% noise, ~5 cells per box)")
     ap.add_argument("--quick", action="store_true", help="tiny fields and settings: a smoke run, no figures")
     ap.add_argument("--selftest", action="store_true", help="check the scorer on known expressions and exit")
     ap.add_argument("--crb-only", action="store_true", help="identifiability of each case's constants, no pipeline")
@@ -1162,8 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         ap.error(f"--threads must be >= 1; got {args.threads}")
 
-    names = args.cases or list(STRESS3 if args.stress3 else STRESS2 if args.stress2 else STRESS if args.stress else UNITS if args.units else FRESH if args.fresh
-                                else VALIDATION if args.validation else CASES)
+    flags = ((args.stress3, STRESS3), (args.stress2, STRESS2), (args.stress, STRESS), (args.units, UNITS),
+             (args.fresh, FRESH), (args.validation, VALIDATION))
+    chosen = [cases for flag, cases in flags if flag]
+    names = args.cases or list(chosen[0] if chosen else CASES)
     unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; cases: {list(ALL_CASES)}")

@@ -725,9 +725,9 @@ def _four_digits(expr: sp.Expr) -> str:
 def _holdout_candidates(f, n: int) -> list[int]:
     """Rows of ``f.rows`` the held-out test compares: the front's candidates (as for the BIC choice), the front rows
     that are library forms, and the library rows; one per structure (constants replaced by placeholders, so a
-    sign is not told apart), fewest constants first. Two library forms of the same structure are both kept: their refits keep
-    their own bounds (an Allee G's threshold >= 0, a weak Allee's <= 0), so they are different candidates; until
-    8 December a weak Allee row dropped the Allee row, and with it every strong Allee threshold."""
+    sign is not told apart), fewest constants first. Two library forms of the same structure are both kept: their
+    refits keep their own bounds (an Allee G's threshold >= 0, a weak Allee's <= 0), so they are different
+    candidates; until 8 December a weak Allee row dropped the Allee row, and with it every strong Allee threshold."""
     idx = [f.selected_index] + _candidate_indices(f, n) + [i for i, r in enumerate(f.front) if r.form]
     idx += list(range(len(f.front), len(f.rows)))
     out, seen = [], {}
